@@ -1,0 +1,1 @@
+"""Entrypoints with side effects (training, evaluation, ablations); the library never imports these."""

@@ -1,0 +1,63 @@
+"""Input validation shared by every attack's public entry point.
+
+Shape and hyperparameter checks always run (they are static under ``jit``). Value checks (labels
+in range, ``x`` finite and inside ``[0, 1]``) run when the arrays are concrete, i.e. when an attack
+is called eagerly from user code; inside an outer ``jit`` (a training step) the values are
+tracers and only the static checks apply.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from krylov_adv import projections
+
+
+def is_concrete(a) -> bool:
+  return not isinstance(a, jax.core.Tracer)
+
+
+def check_attack_inputs(x, y, eps, norm: str, num_classes: int | None = None) -> None:
+  """Raises ``ValueError`` with a clear message for bad attack input.
+
+  Args:
+    x: ``(B, H, W, C)`` images in ``[0, 1]``.
+    y: ``(B,)`` integer labels in ``[0, num_classes)``.
+    eps: budget, a number ``>= 0``.
+    norm: ``"linf"`` or ``"l2"``.
+    num_classes: ``K`` when known (labels are then range-checked).
+  """
+  projections.check_norm(norm)
+  if is_concrete(eps) and not float(np.asarray(eps)) >= 0:
+    raise ValueError(f"eps must be >= 0, got {eps}")
+  if x.ndim < 2:
+    raise ValueError(f"x must be a batch (B, ...), got shape {x.shape}")
+  if y.ndim != 1:
+    raise ValueError(f"labels y must have shape (B,), got {y.shape}")
+  if x.shape[0] != y.shape[0]:
+    raise ValueError(f"batch sizes differ: x has {x.shape[0]} examples, y has {y.shape[0]}")
+  if not np.issubdtype(np.dtype(y.dtype), np.integer):
+    raise ValueError(f"labels y must be integers, got dtype {y.dtype}")
+  if is_concrete(x):
+    xv = np.asarray(x)
+    if not np.all(np.isfinite(xv)):
+      raise ValueError("x contains NaN or inf")
+    if xv.size and (xv.min() < 0.0 or xv.max() > 1.0):
+      raise ValueError(f"x must lie in [0, 1], got range [{xv.min()}, {xv.max()}]")
+  if num_classes is not None and is_concrete(y):
+    yv = np.asarray(y)
+    if yv.size and (yv.min() < 0 or yv.max() >= num_classes):
+      raise ValueError(f"labels must lie in [0, {num_classes}), got range [{yv.min()}, {yv.max()}]")
+
+
+def check_positive(name: str, value) -> None:
+  """Raises ``ValueError`` unless the (static) hyperparameter ``value`` is > 0."""
+  if is_concrete(value) and not float(np.asarray(value)) > 0:
+    raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_at_least(name: str, value, lower: int) -> None:
+  """Raises ``ValueError`` unless the integer hyperparameter ``value`` is >= ``lower``."""
+  if int(value) != value or value < lower:
+    raise ValueError(f"{name} must be an integer >= {lower}, got {value}")

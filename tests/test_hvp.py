@@ -1,0 +1,143 @@
+"""Input Hessian-vector products against jax.hessian and finite-difference truncation theory."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from krylov_adv import hvp
+from krylov_adv.models.cnn import TinyCNN
+
+
+def _mlp_loss(params, y):
+  """Smooth per-example loss (tanh MLP + cross-entropy) on flat inputs (B, d)."""
+  w1, b1, w2 = params
+
+  def loss_fn(x):
+    logits = jnp.tanh(x.reshape(x.shape[0], -1) @ w1 + b1) @ w2
+    return -jax.nn.log_softmax(logits)[jnp.arange(x.shape[0]), y]
+
+  return loss_fn
+
+
+def _setup(dtype, bsz=3, d=6, k=4, seed=0):
+  rng = np.random.default_rng(seed)
+  params = (jnp.asarray(rng.normal(size=(d, 8)), dtype), jnp.asarray(rng.normal(size=8), dtype),
+            jnp.asarray(rng.normal(size=(8, k)), dtype))
+  y = jnp.asarray(rng.integers(0, k, bsz))
+  x = jnp.asarray(rng.uniform(size=(bsz, d)), dtype)
+  v = jnp.asarray(rng.normal(size=(bsz, d)), dtype)
+  return _mlp_loss(params, y), x, v
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _reference_blocks(loss_fn, x):
+  """Full Hessian of the summed loss, (B, d, B, d), by jax.hessian."""
+  return jax.hessian(lambda z: jnp.sum(loss_fn(z)))(x)
+
+
+def test_hessian_of_summed_loss_is_block_diagonal(x64):
+  loss_fn, x, _ = _setup(jnp.float64)
+  full = np.asarray(_reference_blocks(loss_fn, x))
+  bsz = x.shape[0]
+  for i in range(bsz):
+    for j in range(bsz):
+      if i != j:
+        np.testing.assert_array_equal(full[i, :, j, :], 0.0)
+  assert np.abs(full[0, :, 0, :]).max() > 1e-3  # and the diagonal blocks are not trivial
+
+
+def test_block_diagonal_claim_fails_when_examples_interact(x64):
+  # A batch-statistics layer (BatchNorm in training mode) couples examples: the assumption that
+  # hvp.py documents really matters.
+  loss_fn, x, _ = _setup(jnp.float64)
+  coupled = lambda z: loss_fn(z - z.mean(axis=0, keepdims=True))
+  full = np.asarray(_reference_blocks(coupled, x))
+  assert np.abs(full[0, :, 1, :]).max() > 1e-6
+
+
+def test_exact_hvp_matches_jax_hessian(x64):
+  loss_fn, x, v = _setup(jnp.float64)
+  full = np.asarray(_reference_blocks(loss_fn, x))
+  want = np.stack([full[i, :, i, :] @ np.asarray(v[i]) for i in range(x.shape[0])])
+  np.testing.assert_allclose(hvp.exact_hvp(loss_fn, x, v), want, rtol=1e-12, atol=1e-14)
+  op = hvp.make_hvp(loss_fn, x, method="exact")
+  np.testing.assert_allclose(op.matvec(v), want, rtol=1e-12, atol=1e-14)
+  per_example_grad = jax.vmap(jax.grad(lambda xi, i: loss_fn(x.at[i].set(xi))[i]))(
+      x, jnp.arange(x.shape[0]))
+  np.testing.assert_allclose(op.grad, per_example_grad, rtol=1e-12)
+  np.testing.assert_allclose(hvp.input_grad(loss_fn, x), per_example_grad, rtol=1e-12)
+
+
+def test_exact_hvp_float32_on_cnn_under_jit():
+  model = TinyCNN(num_classes=10, activation=jax.nn.softplus)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (4, 8, 8, 1))
+  params = model.init(jax.random.PRNGKey(1), x)
+  y = jnp.array([0, 3, 5, 9])
+  loss_fn = lambda z: -jax.nn.log_softmax(model.apply(params, z))[jnp.arange(z.shape[0]), y]
+  v = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+  got = jax.jit(lambda x, v: hvp.exact_hvp(loss_fn, x, v))(x, v)
+  got_op = jax.jit(lambda x, v: hvp.make_hvp(loss_fn, x, method="exact").matvec(v))(x, v)
+  for i in range(4):
+    h_i = jax.hessian(lambda xi: loss_fn(x.at[i].set(xi))[i])(x[i]).reshape(64, 64)
+    want = h_i @ v[i].reshape(64)
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(got[i].reshape(64), want, atol=1e-4 * scale)
+    np.testing.assert_allclose(got_op[i].reshape(64), want, atol=1e-4 * scale)
+  assert got.dtype == jnp.float32
+
+
+def test_finite_differences_converge_at_their_order(x64):
+  loss_fn, x, v = _setup(jnp.float64)
+  exact = np.asarray(hvp.exact_hvp(loss_fn, x, v))
+  norm = np.linalg.norm(exact)
+
+  def rel_err(scheme, eta):
+    approx = np.asarray(hvp.fd_hvp(loss_fn, x, v, eta=eta, scheme=scheme))
+    return np.linalg.norm(approx - exact) / norm
+
+  fwd = [rel_err("forward", eta) for eta in (1e-2, 1e-3, 1e-4)]
+  cen = [rel_err("central", eta) for eta in (1e-2, 1e-3, 1e-4)]
+  # Forward error is O(eta): a decade of eta buys a decade of accuracy.
+  assert 5 < fwd[0] / fwd[1] < 20 and 5 < fwd[1] / fwd[2] < 20
+  # Central error is O(eta^2): a decade of eta buys two.
+  assert 50 < cen[0] / cen[1] < 200
+  assert fwd[2] < 1e-3 and cen[1] < 1e-4
+  # The operator built by name equals the direct call, and reuses the gradient.
+  for method, scheme in (("fd_forward", "forward"), ("fd_central", "central")):
+    op = hvp.make_hvp(loss_fn, x, method=method, eta=1e-3)
+    np.testing.assert_allclose(op.matvec(v), hvp.fd_hvp(loss_fn, x, v, eta=1e-3, scheme=scheme),
+                               rtol=1e-12)
+
+
+def test_forward_difference_reuses_given_gradient(x64):
+  loss_fn, x, v = _setup(jnp.float64)
+  g = hvp.input_grad(loss_fn, x)
+  np.testing.assert_allclose(hvp.fd_hvp(loss_fn, x, v, eta=1e-4, grad_x=g),
+                             hvp.fd_hvp(loss_fn, x, v, eta=1e-4), rtol=1e-12)
+  # A wrong gradient changes the answer: the given gradient really is the one used.
+  assert not np.allclose(hvp.fd_hvp(loss_fn, x, v, eta=1e-4, grad_x=g + 1e-6),
+                         hvp.fd_hvp(loss_fn, x, v, eta=1e-4))
+
+
+def test_invalid_arguments():
+  loss_fn, x, v = _setup(jnp.float32)
+  with pytest.raises(ValueError, match="method"):
+    hvp.make_hvp(loss_fn, x, method="newton")
+  with pytest.raises(ValueError, match="eta"):
+    hvp.make_hvp(loss_fn, x, method="fd_forward", eta=0.0)
+  with pytest.raises(ValueError, match="eta"):
+    hvp.fd_hvp(loss_fn, x, v, eta=-1e-3)
+  with pytest.raises(ValueError, match="scheme"):
+    hvp.fd_hvp(loss_fn, x, v, eta=1e-3, scheme="backward")
+  with pytest.raises(ValueError, match="shape"):
+    hvp.exact_hvp(loss_fn, x, v[:, :3])
+  with pytest.raises(ValueError, match="per-example"):
+    hvp.input_grad(lambda z: jnp.sum(loss_fn(z)), x)

@@ -1,0 +1,206 @@
+"""Batched GMRES against NumPy/SciPy references."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse.linalg as sla
+
+from krylov_adv.krylov import gmres
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _batched_matvec(a):
+  a = jnp.asarray(a)
+  return lambda v: jnp.einsum("bij,bj->bi", a, v)
+
+
+def _nonsymmetric(rng, bsz, n, shift=3.0):
+  return rng.normal(size=(bsz, n, n)) + shift * np.eye(n)
+
+
+def _symmetric_indefinite(rng, bsz, n):
+  mats = []
+  for _ in range(bsz):
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    lam = rng.uniform(1.0, 5.0, size=n) * rng.choice([-1.0, 1.0], size=n)
+    mats.append(q @ np.diag(lam) @ q.T)
+  return np.stack(mats)
+
+
+def _scipy_gmres(a, b, tol, max_dim):
+  """SciPy reference: one cycle of restarted GMRES, counting inner iterations."""
+  residuals = []
+  x, _ = sla.gmres(a, b, rtol=tol, atol=0.0, restart=max_dim, maxiter=1,
+                   callback=residuals.append, callback_type="pr_norm")
+  return x, len(residuals)
+
+
+_solve = jax.jit(gmres, static_argnames=("matvec", "tol", "max_dim"))
+
+
+def test_exact_solution_at_full_dimension_nonsymmetric():
+  rng = np.random.default_rng(0)
+  a, b = _nonsymmetric(rng, 5, 10), rng.normal(size=(5, 10))
+  res = jax.jit(lambda b: gmres(_batched_matvec(a), b, tol=1e-12, max_dim=10))(b)
+  np.testing.assert_allclose(res.x, np.linalg.solve(a, b[..., None])[..., 0], atol=1e-10)
+  assert np.all(res.converged)
+  assert np.all(res.num_iters <= 10)
+
+
+@pytest.mark.parametrize("kind", ["nonsymmetric", "symmetric_indefinite"])
+def test_matches_scipy_gmres(kind):
+  rng = np.random.default_rng(1)
+  bsz, n, tol, max_dim = 6, 30, 1e-4, 20
+  a = _nonsymmetric(rng, bsz, n, shift=6.0) if kind == "nonsymmetric" else \
+      _symmetric_indefinite(rng, bsz, n)
+  b = rng.normal(size=(bsz, n))
+  res = jax.jit(lambda b: gmres(_batched_matvec(a), b, tol=tol, max_dim=max_dim))(b)
+  for i in range(bsz):
+    x_ref, iters_ref = _scipy_gmres(a[i], b[i], tol, max_dim)
+    assert abs(int(res.num_iters[i]) - iters_ref) <= 1, (i, int(res.num_iters[i]), iters_ref)
+    if int(res.num_iters[i]) == iters_ref:
+      np.testing.assert_allclose(res.x[i], x_ref, rtol=1e-6, atol=1e-8)
+    true_res = np.linalg.norm(b[i] - a[i] @ np.asarray(res.x[i]))
+    ref_res = np.linalg.norm(b[i] - a[i] @ x_ref)
+    np.testing.assert_allclose(res.residual_norm[i], true_res, rtol=1e-6, atol=1e-12)
+    # Same Krylov space size -> same minimal residual; otherwise both meet the tolerance.
+    if int(res.num_iters[i]) == iters_ref:
+      np.testing.assert_allclose(true_res, ref_res, rtol=1e-6)
+    assert bool(res.converged[i]) == (true_res <= tol * np.linalg.norm(b[i]) * (1 + 1e-6))
+
+
+def test_reported_residual_is_true_residual_and_history_decreases():
+  rng = np.random.default_rng(2)
+  a, b = _nonsymmetric(rng, 4, 25, shift=2.0), rng.normal(size=(4, 25))
+  for max_dim in (1, 3, 7):
+    res = gmres(_batched_matvec(a), b, tol=1e-12, max_dim=max_dim)
+    true_res = np.linalg.norm(b - np.einsum("bij,bj->bi", a, np.asarray(res.x)), axis=1)
+    np.testing.assert_allclose(res.residual_norm, true_res, rtol=1e-8)
+    np.testing.assert_array_equal(res.num_iters, max_dim)
+    hist = np.asarray(res.residual_history)
+    assert np.all(np.diff(hist, axis=1) <= 1e-12)  # GMRES residuals never increase
+    assert not np.any(res.converged)
+
+
+def test_initial_guess_and_relative_tolerance():
+  rng = np.random.default_rng(3)
+  a, b = _nonsymmetric(rng, 3, 12, shift=4.0), rng.normal(size=(3, 12))
+  x_true = np.linalg.solve(a, b[..., None])[..., 0]
+  x0 = x_true + 1e-3 * rng.normal(size=b.shape)
+  r0 = np.linalg.norm(b - np.einsum("bij,bj->bi", a, x0), axis=1)
+  res = gmres(_batched_matvec(a), b, jnp.asarray(x0), tol=1e-2, max_dim=12)
+  true_res = np.linalg.norm(b - np.einsum("bij,bj->bi", a, np.asarray(res.x)), axis=1)
+  assert np.all(res.converged)
+  assert np.all(true_res <= 1e-2 * r0 * (1 + 1e-8))  # relative to ||r_0||, not ||b||
+  assert np.all(res.num_iters < 12)
+
+
+def test_zero_right_hand_side_in_batch():
+  rng = np.random.default_rng(4)
+  a, b = _nonsymmetric(rng, 3, 8), rng.normal(size=(3, 8))
+  b[1] = 0.0
+  res = gmres(_batched_matvec(a), b, tol=1e-10, max_dim=8)
+  assert np.all(np.isfinite(res.x))
+  np.testing.assert_array_equal(res.x[1], 0.0)
+  assert int(res.num_iters[1]) == 0 and bool(res.converged[1])
+  np.testing.assert_allclose(res.x[0], np.linalg.solve(a[0], b[0]), atol=1e-9)
+
+
+def test_happy_breakdown_is_exact_and_finite():
+  # b lies in a 2-dimensional invariant subspace of a diagonal A: Krylov space stops growing.
+  a = np.broadcast_to(np.diag(np.arange(1.0, 9.0)), (2, 8, 8)).copy()
+  b = np.zeros((2, 8))
+  b[0, :2] = 1.0
+  b[1, :3] = [1.0, -2.0, 0.5]
+  res = gmres(_batched_matvec(a), b, tol=1e-300, max_dim=8)
+  assert np.all(np.isfinite(res.x)) and np.all(np.isfinite(res.residual_norm))
+  np.testing.assert_array_equal(res.num_iters, [2, 3])
+  np.testing.assert_allclose(res.x, b / np.arange(1.0, 9.0), atol=1e-12)
+
+
+def test_singular_breakdown_reports_failure_not_nan():
+  # A e1 = 0: the first Krylov step produces nothing; the residual cannot be reduced.
+  a = np.diag([0.0, 1.0, 2.0])[None]
+  b = np.array([[1.0, 0.0, 0.0]])
+  res = gmres(_batched_matvec(a), b, tol=1e-6, max_dim=3)
+  assert np.all(np.isfinite(res.x))
+  assert not bool(res.converged[0])
+  np.testing.assert_allclose(res.residual_norm[0], 1.0)
+
+
+def test_nan_input_and_nan_operator_are_reported():
+  rng = np.random.default_rng(5)
+  a, b = _nonsymmetric(rng, 3, 6), rng.normal(size=(3, 6))
+  b_nan = b.copy()
+  b_nan[0, 2] = np.nan
+  res = gmres(_batched_matvec(a), b_nan, tol=1e-8, max_dim=6)
+  assert not bool(res.converged[0]) and not np.isfinite(res.residual_norm[0])
+  assert np.all(np.isnan(res.x[0]))
+  np.testing.assert_allclose(res.x[1:], np.linalg.solve(a[1:], b[1:, :, None])[..., 0],
+                             atol=1e-9)
+
+  a_nan = a.copy()
+  a_nan[2, 3, 3] = np.inf
+  res = gmres(_batched_matvec(a_nan), b, tol=1e-8, max_dim=6)
+  assert not bool(res.converged[2]) and not np.isfinite(res.residual_norm[2])
+  assert not np.any(np.isfinite(res.x[2]))
+  assert np.all(res.converged[:2])
+
+
+def test_jit_and_vmap_agree_with_eager():
+  rng = np.random.default_rng(6)
+  a, b = _nonsymmetric(rng, 4, 9), rng.normal(size=(3, 4, 9))  # 3 independent batches
+
+  def solve(b):
+    r = gmres(_batched_matvec(a), b, tol=1e-5, max_dim=6)
+    return r.x, r.num_iters, r.residual_norm
+
+  eager = [solve(b[p]) for p in range(3)]
+  vmapped = jax.jit(jax.vmap(solve))(b)
+  for p in range(3):
+    for got, want in zip(vmapped, eager[p]):
+      np.testing.assert_allclose(got[p], want, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_and_image_shaped_batches():
+  with jax.enable_x64(False):
+    rng = np.random.default_rng(7)
+    a = (rng.normal(size=(4, 16, 16)) + 8.0 * np.eye(16)).astype(np.float32)
+    b = rng.normal(size=(4, 4, 4, 1)).astype(np.float32)
+    matvec = lambda v: _batched_matvec(a)(v.reshape(4, 16)).reshape(v.shape)
+    res = jax.jit(lambda b: gmres(matvec, b, tol=1e-5, max_dim=16))(jnp.asarray(b))
+    assert res.x.dtype == jnp.float32 and res.x.shape == b.shape
+    assert res.num_iters.dtype == jnp.int32
+    np.testing.assert_allclose(res.x.reshape(4, 16),
+                               np.linalg.solve(a.astype(np.float64), b.reshape(4, 16, 1))[..., 0],
+                               rtol=1e-3, atol=1e-4)
+    assert np.all(res.converged)
+
+
+def test_matvec_called_once_per_krylov_step_for_whole_batch():
+  rng = np.random.default_rng(8)
+  a, b = _nonsymmetric(rng, 5, 10), rng.normal(size=(5, 10))
+  calls = []
+
+  def matvec(v):
+    jax.debug.callback(lambda: calls.append(1))
+    return _batched_matvec(a)(v)
+
+  res = jax.jit(lambda b, x0: gmres(matvec, b, x0, tol=1e-3, max_dim=10))(b, jnp.zeros_like(b))
+  jax.effects_barrier()
+  assert len(calls) == int(np.max(res.num_iters)) + 1  # + the r_0 product for a given x0
+
+
+@pytest.mark.parametrize("kwargs", [dict(tol=0.0, max_dim=3), dict(tol=-1.0, max_dim=3),
+                                    dict(tol=1e-3, max_dim=0), dict(tol=1e-3, max_dim=2.5)])
+def test_invalid_hyperparameters(kwargs):
+  with pytest.raises(ValueError):
+    gmres(lambda v: v, jnp.ones((2, 3)), **kwargs)
