@@ -85,8 +85,23 @@ def _mgs(w: Array, basis: Array, num_rows: Array) -> tuple[Array, Array]:
   return lax.fori_loop(0, num_rows, body, (w, h0))
 
 
+def _cgs(w: Array, basis: Array, num_rows: Array) -> tuple[Array, Array]:
+  """One classical Gram-Schmidt sweep: all coefficients from one batched product.
+
+  Unfilled rows are zero, so no masking is needed and ``num_rows`` is unused. Applied twice
+  ("CGS2") it is as orthogonal as MGS with re-orthogonalisation, and it is two matrix products
+  instead of ``2 j`` dependent vector operations: far fewer kernels on an accelerator.
+  """
+  del num_rows
+  h = jnp.einsum("kbn,bn->bk", basis, w)
+  return w - jnp.einsum("bk,kbn->bn", h, basis), h
+
+
+_ORTHOGONALIZATION = {"mgs": _mgs, "cgs2": _cgs}
+
+
 def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *,
-          tol: float, max_dim: int) -> GMRESResult:
+          tol: float, max_dim: int, orthogonalization: str = "mgs") -> GMRESResult:
   """Solves ``A_i x_i = b_i`` for every example of a batch with (unrestarted) GMRES.
 
   For each example the iterate after ``j`` steps minimises ``||b_i - A_i x||_2`` over
@@ -106,6 +121,10 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
     x0: optional ``(B, ...)`` initial guess (default zeros, which saves one matvec).
     tol: relative residual tolerance tau > 0.
     max_dim: maximal Krylov dimension m >= 1 (static).
+    orthogonalization: ``"mgs"`` (modified Gram-Schmidt, re-orthogonalised once when the
+      Kahan criterion says it pays; the default, cheapest on CPU) or ``"cgs2"`` (classical
+      Gram-Schmidt applied twice, always; two matrix products per sweep, much faster on GPUs
+      where the sequential MGS sweep is launch-bound).
 
   Returns:
     :class:`GMRESResult`.
@@ -118,6 +137,11 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
     raise ValueError(f"b must be a batch (B, ...), got shape {b.shape}")
   if x0 is not None and x0.shape != b.shape:
     raise ValueError(f"x0 must have b's shape {b.shape}, got {x0.shape}")
+  if orthogonalization not in _ORTHOGONALIZATION:
+    raise ValueError(f"unknown orthogonalization {orthogonalization!r}; "
+                     f"use one of {sorted(_ORTHOGONALIZATION)}")
+  sweep = _ORTHOGONALIZATION[orthogonalization]
+  always_reorth = orthogonalization == "cgs2"
   max_dim = int(max_dim)
   dtype = b.dtype if jnp.issubdtype(b.dtype, jnp.floating) else jnp.float32
   b = b.astype(dtype)
@@ -168,16 +192,18 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
     # Frozen examples still ride along in the batched matvec; their results are discarded.
     w = flat_matvec(vj)
     w_norm0 = jnp.sqrt(_dot(w, w))
-    w, h = _mgs(w, s.basis, j + 1)
-    w_norm = jnp.sqrt(_dot(w, w))
-    need = w_norm < _REORTH_RATIO * w_norm0
+    w, h = sweep(w, s.basis, j + 1)
 
     def reorth(args):
       w, h = args
-      w2, h2 = _mgs(w, s.basis, j + 1)
+      w2, h2 = sweep(w, s.basis, j + 1)
       return w2, h + h2
 
-    w, h = lax.cond(jnp.any(need & s.active), reorth, lambda a: a, (w, h))
+    if always_reorth:
+      w, h = reorth((w, h))
+    else:
+      need = jnp.sqrt(_dot(w, w)) < _REORTH_RATIO * w_norm0
+      w, h = lax.cond(jnp.any(need & s.active), reorth, lambda a: a, (w, h))
     h_next = jnp.sqrt(_dot(w, w))
     # Happy breakdown: h_{j+1,j} ~ 0 relative to the column; the next vector would be 0/0.
     col_scale = jnp.maximum(jnp.max(jnp.abs(h), axis=1), h_next)
@@ -195,7 +221,7 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
       col = col.at[:, i].set(c * a + sn * bb)
       return col.at[:, i + 1].set(-sn * a + c * bb)
 
-    col = lax.fori_loop(0, max_dim, rotate, col)
+    col = lax.fori_loop(0, max_dim, rotate, col, unroll=True)
     a, bb = col[:, j], col[:, j + 1]
     r = jnp.hypot(a, bb)
     zero = r == 0

@@ -68,8 +68,9 @@ def test_exact_hvp_matches_jax_hessian(x64):
   full = np.asarray(_reference_blocks(loss_fn, x))
   want = np.stack([full[i, :, i, :] @ np.asarray(v[i]) for i in range(x.shape[0])])
   np.testing.assert_allclose(hvp.exact_hvp(loss_fn, x, v), want, rtol=1e-12, atol=1e-14)
-  op = hvp.make_hvp(loss_fn, x, method="exact")
-  np.testing.assert_allclose(op.matvec(v), want, rtol=1e-12, atol=1e-14)
+  for method in ("exact", "exact_linearized"):
+    op = hvp.make_hvp(loss_fn, x, method=method)
+    np.testing.assert_allclose(op.matvec(v), want, rtol=1e-12, atol=1e-14)
   per_example_grad = jax.vmap(jax.grad(lambda xi, i: loss_fn(x.at[i].set(xi))[i]))(
       x, jnp.arange(x.shape[0]))
   np.testing.assert_allclose(op.grad, per_example_grad, rtol=1e-12)
@@ -84,7 +85,8 @@ def test_exact_hvp_float32_on_cnn_under_jit():
   loss_fn = lambda z: -jax.nn.log_softmax(model.apply(params, z))[jnp.arange(z.shape[0]), y]
   v = jax.random.normal(jax.random.PRNGKey(2), x.shape)
   got = jax.jit(lambda x, v: hvp.exact_hvp(loss_fn, x, v))(x, v)
-  got_op = jax.jit(lambda x, v: hvp.make_hvp(loss_fn, x, method="exact").matvec(v))(x, v)
+  got_op = jax.jit(
+      lambda x, v: hvp.make_hvp(loss_fn, x, method="exact_linearized").matvec(v))(x, v)
   for i in range(4):
     h_i = jax.hessian(lambda xi: loss_fn(x.at[i].set(xi))[i])(x[i]).reshape(64, 64)
     want = h_i @ v[i].reshape(64)

@@ -46,23 +46,27 @@ def _scipy_gmres(a, b, tol, max_dim):
 _solve = jax.jit(gmres, static_argnames=("matvec", "tol", "max_dim"))
 
 
-def test_exact_solution_at_full_dimension_nonsymmetric():
+@pytest.mark.parametrize("orth", ["mgs", "cgs2"])
+def test_exact_solution_at_full_dimension_nonsymmetric(orth):
   rng = np.random.default_rng(0)
   a, b = _nonsymmetric(rng, 5, 10), rng.normal(size=(5, 10))
-  res = jax.jit(lambda b: gmres(_batched_matvec(a), b, tol=1e-12, max_dim=10))(b)
+  res = jax.jit(lambda b: gmres(_batched_matvec(a), b, tol=1e-12, max_dim=10,
+                                orthogonalization=orth))(b)
   np.testing.assert_allclose(res.x, np.linalg.solve(a, b[..., None])[..., 0], atol=1e-10)
   assert np.all(res.converged)
   assert np.all(res.num_iters <= 10)
 
 
+@pytest.mark.parametrize("orth", ["mgs", "cgs2"])
 @pytest.mark.parametrize("kind", ["nonsymmetric", "symmetric_indefinite"])
-def test_matches_scipy_gmres(kind):
+def test_matches_scipy_gmres(kind, orth):
   rng = np.random.default_rng(1)
   bsz, n, tol, max_dim = 6, 30, 1e-4, 20
   a = _nonsymmetric(rng, bsz, n, shift=6.0) if kind == "nonsymmetric" else \
       _symmetric_indefinite(rng, bsz, n)
   b = rng.normal(size=(bsz, n))
-  res = jax.jit(lambda b: gmres(_batched_matvec(a), b, tol=tol, max_dim=max_dim))(b)
+  res = jax.jit(lambda b: gmres(_batched_matvec(a), b, tol=tol, max_dim=max_dim,
+                                orthogonalization=orth))(b)
   for i in range(bsz):
     x_ref, iters_ref = _scipy_gmres(a[i], b[i], tol, max_dim)
     assert abs(int(res.num_iters[i]) - iters_ref) <= 1, (i, int(res.num_iters[i]), iters_ref)
@@ -200,7 +204,8 @@ def test_matvec_called_once_per_krylov_step_for_whole_batch():
 
 
 @pytest.mark.parametrize("kwargs", [dict(tol=0.0, max_dim=3), dict(tol=-1.0, max_dim=3),
-                                    dict(tol=1e-3, max_dim=0), dict(tol=1e-3, max_dim=2.5)])
+                                    dict(tol=1e-3, max_dim=0), dict(tol=1e-3, max_dim=2.5),
+                                    dict(tol=1e-3, max_dim=3, orthogonalization="householder")])
 def test_invalid_hyperparameters(kwargs):
   with pytest.raises(ValueError):
     gmres(lambda v: v, jnp.ones((2, 3)), **kwargs)
