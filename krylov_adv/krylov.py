@@ -265,7 +265,10 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
   y = jax.scipy.linalg.solve_triangular(r_mat, g[..., None], lower=False)[..., 0]
   x = x0_flat + jnp.einsum("kbn,bk->bn", s.basis[:max_dim], y)
 
-  residual = jnp.abs(s.rhs[jnp.arange(bsz), s.num_iters])
+  # |rhs[k]| at k = num_iters, by masking rather than indexing: a gather would make the SPMD
+  # partitioner all-gather its indices when the batch is sharded over devices.
+  at_k = jnp.arange(max_dim + 1)[None, :] == s.num_iters[:, None]
+  residual = jnp.abs(jnp.sum(jnp.where(at_k, s.rhs, 0.0), axis=1))
   residual = jnp.where(finite, residual, jnp.nan)
   converged = jnp.isfinite(residual) & (residual <= threshold) & jnp.all(jnp.isfinite(x), axis=1)
   # A non-finite operator output poisons the Givens recurrence; make sure x says so too.

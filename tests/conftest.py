@@ -7,6 +7,11 @@ import dataclasses
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight simulated CPU devices for the data-parallel tests (tests/test_parallel.py). Must be set
+# before jax is imported; single-device code still runs on device 0 only.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,146 @@
+"""Data parallelism with JAX's own sharding: a device mesh, batch-sharded inputs, replicated
+parameters, and multi-host start-up.
+
+Everything in krylov_adv is per example along the leading batch axis (attacks, the block-diagonal
+input HVP, the batched GMRES), so sharding that axis over a ``"data"`` mesh axis lets XLA's SPMD
+partitioner keep every per-example computation on the device that holds the example. The only
+cross-device traffic is what the math needs: the reduction of parameter gradients in a training
+step, and scalar ``any``/``all`` reductions (e.g. GMRES's "is any example still iterating"). The
+Krylov basis and every per-example vector stay on their device: no gather of the batch.
+
+Usage::
+
+  mesh = parallel.make_mesh()                       # all visible devices on "data"
+  x, y = parallel.shard_batch((x, y), mesh)         # leading axis split over devices
+  params = parallel.replicate(params, mesh)
+  step = jax.jit(train_step)                        # shardings propagate from the inputs
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(shape: Sequence[int] | None = None,
+              axis_names: Sequence[str] = (DATA_AXIS,),
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A device mesh; by default every visible device (all hosts) on one ``"data"`` axis.
+
+  Args:
+    shape: mesh shape, e.g. ``(8,)``; ``None`` or a ``-1`` entry uses all devices.
+    axis_names: one name per mesh axis; the batch is sharded over ``"data"``.
+    devices: devices to use (default ``jax.devices()``).
+
+  Returns:
+    ``jax.sharding.Mesh``.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if shape is None:
+    shape = (len(devices),)
+  shape = tuple(int(s) for s in shape)
+  if shape.count(-1) > 1:
+    raise ValueError(f"at most one mesh dimension may be -1, got {shape}")
+  if -1 in shape:
+    known = int(np.prod([s for s in shape if s != -1]))
+    shape = tuple(len(devices) // known if s == -1 else s for s in shape)
+  if len(shape) != len(axis_names):
+    raise ValueError(f"mesh shape {shape} and axis names {tuple(axis_names)} differ in length")
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, "
+                     f"{len(devices)} are visible")
+  return Mesh(np.asarray(devices).reshape(shape), tuple(axis_names))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of arrays whose leading (batch) axis is split over the ``"data"`` mesh axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of arrays held whole on every device (parameters, optimizer state)."""
+  return NamedSharding(mesh, P())
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
+  """Raises ``ValueError`` unless the global batch splits evenly over the data axis.
+
+  No padding rule is applied: padded examples would silently enter accuracies and losses.
+  """
+  n = mesh.shape[DATA_AXIS]
+  if batch_size % n:
+    raise ValueError(f"global batch size {batch_size} is not divisible by the {n} devices of "
+                     f"the '{DATA_AXIS}' mesh axis; choose a multiple of {n}")
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+  """Places a pytree of global host arrays ``(B, ...)`` on the mesh, batch axis sharded.
+
+  Single-host form: every host holds the whole global batch. For multi-host input pipelines,
+  where each host reads only its shard, use :func:`host_local_to_global`.
+  """
+  sharding = data_sharding(mesh)
+
+  def put(a):
+    check_batch_divisible(np.shape(a)[0], mesh)
+    return jax.device_put(a, sharding)
+
+  return jax.tree_util.tree_map(put, batch)
+
+
+def host_local_to_global(local_batch: Any, mesh: Mesh) -> Any:
+  """Assembles per-host shards ``(B / num_hosts, ...)`` into global batch-sharded arrays.
+
+  Each host passes the examples it read itself (see :func:`host_shard_indices`); the result is a
+  global ``jax.Array`` of leading size ``B`` sharded over ``"data"``.
+  """
+  sharding = data_sharding(mesh)
+  return jax.tree_util.tree_map(
+      lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), local_batch)
+
+
+def host_shard_indices(num_examples: int) -> np.ndarray:
+  """The indices of the examples this host reads: a contiguous ``1 / process_count`` share."""
+  per_host = num_examples // jax.process_count()
+  start = jax.process_index() * per_host
+  return np.arange(start, start + per_host)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a pytree (parameters, optimizer state) whole on every device of the mesh."""
+  return jax.device_put(tree, replicated_sharding(mesh))
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Multi-host start-up through ``jax.distributed.initialize``.
+
+  Arguments given here (e.g. from a config) win; otherwise JAX reads the standard environment
+  (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) or the cluster's own
+  (SLURM, Cloud TPU, ...). Does nothing and returns ``False`` for a single-process run with no
+  such settings, so that the same entry point serves one machine and a pod.
+
+  Returns:
+    ``True`` when the distributed runtime was initialised.
+  """
+  env_coord = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
+                                          "OMPI_COMM_WORLD_SIZE"))
+  if coordinator_address is None and env_coord is None and not cluster:
+    return False
+  kwargs = {}
+  if coordinator_address is not None:
+    kwargs["coordinator_address"] = coordinator_address
+  if num_processes is not None:
+    kwargs["num_processes"] = int(num_processes)
+  if process_id is not None:
+    kwargs["process_id"] = int(process_id)
+  jax.distributed.initialize(**kwargs)
+  return True
