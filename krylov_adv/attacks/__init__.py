@@ -59,3 +59,7 @@ def from_config(cfg) -> Callable[..., Any]:
 
 
 # Attack modules register themselves on import; keep this list at the bottom.
+from krylov_adv.attacks import apgd  # noqa: E402,F401  (apgd_ce, apgd_dlr, apgd_t)
+from krylov_adv.attacks import fab  # noqa: E402,F401  (fab, fab_t)
+from krylov_adv.attacks import square  # noqa: E402,F401  (square)
+from krylov_adv.attacks import autoattack  # noqa: E402,F401  (autoattack)

@@ -1,0 +1,178 @@
+"""AutoAttack: the parameter-free ensemble of APGD-CE, APGD-T, FAB-T and Square.
+
+Croce and Hein, ICML 2020, "Reliable evaluation of adversarial robustness with an ensemble of
+diverse parameter-free attacks", Sec. 5; versions and component settings follow the reference
+implementation (fra31/auto-attack, ``set_version``):
+
+  standard: APGD-CE (1 restart), APGD-T (9 targets, 1 restart), FAB-T (9 targets, 1 restart),
+            Square (5000 queries).
+  plus:     APGD-CE (5 restarts), APGD-DLR (5 restarts), FAB (5 restarts), Square (5000),
+            APGD-T (9 targets), FAB-T (9 targets).
+  custom:   any sequence of registered components.
+
+Components run in order, each only on the points still classified correctly, and an example keeps
+the first adversarial point found. Each component is ``jit``-compiled on its own (the ensemble is
+a short Python loop over components with concrete bookkeeping in between). The still-robust
+subset is padded to the next power of two (at most the batch size) so that shrinking subsets
+reuse a handful of compiled shapes; randomness is keyed by each example's index in the full
+batch, so a component gives an example the same result inside the ensemble as alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from krylov_adv.attacks import apgd, fab, register, square
+
+Array = jax.Array
+LogitsFn = Callable[[Array], Array]
+
+COMPONENTS: dict[str, Callable[..., Array]] = {
+    "apgd_ce": apgd.apgd_ce,
+    "apgd_dlr": apgd.apgd_dlr,
+    "apgd_t": apgd.apgd_t,
+    "fab": fab.fab,
+    "fab_t": fab.fab_t,
+    "square": square.square,
+}
+
+VERSIONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
+    "standard": (("apgd_ce", {}), ("apgd_t", {}), ("fab_t", {}), ("square", {})),
+    "plus": (("apgd_ce", {"n_restarts": 5}), ("apgd_dlr", {"n_restarts": 5}),
+             ("fab", {"n_restarts": 5}), ("square", {}), ("apgd_t", {}), ("fab_t", {})),
+}
+
+
+class AutoAttackReport(NamedTuple):
+  """What an AutoAttack run measured on a batch of ``B`` points.
+
+  components: names of the components in the order they ran.
+  clean_accuracy: fraction of the ``B`` points classified correctly before any attack.
+  robust_accuracy_after: ``robust_accuracy_after[j]`` is the fraction still correct after
+    components ``0..j`` (nonincreasing).
+  robust_accuracy: the final robust accuracy (the last entry, or the clean accuracy when no
+    component ran).
+  seconds: wall time of each component, compilation included (0 when no point was left).
+  robust: ``(B,)`` bool, the points no component fooled.
+  """
+  components: tuple[str, ...]
+  clean_accuracy: float
+  robust_accuracy_after: tuple[float, ...]
+  robust_accuracy: float
+  seconds: tuple[float, ...]
+  robust: np.ndarray
+
+
+def version_components(version: str, attacks: Sequence | None = None,
+                       hyperparameters: Mapping[str, Mapping[str, Any]] | None = None
+                       ) -> tuple[tuple[str, dict[str, Any]], ...]:
+  """The ``(name, keyword arguments)`` of each component of an AutoAttack version.
+
+  Args:
+    version: ``"standard" | "plus" | "custom"``.
+    attacks: for ``"custom"`` only: component names, or ``(name, kwargs)`` pairs.
+    hyperparameters: ``{name: kwargs}`` overriding the version's settings for every run of that
+      component (e.g. ``{"square": {"n_queries": 500}}``).
+
+  Raises:
+    ValueError: unknown version or component, ``attacks`` given for a fixed version or missing
+      for ``"custom"``, or a hyperparameter the component does not take.
+  """
+  if version in VERSIONS:
+    if attacks is not None:
+      raise ValueError(f"attacks is only used with version='custom', not {version!r}")
+    plan = [(name, dict(kw)) for name, kw in VERSIONS[version]]
+  elif version == "custom":
+    if not attacks:
+      raise ValueError("version='custom' needs a non-empty list of attacks")
+    plan = []
+    for item in attacks:
+      name, kw = (item, {}) if isinstance(item, str) else (item[0], dict(item[1]))
+      plan.append((name, kw))
+  else:
+    raise ValueError(f"unknown AutoAttack version {version!r}; use 'standard', 'plus' or "
+                     f"'custom'")
+  hyperparameters = dict(hyperparameters or {})
+  for name in hyperparameters:
+    if name not in COMPONENTS:
+      raise ValueError(f"unknown AutoAttack component {name!r}; available: {sorted(COMPONENTS)}")
+  out = []
+  for name, kw in plan:
+    if name not in COMPONENTS:
+      raise ValueError(f"unknown AutoAttack component {name!r}; available: {sorted(COMPONENTS)}")
+    kw.update(hyperparameters.get(name, {}))
+    allowed = set(inspect.signature(COMPONENTS[name]).parameters) - {
+        "logits_fn", "x", "y", "key", "eps", "norm", "example_index"}
+    unknown = set(kw) - allowed
+    if unknown:
+      raise ValueError(f"component {name!r} takes no hyperparameter(s) {sorted(unknown)}; "
+                       f"it takes {sorted(allowed)}")
+    out.append((name, kw))
+  return tuple(out)
+
+
+def _bucket(n: int, batch: int) -> int:
+  return min(1 << (n - 1).bit_length(), batch)
+
+
+def _predict(logits_fn: LogitsFn, x: Array) -> np.ndarray:
+  return np.asarray(jnp.argmax(logits_fn(x), axis=1))
+
+
+@register("autoattack")
+def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str = "standard",
+               attacks: Sequence | None = None,
+               hyperparameters: Mapping[str, Mapping[str, Any]] | None = None
+               ) -> tuple[Array, AutoAttackReport]:
+  """Runs AutoAttack (Croce and Hein 2020, Sec. 5) and reports robust accuracy per component.
+
+  Unlike the other registered attacks this returns ``(x_adv, report)``.
+
+  Args:
+    logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, model in inference mode.
+    x: ``(B, H, W, C)`` float images in ``[0, 1]``; y: ``(B,)`` int labels; key: PRNG key.
+    eps: budget ``>= 0``. norm: ``"linf" | "l2"``.
+    version: ``"standard" | "plus" | "custom"`` (see the module docstring).
+    attacks: components for ``"custom"``: names or ``(name, kwargs)`` pairs.
+    hyperparameters: ``{component: kwargs}`` overrides (e.g. fewer iterations in tests).
+
+  Returns:
+    ``x_adv`` ``(B, H, W, C)``: for each fooled point the first adversarial point found, the
+    clean point elsewhere (within the eps-ball and box), and an :class:`AutoAttackReport`.
+  """
+  x, y, _, _ = apgd.validate(logits_fn, x, y, eps, norm)
+  plan = version_components(version, attacks, hyperparameters)
+  bsz = x.shape[0]
+  y_np = np.asarray(y)
+  robust = _predict(logits_fn, x) == y_np
+  clean_accuracy = float(robust.mean()) if bsz else 0.0
+  x_adv = np.array(x)
+  after, seconds = [], []
+  for name, kw in plan:
+    idx = np.nonzero(robust)[0]
+    if idx.size == 0:
+      after.append(0.0)
+      seconds.append(0.0)
+      continue
+    padded = np.concatenate([idx, np.full(_bucket(idx.size, bsz) - idx.size, idx[0])])
+    start = time.perf_counter()
+    xa = COMPONENTS[name](logits_fn, x[padded], y[padded], key, eps=eps, norm=norm,
+                          example_index=jnp.asarray(padded, jnp.int32), **kw)
+    xa = jax.block_until_ready(xa)[:idx.size]
+    fooled = _predict(logits_fn, xa) != y_np[idx]
+    seconds.append(time.perf_counter() - start)
+    x_adv[idx[fooled]] = np.asarray(xa)[fooled]
+    robust[idx[fooled]] = False
+    after.append(float(robust.mean()))
+  report = AutoAttackReport(
+      components=tuple(name for name, _ in plan), clean_accuracy=clean_accuracy,
+      robust_accuracy_after=tuple(after),
+      robust_accuracy=after[-1] if after else clean_accuracy, seconds=tuple(seconds),
+      robust=robust)
+  return jnp.asarray(x_adv), report
