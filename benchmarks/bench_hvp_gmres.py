@@ -66,7 +66,8 @@ def _median_time(fn, args, repeats: int) -> float:
   return statistics.median(times)
 
 
-def run(batch: int = 128, repeats: int = 10, max_dim: int = 15, seed: int = 0) -> dict:
+def run(batch: int = 128, repeats: int = 10, max_dim: int = 15, seed: int = 0,
+        linearized: bool = True) -> dict:
   x_np, y_np, source = _inputs(batch, seed)
   x, y = jnp.asarray(x_np), jnp.asarray(y_np)
   model = MadryCNN(num_classes=10, activation=jax.nn.softplus)
@@ -129,14 +130,20 @@ def run(batch: int = 128, repeats: int = 10, max_dim: int = 15, seed: int = 0) -
   t_chain_lo = _median_time(hvp_chain(5), (x, v), repeats)
   t["hvp_chain"] = t_chain_hi
   t["exact_hvp_chained"] = (t_chain_hi - t_chain_lo) / (max_dim - 5)
-  t_lin_hi = _median_time(hvp_chain(max_dim, "exact_linearized"), (x, v), repeats)
-  t_lin_lo = _median_time(hvp_chain(5, "exact_linearized"), (x, v), repeats)
-  t["hvp_chain_linearized"] = t_lin_hi
-  t["exact_hvp_linearized"] = (t_lin_hi - t_lin_lo) / (max_dim - 5)
   t["gmres_ours"] = _median_time(ours_jit, (x,), repeats)
-  t["gmres_ours_linearized"] = _median_time(ours_lin, (x,), repeats)
   t["gmres_ours_cgs2"] = _median_time(ours_cgs2, (x,), repeats)
-  t["gmres_ours_linearized_cgs2"] = _median_time(ours_lin_cgs2, (x,), repeats)
+  nan = float("nan")
+  if linearized:
+    t_lin_hi = _median_time(hvp_chain(max_dim, "exact_linearized"), (x, v), repeats)
+    t_lin_lo = _median_time(hvp_chain(5, "exact_linearized"), (x, v), repeats)
+    t["hvp_chain_linearized"] = t_lin_hi
+    t["exact_hvp_linearized"] = (t_lin_hi - t_lin_lo) / (max_dim - 5)
+    t["gmres_ours_linearized"] = _median_time(ours_lin, (x,), repeats)
+    t["gmres_ours_linearized_cgs2"] = _median_time(ours_lin_cgs2, (x,), repeats)
+  else:
+    for k in ("hvp_chain_linearized", "exact_hvp_linearized", "gmres_ours_linearized",
+              "gmres_ours_linearized_cgs2"):
+      t[k] = nan
   t["gmres_vmap_jax_scipy"] = _median_time(scipy_vmap, (x, y), repeats)
 
   ratios = {
@@ -185,9 +192,11 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--max-dim", type=int, default=15)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--skip-linearized", action="store_true",
+                      help="skip the jax.linearize variants (very slow on XLA:CPU)")
   parser.add_argument("--out", default="benchmarks/results/hvp_gmres.json")
   args = parser.parse_args(argv)
-  result = run(args.batch, args.repeats, args.max_dim, args.seed)
+  result = run(args.batch, args.repeats, args.max_dim, args.seed, not args.skip_linearized)
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
