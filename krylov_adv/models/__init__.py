@@ -1,0 +1,93 @@
+"""Flax classifiers and the registry that builds them by name.
+
+Every model maps NHWC images in ``[0, 1]`` to logits ``(B, num_classes)`` and is called as
+``model.apply(variables, x, train=...)``. Models with BatchNorm (ResNet, WideResNet) carry a
+``batch_stats`` collection: training steps call them with ``train=True`` (batch statistics,
+running averages updated), attacks and evaluation with ``train=False`` (running averages, so the
+examples of a batch never interact). ``MadryCNN`` and ``TinyCNN`` have no BatchNorm.
+
+  model = models.get("resnet18", num_classes=10, activation="softplus")
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+from krylov_adv.models.cnn import MadryCNN, TinyCNN
+from krylov_adv.models.resnet import ResNet, ResNet18
+from krylov_adv.models.wide_resnet import WideResNet
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    # A ReLU net is piecewise linear in its input, so the input Hessian of the cross-entropy
+    # comes from the softmax alone (rank <= K - 1); smooth activations add curvature from every
+    # layer, which is what the HVP ablations need.
+    "softplus": nn.softplus,
+    "gelu": nn.gelu,
+    "silu": nn.silu,
+    "elu": nn.elu,
+    "tanh": nn.tanh,
+}
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "tiny_cnn": TinyCNN,
+    "madry_cnn": MadryCNN,
+    "resnet18": ResNet18,
+    "wide_resnet": WideResNet,
+    "wrn28_10": functools.partial(WideResNet, depth=28, widen=10),
+    "wrn34_10": functools.partial(WideResNet, depth=34, widen=10),
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The activation function called ``name`` (``ValueError`` listing the known names)."""
+  try:
+    return ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(f"unknown activation {name!r}; available: {sorted(ACTIVATIONS)}") from None
+
+
+def available() -> list[str]:
+  """Sorted names of the registered models."""
+  return sorted(_MODELS)
+
+
+def get(name: str, *, num_classes: int = 10, activation: str = "relu", **kwargs: Any) -> nn.Module:
+  """Builds the model registered under ``name``.
+
+  Args:
+    name: one of ``available()``: ``tiny_cnn``, ``madry_cnn``, ``resnet18``, ``wide_resnet``
+      (``depth``, ``widen`` keyword arguments), ``wrn28_10``, ``wrn34_10``.
+    num_classes: ``K``, the number of logits.
+    activation: an activation name from ``ACTIVATIONS`` (``"relu"`` default).
+    **kwargs: architecture options (``width`` for ResNet, ``depth``/``widen`` for WideResNet).
+
+  Returns:
+    An unbound ``flax.linen.Module``.
+  """
+  if name not in _MODELS:
+    raise ValueError(f"unknown model {name!r}; available: {available()}")
+  if int(num_classes) != num_classes or num_classes < 2:
+    raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}")
+  act = get_activation(activation) if isinstance(activation, str) else activation
+  return _MODELS[name](num_classes=int(num_classes), activation=act, **kwargs)
+
+
+def from_config(cfg) -> nn.Module:
+  """Builds a model from a config with ``name``, ``num_classes``, ``activation`` and options."""
+  params = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  return get(params.pop("name"), **params)
+
+
+def has_batch_norm(variables) -> bool:
+  """Whether the initialised ``variables`` carry BatchNorm running statistics."""
+  return "batch_stats" in variables and bool(jax.tree_util.tree_leaves(variables["batch_stats"]))
+
+
+__all__ = ["ACTIVATIONS", "MadryCNN", "ResNet", "ResNet18", "TinyCNN", "WideResNet",
+           "available", "from_config", "get", "get_activation",
+           "has_batch_norm"]

@@ -1,0 +1,43 @@
+"""Exact vs finite-difference HVP ablation (experiments.ablation_hvp).
+
+  python -m experiments.ablation_hvp --config configs/ablation_hvp.py --workdir /tmp/analysis
+  python -m experiments.ablation_hvp --config configs/ablation_hvp.py:paper --workdir DIR \
+      --config.models_dir=SOAT_WORKDIR   (a workdir of experiments.soat with standard/ and pgd/)
+
+Scale after the colon: ``tiny`` (tests), ``small`` (default; digits, a few minutes on 2 CPU
+cores), ``paper`` (MNIST, Madry CNN, SOAE paper's Fig. 1 sweep).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments import common
+
+# SOAE paper Sec. IV-D / Fig. 1 sweeps eta over 1e-1 .. 1e-7.
+PAPER_ETAS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+
+
+def get_config(scale: str = "small"):
+  c = common.base_config(scale)
+  tiny, paper = scale == "tiny", scale == "paper"
+  c.experiment = ml_collections.ConfigDict(dict(
+      # 1. accuracy of the FD products
+      accuracy_examples=8 if tiny else (256 if paper else 64),
+      etas=(1e-1, 1e-4, 1e-7) if tiny else PAPER_ETAS,
+      dtypes=("float32", "float64"),
+      activations=("relu", "softplus"),
+      directions=("random", "gradient"),
+      # 2. effect on SOAE (Fig. 1): standard and PGD-trained models
+      effect_methods=("standard",) if tiny else ("standard", "pgd"),
+      hvp_methods=("exact", "fd_forward") if tiny else ("exact", "fd_forward", "fd_central"),
+      effect_etas=(1e-2, 1e-5) if tiny else PAPER_ETAS,
+      effect_examples=8 if tiny else (1000 if paper else 128),
+      batch_size=8 if tiny else (250 if paper else 128),
+      eps=c.train.eps, norm="linf",
+      soae=dict(iters=1 if tiny else 4, m=4 if tiny else (15 if paper else 20),
+                tau=1e-2 if tiny else 1e-3),
+      # 3. cost
+      timing_batch=8 if tiny else 128, timing_repeats=2 if tiny else 10, timing_eta=1e-3,
+  ))
+  return c

@@ -1,0 +1,15 @@
+"""Fashion-MNIST, `resnet18`, read offline from the Debian package's raw IDX files.
+
+  apt-get install dataset-fashion-mnist  # 60k + 10k images, /usr/share/datasets/fashion-mnist
+  python -m experiments.soat --workdir /tmp/fmnist --config configs/fashion_mnist_resnet18.py:soat
+"""
+
+from __future__ import annotations
+
+from configs import _paper
+
+ROOT = "/usr/share/datasets/fashion-mnist"
+
+
+def get_config(method: str = "soat"):
+  return _paper.mnist_like(dict(source="idx", name="fashion_mnist", root=ROOT), "resnet18", method)

@@ -1,0 +1,14 @@
+"""MNIST, `wrn34_10`: S-O paper threat models (Linf 0.3, L2 4.0),
+trained with the SOAE paper's recipe.
+
+  python -m experiments.soat --config configs/mnist_wrn34_10.py:soat --workdir /tmp/mnist_wrn34_10
+  (method after the colon: standard | pgd | trades | soat | mixed | second_order)
+"""
+
+from __future__ import annotations
+
+from configs import _paper
+
+
+def get_config(method: str = "soat"):
+  return _paper.mnist_like(dict(source="tfds", name="mnist"), "wrn34_10", method)

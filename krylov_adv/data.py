@@ -1,0 +1,323 @@
+"""Datasets as in-memory arrays, and seeded epoch iterators with optional CIFAR augmentation.
+
+Every source returns a ``Dataset`` whose images are float32 NHWC in ``[0, 1]`` and whose labels
+are int32 in ``[0, num_classes)``. Sources (``cfg.source``):
+
+* ``tfds``: ``mnist``, ``fashion_mnist``, ``cifar10`` through tensorflow-datasets (needs the
+  prepared data or internet). Uses ``tfds.load`` when TensorFlow is installed and the
+  TensorFlow-free ``tfds.data_source`` otherwise.
+* ``idx``: a folder of raw MNIST-format files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``
+  (MNIST and Fashion-MNIST ship in this format).
+* ``cifar10_python``: a folder of the CIFAR-10 python batches (``data_batch_1..5``,
+  ``test_batch``).
+* ``digits``: scikit-learn's bundled 8x8 digits (1,797 images; no download), fixed split.
+* ``synthetic``: deterministic random images of any shape, labels from a fixed random linear
+  rule so a model can learn them (tests).
+
+Batching: ``epoch_batches`` yields the batches of one epoch in an order that is a pure function of
+``(seed, epoch)``, so a run resumed from the checkpoint of epoch ``e`` sees exactly the batches an
+uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+SOURCES = ("tfds", "idx", "cifar10_python", "digits", "synthetic")
+TFDS_NAMES = ("mnist", "fashion_mnist", "cifar10")
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+class Dataset(NamedTuple):
+  """Train and test arrays of one dataset.
+
+  x_train: ``(N, H, W, C)`` float32 in ``[0, 1]``; y_train: ``(N,)`` int32.
+  x_test: ``(M, H, W, C)`` float32 in ``[0, 1]``; y_test: ``(M,)`` int32.
+  num_classes: ``K``; name: a label for logs.
+  """
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+  name: str
+
+
+def _finish(x_tr, y_tr, x_te, y_te, num_classes: int, name: str) -> Dataset:
+  def images(x):
+    x = np.asarray(x)
+    if x.ndim == 3:
+      x = x[..., None]
+    if x.dtype == np.uint8:
+      return x.astype(np.float32) / np.float32(255.0)
+    return x.astype(np.float32)
+
+  ds = Dataset(images(x_tr), np.asarray(y_tr).astype(np.int32), images(x_te),
+               np.asarray(y_te).astype(np.int32), int(num_classes), name)
+  for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+    if x.ndim != 4 or x.shape[0] != y.shape[0]:
+      raise ValueError(f"{name} {split}: images {x.shape} and labels {y.shape} do not match")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+      raise ValueError(f"{name} {split}: labels outside [0, {num_classes})")
+  return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX (MNIST / Fashion-MNIST raw files)
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads one IDX file (gzip-compressed when the name ends in ``.gz``).
+
+  Format (LeCun et al.): 2 zero bytes, a type code (0x08 = uint8, ...), the number of dimensions
+  ``d``, ``d`` big-endian uint32 sizes, then the data in C order.
+
+  Returns:
+    The array with the stored shape and dtype (uint8 for MNIST images ``(N, 28, 28)`` and labels
+    ``(N,)``).
+
+  Raises:
+    FileNotFoundError: ``path`` does not exist.
+    ValueError: the file is not a valid IDX file (bad magic, truncated, corrupt gzip); the
+      message names the file.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"IDX file not found: {path}")
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+    raise ValueError(f"cannot read IDX file {path}: {e}") from None
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+    raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
+  ndim = raw[3]
+  header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise ValueError(f"{path}: truncated IDX header")
+  shape = tuple(int(s) for s in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+  dtype = np.dtype(_IDX_DTYPES[raw[2]])
+  expected = int(np.prod(shape)) * dtype.itemsize
+  if len(raw) - header != expected:
+    raise ValueError(f"{path}: IDX header says shape {shape} ({expected} bytes of data) but the "
+                     f"file holds {len(raw) - header} bytes (truncated or corrupt)")
+  return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _idx_path(root: str, split: str, kind: str) -> str:
+  stem = f"{split}-{kind}-ubyte"
+  for name in (stem + ".gz", stem):
+    if os.path.isfile(os.path.join(root, name)):
+      return os.path.join(root, name)
+  return os.path.join(root, stem + ".gz")  # read_idx reports it as missing
+
+
+def load_idx_split(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Images ``(N, 28, 28, 1)`` float32 in ``[0, 1]`` and labels ``(N,)`` int32 of one IDX split.
+
+  ``split`` is the file prefix: ``"train"`` or ``"t10k"``.
+  """
+  img_path = _idx_path(root, split, "images-idx3")
+  lbl_path = _idx_path(root, split, "labels-idx1")
+  images, labels = read_idx(img_path), read_idx(lbl_path)
+  if images.ndim != 3 or labels.ndim != 1:
+    raise ValueError(f"{img_path}: expected images (N, H, W) and labels (N,), got {images.shape}"
+                     f" and {labels.shape}")
+  if images.shape[0] != labels.shape[0]:
+    raise ValueError(f"{img_path} has {images.shape[0]} images but {lbl_path} has "
+                     f"{labels.shape[0]} labels")
+  return (images[..., None].astype(np.float32) / np.float32(255.0), labels.astype(np.int32))
+
+
+def load_idx(root: str, name: str = "idx") -> Dataset:
+  """MNIST-format folder -> ``Dataset`` (``train-*`` files for training, ``t10k-*`` for test)."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"IDX data folder not found: {root}")
+  x_tr, y_tr = load_idx_split(root, "train")
+  x_te, y_te = load_idx_split(root, "t10k")
+  return _finish(x_tr, y_tr, x_te, y_te, 10, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 python batches
+
+
+def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"CIFAR-10 batch not found: {path}")
+  try:
+    with open(path, "rb") as f:
+      d = pickle.load(f, encoding="bytes")
+    data = np.asarray(d[b"data"], np.uint8)
+    labels = np.asarray(d[b"labels"], np.int64)
+  except Exception as e:  # pickle raises many types on garbage input
+    raise ValueError(f"{path} is not a CIFAR-10 python batch: {type(e).__name__}: {e}") from None
+  if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+    raise ValueError(f"{path}: expected data (N, 3072) and N labels, got {data.shape} and "
+                     f"{labels.shape}")
+  # Rows are channel-major (1024 red, 1024 green, 1024 blue), each 32x32 row-major.
+  return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def load_cifar10_python(root: str) -> Dataset:
+  """Folder of ``data_batch_1..5`` and ``test_batch`` (or their parent ``cifar-10-batches-py``)."""
+  if os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
+    root = os.path.join(root, "cifar-10-batches-py")
+  train = [_read_cifar_batch(os.path.join(root, f"data_batch_{i}")) for i in range(1, 6)]
+  x_te, y_te = _read_cifar_batch(os.path.join(root, "test_batch"))
+  x_tr = np.concatenate([t[0] for t in train])
+  y_tr = np.concatenate([t[1] for t in train])
+  return _finish(x_tr, y_tr, x_te, y_te, 10, "cifar10")
+
+
+# ---------------------------------------------------------------------------------------------
+# tensorflow-datasets
+
+
+def _tfds_split(tfds, name: str, split: str, data_dir: str | None):
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=unused-import
+    has_tf = True
+  except ImportError:
+    has_tf = False
+  if has_tf:
+    arrays = tfds.as_numpy(tfds.load(name, split=split, batch_size=-1, data_dir=data_dir))
+    return arrays["image"], arrays["label"]
+  # Without TensorFlow: random-access ArrayRecord source, read example by example.
+  src = tfds.data_source(name, split=split, data_dir=data_dir)
+  examples = [src[i] for i in range(len(src))]
+  return (np.stack([e["image"] for e in examples]), np.asarray([e["label"] for e in examples]))
+
+
+def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
+  """``mnist``, ``fashion_mnist`` or ``cifar10`` from tensorflow-datasets (train and test)."""
+  if name not in TFDS_NAMES:
+    raise ValueError(f"unknown tfds dataset {name!r}; supported: {TFDS_NAMES}")
+  import tensorflow_datasets as tfds  # heavy import, only for this source
+  x_tr, y_tr = _tfds_split(tfds, name, "train", data_dir)
+  x_te, y_te = _tfds_split(tfds, name, "test", data_dir)
+  return _finish(x_tr, y_tr, x_te, y_te, 10, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bundled and synthetic data
+
+
+def load_digits(*, num_test: int = 397, seed: int = 0) -> Dataset:
+  """scikit-learn's 8x8 digits scaled to ``[0, 1]`` (pixel / 16), a fixed seeded split.
+
+  Returns ``(1797 - num_test)`` training and ``num_test`` test images of shape ``(8, 8, 1)``.
+  """
+  from sklearn.datasets import load_digits as sk_load_digits  # bundled: no download
+  d = sk_load_digits()
+  x = (d.images / 16.0).astype(np.float32)[..., None]
+  y = d.target.astype(np.int32)
+  if not 0 < num_test < len(y):
+    raise ValueError(f"num_test must lie in (0, {len(y)}), got {num_test}")
+  perm = np.random.default_rng(seed).permutation(len(y))
+  tr, te = perm[num_test:], perm[:num_test]
+  return _finish(x[tr], y[tr], x[te], y[te], 10, "digits")
+
+
+def synthetic(*, num_train: int = 256, num_test: int = 64, shape=(8, 8, 1), num_classes: int = 10,
+              seed: int = 0) -> Dataset:
+  """Deterministic random images ``U[0, 1]^shape`` with labels ``argmax(W x)`` for a fixed random
+  ``W`` (so the labels are learnable). Same ``seed`` -> identical arrays."""
+  rng = np.random.default_rng(seed)
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != 3:
+    raise ValueError(f"synthetic shape must be (H, W, C), got {shape}")
+  x = rng.random((num_train + num_test,) + shape, dtype=np.float32)
+  w = rng.standard_normal((int(np.prod(shape)), num_classes)).astype(np.float32)
+  flat = x.reshape(len(x), -1)
+  y = np.argmax((flat - 0.5) @ w, axis=1)
+  return _finish(x[:num_train], y[:num_train], x[num_train:], y[num_train:], num_classes,
+                 "synthetic")
+
+
+def load(cfg) -> Dataset:
+  """The dataset described by a data config.
+
+  Args:
+    cfg: ``ConfigDict``/mapping with ``source`` (one of ``SOURCES``) and the source's fields:
+      ``name`` (tfds), ``root`` (idx, cifar10_python), ``data_dir`` (tfds, optional),
+      ``num_test`` (digits), ``num_train``/``num_test``/``shape``/``num_classes`` (synthetic),
+      ``seed``; optional ``max_train``/``max_test`` to keep only the first examples.
+  """
+  c = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  source = c.get("source")
+  if source == "tfds":
+    ds = load_tfds(c["name"], c.get("data_dir") or None)
+  elif source == "idx":
+    ds = load_idx(c["root"], c.get("name", "idx"))
+  elif source == "cifar10_python":
+    ds = load_cifar10_python(c["root"])
+  elif source == "digits":
+    ds = load_digits(num_test=c.get("num_test", 397), seed=c.get("seed", 0))
+  elif source == "synthetic":
+    ds = synthetic(num_train=c.get("num_train", 256), num_test=c.get("num_test", 64),
+                   shape=c.get("shape", (8, 8, 1)), num_classes=c.get("num_classes", 10),
+                   seed=c.get("seed", 0))
+  else:
+    raise ValueError(f"unknown data source {source!r}; use one of {SOURCES}")
+  max_train, max_test = c.get("max_train"), c.get("max_test")
+  if max_train or max_test:
+    ds = ds._replace(x_train=ds.x_train[:max_train or None], y_train=ds.y_train[:max_train or None],
+                     x_test=ds.x_test[:max_test or None], y_test=ds.y_test[:max_test or None])
+  return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching and augmentation
+
+
+def random_crop_flip(rng: np.random.Generator, x: np.ndarray, pad: int = 4) -> np.ndarray:
+  """CIFAR augmentation: zero-pad by ``pad``, random ``H x W`` crop, random horizontal flip.
+
+  x: ``(B, H, W, C)`` float32 -> same shape. Each example gets its own offsets and flip.
+  """
+  b, h, w, _ = x.shape
+  padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  dy = rng.integers(0, 2 * pad + 1, b)
+  dx = rng.integers(0, 2 * pad + 1, b)
+  rows = dy[:, None] + np.arange(h)[None, :]  # (B, H)
+  cols = dx[:, None] + np.arange(w)[None, :]  # (B, W)
+  out = padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  flip = rng.random(b) < 0.5
+  out[flip] = out[flip, :, ::-1]
+  return out
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Full batches per epoch (the last partial batch is dropped so shapes stay static)."""
+  if batch_size < 1 or num_examples < batch_size:
+    raise ValueError(f"batch_size must lie in [1, {num_examples}], got {batch_size}")
+  return num_examples // batch_size
+
+
+def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: int,
+                  augment: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """The shuffled full batches of one epoch.
+
+  The permutation and the augmentation draws come from ``np.random.default_rng([seed, epoch])``,
+  so the batches depend only on ``(seed, epoch)``: resuming at epoch ``e`` reproduces them.
+
+  Yields:
+    ``(x_batch (batch_size, H, W, C) float32, y_batch (batch_size,) int32)``.
+  """
+  n = steps_per_epoch(len(y), batch_size)
+  rng = np.random.default_rng([int(seed), int(epoch)])
+  perm = rng.permutation(len(y))
+  for i in range(n):
+    idx = perm[i * batch_size:(i + 1) * batch_size]
+    xb = x[idx]
+    if augment:
+      xb = random_crop_flip(rng, xb)
+    yield xb, y[idx]

@@ -1,0 +1,166 @@
+"""Robust-accuracy evaluation: run configured attacks over a test set and tabulate the results.
+
+The table follows the papers: one row per attack (clean, FGSM, PGD-20, S-O, SOAE, AutoAttack),
+one column per threat model (Linf and L2 budgets), so that robustness in one norm can be read
+against the other (the S-O paper's point). Every attack sees the model in inference mode.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from krylov_adv import attacks, projections
+
+Array = jax.Array
+LogitsFn = Callable[[Array], Array]
+
+# Slack for the threat-model check: attacks project in float32.
+_BUDGET_ATOL = 1e-5
+
+
+class AttackResult(NamedTuple):
+  """One cell of the robustness table.
+
+  label: the row (``"PGD-20"``); attack: the registry name (``"clean"`` for no attack);
+  norm / eps: the threat model; accuracy: fraction of examples still classified correctly;
+  num_examples: how many were evaluated; seconds: wall time of the attack.
+  """
+  label: str
+  attack: str
+  norm: str
+  eps: float
+  accuracy: float
+  num_examples: int
+  seconds: float
+
+
+def _padded_batches(n: int, batch_size: int):
+  """Index arrays of fixed size ``batch_size`` covering ``range(n)``; the last one is padded by
+  repeating index 0 (shapes stay static, so each jitted attack compiles once)."""
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    pad = batch_size - idx.size
+    yield np.concatenate([idx, np.zeros(pad, idx.dtype)]), idx.size
+
+
+def predictions(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+  """``argmax_k logits_fn(x)_k`` for every example, in batches. x ``(N, ...)`` -> ``(N,)`` int."""
+  out = []
+  for idx, valid in _padded_batches(len(x), min(batch_size, len(x))):
+    out.append(np.asarray(jnp.argmax(logits_fn(jnp.asarray(x[idx])), axis=1))[:valid])
+  return np.concatenate(out) if out else np.zeros((0,), np.int32)
+
+
+def accuracy(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> float:
+  """Clean accuracy ``mean(argmax f(x_i) == y_i)``."""
+  return float(np.mean(predictions(logits_fn, x, batch_size=batch_size) == np.asarray(y)))
+
+
+def robust_accuracy(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray,
+                    y: np.ndarray, key: Array, *, eps: float, norm: str,
+                    batch_size: int = 256) -> float:
+  """Accuracy on ``attack_fn``'s adversarial examples, ``mean(argmax f(x_adv_i) == y_i)``.
+
+  Args:
+    logits_fn: ``(B, H, W, C) -> (B, K)`` in inference mode; reuse one function object across
+      calls (attacks jit with ``logits_fn`` static, so a new closure means a recompile).
+    attack_fn: ``f(logits_fn, x, y, key) -> x_adv`` or ``(x_adv, report)`` (AutoAttack).
+    x: ``(N, H, W, C)`` float32 in ``[0, 1]``; y: ``(N,)`` int32.
+    key: PRNG key, folded with the batch number.
+    eps, norm: the threat model, used to verify that every ``x_adv`` is admissible
+      (``||x_adv - x|| <= eps`` and ``[0, 1]``); a robust accuracy from an inadmissible point
+      would be meaningless, so a violation raises ``ValueError``.
+    batch_size: examples per attack call.
+  """
+  batch_size = min(batch_size, len(x))
+  correct = 0
+  for b, (idx, valid) in enumerate(_padded_batches(len(x), batch_size)):
+    xb, yb = jnp.asarray(x[idx]), jnp.asarray(y[idx])
+    out = attack_fn(logits_fn, xb, yb, jax.random.fold_in(key, b))
+    x_adv = out[0] if isinstance(out, tuple) else out
+    dist = np.asarray(projections.per_example_norm(x_adv - xb, norm))
+    xa = np.asarray(x_adv)
+    outside_box = xa.min() < -_BUDGET_ATOL or xa.max() > 1 + _BUDGET_ATOL
+    if dist.max(initial=0.0) > eps + _BUDGET_ATOL * max(1.0, eps) or outside_box:
+      raise ValueError(f"attack returned points outside the {norm} ball of radius {eps} or the "
+                       f"box [0, 1] (max distance {dist.max()})")
+    pred = np.asarray(jnp.argmax(logits_fn(x_adv), axis=1))
+    correct += int(np.sum((pred == np.asarray(yb))[:valid]))
+  return correct / len(x)
+
+
+def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
+                     attack_cfgs: Mapping[str, Any], key: Array, *,
+                     batch_size: int = 256) -> list[AttackResult]:
+  """Runs every configured attack and returns one :class:`AttackResult` per entry.
+
+  Args:
+    attack_cfgs: ``{entry: cfg}`` where ``cfg`` has ``label`` (the table row), ``name`` (a
+      registered attack, or ``"clean"``), ``norm``, ``eps`` and the attack's hyperparameters.
+  """
+  results = []
+  for i, (entry, cfg) in enumerate(attack_cfgs.items()):
+    c = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    label = c.pop("label", entry)
+    name, norm, eps = c["name"], c["norm"], float(c["eps"])
+    start = time.perf_counter()
+    if name == "clean":
+      acc = accuracy(logits_fn, x, y, batch_size=batch_size)
+    else:
+      attack = attacks.from_config(c)
+      acc = robust_accuracy(logits_fn, attack, x, y, jax.random.fold_in(key, i), eps=eps,
+                            norm=norm, batch_size=batch_size)
+    results.append(AttackResult(label, name, norm, eps, acc, len(x),
+                                time.perf_counter() - start))
+  return results
+
+
+def _eps_text(eps: float) -> str:
+  """``8/255`` for budgets that are small multiples of 1/255 (CIFAR style), ``0.3`` otherwise."""
+  k = eps * 255
+  if 0 < eps < 0.2 and abs(k - round(k)) < 1e-6:
+    return f"{round(k)}/255"
+  return f"{eps:g}"
+
+
+# Row order of the papers' tables; attacks not listed follow in order of appearance.
+ROW_ORDER = ("clean", "fgsm", "pgd", "second_order", "soae", "autoattack")
+_NORM_ORDER = {"linf": 0, "l2": 1}
+
+
+def markdown_table(results_by_model: Mapping[str, Sequence[AttackResult]]) -> str:
+  """A markdown table: rows are attack labels, columns ``<model> <norm> eps=...``.
+
+  Rows follow ``ROW_ORDER`` (clean, FGSM, PGD, S-O, SOAE, AutoAttack), columns Linf before L2;
+  with one model the column names are just the threat models (``Linf eps=0.3``). Cells are
+  accuracies in percent; ``-`` where an attack was not run for that threat model.
+  """
+  columns: list[tuple[str, str, float]] = []
+  rows: list[tuple[int, int, str]] = []
+  cells: dict[tuple[str, tuple[str, str, float]], float] = {}
+  for model, results in results_by_model.items():
+    for r in results:
+      col = (model, r.norm, r.eps)
+      if col not in columns:
+        columns.append(col)
+      rank = ROW_ORDER.index(r.attack) if r.attack in ROW_ORDER else len(ROW_ORDER)
+      if r.label not in [lbl for _, _, lbl in rows]:
+        rows.append((rank, len(rows), r.label))
+      cells[(r.label, col)] = r.accuracy
+  model_rank = {m: i for i, m in enumerate(results_by_model)}
+  columns.sort(key=lambda c: (model_rank[c[0]], _NORM_ORDER.get(c[1], 2), c[2]))
+  rows.sort()
+  single = len(results_by_model) == 1
+  names = {"linf": "Linf", "l2": "L2"}
+  heads = [("" if single else f"{m} ") + f"{names.get(n, n)} eps={_eps_text(e)}"
+           for m, n, e in columns]
+  lines = ["| attack | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+  for _, _, label in rows:
+    vals = [f"{100 * cells[(label, c)]:.2f}%" if (label, c) in cells else "-" for c in columns]
+    lines.append(f"| {label} | " + " | ".join(vals) + " |")
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,218 @@
+"""Data sources (IDX, CIFAR python batches, tfds mock, digits, synthetic) and epoch batching."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import struct
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+from krylov_adv import data
+
+REAL_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+
+
+def _write_idx(path, array, gz=True):
+  """An IDX file written by hand from the format spec (independent of the reader)."""
+  code = {np.uint8: 0x08, np.int32: 0x0C}[array.dtype.type]
+  header = bytes([0, 0, code, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+  payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+  with (gzip.open if gz else open)(path, "wb") as f:
+    f.write(payload)
+
+
+def _mnist_folder(root, n_train=12, n_test=5, gz=True):
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for split, n in (("train", n_train), ("t10k", n_test)):
+    img = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    lbl = rng.integers(0, 10, n).astype(np.uint8)
+    sfx = ".gz" if gz else ""
+    _write_idx(os.path.join(root, f"{split}-images-idx3-ubyte{sfx}"), img, gz)
+    _write_idx(os.path.join(root, f"{split}-labels-idx1-ubyte{sfx}"), lbl, gz)
+    arrays[split] = (img, lbl)
+  return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_folder_roundtrip(tmp_path, gz):
+  arrays = _mnist_folder(str(tmp_path), gz=gz)
+  ds = data.load({"source": "idx", "root": str(tmp_path), "name": "fashion_mnist"})
+  assert ds.x_train.shape == (12, 28, 28, 1) and ds.x_test.shape == (5, 28, 28, 1)
+  assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+  np.testing.assert_array_equal(ds.x_train[..., 0] * 255, arrays["train"][0].astype(np.float32))
+  np.testing.assert_array_equal(ds.y_test, arrays["t10k"][1])
+  assert ds.num_classes == 10 and ds.name == "fashion_mnist"
+
+
+def test_read_idx_int32_big_endian(tmp_path):
+  a = np.arange(-6, 6, dtype=np.int32).reshape(3, 4) * 100_000
+  _write_idx(str(tmp_path / "a.idx"), a, gz=False)
+  np.testing.assert_array_equal(data.read_idx(str(tmp_path / "a.idx")), a)
+
+
+def test_idx_errors_name_the_file(tmp_path):
+  _mnist_folder(str(tmp_path))
+  missing = tmp_path / "nothing-here.gz"
+  with pytest.raises(FileNotFoundError, match="nothing-here.gz"):
+    data.read_idx(str(missing))
+  bad_magic = tmp_path / "bad-magic"
+  bad_magic.write_bytes(b"\x12\x34\x08\x01" + b"\x00" * 8)
+  with pytest.raises(ValueError, match="bad-magic.*not an IDX file"):
+    data.read_idx(str(bad_magic))
+  # Truncate the training images: header promises 12 * 784 bytes.
+  path = tmp_path / "train-images-idx3-ubyte.gz"
+  raw = gzip.decompress(path.read_bytes())
+  path.write_bytes(gzip.compress(raw[:-100]))
+  with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz.*truncated or corrupt"):
+    data.load({"source": "idx", "root": str(tmp_path)})
+  # Not gzip at all although named .gz.
+  path.write_bytes(b"this is not gzip data")
+  with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz"):
+    data.load({"source": "idx", "root": str(tmp_path)})
+  os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
+  with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+    data.load_idx_split(str(tmp_path), "t10k")
+  with pytest.raises(FileNotFoundError, match="no-such-dir"):
+    data.load({"source": "idx", "root": str(tmp_path / "no-such-dir")})
+
+
+def test_real_mnist_test_set():
+  img = os.path.join(REAL_MNIST, "t10k-images-idx3-ubyte.gz")
+  lbl = os.path.join(REAL_MNIST, "t10k-labels-idx1-ubyte.gz")
+  if not (os.path.exists(img) and os.path.exists(lbl)):
+    pytest.skip(f"real MNIST test files not present in {REAL_MNIST}")
+  # md5 from /work/shared/data/README.md: the files are the genuine ones.
+  assert hashlib.md5(open(lbl, "rb").read()).hexdigest() == "ec29112dd5afa0611ce80d1b7f02629c"
+  x, y = data.load_idx_split(REAL_MNIST, "t10k")
+  assert x.shape == (10000, 28, 28, 1) and x.dtype == np.float32
+  assert x.min() == 0.0 and x.max() == 1.0
+  # The published class counts of the MNIST test set.
+  np.testing.assert_array_equal(np.bincount(y, minlength=10),
+                                [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+  # Digits are white strokes on black: most pixels are background.
+  assert 0.75 < np.mean(x == 0) < 0.85
+
+
+def _cifar_folder(root, n=4):
+  rng = np.random.default_rng(1)
+  batches = {}
+  for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+         b"labels": list(rng.integers(0, 10, n))}
+    with open(os.path.join(root, name), "wb") as f:
+      pickle.dump(d, f)
+    batches[name] = d
+  return batches
+
+
+def test_cifar10_python_layout(tmp_path):
+  folder = tmp_path / "cifar-10-batches-py"
+  folder.mkdir()
+  batches = _cifar_folder(str(folder))
+  ds = data.load({"source": "cifar10_python", "root": str(tmp_path)})
+  assert ds.x_train.shape == (20, 32, 32, 3) and ds.x_test.shape == (4, 32, 32, 3)
+  raw = batches["data_batch_2"][b"data"]
+  # Row layout: channel-major planes of 32x32 row-major pixels.
+  i, r, c, ch = 1, 5, 17, 2
+  assert ds.x_train[4 + i, r, c, ch] == np.float32(raw[i, ch * 1024 + r * 32 + c]) / 255
+  np.testing.assert_array_equal(ds.y_test, batches["test_batch"][b"labels"])
+
+
+def test_cifar10_python_errors(tmp_path):
+  _cifar_folder(str(tmp_path))
+  (tmp_path / "data_batch_3").write_bytes(b"garbage")
+  with pytest.raises(ValueError, match="data_batch_3"):
+    data.load_cifar10_python(str(tmp_path))
+  os.remove(tmp_path / "test_batch")
+  (tmp_path / "data_batch_3").unlink()
+  with pytest.raises(FileNotFoundError, match="data_batch_3"):
+    data.load_cifar10_python(str(tmp_path))
+
+
+@pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("fashion_mnist", (28, 28, 1)),
+                                        ("cifar10", (32, 32, 3))])
+def test_tfds_source_on_mock_data(name, shape):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=6):
+    ds = data.load({"source": "tfds", "name": name})
+  assert ds.x_train.shape == (6,) + shape and ds.x_test.shape == (6,) + shape
+  assert ds.x_train.dtype == np.float32 and 0 <= ds.x_train.min() and ds.x_train.max() <= 1
+  assert ds.y_train.dtype == np.int32 and 0 <= ds.y_train.min() and ds.y_train.max() < 10
+  with pytest.raises(ValueError, match="unknown tfds dataset 'svhn'"):
+    data.load({"source": "tfds", "name": "svhn"})
+
+
+def test_digits_split_is_fixed_and_matches_sklearn():
+  sk = pytest.importorskip("sklearn.datasets")
+  ds = data.load({"source": "digits", "num_test": 397, "seed": 0})
+  assert ds.x_train.shape == (1400, 8, 8, 1) and ds.x_test.shape == (397, 8, 8, 1)
+  ref = sk.load_digits()
+  # Every test image is one of sklearn's images, scaled by 1/16, with its label.
+  flat = ref.images.reshape(len(ref.images), -1) / 16.0
+  for k in (0, 100, 396):
+    j = np.flatnonzero(np.all(np.isclose(flat, ds.x_test[k].reshape(-1)), axis=1))
+    assert j.size >= 1 and ds.y_test[k] in ref.target[j]
+  again = data.load({"source": "digits", "num_test": 397, "seed": 0})
+  np.testing.assert_array_equal(again.x_test, ds.x_test)
+  # Train and test together are a permutation of the whole set.
+  np.testing.assert_array_equal(np.bincount(np.r_[ds.y_train, ds.y_test], minlength=10),
+                                np.bincount(ref.target, minlength=10))
+
+
+def test_synthetic_deterministic_and_learnable_labels():
+  a = data.synthetic(num_train=50, num_test=10, shape=(4, 5, 2), num_classes=3, seed=7)
+  b = data.synthetic(num_train=50, num_test=10, shape=(4, 5, 2), num_classes=3, seed=7)
+  c = data.synthetic(num_train=50, num_test=10, shape=(4, 5, 2), num_classes=3, seed=8)
+  np.testing.assert_array_equal(a.x_train, b.x_train)
+  np.testing.assert_array_equal(a.y_test, b.y_test)
+  assert not np.array_equal(a.x_train, c.x_train)
+  assert a.x_train.shape == (50, 4, 5, 2) and a.x_train.dtype == np.float32
+  assert 0 <= a.x_train.min() and a.x_train.max() < 1 and set(a.y_train) <= {0, 1, 2}
+  # A least-squares linear classifier fits the labels well (they come from a linear rule).
+  flat = np.c_[a.x_train.reshape(50, -1), np.ones(50)]
+  w, *_ = np.linalg.lstsq(flat, np.eye(3)[a.y_train], rcond=None)
+  assert np.mean(np.argmax(flat @ w, 1) == a.y_train) > 0.9
+
+
+def test_load_rejects_unknown_source():
+  with pytest.raises(ValueError, match="unknown data source 'imagenet'"):
+    data.load({"source": "imagenet"})
+
+
+def test_epoch_batches_depend_only_on_seed_and_epoch():
+  ds = data.synthetic(num_train=50, num_test=2, seed=0)
+  run = lambda seed, epoch: [b for b in data.epoch_batches(ds.x_train, ds.y_train, 16,
+                                                           seed=seed, epoch=epoch)]
+  first, again, other = run(0, 3), run(0, 3), run(0, 4)
+  assert len(first) == 3  # 50 // 16 full batches; the remainder is dropped
+  for (xa, ya), (xb, yb) in zip(first, again):
+    np.testing.assert_array_equal(xa, xb)
+    np.testing.assert_array_equal(ya, yb)
+  assert not np.array_equal(first[0][0], other[0][0])
+  # Within an epoch every example appears at most once.
+  seen = np.concatenate([x.reshape(16, -1) for x, _ in first])
+  assert len({row.tobytes() for row in seen}) == 48
+  assert first[0][0].dtype == np.float32 and first[0][1].dtype == np.int32
+
+
+def test_random_crop_flip_is_a_shifted_window_of_the_padded_image():
+  rng = np.random.default_rng(0)
+  x = rng.random((6, 5, 7, 3), dtype=np.float32)
+  out = data.random_crop_flip(np.random.default_rng(1), x, pad=2)
+  assert out.shape == x.shape
+  padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  flips = 0
+  for i in range(len(x)):
+    matches = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
+               if np.array_equal(out[i], (lambda w: w[:, ::-1] if f else w)(
+                   padded[i, dy:dy + 5, dx:dx + 7]))]
+    assert matches, f"example {i} is not a crop (+flip) of its padded image"
+    flips += matches[0][2]
+  assert 0 < flips < len(x)  # seeded draw: some flipped, some not

@@ -1,0 +1,217 @@
+"""End to end: configs load and validate, every training method trains and is evaluated,
+a stopped run resumes to the uninterrupted result, and the command lines work."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import test_tiny
+from experiments import evaluate as evaluate_lib
+from experiments import soat
+from krylov_adv import attacks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NEEDS = {"pgd": "pgd", "mixed": "pgd", "soat": "soae", "second_order": "second_order"}
+
+
+def _require(*names):
+  missing = [n for n in names if n not in attacks.available()]
+  if missing:
+    pytest.skip(f"attacks not registered yet: {missing}")
+
+
+def _tiny(method, eval_attacks=("clean", "pgd")):
+  c = test_tiny.get_config(method)
+  c.eval.attacks = ml_collections.ConfigDict(
+      {k: v for k, v in c.eval.attacks.items() if k.rsplit("_", 1)[0] in eval_attacks})
+  return c
+
+
+def _config_files():
+  return sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                if not os.path.basename(p).startswith(("_", "common")))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.parametrize("path", _config_files(), ids=os.path.basename)
+def test_every_config_loads_and_validates(path):
+  _require("fgsm", "pgd", "soae", "second_order")
+  config = _load(path).get_config()
+  soat.validate_config(config)
+  for method in soat.methods_of(config):
+    assert method in ("standard", "pgd", "trades", "soat", "mixed", "second_order")
+
+
+def test_paper_configs_follow_the_papers():
+  cifar = _load(os.path.join(ROOT, "configs", "cifar10_resnet18.py")).get_config("pgd")
+  t = cifar.train
+  assert (t.eps, t.pgd.steps, t.pgd.step_size) == (8 / 255, 7, 2 / 255)
+  assert (t.learning_rate, t.momentum, t.weight_decay, t.batch_size, t.epochs) == (
+      0.1, 0.9, 3e-4, 128, 300)
+  assert t.trades.beta == 6.0 and cifar.data.augment
+  mnist = _load(os.path.join(ROOT, "configs", "mnist_madry_cnn.py")).get_config()
+  assert mnist.train.eps == 0.3 and mnist.model.name == "madry_cnn"
+  assert {(a.norm, a.eps) for a in mnist.eval.attacks.values()} == {("linf", 0.3), ("l2", 4.0)}
+  fm = _load(os.path.join(ROOT, "configs", "fashion_mnist_madry_cnn.py")).get_config()
+  assert (fm.data.source, fm.data.root) == ("idx", "/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("train.method", "adversarial", "unknown training method 'adversarial'"),
+    ("train.method", "pgd,nope", "unknown training method 'nope'"),
+    ("data.source", "imagenet", "unknown data source 'imagenet'"),
+    ("train.eps", -0.5, "eps must be >= 0"),
+    ("model.name", "vgg16", "unknown model 'vgg16'"),
+    ("model.activation", "sine", "unknown activation 'sine'"),
+    ("eval.attacks.clean_linf.eps", -1.0, "eps must be >= 0"),
+    ("eval.attacks.clean_l2.name", "deepfool", "unknown attack 'deepfool'"),
+])
+def test_bad_configs_give_clear_errors(field, value, match):
+  c = test_tiny.get_config("pgd")
+  node = c
+  *path, last = field.split(".")
+  for p in path:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(ValueError, match=match):
+    soat.validate_config(c)
+
+
+def test_bad_tfds_dataset_name():
+  c = test_tiny.get_config("standard")
+  c.data.source, c.data.name = "tfds", "imagenet2012"
+  with pytest.raises(ValueError, match="unknown dataset 'imagenet2012'"):
+    soat.validate_config(c)
+
+
+def _results_ok(workdir, methods, labels):
+  with open(os.path.join(workdir, "results.json")) as f:
+    res = json.load(f)
+  assert sorted(res) == sorted(methods)
+  for rows in res.values():
+    assert {r["label"] for r in rows} == set(labels)
+    for r in rows:
+      assert 0.0 <= r["accuracy"] <= 1.0 and r["num_examples"] == 16
+  md = open(os.path.join(workdir, "results.md")).read()
+  assert "| attack |" in md and "Linf eps=0.1" in md and "L2 eps=0.5" in md
+  return res
+
+
+def test_two_methods_train_and_compare(tmp_path):
+  _require("pgd")
+  c = _tiny("standard,pgd")
+  c.train.epochs = 1
+  results = soat.train_and_evaluate(c, str(tmp_path), progress=False)
+  assert list(results) == ["standard", "pgd"]
+  _results_ok(str(tmp_path), ["standard", "pgd"], ["clean", "PGD-2"])
+  for m in ("standard", "pgd"):
+    lines = open(tmp_path / m / "metrics.jsonl").read().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["method"] == m
+    assert os.path.exists(tmp_path / m / "results.md")
+  assert "standard Linf" in open(tmp_path / "results.md").read()
+
+
+@pytest.mark.parametrize("method", ["trades", "soat", "mixed", "second_order"])
+def test_each_method_trains_and_evaluates(tmp_path, method):
+  _require("pgd", *([NEEDS[method]] if method in NEEDS else []))
+  c = _tiny(method)
+  c.train.epochs = 1
+  soat.train_and_evaluate(c, str(tmp_path), progress=False)
+  _results_ok(str(tmp_path), [method], ["clean", "PGD-2"])
+  rec = json.loads(open(tmp_path / "metrics.jsonl").read())
+  assert rec["epoch"] == 1 and rec["step"] == 4 and np.isfinite(rec["train_loss"])
+
+
+def _leaves(state):
+  return [np.asarray(a) for a in jax.tree_util.tree_leaves((state.params, state.opt_state))]
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+  """A 2-epoch PGD run stopped after epoch 1 and resumed, and the same run uninterrupted."""
+  _require("pgd")
+  c = _tiny("pgd", eval_attacks=("clean",))
+  a, b = str(tmp_path_factory.mktemp("stopped")), str(tmp_path_factory.mktemp("straight"))
+  soat.train_and_evaluate(c, a, stop_after_epoch=1, progress=False)
+  assert not os.path.exists(os.path.join(a, "results.json"))
+  soat.train_and_evaluate(c, a, progress=False)
+  soat.train_and_evaluate(c, b, progress=False)
+  return c, a, b
+
+
+def test_resume_reproduces_uninterrupted_run(resumed_run):
+  c, a, b = resumed_run
+  _, sa, _ = evaluate_lib.load_trained(c, a)
+  _, sb, epochs = evaluate_lib.load_trained(c, b)
+  assert epochs == 2 and int(sa.step) == int(sb.step) == 8
+  for x, y in zip(_leaves(sa), _leaves(sb)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  la = [json.loads(s) for s in open(os.path.join(a, "metrics.jsonl"))]
+  lb = [json.loads(s) for s in open(os.path.join(b, "metrics.jsonl"))]
+  assert [r["epoch"] for r in la] == [1, 2]
+  for ra, rb in zip(la, lb):
+    assert np.isclose(ra["train_loss"], rb["train_loss"], rtol=1e-5)
+  # A different seed gives a different run (the comparison above is not vacuous).
+  c2 = ml_collections.ConfigDict(c.to_dict())
+  c2.seed = 1
+  d = os.path.join(a, "other_seed")
+  soat.train(c2, d, stop_after_epoch=1, progress=False)
+  _, s2, _ = evaluate_lib.load_trained(c2, d)
+  assert not np.allclose(_leaves(s2)[0], _leaves(sa)[0])
+
+
+def test_evaluate_full_attack_table(resumed_run, capsys):
+  _require("fgsm", "pgd", "soae", "second_order", "autoattack")
+  c, a, _ = resumed_run
+  c = test_tiny.get_config("pgd")
+  c.eval.attacks = test_tiny.full_eval_attacks()
+  results = evaluate_lib.evaluate_workdir(c, a)
+  labels = [r.label for r in results["pgd"]]
+  assert set(labels) == {"clean", "FGSM", "PGD-2", "S-O", "SOAE", "AutoAttack"}
+  table = capsys.readouterr().out
+  rows = [ln for ln in table.splitlines() if ln.startswith("| ")][1:]
+  assert [r.split("|")[1].strip() for r in rows] == ["clean", "FGSM", "PGD-2", "S-O", "SOAE",
+                                                     "AutoAttack"]
+  acc = {(r.label, r.norm): r.accuracy for r in results["pgd"]}
+  for norm in ("linf", "l2"):
+    assert acc[("AutoAttack", norm)] <= acc[("clean", norm)]
+  assert os.path.exists(os.path.join(a, "evaluation.md"))
+
+
+def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    evaluate_lib.load_trained(test_tiny.get_config("standard"), str(tmp_path))
+
+
+def test_command_line_with_overrides(tmp_path):
+  _require("fgsm", "pgd")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "experiments.soat", "--config", "configs/test_tiny.py:standard",
+         "--workdir", str(tmp_path), "--config.train.epochs=1", "--config.eval.num_examples=16"]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "| clean |" in out.stdout
+  saved = json.load(open(tmp_path / "config.json"))
+  assert saved["train"]["epochs"] == 1
+  assert len(open(tmp_path / "metrics.jsonl").read().splitlines()) == 1
+  bad = subprocess.run(cmd[:-2] + ["--config.train.method=bogus"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "unknown training method 'bogus'" in bad.stderr

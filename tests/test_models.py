@@ -1,0 +1,115 @@
+"""Models: registry, published parameter counts, shapes, activation choice, BatchNorm modes."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from krylov_adv import models
+
+
+def _num_params(model, shape):
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape),
+                                                train=False))
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(variables["params"]))
+
+
+@pytest.mark.parametrize("name,shape,expected", [
+    # Madry CNN by hand: 5*5*1*32+32 + 5*5*32*64+64 + 7*7*64*1024+1024 + 1024*10+10.
+    ("madry_cnn", (1, 28, 28, 1), 832 + 51264 + 3212288 + 10250),
+    # The parameter counts of the PyTorch reference models (torchvision-style CIFAR ResNet-18,
+    # the TRADES / MART WideResNets), BatchNorm scale and bias included, running stats not.
+    ("resnet18", (1, 32, 32, 3), 11_173_962),
+    ("wrn28_10", (1, 32, 32, 3), 36_479_194),
+    ("wrn34_10", (1, 32, 32, 3), 46_160_474),
+])
+def test_parameter_counts_match_reference_architectures(name, shape, expected):
+  assert _num_params(models.get(name, num_classes=10), shape) == expected
+
+
+def test_wide_resnet_depth_and_width_are_configurable():
+  # WRN-16-4: n = 2 blocks per stage; count from the formula for pre-activation blocks.
+  k, n = 4, 2
+  widths = [16 * k, 32 * k, 64 * k]
+  total, cin = 3 * 3 * 3 * 16, 16
+  for w in widths:
+    for j in range(n):
+      total += 2 * cin + 9 * cin * w + 2 * w + 9 * w * w  # BN, conv, BN, conv
+      if cin != w:
+        total += cin * w  # 1x1 projection
+      cin = w
+  total += 2 * cin + cin * 10 + 10  # final BN and dense
+  model = models.get("wide_resnet", depth=16, widen=k)
+  assert _num_params(model, (1, 32, 32, 3)) == total
+  with pytest.raises(ValueError, match="6n \\+ 4"):
+    models.get("wide_resnet", depth=15, widen=1).init(jax.random.PRNGKey(0),
+                                                      jnp.zeros((1, 8, 8, 3)))
+
+
+@pytest.mark.parametrize("name,kw,shape", [
+    ("tiny_cnn", {}, (3, 8, 8, 1)),
+    ("madry_cnn", {}, (3, 28, 28, 1)),
+    ("resnet18", {"width": 4}, (3, 32, 32, 3)),
+    ("wide_resnet", {"depth": 10, "widen": 1}, (3, 32, 32, 3)),
+])
+def test_forward_shapes_and_dtype(name, kw, shape):
+  model = models.get(name, num_classes=7, **kw)
+  x = jax.random.uniform(jax.random.PRNGKey(1), shape)
+  # One jitted init + apply: op-by-op dispatch of a ResNet is slower than compiling it.
+  logits = jax.jit(lambda z: model.apply(model.init(jax.random.PRNGKey(0), z), z))(x)
+  assert logits.shape == (shape[0], 7) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_registry_errors_and_listing():
+  assert {"tiny_cnn", "madry_cnn", "resnet18", "wide_resnet", "wrn28_10",
+          "wrn34_10"} <= set(models.available())
+  with pytest.raises(ValueError, match="unknown model 'vgg'"):
+    models.get("vgg")
+  with pytest.raises(ValueError, match="unknown activation 'swishy'"):
+    models.get("tiny_cnn", activation="swishy")
+  with pytest.raises(ValueError, match="num_classes"):
+    models.get("tiny_cnn", num_classes=1)
+
+
+def test_activation_by_name_is_used():
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 1))
+  relu = models.get("tiny_cnn", activation="relu")
+  soft = models.get("tiny_cnn", activation="softplus")
+  params = relu.init(jax.random.PRNGKey(0), x)
+  assert soft.activation is jax.nn.softplus
+  # Same weights, different nonlinearity -> different logits; a softplus net has curvature
+  # along a random direction where the ReLU net (piecewise linear, softmax aside) has less.
+  assert not np.allclose(relu.apply(params, x), soft.apply(params, x))
+  f = lambda z: soft.apply(params, z)[:, 0].sum()  # a logit: linear in x for ReLU
+  g = lambda z: relu.apply(params, z)[:, 0].sum()
+  v = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+  hv_soft = jax.jvp(jax.grad(f), (x,), (v,))[1]
+  hv_relu = jax.jvp(jax.grad(g), (x,), (v,))[1]
+  assert np.abs(np.asarray(hv_soft)).max() > 0
+  np.testing.assert_allclose(np.asarray(hv_relu), 0.0, atol=1e-6)
+
+
+def test_batchnorm_train_mode_mixes_examples_inference_mode_does_not():
+  model = models.get("resnet18", width=4, num_classes=10)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  assert models.has_batch_norm(variables)
+  # Inference: example 0's logits do not depend on the rest of the batch.
+  full = model.apply(variables, x, train=False)
+  alone = model.apply(variables, x[:1], train=False)
+  np.testing.assert_allclose(np.asarray(full[:1]), np.asarray(alone), rtol=1e-5, atol=1e-5)
+  # Training: batch statistics couple the examples, and the running averages move.
+  x2 = x.at[1:].set(jax.random.uniform(jax.random.PRNGKey(3), (3, 16, 16, 3)))
+  out1, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  out2, _ = model.apply(variables, x2, train=True, mutable=["batch_stats"])
+  assert not np.allclose(np.asarray(out1[0]), np.asarray(out2[0]), atol=1e-4)
+  moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
+                                 upd["batch_stats"], variables["batch_stats"])
+  assert max(jax.tree_util.tree_leaves(moved)) > 0

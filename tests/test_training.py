@@ -1,0 +1,205 @@
+"""Training: schedules, the optimiser, TRADES' inner maximisation, and the jitted steps of every
+method against step-by-step reference computations."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import test_tiny
+from krylov_adv import attacks, data, losses, models, projections, training
+
+
+def _cfg(method):
+  return test_tiny.get_config(method).train
+
+
+def _require(name):
+  if name not in attacks.available():
+    pytest.skip(f"attack {name!r} is not registered yet")
+
+
+@pytest.fixture(scope="module")
+def batch():
+  ds = data.synthetic(num_train=16, num_test=2, shape=(8, 8, 1), seed=3)
+  return jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+
+
+def test_schedules_match_closed_forms():
+  c = _cfg("standard")
+  c.epochs, c.learning_rate = 4, 0.1
+  c.lr_schedule = "cosine"
+  f = training.learning_rate_schedule(c, 10)
+  for t in (0, 7, 20, 39):
+    assert np.isclose(f(t), 0.1 * 0.5 * (1 + np.cos(np.pi * t / 40)), rtol=1e-6)
+  c.lr_schedule, c.lr_boundaries, c.lr_decay = "piecewise", (0.5, 0.75), 0.1
+  f = training.learning_rate_schedule(c, 10)
+  for t, want in ((0, 0.1), (19, 0.1), (20, 0.01), (29, 0.01), (30, 0.001), (39, 0.001)):
+    assert np.isclose(f(t), want, rtol=1e-6), t
+  c.lr_schedule = "constant"
+  assert np.isclose(training.learning_rate_schedule(c, 10)(33), 0.1)
+
+
+def test_optimizer_is_sgd_momentum_with_l2_weight_decay():
+  c = _cfg("standard")
+  c.lr_schedule, c.learning_rate, c.momentum, c.weight_decay = "constant", 0.1, 0.9, 0.01
+  tx = training.make_optimizer(c, 10)
+  theta = {"w": jnp.array([1.0, -2.0])}
+  state = tx.init(theta)
+  grads = [jnp.array([0.5, 0.25]), jnp.array([-1.0, 2.0])]
+  m, p = np.zeros(2), np.array([1.0, -2.0])
+  for g in grads:
+    upd, state = tx.update({"w": g}, state, theta)
+    theta = optax.apply_updates(theta, upd)
+    # PyTorch SGD: d = g + wd p; m = mu m + d; p -= lr m.
+    m = 0.9 * m + (np.asarray(g) + 0.01 * p)
+    p = p - 0.1 * m
+    np.testing.assert_allclose(np.asarray(theta["w"]), p, rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_trades_adversary_stays_admissible_and_increases_kl(digits_model, norm, eps):
+  x = jnp.asarray(digits_model.x_test[:16])
+  f = digits_model.logits_fn
+  xa = training.trades_adversary(f, x, jax.random.PRNGKey(0), eps=eps, norm=norm, steps=5,
+                                 step_size=eps / 4)
+  d = np.asarray(projections.per_example_norm(xa - x, norm))
+  assert d.max() <= eps * (1 + 1e-5) and float(xa.min()) >= 0 and float(xa.max()) <= 1
+  kl = lambda z: np.asarray(losses.kl_divergence(f(x), f(z)))
+  start = projections.project(x + 0.001 * jax.random.normal(jax.random.PRNGKey(0), x.shape),
+                              x, eps, norm)
+  assert kl(xa).mean() > 10 * kl(start).mean()
+
+
+def _manual_step(model, tx, state, x_train_input, y, *, bn):
+  """Reference: one SGD step on CE at the given inputs, BatchNorm in training mode."""
+  def loss(params):
+    if bn:
+      logits, upd = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                x_train_input, train=True, mutable=["batch_stats"])
+      return losses.cross_entropy(logits, y).mean(), upd["batch_stats"]
+    return losses.cross_entropy(model.apply({"params": params}, x_train_input), y).mean(), {}
+  (_, stats), g = jax.value_and_grad(loss, has_aux=True)(state.params)
+  upd, _ = tx.update(g, state.opt_state, state.params)
+  return optax.apply_updates(state.params, upd), stats
+
+
+def _setup(method, model_name="tiny_cnn", **model_kw):
+  cfg = _cfg(method)
+  model = models.get(model_name, num_classes=10, **model_kw)
+  tx = training.make_optimizer(cfg, 4)
+  state = training.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1))
+  return cfg, model, tx, state, training.make_train_step(model, tx, cfg)
+
+
+def test_standard_step_matches_reference_and_is_pure(batch):
+  x, y = batch
+  _, model, tx, state, step = _setup("standard")
+  key = jax.random.PRNGKey(5)
+  new, m = step(state, x, y, key)
+  again, _ = step(state, x, y, key)
+  want, _ = _manual_step(model, tx, state, x, y, bn=False)
+  chex_close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                       atol=1e-6)
+  jax.tree_util.tree_map(chex_close, new.params, want)
+  jax.tree_util.tree_map(chex_close, again.params, new.params)
+  assert int(new.step) == 1 and int(state.step) == 0
+  logits = model.apply({"params": state.params}, x)
+  assert np.isclose(float(m.loss), float(losses.cross_entropy(logits, y).mean()), rtol=1e-5)
+  assert np.isclose(float(m.accuracy), float(jnp.mean(jnp.argmax(logits, 1) == y)))
+
+
+def test_pgd_step_trains_on_inference_mode_pgd_examples_with_batchnorm(batch):
+  """A BatchNorm model: the attack must see running statistics (train=False), the loss batch
+  statistics (train=True), and the running statistics must be updated."""
+  _require("pgd")
+  x, y = batch
+  cfg, model, tx, state, step = _setup("pgd", "wide_resnet", depth=10, widen=1)
+  key = jax.random.PRNGKey(9)
+  new, _ = step(state, x, y, key)
+  f = lambda z: model.apply({"params": state.params, "batch_stats": state.batch_stats}, z,
+                            train=False)
+  x_adv = attacks.get("pgd")(f, x, y, jax.random.fold_in(key, 0), eps=cfg.eps, norm=cfg.norm,
+                             **cfg.pgd.to_dict())
+  want_params, want_stats = _manual_step(model, tx, state, x_adv, y, bn=True)
+  close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
+                                                  atol=2e-5)
+  jax.tree_util.tree_map(close, new.params, want_params)
+  jax.tree_util.tree_map(close, new.batch_stats, want_stats)
+  moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new.batch_stats,
+                                 state.batch_stats)
+  assert max(jax.tree_util.tree_leaves(moved)) > 0
+
+
+def test_mixed_alternates_linf_and_l2_pgd(batch):
+  _require("pgd")
+  x, y = batch
+  cfg, model, tx, state, step = _setup("mixed")
+  key = jax.random.PRNGKey(2)
+  pgd = attacks.get("pgd")
+  m = cfg.mixed
+  for norm, eps, size in (("linf", m.eps_linf, m.step_size_linf), ("l2", m.eps_l2,
+                                                                    m.step_size_l2)):
+    f = lambda z, p=state.params: model.apply({"params": p}, z)
+    x_adv = pgd(f, x, y, jax.random.fold_in(key, int(state.step)), eps=eps, norm=norm,
+                steps=m.steps, step_size=size)
+    want, _ = _manual_step(model, tx, state, x_adv, y, bn=False)
+    state, _ = step(state, x, y, key)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+        np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), state.params, want)
+
+
+@pytest.mark.parametrize("method,attack", [("trades", None), ("soat", "soae"),
+                                           ("second_order", "second_order")])
+def test_other_methods_take_finite_steps(batch, method, attack):
+  if attack:
+    _require(attack)
+  x, y = batch
+  _, model, _, state, step = _setup(method)
+  s = state
+  for _ in range(2):
+    s, m = step(s, x, y, jax.random.PRNGKey(0))
+    assert np.isfinite(float(m.loss)) and 0 <= float(m.accuracy) <= 1
+  diff = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), s.params, state.params)
+  assert max(jax.tree_util.tree_leaves(diff)) > 0
+  if method == "trades":
+    assert 0 <= float(m.clean_accuracy) <= 1
+
+
+def test_adversarial_loss_exceeds_clean_loss(batch):
+  """The adversarial methods minimise a loss at least as large as the clean one."""
+  _require("pgd")
+  x, y = batch
+  _, model, _, state, step = _setup("pgd")
+  _, m = step(state, x, y, jax.random.PRNGKey(0))
+  clean = losses.cross_entropy(model.apply({"params": state.params}, x), y).mean()
+  assert float(m.loss) > float(clean)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(method="fgsm_training"), "unknown training method 'fgsm_training'"),
+    (dict(method="pgd", eps=-0.1), "eps must be >= 0"),
+    (dict(method="soat", norm="l1"), "unknown norm 'l1'"),
+    (dict(lr_schedule="step"), "unknown lr_schedule"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(learning_rate=0.0), "learning_rate"),
+])
+def test_validate_train_config_errors(change, match):
+  c = _cfg("standard")
+  c.update(change)
+  with pytest.raises(ValueError, match=match):
+    training.validate_train_config(c)
+
+
+def test_mixed_eps_is_validated():
+  c = _cfg("mixed")
+  c.mixed.eps_l2 = -1.0
+  with pytest.raises(ValueError, match="eps must be >= 0"):
+    training.validate_train_config(c)
