@@ -15,6 +15,8 @@ Schema (all fields always present so that command-line overrides such as
   train.<method>           that method's attack hyperparameters
   eval.attacks             {entry: {label, name, norm, eps, hyperparameters}}
   eval.num_examples        test points attacked; eval.batch_size: per attack call
+  parallel.mesh_shape      device mesh over the "data" axis ((-1,) = all devices);
+  parallel.distributed     multi-host start-up via jax.distributed (coordinator fields or env)
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(num_examples=1000, batch_size=256))
   c.eval.attacks = attack_suite(eps_linf=8 / 255, eps_l2=0.5)
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2))
+  # Data parallelism (krylov_adv.parallel): mesh_shape (-1,) puts every visible device on the
+  # "data" axis; train.batch_size must divide by the device count. Multi-host: set
+  # distributed=True (and the coordinator fields, or the standard JAX_* environment variables).
+  c.parallel = ml_collections.ConfigDict(dict(
+      mesh_shape=(-1,), distributed=False, coordinator_address="", num_processes=0,
+      process_id=-1))
   return c
 
 

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from krylov_adv import data as data_lib
-from krylov_adv import evaluation, models, training
+from krylov_adv import evaluation, models, parallel, training
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -97,6 +97,28 @@ def build(config, dataset: data_lib.Dataset | None = None) -> Experiment:
                     training.make_eval_step(model))
 
 
+def make_mesh(config) -> jax.sharding.Mesh:
+  """The data-parallel mesh of ``config.parallel`` (all devices by default), after multi-host
+  start-up when ``parallel.distributed`` is set; checks that the batch splits evenly."""
+  p = config.get("parallel", None)
+  if p is not None and bool(p.distributed):
+    parallel.initialize_distributed(p.coordinator_address or None,
+                                    int(p.num_processes) or None,
+                                    None if int(p.process_id) < 0 else int(p.process_id))
+  mesh = parallel.make_mesh(None if p is None else tuple(p.mesh_shape))
+  parallel.check_batch_divisible(int(config.train.batch_size), mesh)
+  return mesh
+
+
+def _global_batch(xb: np.ndarray, yb: np.ndarray, mesh) -> tuple[jax.Array, jax.Array]:
+  """Batch-sharded global arrays; with several hosts each one places only its own slice."""
+  if jax.process_count() == 1:
+    return parallel.shard_batch((xb, yb), mesh)
+  per_host = len(yb) // jax.process_count()
+  own = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+  return parallel.host_local_to_global((xb[own], yb[own]), mesh)
+
+
 def initial_state(exp: Experiment) -> training.TrainState:
   return training.create_train_state(exp.model, exp.tx, jax.random.PRNGKey(exp.config.seed),
                                      exp.dataset.x_train.shape[1:])
@@ -151,8 +173,11 @@ def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
   """
   os.makedirs(workdir, exist_ok=True)
   exp = build(config, dataset)
+  mesh = make_mesh(config)
   mngr = checkpoint_manager(workdir, int(config.checkpoint.max_to_keep))
-  state, start_epoch = restore_latest(mngr, initial_state(exp))
+  # Parameters and optimiser state are replicated on every device; restoring into the
+  # replicated template reshards a checkpoint written on any device count onto this mesh.
+  state, start_epoch = restore_latest(mngr, parallel.replicate(initial_state(exp), mesh))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   _truncate_metrics(metrics_path, start_epoch)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -170,7 +195,9 @@ def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
     bar = tqdm(batches, total=exp.steps_per_epoch, disable=not progress, leave=False,
                desc=f"{config.train.method} epoch {epoch + 1}/{config.train.epochs}")
     for xb, yb in bar:
-      state, m = exp.train_step(state, jnp.asarray(xb), jnp.asarray(yb), key)
+      # The batch is sharded over the "data" axis: attacks (GMRES included) run per device on
+      # their examples, and only the parameter gradients are reduced across devices.
+      state, m = exp.train_step(state, *_global_batch(xb, yb, mesh), key)
       sums += np.asarray([float(m.loss), float(m.accuracy), float(m.clean_accuracy)])
       bar.set_postfix(loss=f"{float(m.loss):.3f}", acc=f"{float(m.accuracy):.3f}")
     mean = sums / exp.steps_per_epoch

@@ -34,7 +34,8 @@ def make_mesh(shape: Sequence[int] | None = None,
   """A device mesh; by default every visible device (all hosts) on one ``"data"`` axis.
 
   Args:
-    shape: mesh shape, e.g. ``(8,)``; ``None`` or a ``-1`` entry uses all devices.
+    shape: mesh shape, e.g. ``(8,)``; ``None`` or a ``-1`` entry uses all devices; a mesh
+      smaller than the device count uses the first devices.
     axis_names: one name per mesh axis; the batch is sharded over ``"data"``.
     devices: devices to use (default ``jax.devices()``).
 
@@ -52,10 +53,11 @@ def make_mesh(shape: Sequence[int] | None = None,
     shape = tuple(len(devices) // known if s == -1 else s for s in shape)
   if len(shape) != len(axis_names):
     raise ValueError(f"mesh shape {shape} and axis names {tuple(axis_names)} differ in length")
-  if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, "
-                     f"{len(devices)} are visible")
-  return Mesh(np.asarray(devices).reshape(shape), tuple(axis_names))
+  need = int(np.prod(shape))
+  if need > len(devices) or need < 1:
+    raise ValueError(f"mesh shape {shape} needs {need} devices, {len(devices)} are visible")
+  # A smaller mesh takes the first devices (e.g. (1,) runs on one device of many).
+  return Mesh(np.asarray(devices[:need]).reshape(shape), tuple(axis_names))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

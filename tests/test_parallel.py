@@ -31,8 +31,9 @@ def model_and_batch():
 def test_mesh_construction(mesh):
   assert mesh.shape == {"data": 8}
   assert parallel.make_mesh((2, -1), ("data", "model")).shape == {"data": 2, "model": 4}
+  assert parallel.make_mesh((1,)).devices.size == 1
   with pytest.raises(ValueError, match="devices"):
-    parallel.make_mesh((3,))
+    parallel.make_mesh((16,))
   with pytest.raises(ValueError, match="length"):
     parallel.make_mesh((8,), ("data", "model"))
 
@@ -72,3 +73,40 @@ def test_sharded_gmres_matches_single_device_without_gather(mesh, model_and_batc
   hlo = solve.lower(xs, ys).compile().as_text()
   # Per-example Krylov work stays on its device: only scalar reductions cross devices.
   assert "all-gather" not in hlo and "all-to-all" not in hlo
+
+
+def _tiny_config(method, mesh_shape):
+  from configs import test_tiny
+  c = test_tiny.get_config(method)
+  c.parallel.mesh_shape = mesh_shape
+  return c
+
+
+@pytest.mark.parametrize("method", ["standard", "pgd"])
+def test_sharded_training_matches_one_device_and_checkpoint_moves_8_to_1(tmp_path, method):
+  from experiments import soat
+  pytest.importorskip("orbax.checkpoint")
+  if method != "standard":
+    from krylov_adv import attacks
+    if "pgd" not in attacks.available():
+      pytest.skip("pgd attack not registered")
+  # Uninterrupted two epochs on one device.
+  _, ref = soat.train(_tiny_config(method, (1,)), str(tmp_path / "one"), progress=False)
+  # One epoch on 8 devices, killed, then resumed on a single device from the 8-device checkpoint.
+  exp8, state8 = soat.train(_tiny_config(method, (8,)), str(tmp_path / "moved"),
+                            stop_after_epoch=1, progress=False)
+  leaf = jax.tree_util.tree_leaves(state8.params)[0]
+  assert len(leaf.sharding.device_set) == 8  # really replicated over the 8-device mesh
+  _, moved = soat.train(_tiny_config(method, (1,)), str(tmp_path / "moved"), progress=False)
+  assert int(moved.step) == int(ref.step)
+  assert len(jax.tree_util.tree_leaves(moved.params)[0].sharding.device_set) == 1
+  for a, b in zip(jax.tree_util.tree_leaves(moved.params), jax.tree_util.tree_leaves(ref.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_indivisible_training_batch_is_rejected(tmp_path):
+  from experiments import soat
+  c = _tiny_config("standard", (8,))
+  c.train.batch_size = 12
+  with pytest.raises(ValueError, match="not divisible"):
+    soat.train(c, str(tmp_path), progress=False)
