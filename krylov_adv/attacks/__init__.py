@@ -63,3 +63,6 @@ from krylov_adv.attacks import apgd  # noqa: E402,F401  (apgd_ce, apgd_dlr, apgd
 from krylov_adv.attacks import fab  # noqa: E402,F401  (fab, fab_t)
 from krylov_adv.attacks import square  # noqa: E402,F401  (square)
 from krylov_adv.attacks import autoattack  # noqa: E402,F401  (autoattack)
+from krylov_adv.attacks import first_order  # noqa: E402,F401  (fgsm, pgd)
+from krylov_adv.attacks import second_order  # noqa: E402,F401  (second_order)
+from krylov_adv.attacks import soae  # noqa: E402,F401  (soae)

@@ -1,0 +1,190 @@
+"""Mean input-gradient norm per iteration for PGD and the S-O attack (the S-O paper's Fig. 1).
+
+  python -m experiments.grad_norms --config configs/grad_norms.py --workdir /tmp/analysis
+  python -m experiments.grad_norms --config configs/grad_norms.py:paper --workdir DIR \
+      --config.models_dir=SOAT_WORKDIR   (standard/ and trades/ checkpoints of experiments.soat)
+
+The S-O paper plots ``(1 / N_batch) sum_i ||grad_x L(theta, x_i^(t), y_i)||_2`` against the
+iteration ``t`` for a naturally trained model attacked by PGD, a TRADES model attacked by PGD and
+a TRADES model attacked by S-O: an adversarially trained model has a flat loss around the data
+("degenerate global minimum"), so PGD's gradients are small and it stalls, while S-O's averaged
+gradient over Gaussian-perturbed inputs finds the steep direction.
+
+The attacks are traced here (a ``lax.scan`` that records every iterate's statistics) with the
+same updates as ``krylov_adv.attacks``: PGD ``x_{t+1} = Proj(x_t + a * step(grad L(x_t)))`` and
+S-O (S-O paper Eq. 4) ``x_{t+1} = Proj(x_t + a * step(g_t))`` with ``g_t = mean_s grad L(x_t +
+d_s)``, ``d_s ~ N(0, sigma^2 I)``; ``step`` is the sign (Linf) or the unit L2 vector, ``Proj``
+the ball-then-box projection. Recorded at every ``t = 0..T``: the mean true gradient norm, the
+mean loss and the accuracy of the batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import common
+from krylov_adv import hvp, projections
+
+NAME = "grad_norms"
+ATTACKS = ("pgd", "second_order")
+
+
+class Trace(NamedTuple):
+  """Per-iteration batch statistics of a traced attack, ``t = 0..steps``.
+
+  grad_norm: ``(steps + 1,)`` mean ``||grad_x L(x_t)||_2``; loss: ``(steps + 1,)`` mean
+  cross-entropy; accuracy: ``(steps + 1,)``; x_adv: the last iterate ``(B, H, W, C)``.
+  """
+  grad_norm: jax.Array
+  loss: jax.Array
+  accuracy: jax.Array
+  x_adv: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "attack", "norm", "steps", "samples",
+                                             "random_start"))
+def trace_attack(logits_fn, x: jax.Array, y: jax.Array, key: jax.Array, *, attack: str,
+                 eps: float, norm: str, steps: int, step_size: float, samples: int = 1,
+                 sigma: float = 0.0, random_start: bool = False) -> Trace:
+  """Runs PGD or S-O for ``steps`` iterations and records every iterate's statistics.
+
+  Args:
+    logits_fn: ``(B, H, W, C) -> (B, K)``, inference mode (static).
+    x: ``(B, H, W, C)`` in ``[0, 1]``; y: ``(B,)``; key: PRNG key (S-O noise, random start).
+    attack: ``"pgd"`` or ``"second_order"`` (static).
+    eps, norm: the threat model; step_size: ``a``.
+    samples, sigma: S-O's Gaussian average (``samples`` draws of standard deviation ``sigma``).
+    random_start: PGD's uniform start in the ball.
+
+  Returns:
+    :class:`Trace`.
+  """
+  if attack not in ATTACKS:
+    raise ValueError(f"unknown attack {attack!r}; use one of {ATTACKS}")
+  loss_fn = common.cross_entropy_fn(logits_fn, y)
+  start_key, noise_key = jax.random.split(key)
+  x0 = projections.random_start(start_key, x, eps, norm) if random_start else x
+
+  def stats(xt):
+    g = hvp.input_grad(loss_fn, xt)
+    gn = jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1))
+    logits = logits_fn(xt)
+    acc = jnp.mean(jnp.argmax(logits, axis=1) == y)
+    return g, jnp.mean(gn), jnp.mean(common.cross_entropy_fn(lambda _: logits, y)(xt)), acc
+
+  def body(xt, t):
+    g, gn, loss, acc = stats(xt)
+    if attack == "second_order":
+      keys = jax.random.split(jax.random.fold_in(noise_key, t), samples)
+      g = jnp.mean(jnp.stack([hvp.input_grad(loss_fn, xt + sigma * jax.random.normal(
+          k, xt.shape, xt.dtype)) for k in keys]), axis=0)
+    nxt = projections.project(xt + step_size * projections.normalize_step(g, norm), x, eps, norm)
+    return nxt, (gn, loss, acc)
+
+  x_last, (gn, loss, acc) = jax.lax.scan(body, x0, jnp.arange(steps))
+  _, gn_last, loss_last, acc_last = stats(x_last)
+  return Trace(jnp.append(gn, gn_last), jnp.append(loss, loss_last), jnp.append(acc, acc_last),
+               x_last)
+
+
+def traces(config, dataset, models_by_method) -> list[dict]:
+  e = config.experiment
+  x, y = common.first_examples(dataset, e.num_examples)
+  bs = min(int(e.batch_size), len(y))
+  rows = []
+  for method, model in models_by_method.items():
+    for norm in e.norms:
+      eps = float(e.eps[norm])
+      for attack in e.attacks:
+        kw = dict(attack=attack, eps=eps, norm=norm, steps=int(e.steps),
+                  step_size=float(e.step_size[norm]), random_start=bool(e.random_start))
+        if attack == "second_order":
+          kw.update(samples=int(e.samples), sigma=float(e.sigma))
+        sums = None
+        count = 0
+        for b, s in enumerate(range(0, len(y) - bs + 1, bs)):
+          tr = trace_attack(model.logits_fn, jnp.asarray(x[s:s + bs]), jnp.asarray(y[s:s + bs]),
+                            jax.random.PRNGKey(config.seed + 13 + b), **kw)
+          vals = np.stack([np.asarray(tr.grad_norm), np.asarray(tr.loss),
+                           np.asarray(tr.accuracy)]).astype(np.float64)
+          sums = vals if sums is None else sums + vals
+          count += 1
+        mean = sums / count
+        rows.append(dict(model=method, attack=attack, norm=norm, eps=eps,
+                         grad_norm=mean[0].tolist(), loss=mean[1].tolist(),
+                         accuracy=mean[2].tolist(), clean_accuracy=model.clean_accuracy,
+                         num_examples=count * bs))
+  return rows
+
+
+def conclusions(rows: list[dict]) -> list[str]:
+  out = []
+  for r in rows:
+    g = r["grad_norm"]
+    out.append(f"{r['model']} model, {r['attack']} ({r['norm']} eps={r['eps']:g}): mean "
+               f"||grad|| {g[0]:.3g} at t=0, max {max(g):.3g}, {g[-1]:.3g} at t={len(g) - 1}; "
+               f"accuracy {100 * r['accuracy'][0]:.1f}% -> {100 * r['accuracy'][-1]:.1f}%.")
+  return out
+
+
+def plot(rows: list[dict], out_dir: str) -> list[str]:
+  plt = common.pyplot()
+  norms = list(dict.fromkeys(r["norm"] for r in rows))
+  fig, axes = plt.subplots(2, len(norms), figsize=(5 * len(norms), 6.4), squeeze=False)
+  for j, norm in enumerate(norms):
+    for r in (r for r in rows if r["norm"] == norm):
+      label = f"{r['model']} / {r['attack']}"
+      axes[0][j].semilogy(range(len(r["grad_norm"])), np.maximum(r["grad_norm"], 1e-12),
+                          marker=".", label=label)
+      axes[1][j].plot(range(len(r["accuracy"])), 100 * np.asarray(r["accuracy"]), marker=".",
+                      label=label)
+    axes[0][j].set_title(f"{norm}: mean ||grad_x L(x_t)||_2")
+    axes[1][j].set_title(f"{norm}: accuracy on the iterates")
+    for ax in axes[:, j]:
+      ax.set_xlabel("iteration t")
+      ax.grid(True, alpha=0.3)
+      ax.legend(fontsize=7)
+  return [common.save_figure(fig, os.path.join(out_dir, "grad_norms.png"))]
+
+
+def markdown(results: dict, figures: list[str]) -> str:
+  rows = results["rows"]
+  lines = ["## Gradient norms along PGD and S-O (grad_norms, S-O paper Fig. 1)", "",
+           f"{rows[0]['num_examples']} test points, {results['steps']} iterations.", ""]
+  lines.append(common.markdown_table(
+      ["model", "attack", "norm", "eps", "||g|| t=0", "||g|| max", "||g|| last", "acc. t=0",
+       "acc. last"],
+      [[r["model"], r["attack"], r["norm"], f"{r['eps']:g}", r["grad_norm"][0],
+        max(r["grad_norm"]), r["grad_norm"][-1], f"{100 * r['accuracy'][0]:.1f}%",
+        f"{100 * r['accuracy'][-1]:.1f}%"] for r in rows]))
+  lines += ["Findings:", ""] + [f"- {c}" for c in results["conclusions"]] + [""]
+  lines += [f"![{f}]({f})" for f in figures] + [""]
+  return "\n".join(lines)
+
+
+def run(config, workdir: str, *, progress: bool = True) -> dict:
+  """Writes ``workdir/grad_norms/{results.json, report.md, *.png}``."""
+  out_dir = common.output_dir(workdir, NAME)
+  e = config.experiment
+  dataset = common.load_data(config.data)
+  cache = os.path.join(workdir, "models")
+  by_method = {m: common.get_model(config, dataset, m, cache_dir=cache, progress=progress)
+               for m in e.model_methods}
+  rows = traces(config, dataset, by_method)
+  results = {"rows": rows, "steps": int(e.steps), "conclusions": conclusions(rows),
+             "models": {m.label: m.clean_accuracy for m in by_method.values()}}
+  figures = plot(rows, out_dir)
+  common.write_results(out_dir, config, results, markdown(results, figures))
+  if progress:
+    print("\n".join(results["conclusions"]), flush=True)
+  return results
+
+
+if __name__ == "__main__":
+  common.main(run)

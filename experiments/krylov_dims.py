@@ -1,0 +1,323 @@
+"""Krylov dimension m reached per GMRES threshold tau (the SOAE paper's Table IV and Fig. 2).
+
+  python -m experiments.krylov_dims --config configs/krylov_dims.py --workdir /tmp/analysis
+  python -m experiments.krylov_dims --config configs/krylov_dims.py:paper --workdir DIR
+
+For a batch of test images the Newton system of Algorithm 1 (steps 2-17) is solved at the clean
+point: ``H delta = g`` from ``delta_0 = g`` (so ``r_0 = g - H g``), with the exact HVP and the
+forward finite difference (Eq. 22). GMRES's iterates do not depend on the threshold (it only
+stops them), so one run with the smallest tau gives every tau's dimension: ``m(tau)`` is the
+first step ``j`` with ``||r_j|| <= tau ||r_0||`` (``max_dim`` when never reached). Reported: mean
+and max of m over examples and the fraction that converged, per tau, HVP method and model.
+
+Rank check. For a network that is piecewise linear in its input (ReLU, max/avg pooling) the
+input Hessian of the cross-entropy is ``J^T (diag(p) - p p^T) J`` with ``J`` the logit Jacobian,
+of rank at most ``K - 1``; with ``g = J^T (p - e_y)`` in its range, exact-arithmetic GMRES stops
+after at most ``rank(H) <= K - 1`` steps. The experiment also computes the full per-example
+Hessians of a few examples (``jax.hessian``) and reports their numerical rank.
+
+Fig. 2: robust accuracy under SOAE and its wall time per tau (relative to the largest tau).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import common
+from krylov_adv import attacks, hvp, krylov, projections
+
+NAME = "krylov_dims"
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "method", "eta", "tol", "max_dim"))
+def newton_residual_histories(logits_fn, x: jax.Array, y: jax.Array, *, method: str, eta: float,
+                              tol: float, max_dim: int) -> krylov.GMRESResult:
+  """GMRES on Algorithm 1's system ``H_i delta_i = g_i`` from ``delta_0 = g`` at ``x``.
+
+  Args:
+    logits_fn: ``(B, H, W, C) -> (B, K)`` (static).
+    x: ``(B, H, W, C)``; y: ``(B,)``.
+    method: HVP method of ``krylov_adv.hvp.make_hvp``; eta: its difference step.
+    tol: the smallest tau of the sweep; max_dim: Krylov dimension cap.
+
+  Returns:
+    The :class:`krylov_adv.krylov.GMRESResult` (``residual_history (B, max_dim)``,
+    ``initial_residual_norm (B,)``, ``num_iters (B,)``).
+  """
+  loss_fn = common.cross_entropy_fn(logits_fn, y)
+  op = hvp.make_hvp(loss_fn, x, method=method, eta=eta)
+  return krylov.gmres(op.matvec, op.grad, op.grad, tol=tol, max_dim=max_dim)
+
+
+def dims_per_tau(history: np.ndarray, r0: np.ndarray, taus, max_dim: int):
+  """``m(tau)`` per example from residual histories.
+
+  Args:
+    history: ``(B, max_dim)`` ``||r_j||`` after step ``j = 1..`` (NaN after the run stopped).
+    r0: ``(B,)`` ``||r_0||``.
+    taus: thresholds.
+
+  Returns:
+    ``(dims (T, B) int, converged (T, B) bool)``: the first ``j`` with ``||r_j|| <= tau
+    ||r_0||`` (GMRES's stopping rule), ``max_dim`` and ``False`` where no step reached it.
+  """
+  history = np.asarray(history, np.float64)
+  r0 = np.asarray(r0, np.float64)
+  dims, conv = [], []
+  for tau in taus:
+    with np.errstate(invalid="ignore"):
+      hit = history <= tau * r0[:, None]
+    # r_0 = 0 needs no step at all.
+    zero = r0 == 0
+    any_hit = hit.any(axis=1)
+    first = np.where(any_hit, hit.argmax(axis=1) + 1, max_dim)
+    dims.append(np.where(zero, 0, first))
+    conv.append(any_hit | zero)
+  return np.stack(dims), np.stack(conv)
+
+
+def hessian_ranks(logits_fn, x: np.ndarray, y: np.ndarray, *, rtol: float) -> np.ndarray:
+  """Numerical rank of each example's full input Hessian (``jax.hessian`` in float32):
+  singular values above ``rtol`` times the largest. ``(B,)`` int."""
+  shape = x.shape[1:]
+
+  def loss_one(xf, yi):
+    return common.cross_entropy_fn(logits_fn, yi[None])(xf.reshape((1,) + shape))[0]
+
+  hess = jax.jit(jax.vmap(jax.hessian(loss_one)))(jnp.asarray(x.reshape(len(x), -1)),
+                                                   jnp.asarray(y))
+  sv = np.linalg.svd(np.asarray(hess, np.float64), compute_uv=False)
+  return (sv > rtol * sv[:, :1]).sum(axis=1)
+
+
+def dims_part(config, dataset, models_by_act) -> list[dict]:
+  e = config.experiment
+  x, y = common.first_examples(dataset, e.num_examples)
+  taus = sorted((float(t) for t in e.taus), reverse=True)
+  max_dim = int(e.max_dim)
+  rows = []
+  for act, model in models_by_act.items():
+    for method in e.hvp_methods:
+      start = time.perf_counter()
+      res = newton_residual_histories(model.logits_fn, jnp.asarray(x), jnp.asarray(y),
+                                      method=method, eta=float(e.eta), tol=min(taus),
+                                      max_dim=max_dim)
+      res = jax.device_get(res)
+      seconds = time.perf_counter() - start
+      dims, conv = dims_per_tau(res.residual_history, res.initial_residual_norm, taus, max_dim)
+      for ti, tau in enumerate(taus):
+        rows.append(dict(activation=act, hvp=method, eta=None if method.startswith("exact")
+                         else float(e.eta), tau=tau, m_mean=float(dims[ti].mean()),
+                         m_max=int(dims[ti].max()), m_median=float(np.median(dims[ti])),
+                         converged=float(conv[ti].mean()), num_examples=len(y),
+                         gmres_seconds_smallest_tau=seconds))
+  return rows
+
+
+def rank_part(config, dataset, models_by_act) -> dict:
+  e = config.experiment
+  x, y = common.first_examples(dataset, e.rank_examples)
+  out = {"num_classes": dataset.num_classes, "input_dim": int(np.prod(x.shape[1:])),
+         "rtol": float(e.rank_rtol)}
+  for act, model in models_by_act.items():
+    ranks = hessian_ranks(model.logits_fn, x, y, rtol=float(e.rank_rtol))
+    out[act] = {"ranks": ranks.tolist(), "max": int(ranks.max())}
+  return out
+
+
+def attack_with_diagnostics(logits_fn, attack, x: np.ndarray, y: np.ndarray, key, *, eps: float,
+                            norm: str, batch_size: int):
+  """Runs SOAE (``return_diagnostics=True``) over fixed-size batches.
+
+  Returns:
+    ``(robust accuracy, Krylov dimensions (N, n) per outer iteration and example, fallback
+    flags (N, n))``; raises ``ValueError`` if an example leaves the threat model.
+  """
+  n = len(y)
+  bs = min(batch_size, n)
+  correct, dims, fell = 0, [], []
+  for b, start in enumerate(range(0, n, bs)):
+    idx = np.arange(start, start + bs) % n
+    valid = min(bs, n - start)
+    xb, yb = jnp.asarray(x[idx]), jnp.asarray(y[idx])
+    x_adv, diag = attack(logits_fn, xb, yb, jax.random.fold_in(key, b))
+    dist = np.asarray(projections.per_example_norm(x_adv - xb, norm))
+    if dist.max() > eps + 1e-5 * max(1.0, eps):
+      raise ValueError(f"SOAE left the {norm} ball of radius {eps}: {dist.max()}")
+    pred = np.asarray(jnp.argmax(logits_fn(x_adv), axis=1))
+    correct += int(np.sum((pred == y[idx])[:valid]))
+    dims.append(np.asarray(diag.num_iters)[:, :valid])
+    fell.append(np.asarray(diag.fallback)[:, :valid])
+  return correct / n, np.concatenate(dims, axis=1), np.concatenate(fell, axis=1)
+
+
+def soae_part(config, dataset, models_by_act) -> dict:
+  e = config.experiment
+  if "soae" not in attacks.available():
+    return {"skipped": "attack 'soae' is not registered"}
+  x, y = common.first_examples(dataset, e.attack_examples)
+  soae = attacks.get("soae")
+  rows = []
+  for act, model in models_by_act.items():
+    for method in e.attack_hvp_methods:
+      for tau in sorted((float(t) for t in e.taus), reverse=True):
+        kw = dict(e.soae.to_dict(), hvp=method, tau=tau, m=int(e.max_dim))
+        if not method.startswith("exact"):
+          kw["eta"] = float(e.eta)
+        attack = functools.partial(soae, eps=float(e.eps), norm=e.norm, return_diagnostics=True,
+                                   **kw)
+        key = jax.random.PRNGKey(config.seed + 11)
+        # First call compiles; the timed second call measures the attack alone.
+        attack_with_diagnostics(model.logits_fn, attack, x[:int(e.batch_size)],
+                                y[:int(e.batch_size)], key, eps=float(e.eps), norm=e.norm,
+                                batch_size=int(e.batch_size))
+        start = time.perf_counter()
+        acc, dims, fell = attack_with_diagnostics(model.logits_fn, attack, x, y, key,
+                                                  eps=float(e.eps), norm=e.norm,
+                                                  batch_size=int(e.batch_size))
+        rows.append(dict(activation=act, hvp=method, tau=tau, robust_accuracy=acc,
+                         clean_accuracy=model.clean_accuracy,
+                         seconds=time.perf_counter() - start,
+                         attack_m_mean=float(dims.mean()), attack_m_max=int(dims.max()),
+                         fallback_rate=float(fell.mean())))
+  for r in rows:
+    base = [q for q in rows if (q["activation"], q["hvp"]) == (r["activation"], r["hvp"])]
+    r["time_relative_to_largest_tau"] = r["seconds"] / max(base, key=lambda q: q["tau"])["seconds"]
+  return {"rows": rows, "num_examples": len(y), "eps": float(e.eps), "norm": e.norm}
+
+
+def conclusions(results: dict) -> list[str]:
+  out = []
+  ranks = results["ranks"]
+  k = ranks["num_classes"]
+  rows = results["dims"]
+  for act in dict.fromkeys(r["activation"] for r in rows):
+    exact = [r for r in rows if r["activation"] == act and r["hvp"] == "exact"]
+    line = f"{act} model: "
+    if exact:
+      smallest = min(exact, key=lambda r: r["tau"])
+      line += (f"with the exact HVP, m at tau = {smallest['tau']:g} is {smallest['m_mean']:.1f} "
+               f"on average and {smallest['m_max']} at most (K - 1 = {k - 1}; input dimension "
+               f"{ranks['input_dim']}). ")
+    if act in ranks:
+      line += f"Numerical rank of the full input Hessian: max {ranks[act]['max']} over " \
+              f"{len(ranks[act]['ranks'])} examples. "
+    fd = [r for r in rows if r["activation"] == act and r["hvp"] != "exact"]
+    if fd:
+      smallest = min(fd, key=lambda r: r["tau"])
+      line += (f"With {smallest['hvp']} (eta = {smallest['eta']:g}) m at tau = "
+               f"{smallest['tau']:g} is {smallest['m_mean']:.1f} on average, {smallest['m_max']} "
+               f"at most, {100 * smallest['converged']:.0f}% converged.")
+    out.append(line)
+  relu_exact = [r for r in rows if r["activation"] == "relu" and r["hvp"] == "exact"]
+  if relu_exact:
+    m_max = max(r["m_max"] for r in relu_exact)
+    out.append(
+        f"ReLU: the input Hessian J^T (diag(p) - p p^T) J has rank <= K - 1 = {k - 1}; the "
+        f"measured exact-HVP Krylov dimension is at most {m_max} over all tau, "
+        + ("consistent with that bound: the Krylov space is exhausted after at most K - 1 steps, "
+           "so for ReLU networks a large m (the paper's Table IV reports up to 152 on MNIST) "
+           "cannot come from the exact Hessian." if m_max <= k - 1 else
+           "above the bound, which rounding (loss of orthogonality in float32) or kinks at the "
+           "evaluation point explain."))
+  return out
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+  plt = common.pyplot()
+  files = []
+  rows = results["dims"]
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for key in dict.fromkeys((r["activation"], r["hvp"]) for r in rows):
+    sel = sorted((r for r in rows if (r["activation"], r["hvp"]) == key), key=lambda r: r["tau"])
+    ax.loglog([r["tau"] for r in sel], [max(r["m_mean"], 0.5) for r in sel], marker="o",
+              label=f"{key[0]} {key[1]} mean")
+    ax.loglog([r["tau"] for r in sel], [max(r["m_max"], 0.5) for r in sel], marker="x", ls="--",
+              label=f"{key[0]} {key[1]} max")
+  ax.axhline(results["ranks"]["num_classes"] - 1, color="k", ls=":", label="K - 1")
+  ax.invert_xaxis()
+  ax.set_xlabel("tau")
+  ax.set_ylabel("Krylov dimension m")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=6)
+  files.append(common.save_figure(fig, os.path.join(out_dir, "m_per_tau.png")))
+  soae = results["soae"]
+  if "rows" in soae:
+    fig, ax1 = plt.subplots(figsize=(5.5, 3.8))
+    ax2 = ax1.twinx()
+    for key in dict.fromkeys((r["activation"], r["hvp"]) for r in soae["rows"]):
+      sel = sorted((r for r in soae["rows"] if (r["activation"], r["hvp"]) == key),
+                   key=lambda r: r["tau"])
+      taus = [r["tau"] for r in sel]
+      ax1.semilogx(taus, [100 * r["robust_accuracy"] for r in sel], marker="o",
+                   label=f"{key[0]} {key[1]} accuracy")
+      ax2.semilogx(taus, [r["time_relative_to_largest_tau"] for r in sel], marker="x", ls="--",
+                   label=f"{key[0]} {key[1]} time")
+    ax1.invert_xaxis()
+    ax1.set_xlabel("tau")
+    ax1.set_ylabel("robust accuracy (%)")
+    ax2.set_ylabel("time / time at largest tau")
+    ax1.legend(fontsize=6, loc="upper left")
+    ax2.legend(fontsize=6, loc="upper right")
+    files.append(common.save_figure(fig, os.path.join(out_dir, "soae_accuracy_time_per_tau.png")))
+  return files
+
+
+def markdown(results: dict, figures: list[str]) -> str:
+  rows = results["dims"]
+  taus = sorted({r["tau"] for r in rows}, reverse=True)
+  lines = ["## Krylov dimension per tau (krylov_dims)", "",
+           f"Newton system of Algorithm 1 at {rows[0]['num_examples']} clean test points; "
+           f"cells are mean / max of m over examples (converged fraction in brackets).", ""]
+  table = []
+  for key in dict.fromkeys((r["activation"], r["hvp"]) for r in rows):
+    by_tau = {r["tau"]: r for r in rows if (r["activation"], r["hvp"]) == key}
+    table.append(list(key) + [f"{by_tau[t]['m_mean']:.1f} / {by_tau[t]['m_max']} "
+                              f"({100 * by_tau[t]['converged']:.0f}%)" for t in taus])
+  lines.append(common.markdown_table(["model", "hvp"] + [f"tau={t:g}" for t in taus], table))
+  lines += ["Findings:", ""] + [f"- {c}" for c in conclusions(results)] + [""]
+  soae = results["soae"]
+  lines += ["### Robust accuracy and time of SOAE per tau (Fig. 2)", ""]
+  if "rows" in soae:
+    lines.append(f"{soae['num_examples']} test points, {soae['norm']} eps={soae['eps']:g}.")
+    lines.append("")
+    lines.append(common.markdown_table(
+        ["model", "hvp", "tau", "robust acc.", "m mean (attack)", "m max (attack)",
+         "fallback", "seconds", "time / largest tau"],
+        [[r["activation"], r["hvp"], f"{r['tau']:g}", f"{100 * r['robust_accuracy']:.1f}%",
+          r["attack_m_mean"], r["attack_m_max"], f"{100 * r['fallback_rate']:.0f}%",
+          r["seconds"], r["time_relative_to_largest_tau"]] for r in soae["rows"]]))
+  else:
+    lines += [f"Skipped: {soae['skipped']}.", ""]
+  lines += [f"![{f}]({f})" for f in figures] + [""]
+  return "\n".join(lines)
+
+
+def run(config, workdir: str, *, progress: bool = True) -> dict:
+  """Writes ``workdir/krylov_dims/{results.json, report.md, *.png}``."""
+  out_dir = common.output_dir(workdir, NAME)
+  cache = os.path.join(workdir, "models")
+  dataset = common.load_data(config.data)
+  e = config.experiment
+  by_act = {act: common.get_model(config, dataset, "standard", activation=act, cache_dir=cache,
+                                  progress=progress) for act in e.activations}
+  results = {"dims": dims_part(config, dataset, by_act),
+             "ranks": rank_part(config, dataset, by_act),
+             "soae": soae_part(config, dataset, by_act),
+             "models": {m.label: m.clean_accuracy for m in by_act.values()}}
+  results["conclusions"] = conclusions(results)
+  figures = plot(results, out_dir)
+  common.write_results(out_dir, config, results, markdown(results, figures))
+  if progress:
+    print("\n".join(results["conclusions"]), flush=True)
+  return results
+
+
+if __name__ == "__main__":
+  common.main(run)

@@ -1,0 +1,326 @@
+"""FGSM, PGD, the S-O attack and SOAE through the common API: threat model, determinism,
+closed-form and reference checks, input validation, and attack strength on the digits model.
+
+Budgets on 8x8 digits: Linf 0.3 (the MNIST standard) and L2 2.0. At these budgets uniform noise
+in the ball leaves 94% (Linf) and 78% (L2) of the test points correct.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from krylov_adv import attacks, losses, projections
+from krylov_adv.attacks import first_order
+from krylov_adv.attacks import second_order as so
+
+NAMES = ("fgsm", "pgd", "second_order", "soae")
+K = 3
+
+
+def _steep_mlp():
+  """A tanh MLP on 4x4x1 with logits scaled by 30: for many inputs the softmax saturates (the
+  cross-entropy gradient underflows to exactly 0), for misclassified ones the gradient is huge."""
+  rng = np.random.default_rng(0)
+  w1 = (rng.normal(size=(16, 24)) / 2).astype(np.float32)
+  b1 = (rng.normal(size=24) * 0.3).astype(np.float32)
+  w2 = (rng.normal(size=(24, K)) * 30).astype(np.float32)
+
+  def logits_fn(x):
+    return jnp.tanh(x.reshape(x.shape[0], -1) @ w1 + b1) @ w2
+
+  return logits_fn
+
+
+STEEP = _steep_mlp()
+
+# Small hyperparameters: every configuration compiles once per norm and is reused for all inputs.
+CONFIGS = {
+    "fgsm": ("fgsm", {}),
+    "fgsm_random_start": ("fgsm", dict(random_start=True, step_size=None)),
+    "pgd": ("pgd", dict(steps=3, restarts=2)),
+    "so_expectation": ("second_order", dict(steps=3, samples=2, sigma=0.1)),
+    "so_power": ("second_order", dict(steps=3, form="power", sigma=0.1)),
+    "soae": ("soae", dict(iters=2, m=4)),
+    "soae_raw_fd": ("soae", dict(iters=2, m=4, step="raw", hvp="fd_forward", eta=1e-3,
+                                 alpha=5.0)),
+}
+
+
+def _assert_in_threat_model(x_adv, x, eps, norm):
+  x_adv, x = np.asarray(x_adv), np.asarray(x)
+  assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+  assert np.all(np.isfinite(x_adv))
+  assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+  dist = np.asarray(projections.per_example_norm(jnp.asarray(x_adv - x), norm))
+  assert np.all(dist <= eps * (1 + 1e-5) + 1e-6), (dist.max(), eps)
+
+
+def _inputs(norm):
+  """(name, x, eps) cases: interior points, box corners, a budget larger than the box, eps = 0."""
+  rng = np.random.default_rng(3)
+  eps = {"linf": 0.1, "l2": 0.5}[norm]
+  interior = rng.uniform(size=(8, 4, 4, 1)).astype(np.float32)
+  corners = rng.integers(0, 2, size=(8, 4, 4, 1)).astype(np.float32)
+  return [("interior", interior, eps), ("corners", corners, 3 * eps), ("huge_eps", interior, 50.0),
+          ("zero_eps", interior, 0.0)]
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_budget_and_box_hold(config, norm):
+  name, kw = CONFIGS[config]
+  attack = attacks.get(name)
+  y = jnp.asarray(np.arange(8) % K, jnp.int32)
+  saturated = 0
+  for case, x, eps in _inputs(norm):
+    x_adv = attack(STEEP, jnp.asarray(x), y, jax.random.PRNGKey(1), eps=eps, norm=norm, **kw)
+    _assert_in_threat_model(x_adv, x, eps, norm)
+    if case == "zero_eps":
+      np.testing.assert_array_equal(np.asarray(x_adv), x)
+    g = np.asarray(jax.grad(lambda z: jnp.sum(losses.cross_entropy(STEEP(z), y)))(x))
+    saturated += int(np.sum(np.all(g.reshape(8, -1) == 0, axis=1)))
+  assert saturated > 0  # the steep model does produce exactly-zero gradients
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("pgd", dict(steps=3, restarts=2)),
+    ("second_order", dict(steps=3, samples=2, sigma=0.1)),
+    ("fgsm", dict(random_start=True)),
+])
+def test_deterministic_for_a_key_and_random_across_keys(name, kw):
+  x = jnp.asarray(np.random.default_rng(4).uniform(size=(8, 4, 4, 1)), jnp.float32)
+  y = jnp.asarray(np.arange(8) % K, jnp.int32)
+  run = lambda seed: np.asarray(attacks.get(name)(STEEP, x, y, jax.random.PRNGKey(seed),
+                                                  eps=0.1, norm="l2", **kw))
+  np.testing.assert_array_equal(run(0), run(0))
+  assert not np.array_equal(run(0), run(1))
+
+
+def test_fgsm_matches_closed_form_on_a_linear_model():
+  # logits = x W: grad CE = W (softmax(x W) - e_y), in NumPy.
+  rng = np.random.default_rng(5)
+  w = rng.normal(size=(16, K)).astype(np.float32)
+  logits_fn = lambda x: x.reshape(x.shape[0], -1) @ w
+  x = rng.uniform(size=(6, 4, 4, 1)).astype(np.float32)
+  y = np.array([0, 1, 2, 0, 1, 2], np.int32)
+  z = x.reshape(6, -1) @ w
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  g = (p - np.eye(K)[y]) @ w.T
+  for norm, eps in (("linf", 0.1), ("l2", 0.7)):
+    step = np.sign(g) if norm == "linf" else g / np.linalg.norm(g, axis=1, keepdims=True)
+    expected = np.clip(x.reshape(6, -1) + eps * step, 0, 1).reshape(x.shape)
+    got = attacks.get("fgsm")(logits_fn, x, y, jax.random.PRNGKey(0), eps=eps, norm=norm)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-6)
+
+
+def test_pgd_restarts_keep_the_worst_case_per_example():
+  # Rebuild the restarts from their parts and select in NumPy: the first misclassified restart,
+  # else the highest loss.
+  x = jnp.asarray(np.random.default_rng(6).uniform(size=(8, 4, 4, 1)), jnp.float32)
+  y = jnp.argmax(STEEP(x), axis=1).astype(jnp.int32)  # all correct before the attack
+  key, eps, norm, steps, restarts = jax.random.PRNGKey(7), 0.2, "linf", 2, 4
+  step_size = first_order.pgd_step_size(eps, steps)
+  loss_fn = first_order.make_loss_fn(STEEP, y)
+  run = jax.jit(lambda k: first_order.pgd_run(
+      loss_fn, x, projections.random_start(k, x, eps, norm), eps, step_size, norm=norm,
+      steps=steps))
+  cands = [np.asarray(run(k)) for k in jax.random.split(key, restarts)]
+  cand_loss = np.stack([np.asarray(loss_fn(jnp.asarray(c))) for c in cands])
+  cand_fooled = np.stack([np.argmax(np.asarray(STEEP(jnp.asarray(c))), 1) != np.asarray(y)
+                          for c in cands])
+  expected, chosen = [], []
+  for i in range(8):
+    fooled = np.flatnonzero(cand_fooled[:, i])
+    r = fooled[0] if fooled.size else int(np.argmax(cand_loss[:, i]))
+    expected.append(cands[r][i])
+    chosen.append(r)
+  got = attacks.get("pgd")(STEEP, x, y, key, eps=eps, norm=norm, steps=steps, restarts=restarts)
+  np.testing.assert_allclose(np.asarray(got), np.stack(expected), atol=1e-6)
+  # The selection is not trivial: some example keeps a later restart.
+  assert max(chosen) > 0, chosen
+
+
+def test_second_order_without_noise_is_pgd_without_random_start():
+  x = jnp.asarray(np.random.default_rng(8).uniform(size=(8, 4, 4, 1)), jnp.float32)
+  y = jnp.asarray(np.arange(8) % K, jnp.int32)
+  kw = dict(eps=0.5, norm="l2", steps=3, step_size=0.2)
+  a = attacks.get("second_order")(STEEP, x, y, jax.random.PRNGKey(0), samples=1, sigma=0.0, **kw)
+  b = attacks.get("pgd")(STEEP, x, y, jax.random.PRNGKey(0), random_start=False, **kw)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  assert not np.allclose(np.asarray(b), np.asarray(x))
+
+
+def _quadratic():
+  # L_i(x) = x_i^T A x_i / 2, so grad L(x + d) = A (x + d) and A^{-1} grad - x recovers d.
+  rng = np.random.default_rng(9)
+  q = rng.normal(size=(16, 16))
+  a = q @ q.T / 16 + np.eye(16)
+  loss_fn = lambda z: 0.5 * jnp.einsum("bi,ij,bj->b", z.reshape(z.shape[0], -1), a,
+                                       z.reshape(z.shape[0], -1))
+  x = rng.uniform(size=(64, 16)).astype(np.float32)
+  return a, loss_fn, x
+
+
+def test_power_form_is_the_gradient_at_a_unit_displacement():
+  a, loss_fn, x = _quadratic()
+  sigma = 0.05
+  fn = jax.jit(lambda x, key, xi: so.smoothed_gradient(loss_fn, x, key, form="power",
+                                                       sigma=sigma, xi=xi))
+  key = jax.random.PRNGKey(0)
+  for xi, length in ((0.3, 0.3), (None, sigma * 4.0)):  # default xi = sigma * sqrt(16)
+    g = np.asarray(fn(jnp.asarray(x), key, xi), np.float64)
+    d = np.linalg.solve(a, g.T).T - x
+    np.testing.assert_allclose(np.linalg.norm(d, axis=1), length, rtol=1e-3)
+  # Directions differ across examples (one draw each).
+  assert np.min(np.linalg.norm(d[1:] / length - d[:1] / length, axis=1)) > 0.1
+
+
+def test_expectation_form_averages_gaussian_draws():
+  a, loss_fn, x = _quadratic()
+  sigma, samples = 0.2, 4
+  g = so.smoothed_gradient(loss_fn, jnp.asarray(x), jax.random.PRNGKey(1), form="expectation",
+                           samples=samples, sigma=sigma)
+  mean_noise = np.linalg.solve(a, np.asarray(g, np.float64).T).T - x
+  # The mean of `samples` draws of N(0, sigma^2) has standard deviation sigma / sqrt(samples);
+  # 1024 entries estimate it to about 2%.
+  assert abs(mean_noise.std() / (sigma / np.sqrt(samples)) - 1) < 0.1
+  assert abs(mean_noise.mean()) < 4 * sigma / np.sqrt(samples * mean_noise.size)
+
+
+def test_registry_and_config_construction():
+  assert set(NAMES) <= set(attacks.available())
+  cfg = ml_collections.ConfigDict(dict(name="pgd", eps=0.1, norm="linf", steps=2,
+                                       random_start=False))
+  attack = attacks.from_config(cfg)
+  x = jnp.asarray(np.random.default_rng(10).uniform(size=(4, 4, 4, 1)), jnp.float32)
+  y = jnp.zeros((4,), jnp.int32)
+  direct = attacks.get("pgd")(STEEP, x, y, jax.random.PRNGKey(0), eps=0.1, norm="linf", steps=2,
+                              random_start=False)
+  np.testing.assert_array_equal(np.asarray(attack(STEEP, x, y, jax.random.PRNGKey(0))),
+                                np.asarray(direct))
+  with pytest.raises(ValueError, match="unknown attack"):
+    attacks.get("pgd2")
+
+
+def test_attacks_run_inside_an_outer_jit():
+  # As in a training step: traced x and y skip the value checks but not the static ones.
+  x = jnp.asarray(np.random.default_rng(11).uniform(size=(4, 4, 4, 1)), jnp.float32)
+  y = jnp.asarray([0, 1, 2, 0], jnp.int32)
+
+  @jax.jit
+  def step(x, y, key):
+    return attacks.get("soae")(STEEP, x, y, key, eps=0.1, norm="linf", iters=1, m=2)
+
+  eager = attacks.get("soae")(STEEP, x, y, jax.random.PRNGKey(0), eps=0.1, norm="linf", iters=1,
+                              m=2)
+  np.testing.assert_allclose(np.asarray(step(x, y, jax.random.PRNGKey(0))), np.asarray(eager),
+                             atol=1e-6)
+
+
+_BAD_X = np.full((2, 4, 4, 1), 0.5, np.float32)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("change,match", [
+    (dict(eps=-0.1), "eps"),
+    (dict(norm="l1"), "norm"),
+    (dict(y=np.array([0, K], np.int32)), "labels"),
+    (dict(y=np.array([0, -1], np.int32)), "labels"),
+    (dict(x=_BAD_X + 0.6), r"\[0, 1\]"),
+    (dict(x=_BAD_X - 0.6), r"\[0, 1\]"),
+    (dict(x=np.where(np.arange(32).reshape(2, 4, 4, 1) == 3, np.nan, _BAD_X)), "NaN"),
+    (dict(x=np.where(np.arange(32).reshape(2, 4, 4, 1) == 3, np.inf, _BAD_X)), "NaN or inf"),
+    (dict(y=np.array([0, 1, 2], np.int32)), "batch sizes"),
+    (dict(y=np.array([0.0, 1.0], np.float32)), "integers"),
+    (dict(loss="mse"), "loss"),
+])
+def test_bad_input_raises_value_error(name, change, match):
+  args = dict(x=_BAD_X, y=np.array([0, 1], np.int32), eps=0.1, norm="linf")
+  args.update(change)
+  x, y = args.pop("x"), args.pop("y")
+  with pytest.raises(ValueError, match=match):
+    attacks.get(name)(STEEP, x, y, jax.random.PRNGKey(0), **args)
+
+
+@pytest.mark.parametrize("name,kw,match", [
+    ("soae", dict(tau=0.0), "tau"),
+    ("soae", dict(tau=-1e-3), "tau"),
+    ("soae", dict(m=0), "m must"),
+    ("soae", dict(m=2.5), "m must"),
+    ("soae", dict(eta=0.0), "eta"),
+    ("soae", dict(eta=-1e-5), "eta"),
+    ("soae", dict(iters=0), "iters"),
+    ("soae", dict(hvp="bfgs"), "HVP method"),
+    ("soae", dict(step="unit"), "step"),
+    ("soae", dict(alpha=-1.0), "alpha"),
+    ("pgd", dict(steps=0), "steps"),
+    ("pgd", dict(restarts=0), "restarts"),
+    ("pgd", dict(step_size=-0.1), "step_size"),
+    ("fgsm", dict(step_size=-0.1), "step_size"),
+    ("second_order", dict(samples=0), "samples"),
+    ("second_order", dict(sigma=-0.1), "sigma"),
+    ("second_order", dict(form="newton"), "form"),
+    ("second_order", dict(xi=0.0), "xi"),
+])
+def test_bad_hyperparameters_raise_value_error(name, kw, match):
+  with pytest.raises(ValueError, match=match):
+    attacks.get(name)(STEEP, _BAD_X, np.array([0, 1], np.int32), jax.random.PRNGKey(0), eps=0.1,
+                      norm="linf", **kw)
+
+
+def test_dlr_needs_three_classes():
+  two = lambda x: x.reshape(x.shape[0], -1)[:, :2]
+  with pytest.raises(ValueError, match="3 classes"):
+    attacks.get("pgd")(two, _BAD_X, np.array([0, 1], np.int32), jax.random.PRNGKey(0), eps=0.1,
+                       norm="linf", loss="dlr")
+
+
+# ----------------------------------------------------------------------------------------------
+# Strength on a trained model.
+
+DIGITS_EPS = {"linf": 0.3, "l2": 2.0}
+DIGITS_HYPER = {
+    "fgsm": {},
+    "pgd": dict(steps=10),
+    "second_order": dict(steps=10, samples=4, sigma=0.05),
+    "soae": dict(iters=4, m=10),
+}
+N_DIGITS = 32
+
+
+def _accuracy(logits_fn, x, y) -> float:
+  return float(np.mean(np.asarray(jnp.argmax(logits_fn(x), axis=1)) == np.asarray(y)))
+
+
+@pytest.fixture(scope="module")
+def digits_accuracies(digits_model):
+  """Robust accuracy of every attack under both norms on 32 correctly classified test points."""
+  x = jnp.asarray(digits_model.x_test[:N_DIGITS])
+  y = jnp.asarray(digits_model.y_test[:N_DIGITS])
+  out = {}
+  for norm, eps in DIGITS_EPS.items():
+    out[(norm, "clean")] = _accuracy(digits_model.logits_fn, x, y)
+    for name, kw in DIGITS_HYPER.items():
+      x_adv = attacks.get(name)(digits_model.logits_fn, x, y, jax.random.PRNGKey(0), eps=eps,
+                                norm=norm, **kw)
+      _assert_in_threat_model(x_adv, x, eps, norm)
+      out[(norm, name)] = _accuracy(digits_model.logits_fn, x_adv, y)
+  return out
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_every_attack_lowers_accuracy_below_clean(digits_accuracies, norm):
+  clean = digits_accuracies[(norm, "clean")]
+  assert clean == 1.0  # the fixture keeps correctly classified points
+  for name in DIGITS_HYPER:
+    assert digits_accuracies[(norm, name)] < clean, (name, digits_accuracies)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_is_at_least_as_strong_as_fgsm(digits_accuracies, norm):
+  assert digits_accuracies[(norm, "pgd")] <= digits_accuracies[(norm, "fgsm")], digits_accuracies

@@ -1,0 +1,290 @@
+"""The analysis experiments (ablation_hvp, krylov_dims, iterations, perceptual, grad_norms, report)
+end to end on their tiny configs, plus the pieces they compute with, against references."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import common, grad_norms, krylov_dims, report
+from krylov_adv import attacks, hvp, krylov, losses, projections
+
+EXPERIMENTS = ("ablation_hvp", "krylov_dims", "iterations", "perceptual", "grad_norms")
+
+
+def _config(name, scale="tiny"):
+  return importlib.import_module(f"configs.{name}").get_config(scale)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """One workdir for every experiment, so models shared by experiments are trained once."""
+  return str(tmp_path_factory.mktemp("analysis"))
+
+
+@pytest.fixture(scope="module")
+def results(workdir):
+  """Runs every experiment's tiny config once; ``{name: results dict}``."""
+  out = {}
+  for name in EXPERIMENTS:
+    module = importlib.import_module(f"experiments.{name}")
+    out[name] = module.run(_config(name), workdir, progress=False)
+  return out
+
+
+def _stored(workdir, name):
+  with open(os.path.join(workdir, name, "results.json")) as f:
+    return json.load(f)
+
+
+def _finite(v):
+  return v is not None and math.isfinite(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("scale", common.SCALES)
+def test_configs_build_at_every_scale(name, scale):
+  c = _config(name, scale)
+  assert c.experiment and c.data.source
+  if scale == "paper":
+    assert c.model.name == "madry_cnn" and c.data.name == "mnist"
+
+
+def test_unknown_scale_is_a_clear_error():
+  with pytest.raises(ValueError, match="unknown scale"):
+    _config("krylov_dims", "huge")
+
+
+def test_mnist_test_split_loads_real_images():
+  root = os.path.join(common.ROOT, "..", "shared", "data", "mnist")
+  if not os.path.exists(os.path.join(root, "t10k-images-idx3-ubyte.gz")):
+    pytest.skip("MNIST test set not available")
+  ds = common.load_data(_config("perceptual", "small").data)
+  assert ds.x_train.shape == (8000, 28, 28, 1) and ds.x_test.shape == (2000, 28, 28, 1)
+  assert 0.0 <= ds.x_test.min() and ds.x_test.max() <= 1.0
+  assert set(np.unique(ds.y_test)) == set(range(10))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def test_dims_per_tau_matches_gmres_stopped_at_each_tau(digits_model):
+  """m(tau) read off one run's residual history equals the dimension of a run stopped at tau."""
+  x = jnp.asarray(digits_model.x_test[:6])
+  y = jnp.asarray(digits_model.y_test[:6])
+  logits_fn = digits_model.logits_fn
+  taus = (1e-1, 1e-3)
+  res = krylov_dims.newton_residual_histories(logits_fn, x, y, method="exact", eta=1e-3,
+                                              tol=min(taus), max_dim=20)
+  dims, conv = krylov_dims.dims_per_tau(np.asarray(res.residual_history),
+                                        np.asarray(res.initial_residual_norm), taus, 20)
+  loss_fn = lambda z: losses.cross_entropy(logits_fn(z), y)
+  op = hvp.make_hvp(loss_fn, x, method="exact")
+  for ti, tau in enumerate(taus):
+    direct = krylov.gmres(op.matvec, op.grad, op.grad, tol=tau, max_dim=20)
+    np.testing.assert_array_equal(dims[ti], np.asarray(direct.num_iters))
+    np.testing.assert_array_equal(conv[ti], np.asarray(direct.converged))
+
+
+def test_dims_per_tau_unconverged_and_zero_residual():
+  hist = np.array([[0.5, 0.2, np.nan], [0.9, 0.8, 0.7]])
+  dims, conv = krylov_dims.dims_per_tau(hist, np.array([1.0, 1.0]), (0.3,), 3)
+  np.testing.assert_array_equal(dims[0], [2, 3])
+  np.testing.assert_array_equal(conv[0], [True, False])
+  dims, conv = krylov_dims.dims_per_tau(np.full((1, 3), np.nan), np.array([0.0]), (0.1,), 3)
+  assert dims[0, 0] == 0 and conv[0, 0]
+
+
+def test_relu_hessian_rank_at_most_k_minus_1(digits_model, smooth_digits_model):
+  """J^T (diag p - p p^T) J has rank <= K - 1 for a piecewise-linear net; not for softplus."""
+  x, y = digits_model.x_test[:3], digits_model.y_test[:3]
+  assert krylov_dims.hessian_ranks(digits_model.logits_fn, x, y, rtol=1e-5).max() <= 9
+  assert krylov_dims.hessian_ranks(smooth_digits_model.logits_fn, x, y, rtol=1e-5).min() > 9
+
+
+def _pgd_reference(logits_fn, x, y, *, eps, norm, steps, step_size):
+  """Plain Python PGD (no random start) recording ||grad|| means, written independently."""
+  loss_sum = lambda z: jnp.sum(losses.cross_entropy(logits_fn(z), y))
+  xt, norms = x, []
+  for _ in range(steps + 1):
+    g = jax.grad(loss_sum)(xt)
+    norms.append(float(jnp.mean(jnp.sqrt(jnp.sum(g.reshape(len(x), -1) ** 2, axis=1)))))
+    flat_norm = jnp.sqrt(jnp.sum(g.reshape(len(x), -1) ** 2, axis=1)).reshape(-1, 1, 1, 1)
+    if norm == "linf":
+      xt_next = jnp.clip(x + jnp.clip(xt + step_size * jnp.sign(g) - x, -eps, eps), 0, 1)
+    else:
+      d = xt + step_size * g / flat_norm - x
+      n = jnp.sqrt(jnp.sum(d.reshape(len(x), -1) ** 2, axis=1)).reshape(-1, 1, 1, 1)
+      xt_next = jnp.clip(x + d * jnp.minimum(1.0, eps / n), 0, 1)
+    xt = xt_next
+  return np.array(norms)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
+def test_traced_pgd_matches_reference(digits_model, norm, eps):
+  x = jnp.asarray(digits_model.x_test[:8])
+  y = jnp.asarray(digits_model.y_test[:8])
+  tr = grad_norms.trace_attack(digits_model.logits_fn, x, y, jax.random.PRNGKey(0), attack="pgd",
+                               eps=eps, norm=norm, steps=3, step_size=eps / 3)
+  ref = _pgd_reference(digits_model.logits_fn, x, y, eps=eps, norm=norm, steps=3,
+                       step_size=eps / 3)
+  # The reference's last xt is after 4 steps; compare the recorded norms t = 0..3.
+  np.testing.assert_allclose(np.asarray(tr.grad_norm), ref, rtol=1e-4)
+  dist = np.asarray(projections.per_example_norm(tr.x_adv - x, norm))
+  assert dist.max() <= eps + 1e-5
+  assert tr.accuracy[-1] <= tr.accuracy[0]
+  if "pgd" in attacks.available():
+    lib = attacks.get("pgd")(digits_model.logits_fn, x, y, jax.random.PRNGKey(0), eps=eps,
+                             norm=norm, steps=3, step_size=eps / 3, random_start=False)
+    np.testing.assert_allclose(np.asarray(tr.x_adv), np.asarray(lib), atol=1e-5)
+
+
+def test_traced_second_order_without_noise_is_pgd(digits_model):
+  """S-O's averaged gradient at sigma = 0 is the gradient itself: the traces coincide."""
+  x = jnp.asarray(digits_model.x_test[:8])
+  y = jnp.asarray(digits_model.y_test[:8])
+  kw = dict(eps=0.1, norm="linf", steps=3, step_size=0.04)
+  a = grad_norms.trace_attack(digits_model.logits_fn, x, y, jax.random.PRNGKey(1), attack="pgd",
+                              **kw)
+  b = grad_norms.trace_attack(digits_model.logits_fn, x, y, jax.random.PRNGKey(1),
+                              attack="second_order", samples=3, sigma=0.0, **kw)
+  np.testing.assert_allclose(np.asarray(a.grad_norm), np.asarray(b.grad_norm), rtol=1e-5)
+  c = grad_norms.trace_attack(digits_model.logits_fn, x, y, jax.random.PRNGKey(1),
+                              attack="second_order", samples=3, sigma=0.3, **kw)
+  assert not np.allclose(np.asarray(c.x_adv), np.asarray(a.x_adv))
+  with pytest.raises(ValueError, match="unknown attack"):
+    grad_norms.trace_attack(digits_model.logits_fn, x, y, jax.random.PRNGKey(1), attack="fab",
+                            **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on the tiny configs
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_writes_results_report_and_figures(results, workdir, name):
+  out = os.path.join(workdir, name)
+  stored = _stored(workdir, name)
+  assert stored["config"]["experiment"]
+  with open(os.path.join(out, "report.md")) as f:
+    text = f.read()
+  assert text.startswith("## ")
+  figures = [f for f in os.listdir(out) if f.endswith(".png")]
+  rows = stored["results"].get("rows", [])
+  all_skipped = bool(rows) and all("skipped" in q for q in rows)
+  assert figures or all_skipped  # no figure only when no attack of the sweep is registered yet
+  for f in figures:
+    assert f"({f})" in text
+    with open(os.path.join(out, f), "rb") as fh:
+      assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ablation_numbers(results):
+  r = results["ablation_hvp"]
+  rows = r["accuracy"]
+  assert {(q["activation"], q["dtype"]) for q in rows} == {
+      (a, d) for a in ("relu", "softplus") for d in ("float32", "float64")}
+  for q in rows:
+    assert _finite(q["median"]) and 0 <= q["median"] <= q["max"]
+  med = {(q["activation"], q["dtype"], q["direction"], q["scheme"], q["eta"]): q["median"]
+         for q in rows}
+  # float64, smooth model: central difference at eta = 1e-4 has truncation ~1e-8 relative.
+  assert med[("softplus", "float64", "random", "central", 1e-4)] < 1e-6
+  # eta = 1e-7 moves pixels near 0.5 by about one float32 ulp (6e-8): the float32 difference
+  # is rounding noise (error of order 1), while float64 is still accurate there.
+  for act in ("relu", "softplus"):
+    assert med[(act, "float32", "random", "forward", 1e-7)] > 0.5
+    assert med[(act, "float64", "random", "forward", 1e-7)] < 1e-4
+  cost = r["cost"]["relative_to_gradient"]
+  assert cost["gradient"] == 1.0 and all(_finite(v) and v > 0 for v in cost.values())
+  assert r["conclusions"] and any("float32" in c and "1e-5" in c for c in r["conclusions"])
+  if "rows" in r["effect"]:
+    for q in r["effect"]["rows"]:
+      assert 0.0 <= q["robust_accuracy"] <= 1.0
+
+
+def test_krylov_dims_numbers(results):
+  r = results["krylov_dims"]
+  max_dim = _config("krylov_dims").experiment.max_dim
+  for q in r["dims"]:
+    assert 0 <= q["m_mean"] <= q["m_max"] <= max_dim and 0 <= q["converged"] <= 1
+  relu_exact = [q for q in r["dims"] if q["activation"] == "relu" and q["hvp"] == "exact"]
+  assert max(q["m_max"] for q in relu_exact) <= r["ranks"]["num_classes"] - 1
+  # m grows (weakly) as tau shrinks.
+  for key in {(q["activation"], q["hvp"]) for q in r["dims"]}:
+    sel = sorted((q for q in r["dims"] if (q["activation"], q["hvp"]) == key),
+                 key=lambda q: -q["tau"])
+    assert all(a["m_mean"] <= b["m_mean"] for a, b in zip(sel, sel[1:]))
+  assert r["ranks"]["relu"]["max"] <= 9 < r["ranks"]["softplus"]["max"]
+  if "rows" in r["soae"]:
+    for q in r["soae"]["rows"]:
+      assert 0.0 <= q["robust_accuracy"] <= 1.0 and q["seconds"] > 0
+      assert 0 <= q["attack_m_mean"] <= q["attack_m_max"] <= max_dim
+      assert 0.0 <= q["fallback_rate"] <= 1.0
+
+
+def test_iterations_numbers(results):
+  r = results["iterations"]
+  cfg = _config("iterations").experiment
+  assert r["rows"]
+  for q in r["rows"]:
+    if "skipped" not in q:
+      assert 0.0 <= q["robust_accuracy"] <= 1.0 and q["seconds"] > 0
+  for key in {(q["model"], q["attack"]) for q in r["rows"] if "skipped" not in q}:
+    ns = sorted(q["iterations"] for q in r["rows"] if (q["model"], q["attack"]) == key)
+    assert ns == sorted(cfg.iterations)
+
+
+def test_perceptual_numbers(results):
+  r = results["perceptual"]
+  done = [q for q in r["rows"] if "skipped" not in q]
+  assert done  # AutoAttack is registered already
+  for q in done:
+    if q["psnr"] is not None:
+      # An Linf eps perturbation can not have a PSNR below 20 log10(1 / eps).
+      assert q["psnr"] >= 20 * math.log10(1 / r["eps"]) - 1e-3
+      assert abs(q["psnr_255"] - q["psnr"] - 20 * math.log10(255)) < 1e-6
+      assert -1.0 <= q["ssim"] <= 1.0
+    assert 0.0 <= q["success_rate"] <= 1.0 and q["mean_linf"] <= r["eps"] + 1e-5
+
+
+def test_grad_norm_numbers(results):
+  r = results["grad_norms"]
+  steps = _config("grad_norms").experiment.steps
+  assert {(q["model"], q["attack"]) for q in r["rows"]} == {
+      (m, a) for m in ("standard", "trades") for a in ("pgd", "second_order")}
+  for q in r["rows"]:
+    assert len(q["grad_norm"]) == steps + 1
+    assert all(_finite(v) and v >= 0 for v in q["grad_norm"])
+    assert all(0.0 <= v <= 1.0 for v in q["accuracy"])
+
+
+def test_report_collects_every_section(results, workdir):
+  path = report.build_report(workdir)
+  with open(path) as f:
+    text = f.read()
+  for name in EXPERIMENTS:
+    assert f'<a id="{name}"></a>' in text
+  links = [l.split("](")[1].rstrip(")") for l in text.splitlines() if l.startswith("![")]
+  assert len(links) >= len(EXPERIMENTS)
+  for link in links:
+    assert os.path.exists(os.path.join(workdir, link)), link
+
+
+def test_report_without_results_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no experiment results"):
+    report.build_report(str(tmp_path))

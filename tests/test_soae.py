@@ -1,0 +1,219 @@
+"""SOAE (SOAE paper, Algorithm 1) against independent references on a tiny smooth model.
+
+The model is a tanh MLP on 4x4x1 inputs with 3 classes, small enough that every example's full
+input Hessian comes from ``jax.hessian`` and the Newton system is solved by ``numpy.linalg.solve``
+in float64. Its Hessians are indefinite: for 2 of the 16 test points ``g^T H^{-1} g < 0``, so the
+gradient fallback is exercised too.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from krylov_adv import attacks, losses
+from krylov_adv.attacks import soae as soae_mod
+
+B, N_IN, K = 16, 16, 3
+
+
+def _mlp():
+  rng = np.random.default_rng(0)
+  w1 = rng.normal(size=(N_IN, 24)) / 2
+  b1 = rng.normal(size=24) * 0.3
+  w2 = rng.normal(size=(24, K))
+  b2 = rng.normal(size=K) * 0.1
+
+  def logits_fn(x):
+    h = jnp.tanh(x.reshape(x.shape[0], -1) @ w1.astype(x.dtype) + b1.astype(x.dtype))
+    return h @ w2.astype(x.dtype) + b2.astype(x.dtype)
+
+  return logits_fn
+
+
+LOGITS_FN = _mlp()
+
+
+@pytest.fixture(scope="module")
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+@pytest.fixture(scope="module")
+def problem(x64):
+  rng = np.random.default_rng(1)
+  x = rng.uniform(size=(B, 4, 4, 1))
+  y = rng.integers(0, K, B).astype(np.int32)
+  return x, y
+
+
+def _loss_fn(y):
+  return lambda z: losses.cross_entropy(LOGITS_FN(z), y)
+
+
+def _loss_one(xi, yi):
+  return losses.cross_entropy(LOGITS_FN(xi[None]), yi[None])[0]
+
+
+_GRADS = jax.jit(jax.vmap(jax.grad(_loss_one)))
+_HESSIANS = jax.jit(jax.vmap(jax.hessian(_loss_one)))
+
+
+def _grad_and_hessian(x: np.ndarray, y: np.ndarray):
+  """Per-example ``g_i`` (B, n) and full ``H_i`` (B, n, n) with ``jax.hessian``, float64."""
+  xj, yj = jnp.asarray(x), jnp.asarray(y)
+  g = np.asarray(_GRADS(xj, yj)).reshape(len(y), -1)
+  h = np.asarray(_HESSIANS(xj, yj)).reshape(len(y), g.shape[1], -1)
+  return g, h
+
+
+def _newton(x, y):
+  g, h = _grad_and_hessian(x, y)
+  return g, h, np.linalg.solve(h, g[..., None])[..., 0]
+
+
+@functools.partial(jax.jit, static_argnames=("tau", "m", "hvp"))
+def _direction_jit(x, y, eta, *, tau, m, hvp):
+  # eta is traced so that the finite-difference sweep compiles once per scheme.
+  return soae_mod.soae_direction(_loss_fn(y), x, tau=tau, m=m, hvp=hvp, eta=eta)
+
+
+def _direction(x, y, *, eta=1e-5, **kw):
+  return jax.device_get(_direction_jit(jnp.asarray(x), jnp.asarray(y), eta, **kw))
+
+
+def _rel_err(a, b):
+  a = np.asarray(a).reshape(len(b), -1)
+  return np.max(np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1))
+
+
+def test_fixture_hessians_are_indefinite_and_well_posed(problem):
+  x, y = problem
+  g, h, d = _newton(x, y)
+  eig = np.linalg.eigvalsh(h)
+  assert np.all(np.linalg.cond(h) < 1e6)
+  assert np.any(eig[:, 0] < 0) and np.any(eig[:, -1] > 0)
+  inner = np.einsum("bi,bi->b", g, d)
+  assert 0 < np.sum(inner <= 0) < B  # the fallback test below needs both kinds
+
+
+@pytest.mark.parametrize("hvp", ["exact", "exact_linearized"])
+def test_direction_with_exact_hvp_equals_newton_solve(problem, hvp):
+  x, y = problem
+  g, _, d_ref = _newton(x, y)
+  sol = _direction(x, y, tau=1e-12, m=N_IN, hvp=hvp)
+  assert _rel_err(sol.direction, d_ref) < 1e-9
+  np.testing.assert_allclose(np.asarray(sol.grad).reshape(B, -1), g, rtol=1e-12, atol=1e-14)
+  assert np.all(sol.gmres.converged)
+  assert np.all(sol.gmres.num_iters <= N_IN)
+
+
+@pytest.mark.parametrize("hvp,order", [("fd_forward", 1), ("fd_central", 2)])
+def test_direction_with_finite_differences_approaches_newton_solve(problem, hvp, order):
+  # The error of the solve follows the truncation error of Eq. (22): O(eta) forward, O(eta^2)
+  # central; in float64 rounding (~1e-16 / eta) is far below it at these eta.
+  x, y = problem
+  _, _, d_ref = _newton(x, y)
+  etas = (1e-3, 1e-4, 1e-5)
+  errs = [_rel_err(_direction(x, y, tau=1e-12, m=N_IN, hvp=hvp, eta=eta).direction, d_ref)
+          for eta in etas]
+  for coarse, fine in zip(errs, errs[1:]):
+    assert fine < 3 * 10.0 ** -order * coarse, errs
+  assert errs[-1] < (2e-2 if order == 1 else 1e-5), errs
+
+
+def _reference_soae(x, y, *, eps, norm, iters, alpha, step, fallback):
+  """Algorithm 1 with the exact Newton direction from ``numpy.linalg.solve`` and a NumPy
+  projection; returns ``(x_adv, fallback mask (iters, B))``."""
+  xn = np.array(x)
+  fell = []
+  for _ in range(iters):
+    g, _, d = _newton(xn, y)
+    down = np.einsum("bi,bi->b", g, d) <= 0
+    mask = down if fallback else np.zeros_like(down)
+    d = np.where(mask[:, None], g, d)
+    fell.append(mask)
+    if step == "raw":
+      s = d
+    elif norm == "linf":
+      s = np.sign(d)
+    else:
+      s = d / np.linalg.norm(d, axis=1, keepdims=True)
+    delta = xn.reshape(B, -1) + alpha / iters * s - x.reshape(B, -1)
+    if norm == "linf":
+      delta = np.clip(delta, -eps, eps)
+    else:
+      delta *= np.minimum(1.0, eps / np.linalg.norm(delta, axis=1, keepdims=True))
+    xn = np.clip(x.reshape(B, -1) + delta, 0.0, 1.0).reshape(x.shape)
+  return xn, np.stack(fell)
+
+
+@pytest.mark.parametrize("norm,eps,step,fallback", [
+    ("linf", 0.1, "normalized", True),
+    ("l2", 0.5, "normalized", True),
+    ("l2", 0.5, "raw", False),
+])
+def test_attack_follows_algorithm_1(problem, norm, eps, step, fallback):
+  x, y = problem
+  iters, alpha = 3, 1.5 * eps
+  ref, ref_fell = _reference_soae(x, y, eps=eps, norm=norm, iters=iters, alpha=alpha, step=step,
+                                  fallback=fallback)
+  x_adv, diag = attacks.get("soae")(LOGITS_FN, jnp.asarray(x), jnp.asarray(y),
+                                    jax.random.PRNGKey(0), eps=eps, norm=norm, iters=iters,
+                                    alpha=alpha, m=N_IN, tau=1e-12, hvp="exact", step=step,
+                                    fallback=fallback, return_diagnostics=True)
+  assert x_adv.dtype == jnp.float64
+  np.testing.assert_allclose(np.asarray(x_adv), ref, atol=1e-9)
+  np.testing.assert_array_equal(np.asarray(diag.fallback), ref_fell)
+  np.testing.assert_array_equal(np.asarray(diag.fallback_count), ref_fell.sum(axis=0))
+  if fallback:
+    assert ref_fell[0].any()  # the fallback really changed something in this case
+
+
+def test_diagnostics_report_true_residuals_and_dimensions(problem):
+  # A loose tau stops GMRES early; the reported residual must be the true ||g - H d||.
+  x, y = problem
+  g, h, _ = _newton(x, y)
+  tau, m = 1e-2, 12
+  sol = _direction(x, y, tau=tau, m=m, hvp="exact")
+  d = np.asarray(sol.direction).reshape(B, -1)
+  true_res = np.linalg.norm(g - np.einsum("bij,bj->bi", h, d), axis=1)
+  r0 = np.linalg.norm(g - np.einsum("bij,bj->bi", h, g), axis=1)
+  res = sol.gmres
+  np.testing.assert_allclose(res.residual_norm, true_res, rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(res.initial_residual_norm, r0, rtol=1e-10)
+  assert np.all(res.num_iters >= 1) and np.all(res.num_iters <= m)
+  stopped_early = res.num_iters < m
+  assert stopped_early.any()
+  assert np.all(true_res[stopped_early] <= tau * r0[stopped_early] * (1 + 1e-6))
+
+  _, diag = attacks.get("soae")(LOGITS_FN, jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0),
+                                eps=0.1, norm="linf", iters=2, m=m, tau=tau, hvp="exact",
+                                return_diagnostics=True)
+  assert diag.num_iters.shape == (2, B) and diag.num_iters.dtype == jnp.int32
+  np.testing.assert_array_equal(diag.num_iters[0], res.num_iters)  # the first solve is at x
+  np.testing.assert_allclose(diag.residual_norm[0], res.residual_norm, rtol=1e-9)
+  np.testing.assert_array_equal(diag.num_iters_total, np.sum(diag.num_iters, axis=0))
+  rel = np.asarray(diag.relative_residual)
+  np.testing.assert_array_equal(rel <= tau * (1 + 1e-9), np.asarray(diag.converged))
+
+
+def test_nonfinite_direction_never_reaches_x_adv():
+  # A model whose loss overflows to inf: every gradient and direction is non-finite. The
+  # attack must still return a finite point of the threat model (it does not move).
+  def overflow_logits(x):
+    z = jnp.sum(x.reshape(x.shape[0], -1), axis=1, keepdims=True) * 1e38
+    return jnp.concatenate([z * z, -z * z, jnp.zeros_like(z)], axis=1)
+
+  x = jnp.full((4, 4, 4, 1), 0.5, jnp.float32)
+  y = jnp.asarray([1, 1, 2, 2], jnp.int32)
+  x_adv, diag = attacks.get("soae")(overflow_logits, x, y, jax.random.PRNGKey(0), eps=0.1,
+                                    norm="l2", iters=2, m=3, return_diagnostics=True)
+  assert np.all(np.isfinite(np.asarray(x_adv)))
+  np.testing.assert_array_equal(np.asarray(x_adv), np.asarray(x))
+  assert np.all(np.asarray(diag.fallback_count) == 2)
