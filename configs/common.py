@@ -84,7 +84,10 @@ def attack_suite(*, eps_linf: float, eps_l2: float, pgd_steps: int = 20,
   """
   eps = {"linf": eps_linf, "l2": eps_l2}
   step = {"linf": step_linf or eps_linf / 4, "l2": step_l2 or eps_l2 / 4}
-  soae = dict(iters=4, m=15, tau=1e-3, hvp="fd_forward", eta=1e-5) if soae is None else soae
+  # Evaluation uses the exact HVP: in float32 the paper's forward difference with eta = 1e-5 is
+  # mostly rounding noise and makes SOAE far weaker (e.g. 84% vs 6% robust accuracy on the
+  # digits test model, Linf 0.3), which would overstate robustness. N, m, tau are the paper's.
+  soae = dict(iters=4, m=15, tau=1e-3, hvp="exact") if soae is None else soae
   so = dict(steps=pgd_steps, samples=8, sigma=0.05) if second_order is None else second_order
   aa = dict(version="standard") if autoattack is None else autoattack
   suite = ml_collections.ConfigDict()

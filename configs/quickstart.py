@@ -38,7 +38,7 @@ def get_config():
   c.eval.batch_size = 397
   c.eval.attacks = common.attack_suite(
       eps_linf=EPS_LINF, eps_l2=EPS_L2, pgd_steps=10,
-      soae=dict(iters=4, m=15, tau=1e-3, hvp="fd_central", eta=1e-3),
+      soae=dict(iters=4, m=15, tau=1e-3, hvp="exact"),
       second_order=dict(steps=10, samples=8, sigma=0.05),
       include=("clean", "fgsm", "pgd", "second_order", "soae"))
   return c
