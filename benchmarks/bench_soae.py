@@ -220,10 +220,11 @@ def main(argv=None):
     json.dump(res, f, indent=2)
   for r in res["rows"]:
     e = r["equal_cost"]
-    print(f"{r['hvp']:>16}: grad {1e3 * r['seconds_grad']:.2f} ms, hvp {1e3 * r['seconds_hvp']:.2f}"
-          f" ms ({r['hvp_in_grads']:.2f} grads), solver alone {1e3 * r['seconds_gmres_solver_only']:.2f}"
-          f" ms, SOAE iteration {1e3 * r['seconds_soae_iteration']:.2f}"
-          f" ms at m={r['krylov_dim_max']}: {r['ratio_to_algorithm_bound']:.3f}x of grad+(m+1)hvp, "
+    ms = lambda key: f"{1e3 * r[key]:.2f} ms"
+    print(f"{r['hvp']:>16}: grad {ms('seconds_grad')}, hvp {ms('seconds_hvp')} "
+          f"({r['hvp_in_grads']:.2f} grads), solver alone {ms('seconds_gmres_solver_only')}, "
+          f"SOAE iteration {ms('seconds_soae_iteration')} at m={r['krylov_dim_max']}: "
+          f"{r['ratio_to_algorithm_bound']:.3f}x of grad+(m+1)hvp, "
           f"{r['ratio_to_paper_bound']:.3f}x of grad+m*hvp; SOAE-{e['soae_iters']} "
           f"{1e3 * e['seconds_soae']:.1f} ms vs PGD-{e['pgd_steps']} {1e3 * e['seconds_pgd']:.1f} ms")
   print(f"wrote {a.out}")
