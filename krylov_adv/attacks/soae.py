@@ -32,7 +32,8 @@ gradient-sized passes with the forward difference. The loop stops a whole batch 
 last example stops, so a batch pays for its largest Krylov dimension. On top of the products,
 GMRES's own work (Arnoldi, Givens, back substitution) is negligible on a CPU but not on a GPU
 for a model as small as the MNIST CNN: there ``orthogonalization="cgs2"`` is several times
-cheaper than ``"mgs"`` (``benchmarks/bench_soae.py`` measures both).
+cheaper than ``"mgs"`` (``benchmarks/bench_soae.py`` measures both), and the default ``"auto"``
+picks it on accelerators.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ LogitsFn = Callable[[Array], Array]
 LossFn = Callable[[Array], Array]
 
 STEPS = ("normalized", "raw")
-ORTHOGONALIZATIONS = ("mgs", "cgs2")
+ORTHOGONALIZATIONS = ("auto", "mgs", "cgs2")
 
 
 class SOAEDirection(NamedTuple):
@@ -102,7 +103,7 @@ class SOAEDiagnostics(NamedTuple):
 
 
 def soae_direction(loss_fn: LossFn, x: Array, *, tau: float, m: int, hvp: str = "exact",
-                   eta: float = 1e-5, orthogonalization: str = "mgs") -> SOAEDirection:
+                   eta: float = 1e-5, orthogonalization: str = "auto") -> SOAEDirection:
   """Solves ``H_i d_i = g_i`` for every example by GMRES from ``d_0 = g`` (Algorithm 1, 2-17).
 
   ``g = grad L(x)`` and ``H v`` come from ``make_hvp(loss_fn, x, method=hvp, eta=eta)``; GMRES
@@ -118,7 +119,8 @@ def soae_direction(loss_fn: LossFn, x: Array, *, tau: float, m: int, hvp: str = 
     tau: relative residual threshold ``> 0``. m: maximal Krylov dimension ``>= 1``.
     hvp: ``"exact" | "exact_linearized" | "fd_forward" | "fd_central"``.
     eta: finite-difference step ``> 0`` (ignored by the exact methods).
-    orthogonalization: GMRES's Gram-Schmidt, ``"mgs"`` or ``"cgs2"``.
+    orthogonalization: GMRES's Gram-Schmidt, ``"auto"`` (MGS on CPU, CGS2 on accelerators),
+      ``"mgs"`` or ``"cgs2"``.
 
   Returns:
     :class:`SOAEDirection`.
@@ -179,7 +181,7 @@ def _soae_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, alpha, 
 def soae(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, iters: int = 4, alpha=None,
          m: int = 15, tau: float = 1e-3, hvp: str = "exact", eta: float = 1e-5,
          step: str = "normalized", fallback: bool = True, random_start: bool = False,
-         loss: str = "ce", orthogonalization: str = "mgs", return_diagnostics: bool = False):
+         loss: str = "ce", orthogonalization: str = "auto", return_diagnostics: bool = False):
   """Second-order adversarial example by Krylov-Newton steps (SOAE paper, Algorithm 1).
 
   ``x_{n+1} = Proj(x_n + (alpha / N) * step(d_n))``, ``n = 1..N``, ``x_1 = x``, with ``d_n``
@@ -210,7 +212,8 @@ def soae(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, iters: int = 4, alph
     hvp: ``"exact" | "exact_linearized" | "fd_forward" | "fd_central"``. eta: FD step ``> 0``.
     step: ``"normalized"`` (sign / unit L2, default) or ``"raw"`` (the paper's literal step).
     fallback: use ``g`` where ``<g, d> <= 0``. loss: ``"ce" | "dlr"``.
-    orthogonalization: GMRES's ``"mgs"`` or ``"cgs2"`` (faster on GPUs).
+    orthogonalization: GMRES's ``"auto"`` (default: MGS on CPU, CGS2 on accelerators),
+      ``"mgs"`` or ``"cgs2"``.
     return_diagnostics: also return :class:`SOAEDiagnostics`.
 
   Returns:
