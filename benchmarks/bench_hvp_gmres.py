@@ -25,7 +25,6 @@ iterations actually taken are recorded. Inputs are the real MNIST test images wh
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -36,24 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from krylov_adv import hvp, krylov, losses
 from krylov_adv.models.cnn import MadryCNN
 
-_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
-
-
-def _inputs(batch: int, seed: int):
-  images = os.path.join(_MNIST, "t10k-images-idx3-ubyte.gz")
-  labels = os.path.join(_MNIST, "t10k-labels-idx1-ubyte.gz")
-  if os.path.exists(images) and os.path.exists(labels):
-    with gzip.open(images) as f:
-      x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)
-    with gzip.open(labels) as f:
-      y = np.frombuffer(f.read(), np.uint8, offset=8)
-    return (x[:batch] / 255.0).astype(np.float32), y[:batch].astype(np.int32), "mnist_test"
-  rng = np.random.default_rng(seed)
-  return (rng.uniform(size=(batch, 28, 28, 1)).astype(np.float32),
-          rng.integers(0, 10, batch).astype(np.int32), "uniform_noise")
 
 
 def _median_time(fn, args, repeats: int) -> float:
@@ -68,7 +53,7 @@ def _median_time(fn, args, repeats: int) -> float:
 
 def run(batch: int = 128, repeats: int = 10, max_dim: int = 15, seed: int = 0,
         linearized: bool = True) -> dict:
-  x_np, y_np, source = _inputs(batch, seed)
+  x_np, y_np, source = common.mnist_or_noise(batch, seed)
   x, y = jnp.asarray(x_np), jnp.asarray(y_np)
   model = MadryCNN(num_classes=10, activation=jax.nn.softplus)
   params = model.init(jax.random.PRNGKey(seed), x[:1])

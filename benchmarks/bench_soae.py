@@ -36,7 +36,6 @@ real MNIST test images when ``../shared/data/mnist`` is present, else uniform no
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -47,27 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from krylov_adv import attacks, hvp, krylov, losses
 from krylov_adv.attacks import soae as soae_mod
 from krylov_adv.models.cnn import MadryCNN
 
-_MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                      "mnist")
 _ACTIVATIONS = {"softplus": jax.nn.softplus, "relu": jax.nn.relu}
-
-
-def _inputs(batch: int, seed: int, mnist_dir: str = _MNIST):
-  images = os.path.join(mnist_dir, "t10k-images-idx3-ubyte.gz")
-  labels = os.path.join(mnist_dir, "t10k-labels-idx1-ubyte.gz")
-  if os.path.exists(images) and os.path.exists(labels):
-    with gzip.open(images) as f:
-      x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)
-    with gzip.open(labels) as f:
-      y = np.frombuffer(f.read(), np.uint8, offset=8)
-    return (x[:batch] / 255.0).astype(np.float32), y[:batch].astype(np.int32), "mnist_test"
-  rng = np.random.default_rng(seed)
-  return (rng.uniform(size=(batch, 28, 28, 1)).astype(np.float32),
-          rng.integers(0, 10, batch).astype(np.int32), "uniform_noise")
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -83,8 +67,8 @@ def _median_time(fn, repeats: int) -> float:
 def run(batch: int = 128, repeats: int = 5, m: int = 15, iters: int = 4,
         hvp_methods=("exact", "fd_forward"), activation: str = "softplus",
         orthogonalization: str = "mgs", eps: float = 0.3, seed: int = 0,
-        mnist_dir: str = _MNIST) -> dict:
-  x_np, y_np, source = _inputs(batch, seed, mnist_dir)
+        mnist_dir: str = common.MNIST_DIR) -> dict:
+  x_np, y_np, source = common.mnist_or_noise(batch, seed, mnist_dir)
   x, y = jnp.asarray(x_np), jnp.asarray(y_np)
   model = MadryCNN(num_classes=10, activation=_ACTIVATIONS[activation])
   params = model.init(jax.random.PRNGKey(seed), x[:1])
@@ -207,7 +191,7 @@ def main(argv=None):
                  choices=list(hvp.HVP_METHODS))
   p.add_argument("--activation", default="softplus", choices=sorted(_ACTIVATIONS))
   p.add_argument("--orthogonalization", default="mgs", choices=["mgs", "cgs2"])
-  p.add_argument("--mnist-dir", default=_MNIST,
+  p.add_argument("--mnist-dir", default=common.MNIST_DIR,
                  help="folder with t10k-{images,labels}-idx*-ubyte.gz (else uniform noise)")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results", "soae.json"))

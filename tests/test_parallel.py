@@ -75,6 +75,26 @@ def test_sharded_gmres_matches_single_device_without_gather(mesh, model_and_batc
   assert "all-gather" not in hlo and "all-to-all" not in hlo
 
 
+@pytest.mark.parametrize("name,kwargs", [
+    ("pgd", dict(steps=3, step_size=0.05)),
+    ("soae", dict(iters=2, m=4, tau=1e-3, hvp="exact")),
+])
+def test_sharded_attacks_match_single_device_without_gather(mesh, model_and_batch, name, kwargs):
+  from krylov_adv import attacks
+  model, params, x, y = model_and_batch
+  logits_fn = jax.tree_util.Partial(model.apply, params)
+  attack = attacks.get(name)
+  key = jax.random.PRNGKey(3)
+  run = jax.jit(lambda x, y: attack(logits_fn, x, y, key, eps=0.1, norm="linf", **kwargs))
+  single = run(x, y)
+  xs, ys = parallel.shard_batch((x, y), mesh)
+  sharded = run(xs, ys)
+  np.testing.assert_allclose(sharded, single, atol=1e-5)
+  assert sharded.sharding.is_equivalent_to(parallel.data_sharding(mesh), x.ndim)
+  hlo = run.lower(xs, ys).compile().as_text()
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
+
+
 def _tiny_config(method, mesh_shape):
   from configs import test_tiny
   c = test_tiny.get_config(method)
