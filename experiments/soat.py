@@ -225,9 +225,11 @@ def evaluate(exp: Experiment, state, config) -> list[evaluation.AttackResult]:
   """Runs ``config.eval.attacks`` on the first ``eval.num_examples`` test points."""
   n = min(int(config.eval.num_examples), len(exp.dataset.y_test))
   logits_fn = jax.jit(training.inference_logits_fn(exp.model, state.params, state.batch_stats))
+  # Data parallel like training: each attack batch is sharded over the mesh's "data" axis.
   return evaluation.evaluate_attacks(logits_fn, exp.dataset.x_test[:n], exp.dataset.y_test[:n],
                                      config.eval.attacks, jax.random.PRNGKey(config.seed + 2),
-                                     batch_size=int(config.eval.batch_size))
+                                     batch_size=int(config.eval.batch_size),
+                                     mesh=make_mesh(config))
 
 
 def write_results(workdir: str, results_by_method: dict[str, list[evaluation.AttackResult]],

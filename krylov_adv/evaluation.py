@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylov_adv import attacks, projections
+from krylov_adv import attacks, parallel, projections
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -48,22 +48,49 @@ def _padded_batches(n: int, batch_size: int):
     yield np.concatenate([idx, np.zeros(pad, idx.dtype)]), idx.size
 
 
-def predictions(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-  """``argmax_k logits_fn(x)_k`` for every example, in batches. x ``(N, ...)`` -> ``(N,)`` int."""
+def _batch_size(batch_size: int, n: int, mesh) -> int:
+  """``min(batch_size, n)``, rounded up to a multiple of the mesh's data axis when sharding.
+
+  Padding rule: the extra slots repeat example 0 and are excluded from every count, so a test
+  set of any size can be evaluated on any number of devices.
+  """
+  b = max(1, min(batch_size, n))
+  if mesh is not None:
+    d = mesh.shape[parallel.DATA_AXIS]
+    b = -(-b // d) * d
+  return b
+
+
+def _place(arrays, mesh):
+  """Device arrays: sharded over the mesh's data axis when given, else on the default device."""
+  if mesh is None:
+    return tuple(jnp.asarray(a) for a in arrays)
+  return parallel.shard_batch(tuple(arrays), mesh)
+
+
+def predictions(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 256,
+                mesh=None) -> np.ndarray:
+  """``argmax_k logits_fn(x)_k`` for every example, in batches. x ``(N, ...)`` -> ``(N,)`` int.
+
+  With ``mesh`` every batch is sharded over its ``"data"`` axis (padding rule in
+  ``_batch_size``)."""
   out = []
-  for idx, valid in _padded_batches(len(x), min(batch_size, len(x))):
-    out.append(np.asarray(jnp.argmax(logits_fn(jnp.asarray(x[idx])), axis=1))[:valid])
+  for idx, valid in _padded_batches(len(x), _batch_size(batch_size, len(x), mesh)):
+    (xb,) = _place((x[idx],), mesh)
+    out.append(np.asarray(jnp.argmax(logits_fn(xb), axis=1))[:valid])
   return np.concatenate(out) if out else np.zeros((0,), np.int32)
 
 
-def accuracy(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> float:
+def accuracy(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256,
+             mesh=None) -> float:
   """Clean accuracy ``mean(argmax f(x_i) == y_i)``."""
-  return float(np.mean(predictions(logits_fn, x, batch_size=batch_size) == np.asarray(y)))
+  return float(np.mean(predictions(logits_fn, x, batch_size=batch_size, mesh=mesh)
+                       == np.asarray(y)))
 
 
 def robust_accuracy(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray,
                     y: np.ndarray, key: Array, *, eps: float, norm: str,
-                    batch_size: int = 256) -> float:
+                    batch_size: int = 256, mesh=None) -> float:
   """Accuracy on ``attack_fn``'s adversarial examples, ``mean(argmax f(x_adv_i) == y_i)``.
 
   Args:
@@ -76,11 +103,13 @@ def robust_accuracy(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.nd
       (``||x_adv - x|| <= eps`` and ``[0, 1]``); a robust accuracy from an inadmissible point
       would be meaningless, so a violation raises ``ValueError``.
     batch_size: examples per attack call.
+    mesh: optional device mesh; each batch is then sharded over its ``"data"`` axis and the
+      attack runs data-parallel (padding rule in ``_batch_size``).
   """
-  batch_size = min(batch_size, len(x))
   correct = 0
-  for b, (idx, valid) in enumerate(_padded_batches(len(x), batch_size)):
-    xb, yb = jnp.asarray(x[idx]), jnp.asarray(y[idx])
+  for b, (idx, valid) in enumerate(_padded_batches(len(x), _batch_size(batch_size, len(x),
+                                                                         mesh))):
+    xb, yb = _place((x[idx], y[idx]), mesh)
     out = attack_fn(logits_fn, xb, yb, jax.random.fold_in(key, b))
     x_adv = out[0] if isinstance(out, tuple) else out
     dist = np.asarray(projections.per_example_norm(x_adv - xb, norm))
@@ -96,12 +125,13 @@ def robust_accuracy(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.nd
 
 def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
                      attack_cfgs: Mapping[str, Any], key: Array, *,
-                     batch_size: int = 256) -> list[AttackResult]:
+                     batch_size: int = 256, mesh=None) -> list[AttackResult]:
   """Runs every configured attack and returns one :class:`AttackResult` per entry.
 
   Args:
     attack_cfgs: ``{entry: cfg}`` where ``cfg`` has ``label`` (the table row), ``name`` (a
       registered attack, or ``"clean"``), ``norm``, ``eps`` and the attack's hyperparameters.
+    mesh: optional device mesh for data-parallel evaluation (see :func:`robust_accuracy`).
   """
   results = []
   for i, (entry, cfg) in enumerate(attack_cfgs.items()):
@@ -110,11 +140,11 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
     name, norm, eps = c["name"], c["norm"], float(c["eps"])
     start = time.perf_counter()
     if name == "clean":
-      acc = accuracy(logits_fn, x, y, batch_size=batch_size)
+      acc = accuracy(logits_fn, x, y, batch_size=batch_size, mesh=mesh)
     else:
       attack = attacks.from_config(c)
       acc = robust_accuracy(logits_fn, attack, x, y, jax.random.fold_in(key, i), eps=eps,
-                            norm=norm, batch_size=batch_size)
+                            norm=norm, batch_size=batch_size, mesh=mesh)
     results.append(AttackResult(label, name, norm, eps, acc, len(x),
                                 time.perf_counter() - start))
   return results

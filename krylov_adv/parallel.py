@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+_DISTRIBUTED_INITIALIZED = False
 
 
 def make_mesh(shape: Sequence[int] | None = None,
@@ -129,9 +130,14 @@ def initialize_distributed(coordinator_address: str | None = None,
   (SLURM, Cloud TPU, ...). Does nothing and returns ``False`` for a single-process run with no
   such settings, so that the same entry point serves one machine and a pod.
 
+  Idempotent: a second call (training, then evaluation) does nothing more.
+
   Returns:
-    ``True`` when the distributed runtime was initialised.
+    ``True`` when the distributed runtime is (now) initialised.
   """
+  global _DISTRIBUTED_INITIALIZED
+  if _DISTRIBUTED_INITIALIZED:
+    return True
   env_coord = os.environ.get("JAX_COORDINATOR_ADDRESS")
   cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
                                           "OMPI_COMM_WORLD_SIZE"))
@@ -145,4 +151,5 @@ def initialize_distributed(coordinator_address: str | None = None,
   if process_id is not None:
     kwargs["process_id"] = int(process_id)
   jax.distributed.initialize(**kwargs)
+  _DISTRIBUTED_INITIALIZED = True
   return True

@@ -130,3 +130,20 @@ def test_indivisible_training_batch_is_rejected(tmp_path):
   c.train.batch_size = 12
   with pytest.raises(ValueError, match="not divisible"):
     soat.train(c, str(tmp_path), progress=False)
+
+
+def test_sharded_evaluation_matches_single_device(mesh, digits_model):
+  from krylov_adv import evaluation
+  m = digits_model
+  x, y = m.x_test[:20], m.y_test[:20]  # 20 examples: batches are padded to multiples of 8
+  cfgs = {"clean": dict(label="clean", name="clean", norm="linf", eps=0.0),
+          "pgd": dict(label="PGD-3", name="pgd", norm="linf", eps=0.1, steps=3, step_size=0.05)}
+  key = jax.random.PRNGKey(0)
+  sharded = evaluation.evaluate_attacks(m.logits_fn, x, y, cfgs, key, batch_size=12, mesh=mesh)
+  assert [r.accuracy for r in sharded][0] == 1.0  # x_test holds correctly classified points
+  assert [r.num_examples for r in sharded] == [20, 20]
+  # On 8 devices a batch of 12 is padded to 16 (padding rule), so the single-device reference
+  # uses batches of 16: the same PGD noise per batch.
+  single = evaluation.evaluate_attacks(m.logits_fn, x, y, cfgs, key, batch_size=16)
+  assert [r.accuracy for r in sharded] == [r.accuracy for r in single]
+  assert sharded[1].accuracy < 1.0  # the attack really ran
