@@ -27,7 +27,6 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from configs import test_tiny  # noqa: E402
 from experiments import soat  # noqa: E402

@@ -277,20 +277,25 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 # Command line
 
 
-def main(run: Callable[[Any, str], Any]):
-  """``python -m experiments.<name> --config configs/<name>.py[:scale] --workdir DIR``."""
-  from absl import app, flags
+def main(run: Callable[[Any, str], Any],
+         workdir_help: str = "output folder (results in workdir/<experiment>/)"):
+  """``python -m experiments.<name> --config configs/<name>.py[:scale] --workdir DIR``: the
+  command line of every entrypoint (``soat``, ``evaluate`` and the analyses); calls
+  ``run(config, workdir)``."""
+  from absl import app, flags, logging
   from ml_collections import config_flags
 
   flags_ = flags.FLAGS
   config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
                                   lock_config=True)
-  flags.DEFINE_string("workdir", None, "output folder (results in workdir/<experiment>/)")
+  flags.DEFINE_string("workdir", None, workdir_help)
   flags.mark_flags_as_required(["config", "workdir"])
 
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags_["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     run(flags_.config, flags_.workdir)
 
   app.run(_main)

@@ -13,10 +13,7 @@ the other (the S-O paper's point), so both norms sit side by side.
 
 from __future__ import annotations
 
-import json
 import os
-
-import jax
 
 from experiments import soat
 from krylov_adv import data as data_lib
@@ -54,32 +51,13 @@ def evaluate_workdir(config, workdir: str, *, progress: bool = True
       print(f"[{method}] checkpoint after epoch {epochs}; attacking "
             f"{min(cfg.eval.num_examples, len(dataset.y_test))} test points", flush=True)
     results[method] = soat.evaluate(exp, state, cfg)
-  table = evaluation.markdown_table(results)
-  with open(os.path.join(workdir, "evaluation.json"), "w") as f:
-    json.dump({m: [r._asdict() for r in rs] for m, rs in results.items()}, f, indent=2)
-  with open(os.path.join(workdir, "evaluation.md"), "w") as f:
-    f.write(f"# {dataset.name}: {', '.join(methods)}\n\n{table}")
+  table = soat.write_results(workdir, results, f"{dataset.name}: {', '.join(methods)}",
+                             name="evaluation")
   if progress:
     print(table, flush=True)
   return results
 
 
-def main(argv):
-  from absl import app, logging
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-  evaluate_workdir(FLAGS.config, FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  FLAGS = flags.FLAGS
-  config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "folder written by experiments.soat")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  from experiments import common
+  common.main(evaluate_workdir, "folder written by experiments.soat")

@@ -233,12 +233,12 @@ def evaluate(exp: Experiment, state, config) -> list[evaluation.AttackResult]:
 
 
 def write_results(workdir: str, results_by_method: dict[str, list[evaluation.AttackResult]],
-                  title: str) -> str:
-  """Writes ``results.json`` and ``results.md``; returns the markdown table."""
+                  title: str, name: str = "results") -> str:
+  """Writes ``<name>.json`` and ``<name>.md``; returns the markdown table."""
   table = evaluation.markdown_table(results_by_method)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
+  with open(os.path.join(workdir, f"{name}.json"), "w") as f:
     json.dump({m: [r._asdict() for r in rs] for m, rs in results_by_method.items()}, f, indent=2)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
+  with open(os.path.join(workdir, f"{name}.md"), "w") as f:
     f.write(f"# {title}\n\nRobust accuracy (higher is better).\n\n{table}")
   return table
 
@@ -271,22 +271,6 @@ def train_and_evaluate(config, workdir: str, *, stop_after_epoch: int | None = N
   return results
 
 
-def main(argv):
-  from absl import app, logging
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-  train_and_evaluate(FLAGS.config, FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  FLAGS = flags.FLAGS
-  config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "folder for checkpoints, metrics and results")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  from experiments import common
+  common.main(train_and_evaluate, "folder for checkpoints, metrics and results")

@@ -4,7 +4,6 @@ equal single-device results, and per-example work never gathers the batch."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
