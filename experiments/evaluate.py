@@ -17,7 +17,7 @@ import os
 
 from experiments import soat
 from krylov_adv import data as data_lib
-from krylov_adv import evaluation
+from krylov_adv import evaluation, parallel
 
 
 def load_trained(config, workdir: str, dataset: data_lib.Dataset | None = None):
@@ -28,7 +28,9 @@ def load_trained(config, workdir: str, dataset: data_lib.Dataset | None = None):
   """
   exp = soat.build(config, dataset)
   mngr = soat.checkpoint_manager(workdir)
-  state, epochs = soat.restore_latest(mngr, soat.initial_state(exp))
+  # Restored replicated over the evaluation mesh, whatever device count wrote it.
+  template = parallel.replicate(soat.initial_state(exp), soat.make_mesh(config))
+  state, epochs = soat.restore_latest(mngr, template)
   mngr.close()
   if epochs == 0:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
@@ -40,6 +42,8 @@ def evaluate_workdir(config, workdir: str, *, progress: bool = True
                      ) -> dict[str, list[evaluation.AttackResult]]:
   """Evaluates every method's checkpoint; returns ``{method: [AttackResult, ...]}``."""
   soat.validate_config(config)
+  soat.start_distributed(config)
+  progress = progress and parallel.is_primary()
   methods = soat.methods_of(config)
   dataset = data_lib.load(config.data)
   results = {}

@@ -97,14 +97,22 @@ def build(config, dataset: data_lib.Dataset | None = None) -> Experiment:
                     training.make_eval_step(model))
 
 
-def make_mesh(config) -> jax.sharding.Mesh:
-  """The data-parallel mesh of ``config.parallel`` (all devices by default), after multi-host
-  start-up when ``parallel.distributed`` is set; checks that the batch splits evenly."""
+def start_distributed(config) -> None:
+  """Multi-host start-up when ``config.parallel.distributed`` is set (coordinator fields, or
+  the standard environment variables when they are empty). Must precede any other JAX call
+  that touches devices; a no-op on one host and when called again."""
   p = config.get("parallel", None)
   if p is not None and bool(p.distributed):
     parallel.initialize_distributed(p.coordinator_address or None,
                                     int(p.num_processes) or None,
                                     None if int(p.process_id) < 0 else int(p.process_id))
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+  """The data-parallel mesh of ``config.parallel`` (all devices by default), after multi-host
+  start-up (:func:`start_distributed`); checks that the batch splits evenly."""
+  start_distributed(config)
+  p = config.get("parallel", None)
   mesh = parallel.make_mesh(None if p is None else tuple(p.mesh_shape))
   parallel.check_batch_divisible(int(config.train.batch_size), mesh)
   return mesh
@@ -172,16 +180,21 @@ def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
     ``(experiment, state)`` after the last completed epoch.
   """
   os.makedirs(workdir, exist_ok=True)
-  exp = build(config, dataset)
   mesh = make_mesh(config)
+  # With several hosts every process trains (each feeds its slice of the batch), orbax writes
+  # each checkpoint once, and only process 0 writes the other files and prints.
+  primary = parallel.is_primary()
+  progress = progress and primary
+  exp = build(config, dataset)
   mngr = checkpoint_manager(workdir, int(config.checkpoint.max_to_keep))
   # Parameters and optimiser state are replicated on every device; restoring into the
   # replicated template reshards a checkpoint written on any device count onto this mesh.
   state, start_epoch = restore_latest(mngr, parallel.replicate(initial_state(exp), mesh))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  _truncate_metrics(metrics_path, start_epoch)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
+  if primary:
+    _truncate_metrics(metrics_path, start_epoch)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
   key = jax.random.PRNGKey(config.seed + 1)
   lr_fn = training.learning_rate_schedule(config.train, exp.steps_per_epoch)
   last = int(config.train.epochs) if stop_after_epoch is None else min(
@@ -209,8 +222,9 @@ def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
                   seconds=time.perf_counter() - start)
     if not np.isfinite(mean[0]):
       raise FloatingPointError(f"training diverged in epoch {epoch + 1}: loss {mean[0]}")
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if primary:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
     mngr.save(epoch + 1, args=ocp.args.StandardSave(state))
     if progress:
       print(f"[{config.train.method}] epoch {epoch + 1}: loss {mean[0]:.4f} train acc "
@@ -234,8 +248,10 @@ def evaluate(exp: Experiment, state, config) -> list[evaluation.AttackResult]:
 
 def write_results(workdir: str, results_by_method: dict[str, list[evaluation.AttackResult]],
                   title: str, name: str = "results") -> str:
-  """Writes ``<name>.json`` and ``<name>.md``; returns the markdown table."""
+  """Writes ``<name>.json`` and ``<name>.md`` (process 0 only); returns the markdown table."""
   table = evaluation.markdown_table(results_by_method)
+  if not parallel.is_primary():
+    return table
   with open(os.path.join(workdir, f"{name}.json"), "w") as f:
     json.dump({m: [r._asdict() for r in rs] for m, rs in results_by_method.items()}, f, indent=2)
   with open(os.path.join(workdir, f"{name}.md"), "w") as f:
@@ -250,6 +266,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_epoch: int | None = N
   Returns ``{method: [AttackResult, ...]}`` (empty lists when stopped early).
   """
   validate_config(config)
+  start_distributed(config)
   methods = methods_of(config)
   dataset = data_lib.load(config.data)
   results: dict[str, list[evaluation.AttackResult]] = {}
@@ -266,7 +283,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_epoch: int | None = N
       write_results(sub, {method: results[method]}, f"{dataset.name}, {method}")
   if all(results.values()):
     table = write_results(workdir, results, f"{dataset.name}: {', '.join(methods)}")
-    if progress:
+    if progress and parallel.is_primary():
       print(table, flush=True)
   return results
 

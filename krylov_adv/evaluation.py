@@ -7,6 +7,7 @@ against the other (the S-O paper's point). Every attack sees the model in infere
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -68,6 +69,14 @@ def _place(arrays, mesh):
   return parallel.shard_batch(tuple(arrays), mesh)
 
 
+@functools.partial(jax.jit, static_argnames="norm")
+def _admissibility(x_adv: Array, x: Array, *, norm: str) -> tuple[Array, Array, Array]:
+  """``(max_i ||x_adv_i - x_i||, min x_adv, max x_adv)``, reduced on the devices (a batch
+  sharded over several hosts cannot be fetched whole; these scalars are replicated)."""
+  return (jnp.max(projections.per_example_norm(x_adv - x, norm), initial=0.0), jnp.min(x_adv),
+          jnp.max(x_adv))
+
+
 def predictions(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 256,
                 mesh=None) -> np.ndarray:
   """``argmax_k logits_fn(x)_k`` for every example, in batches. x ``(N, ...)`` -> ``(N,)`` int.
@@ -77,7 +86,7 @@ def predictions(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 256,
   out = []
   for idx, valid in _padded_batches(len(x), _batch_size(batch_size, len(x), mesh)):
     (xb,) = _place((x[idx],), mesh)
-    out.append(np.asarray(jnp.argmax(logits_fn(xb), axis=1))[:valid])
+    out.append(parallel.to_host(jnp.argmax(logits_fn(xb), axis=1))[:valid])
   return np.concatenate(out) if out else np.zeros((0,), np.int32)
 
 
@@ -112,14 +121,13 @@ def robust_accuracy(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.nd
     xb, yb = _place((x[idx], y[idx]), mesh)
     out = attack_fn(logits_fn, xb, yb, jax.random.fold_in(key, b))
     x_adv = out[0] if isinstance(out, tuple) else out
-    dist = np.asarray(projections.per_example_norm(x_adv - xb, norm))
-    xa = np.asarray(x_adv)
-    outside_box = xa.min() < -_BUDGET_ATOL or xa.max() > 1 + _BUDGET_ATOL
-    if dist.max(initial=0.0) > eps + _BUDGET_ATOL * max(1.0, eps) or outside_box:
+    dist, lo, hi = (float(v) for v in _admissibility(x_adv, xb, norm=norm))
+    outside_box = lo < -_BUDGET_ATOL or hi > 1 + _BUDGET_ATOL
+    if dist > eps + _BUDGET_ATOL * max(1.0, eps) or outside_box:
       raise ValueError(f"attack returned points outside the {norm} ball of radius {eps} or the "
-                       f"box [0, 1] (max distance {dist.max()})")
-    pred = np.asarray(jnp.argmax(logits_fn(x_adv), axis=1))
-    correct += int(np.sum((pred == np.asarray(yb))[:valid]))
+                       f"box [0, 1] (max distance {dist})")
+    pred = parallel.to_host(jnp.argmax(logits_fn(x_adv), axis=1))
+    correct += int(np.sum((pred == y[idx])[:valid]))
   return correct / len(x)
 
 

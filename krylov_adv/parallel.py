@@ -8,6 +8,10 @@ cross-device traffic is what the math needs: the reduction of parameter gradient
 step, and scalar ``any``/``all`` reductions (e.g. GMRES's "is any example still iterating"). The
 Krylov basis and every per-example vector stay on their device: no gather of the batch.
 
+Several hosts: :func:`initialize_distributed` first, then each host places its slice of every
+global batch (:func:`host_local_to_global`), values that span hosts are reduced on the devices
+or gathered with :func:`to_host`, and only the primary process (:func:`is_primary`) writes files.
+
 Usage::
 
   mesh = parallel.make_mesh()                       # all visible devices on "data"
@@ -113,6 +117,43 @@ def host_shard_indices(num_examples: int) -> np.ndarray:
   per_host = num_examples // jax.process_count()
   start = jax.process_index() * per_host
   return np.arange(start, start + per_host)
+
+
+def batch_sharding(x: Any) -> tuple[NamedSharding | None, int]:
+  """The sharding of ``x``'s leading (batch) axis: ``(sharding, number of shards)``.
+
+  ``(x.sharding, d)`` when ``x`` is a ``jax.Array`` with a ``NamedSharding`` that splits axis 0
+  into ``d > 1`` pieces; ``(None, 1)`` otherwise (a NumPy array, one device, replicated). Used
+  by code that re-batches a sharded batch (AutoAttack's still-robust subsets) to keep the new
+  batch sharded the same way and of a size that splits evenly.
+  """
+  sharding = getattr(x, "sharding", None)
+  if not isinstance(sharding, NamedSharding) or not len(sharding.spec):
+    return None, 1
+  axes = sharding.spec[0]
+  if axes is None:
+    return None, 1
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  d = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+  return (sharding, d) if d > 1 else (None, 1)
+
+
+def to_host(a: Any) -> np.ndarray:
+  """The whole value of a (possibly multi-host) ``jax.Array`` as NumPy, on every host.
+
+  ``np.asarray`` when this process holds all of it (one host, or replicated); otherwise an
+  all-gather across processes (``multihost_utils.process_allgather``). Meant for small per-example
+  vectors (predictions, masks); keep large arrays on the devices.
+  """
+  if not isinstance(a, jax.Array) or a.is_fully_addressable or a.is_fully_replicated:
+    return np.asarray(a)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+
+def is_primary() -> bool:
+  """Whether this is the process that writes files (process 0; always true on one host)."""
+  return jax.process_index() == 0
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -51,6 +51,18 @@ def test_shard_batch_places_examples_on_devices(mesh):
   np.testing.assert_array_equal(np.concatenate([np.asarray(s.data) for s in shards]), x)
 
 
+def test_batch_sharding_and_to_host(mesh):
+  x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+  assert parallel.batch_sharding(x) == (None, 1)
+  assert parallel.batch_sharding(jax.numpy.asarray(x)) == (None, 1)
+  assert parallel.batch_sharding(parallel.replicate(x, mesh)) == (None, 1)
+  xs = parallel.shard_batch(x, mesh)
+  sharding, shards = parallel.batch_sharding(xs)
+  assert shards == 8 and sharding == parallel.data_sharding(mesh)
+  np.testing.assert_array_equal(parallel.to_host(xs), x)
+  assert parallel.is_primary()
+
+
 def _newton_solve(model, params):
   def solve(x, y):
     loss_fn = lambda z: losses.cross_entropy(model.apply(params, z), y)
@@ -146,3 +158,25 @@ def test_sharded_evaluation_matches_single_device(mesh, digits_model):
   single = evaluation.evaluate_attacks(m.logits_fn, x, y, cfgs, key, batch_size=16)
   assert [r.accuracy for r in sharded] == [r.accuracy for r in single]
   assert sharded[1].accuracy < 1.0  # the attack really ran
+
+
+def test_sharded_autoattack_matches_single_device(mesh, digits_model):
+  from krylov_adv import attacks
+  from krylov_adv.attacks import autoattack as aa
+  assert aa._bucket(3, 16, 8) == 8 and aa._bucket(9, 16, 8) == 16 and aa._bucket(5, 64) == 8
+  m = digits_model
+  x, y = m.x_test[:16], m.y_test[:16]
+  fast = dict(apgd_ce=dict(n_iter=5), apgd_t=dict(n_iter=5, n_target_classes=2),
+              fab_t=dict(n_iter=5, n_target_classes=2), square=dict(n_queries=20))
+  run = lambda x, y: attacks.get("autoattack")(m.logits_fn, x, y, jax.random.PRNGKey(0),
+                                               eps=0.1, norm="linf", hyperparameters=fast)
+  x_single, single = run(x, y)
+  x_sharded, sharded = run(*parallel.shard_batch((x, y), mesh))
+  # Every component ran, on still-robust subsets that shrink (padded to multiples of 8).
+  assert sharded.components == ("apgd_ce", "apgd_t", "fab_t", "square")
+  assert all(s > 0 for s in sharded.seconds)
+  assert 0.0 < sharded.robust_accuracy < sharded.clean_accuracy == 1.0
+  assert sharded.robust_accuracy_after == single.robust_accuracy_after
+  np.testing.assert_array_equal(sharded.robust, single.robust)
+  np.testing.assert_allclose(x_sharded, x_single, atol=1e-5)
+  assert x_sharded.sharding.is_equivalent_to(parallel.data_sharding(mesh), x.ndim)

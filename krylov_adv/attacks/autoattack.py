@@ -16,10 +16,16 @@ a short Python loop over components with concrete bookkeeping in between). The s
 subset is padded to the next power of two (at most the batch size) so that shrinking subsets
 reuse a handful of compiled shapes; randomness is keyed by each example's index in the full
 batch, so a component gives an example the same result inside the ensemble as alone.
+
+Data parallel: for a batch sharded over a device mesh (``krylov_adv.parallel.shard_batch``,
+several hosts included) the subsets are padded to a multiple of the number of shards and laid
+out with the batch's sharding, ``x_adv`` is assembled on the devices with that sharding, and only
+per-example predictions (``B`` integers) reach the host for the bookkeeping.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -28,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from krylov_adv import parallel
 from krylov_adv.attacks import apgd, fab, register, square
 
 Array = jax.Array
@@ -117,12 +124,30 @@ def version_components(version: str, attacks: Sequence | None = None,
   return tuple(out)
 
 
-def _bucket(n: int, batch: int) -> int:
-  return min(1 << (n - 1).bit_length(), batch)
+def _bucket(n: int, batch: int, multiple: int = 1) -> int:
+  """Size of the padded subset for ``n`` still-robust points: the next power of two (at most
+  ``batch``), rounded up to a multiple of the number of batch shards so it splits evenly."""
+  b = min(1 << (n - 1).bit_length(), batch)
+  return min(-(-b // multiple) * multiple, batch)
 
 
-def _predict(logits_fn: LogitsFn, x: Array) -> np.ndarray:
-  return np.asarray(jnp.argmax(logits_fn(x), axis=1))
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(logits_fn: LogitsFn, x: Array) -> Array:
+  return jnp.argmax(logits_fn(x), axis=1)
+
+
+@functools.partial(jax.jit, static_argnames="sharding")
+def _take(x: Array, index: Array, *, sharding=None) -> Array:
+  # Gathering the subset re-batches the still-robust points across devices (once per
+  # component); inside a component every per-example computation stays on its device.
+  out = x[index]
+  return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
+
+
+@jax.jit
+def _put(x_adv: Array, xa: Array, target: Array) -> Array:
+  # Padding slots and unfooled points target index B, out of range, and are dropped.
+  return x_adv.at[target].set(xa, mode="drop")
 
 
 @register("autoattack")
@@ -149,10 +174,14 @@ def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str =
   x, y, _, _ = apgd.validate(logits_fn, x, y, eps, norm)
   plan = version_components(version, attacks, hyperparameters)
   bsz = x.shape[0]
-  y_np = np.asarray(y)
-  robust = _predict(logits_fn, x) == y_np
+  # A batch sharded over a mesh stays sharded: subsets are padded to a multiple of the number
+  # of shards and laid out like x, and x_adv is assembled on the devices. Only the per-example
+  # predictions (B ints) travel to the host for the bookkeeping.
+  sharding, shards = parallel.batch_sharding(x)
+  y_np = parallel.to_host(y)
+  robust = parallel.to_host(_predict(logits_fn, x)) == y_np
   clean_accuracy = float(robust.mean()) if bsz else 0.0
-  x_adv = np.array(x)
+  x_adv = x
   after, seconds = [], []
   for name, kw in plan:
     idx = np.nonzero(robust)[0]
@@ -160,19 +189,26 @@ def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str =
       after.append(0.0)
       seconds.append(0.0)
       continue
-    padded = np.concatenate([idx, np.full(_bucket(idx.size, bsz) - idx.size, idx[0])])
+    size = _bucket(idx.size, bsz, shards)
+    padded = np.concatenate([idx, np.full(size - idx.size, idx[0])]).astype(np.int32)
+    index_sharding = None if sharding is None else jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
     start = time.perf_counter()
-    xa = COMPONENTS[name](logits_fn, x[padded], y[padded], key, eps=eps, norm=norm,
-                          example_index=jnp.asarray(padded, jnp.int32), **kw)
-    xa = jax.block_until_ready(xa)[:idx.size]
-    fooled = _predict(logits_fn, xa) != y_np[idx]
+    example_index = jnp.asarray(padded) if index_sharding is None else jax.device_put(
+        padded, index_sharding)
+    xa = COMPONENTS[name](logits_fn, _take(x, padded, sharding=sharding),
+                          _take(y, padded, sharding=index_sharding), key, eps=eps, norm=norm,
+                          example_index=example_index, **kw)
+    pred = parallel.to_host(_predict(logits_fn, xa))
     seconds.append(time.perf_counter() - start)
-    x_adv[idx[fooled]] = np.asarray(xa)[fooled]
-    robust[idx[fooled]] = False
+    fooled = np.zeros(size, bool)
+    fooled[:idx.size] = pred[:idx.size] != y_np[idx]
+    x_adv = _put(x_adv, xa, np.where(fooled, padded, bsz).astype(np.int32))
+    robust[idx[fooled[:idx.size]]] = False
     after.append(float(robust.mean()))
   report = AutoAttackReport(
       components=tuple(name for name, _ in plan), clean_accuracy=clean_accuracy,
       robust_accuracy_after=tuple(after),
       robust_accuracy=after[-1] if after else clean_accuracy, seconds=tuple(seconds),
       robust=robust)
-  return jnp.asarray(x_adv), report
+  return x_adv, report

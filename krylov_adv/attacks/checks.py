@@ -9,6 +9,7 @@ tracers and only the static checks apply.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from krylov_adv import projections
@@ -16,6 +17,14 @@ from krylov_adv import projections
 
 def is_concrete(a) -> bool:
   return not isinstance(a, jax.core.Tracer)
+
+
+@jax.jit
+def _range_stats(a):
+  # Reduced on the devices: a batch sharded over several hosts cannot be fetched whole, but
+  # these scalars come back replicated on every host.
+  a = a.reshape(-1)
+  return jnp.all(jnp.isfinite(a)), jnp.min(a), jnp.max(a)
 
 
 def check_attack_inputs(x, y, eps, norm: str, num_classes: int | None = None) -> None:
@@ -39,16 +48,16 @@ def check_attack_inputs(x, y, eps, norm: str, num_classes: int | None = None) ->
     raise ValueError(f"batch sizes differ: x has {x.shape[0]} examples, y has {y.shape[0]}")
   if not np.issubdtype(np.dtype(y.dtype), np.integer):
     raise ValueError(f"labels y must be integers, got dtype {y.dtype}")
-  if is_concrete(x):
-    xv = np.asarray(x)
-    if not np.all(np.isfinite(xv)):
+  if is_concrete(x) and x.size:
+    finite, lo, hi = (np.asarray(v) for v in _range_stats(x))
+    if not finite:
       raise ValueError("x contains NaN or inf")
-    if xv.size and (xv.min() < 0.0 or xv.max() > 1.0):
-      raise ValueError(f"x must lie in [0, 1], got range [{xv.min()}, {xv.max()}]")
-  if num_classes is not None and is_concrete(y):
-    yv = np.asarray(y)
-    if yv.size and (yv.min() < 0 or yv.max() >= num_classes):
-      raise ValueError(f"labels must lie in [0, {num_classes}), got range [{yv.min()}, {yv.max()}]")
+    if lo < 0.0 or hi > 1.0:
+      raise ValueError(f"x must lie in [0, 1], got range [{lo}, {hi}]")
+  if num_classes is not None and is_concrete(y) and y.size:
+    _, lo, hi = (np.asarray(v) for v in _range_stats(y))
+    if lo < 0 or hi >= num_classes:
+      raise ValueError(f"labels must lie in [0, {num_classes}), got range [{lo}, {hi}]")
 
 
 def check_positive(name: str, value) -> None:
