@@ -122,8 +122,9 @@ def robust_accuracy(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.nd
     out = attack_fn(logits_fn, xb, yb, jax.random.fold_in(key, b))
     x_adv = out[0] if isinstance(out, tuple) else out
     dist, lo, hi = (float(v) for v in _admissibility(x_adv, xb, norm=norm))
-    outside_box = lo < -_BUDGET_ATOL or hi > 1 + _BUDGET_ATOL
-    if dist > eps + _BUDGET_ATOL * max(1.0, eps) or outside_box:
+    # Written so that NaN fails too: a NaN adversarial point is not admissible.
+    inside_box = lo >= -_BUDGET_ATOL and hi <= 1 + _BUDGET_ATOL
+    if not (dist <= eps + _BUDGET_ATOL * max(1.0, eps) and inside_box):
       raise ValueError(f"attack returned points outside the {norm} ball of radius {eps} or the "
                        f"box [0, 1] (max distance {dist})")
     pred = parallel.to_host(jnp.argmax(logits_fn(x_adv), axis=1))

@@ -1,0 +1,45 @@
+"""krylov_adv.evaluation: accuracies against direct counts, and the threat-model check that
+refuses an accuracy measured on inadmissible points."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from krylov_adv import evaluation
+
+
+def _shifted(delta):
+  """An 'attack' that adds ``delta`` to every pixel (no clipping)."""
+  return lambda logits_fn, x, y, key: x + delta
+
+
+def test_robust_accuracy_counts_what_the_attack_returns(digits_model):
+  m = digits_model
+  x, y = m.x_test[:10], m.y_test[:10]
+  # Points with an odd label become the all-zeros image; the others stay clean (and correct:
+  # x_test holds correctly classified points).
+  attack = lambda logits_fn, xb, yb, key: jnp.where((yb % 2 == 0)[:, None, None, None], xb, 0.0)
+  zeros_pred = np.asarray(jnp.argmax(m.logits_fn(jnp.zeros_like(x)), axis=1))
+  want = np.mean(np.where(y % 2 == 0, True, zeros_pred == y))
+  assert 0.0 < want < 1.0
+  # One batch, and batches of 4 (the last one padded with example 0, excluded from the count).
+  for batch_size in (10, 4):
+    got = evaluation.robust_accuracy(m.logits_fn, attack, x, y, jax.random.PRNGKey(0), eps=1.0,
+                                     norm="linf", batch_size=batch_size)
+    assert got == pytest.approx(want)
+
+
+@pytest.mark.parametrize("delta,norm,eps", [
+    (0.2, "linf", 0.1),     # outside the Linf ball
+    (0.05, "l2", 0.1),      # 0.05 * sqrt(64) = 0.4 > 0.1: outside the L2 ball
+    (-2.0, "linf", 3.0),    # inside the ball, outside the box [0, 1]
+    (np.nan, "linf", 0.1),  # NaN is never admissible
+])
+def test_inadmissible_points_are_refused(digits_model, delta, norm, eps):
+  m = digits_model
+  with pytest.raises(ValueError, match="outside"):
+    evaluation.robust_accuracy(m.logits_fn, _shifted(delta), m.x_test[:8], m.y_test[:8],
+                               jax.random.PRNGKey(0), eps=eps, norm=norm, batch_size=8)
