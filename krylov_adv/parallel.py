@@ -166,10 +166,12 @@ def initialize_distributed(coordinator_address: str | None = None,
                            process_id: int | None = None) -> bool:
   """Multi-host start-up through ``jax.distributed.initialize``.
 
-  Arguments given here (e.g. from a config) win; otherwise JAX reads the standard environment
-  (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) or the cluster's own
-  (SLURM, Cloud TPU, ...). Does nothing and returns ``False`` for a single-process run with no
-  such settings, so that the same entry point serves one machine and a pod.
+  Arguments given here (e.g. from a config) win; otherwise the environment variables
+  ``JAX_COORDINATOR_ADDRESS`` (``host:port``), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
+  (JAX itself reads only the first; the other two are read here), and what JAX detects from the
+  cluster (SLURM, Open MPI, Cloud TPU, ...) for whatever is still unset. Does nothing and
+  returns ``False`` for a single-process run with no such settings, so that the same entry
+  point serves one machine and a pod.
 
   Idempotent: a second call (training, then evaluation) does nothing more.
 
@@ -179,10 +181,15 @@ def initialize_distributed(coordinator_address: str | None = None,
   global _DISTRIBUTED_INITIALIZED
   if _DISTRIBUTED_INITIALIZED:
     return True
-  env_coord = os.environ.get("JAX_COORDINATOR_ADDRESS")
-  cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
-                                          "OMPI_COMM_WORLD_SIZE"))
-  if coordinator_address is None and env_coord is None and not cluster:
+  env = os.environ
+  coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+  if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+    num_processes = int(env["JAX_NUM_PROCESSES"])
+  if process_id is None and env.get("JAX_PROCESS_ID"):
+    process_id = int(env["JAX_PROCESS_ID"])
+  cluster = any(k in env for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
+                                   "OMPI_COMM_WORLD_SIZE"))
+  if coordinator_address is None and not cluster:
     return False
   kwargs = {}
   if coordinator_address is not None:

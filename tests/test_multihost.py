@@ -33,18 +33,27 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(module: str, workdir: str) -> list[subprocess.Popen]:
-  """Starts ``python -m module`` once per process of a 2-host run; returns the processes."""
+def _launch(module: str, workdir: str, *, via_env: bool = False) -> list[subprocess.Popen]:
+  """Starts ``python -m module`` once per process of a 2-host run; returns the processes.
+
+  The coordinator, process count and process id go on the command line, or with ``via_env``
+  in the standard environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+  ``JAX_PROCESS_ID``.
+  """
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
   procs = []
   for pid in range(NUM_PROCESSES):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
     cmd = [sys.executable, "-m", module, "--config", "configs/test_multihost.py",
-           "--workdir", workdir, "--config.parallel.distributed=True",
-           f"--config.parallel.coordinator_address=localhost:{port}",
-           f"--config.parallel.num_processes={NUM_PROCESSES}",
-           f"--config.parallel.process_id={pid}"]
+           "--workdir", workdir, "--config.parallel.distributed=True"]
+    if via_env:
+      env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                 JAX_NUM_PROCESSES=str(NUM_PROCESSES), JAX_PROCESS_ID=str(pid))
+    else:
+      cmd += [f"--config.parallel.coordinator_address=localhost:{port}",
+              f"--config.parallel.num_processes={NUM_PROCESSES}",
+              f"--config.parallel.process_id={pid}"]
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   return procs
@@ -115,7 +124,8 @@ def test_two_hosts_match_one_host_and_checkpoints_move(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(moved.params), jax.tree_util.tree_leaves(ref.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
-  # The one-host checkpoint (written on 4 devices) restores on the two hosts, and their
-  # evaluation reproduces the one-host table.
-  _wait(_launch("experiments.evaluate", single))
+  # The one-host checkpoint (written on 4 devices) restores on the two hosts, started this
+  # time from the environment variables, and their evaluation reproduces the one-host table.
+  outs = _wait(_launch("experiments.evaluate", single, via_env=True))
+  assert "| attack |" in outs[0] and "| attack |" not in outs[1]
   assert _accuracies(os.path.join(single, "evaluation.json")) == want

@@ -180,3 +180,53 @@ def test_sharded_autoattack_matches_single_device(mesh, digits_model):
   np.testing.assert_array_equal(sharded.robust, single.robust)
   np.testing.assert_allclose(x_sharded, x_single, atol=1e-5)
   assert x_sharded.sharding.is_equivalent_to(parallel.data_sharding(mesh), x.ndim)
+
+
+class _FakeInitialize:
+  """Stands in for ``jax.distributed.initialize``: records its keyword arguments."""
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, **kwargs):
+    self.calls.append(kwargs)
+
+
+@pytest.fixture
+def fake_initialize(monkeypatch):
+  fake = _FakeInitialize()
+  monkeypatch.setattr(jax.distributed, "initialize", fake)
+  monkeypatch.setattr(parallel, "_DISTRIBUTED_INITIALIZED", False)
+  for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
+              "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(var, raising=False)
+  return fake
+
+
+def test_distributed_start_up_sources(fake_initialize, monkeypatch):
+  # One machine, nothing configured: no distributed runtime.
+  assert parallel.initialize_distributed() is False and fake_initialize.calls == []
+  # The standard environment variables (JAX reads only the coordinator itself).
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "3")
+  assert parallel.initialize_distributed() is True
+  assert fake_initialize.calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=4,
+                                        process_id=3)]
+  # Idempotent: training then evaluation in one process start it once.
+  assert parallel.initialize_distributed("other:1", 2, 0) is True
+  assert len(fake_initialize.calls) == 1
+
+
+def test_distributed_start_up_config_wins_over_environment(fake_initialize, monkeypatch):
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  monkeypatch.setenv("JAX_PROCESS_ID", "3")
+  assert parallel.initialize_distributed("host:99", 2, 1) is True
+  assert fake_initialize.calls == [dict(coordinator_address="host:99", num_processes=2,
+                                        process_id=1)]
+
+
+def test_distributed_start_up_on_a_cluster_leaves_detection_to_jax(fake_initialize, monkeypatch):
+  monkeypatch.setenv("SLURM_JOB_ID", "17")
+  assert parallel.initialize_distributed() is True
+  assert fake_initialize.calls == [{}]
