@@ -122,8 +122,7 @@ def _global_batch(xb: np.ndarray, yb: np.ndarray, mesh) -> tuple[jax.Array, jax.
   """Batch-sharded global arrays; with several hosts each one places only its own slice."""
   if jax.process_count() == 1:
     return parallel.shard_batch((xb, yb), mesh)
-  per_host = len(yb) // jax.process_count()
-  own = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+  own = parallel.host_shard_indices(len(yb))
   return parallel.host_local_to_global((xb[own], yb[own]), mesh)
 
 

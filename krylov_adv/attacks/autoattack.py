@@ -178,6 +178,8 @@ def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str =
   # of shards and laid out like x, and x_adv is assembled on the devices. Only the per-example
   # predictions (B ints) travel to the host for the bookkeeping.
   sharding, shards = parallel.batch_sharding(x)
+  index_sharding = None if sharding is None else jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
   y_np = parallel.to_host(y)
   robust = parallel.to_host(_predict(logits_fn, x)) == y_np
   clean_accuracy = float(robust.mean()) if bsz else 0.0
@@ -191,8 +193,6 @@ def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str =
       continue
     size = _bucket(idx.size, bsz, shards)
     padded = np.concatenate([idx, np.full(size - idx.size, idx[0])]).astype(np.int32)
-    index_sharding = None if sharding is None else jax.sharding.NamedSharding(
-        sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
     start = time.perf_counter()
     example_index = jnp.asarray(padded) if index_sharding is None else jax.device_put(
         padded, index_sharding)
