@@ -17,6 +17,11 @@ experiment trains use exactly the recipe and code of ``experiments.soat``:
 
 Output: ``workdir/<experiment>/results.json`` (everything measured, plus the config), PNG
 figures next to it and ``report.md`` (the section ``experiments.report`` assembles).
+
+Several hosts (``parallel.distributed``, as for ``experiments.soat``): the models are trained
+data-parallel over every host's devices; the measurements then run on each host's own devices
+with the parameters copied to it (they are per example or timings, and small at every scale),
+and only process 0 writes files, the model cache included, and prints.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from krylov_adv import data as data_lib
-from krylov_adv import evaluation, models, training
+from krylov_adv import evaluation, models, parallel, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,16 +113,19 @@ def _cache_key(cfg) -> str:
 
 
 def _train_in_memory(cfg, dataset: data_lib.Dataset):
-  """Trains ``cfg`` with the jitted step of ``krylov_adv.training`` (no checkpoints)."""
+  """Trains ``cfg`` with the jitted step of ``krylov_adv.training`` (no checkpoints),
+  data-parallel on the config's mesh exactly as ``experiments.soat.train`` does: parameters
+  replicated, each batch sharded over ``"data"`` (each host placing its own slice)."""
   from experiments import soat
   exp = soat.build(cfg, dataset)
-  state = soat.initial_state(exp)
+  mesh = soat.make_mesh(cfg)
+  state = parallel.replicate(soat.initial_state(exp), mesh)
   key = jax.random.PRNGKey(cfg.seed + 1)
   for epoch in range(int(cfg.train.epochs)):
     for xb, yb in data_lib.epoch_batches(dataset.x_train, dataset.y_train,
                                          int(cfg.train.batch_size), seed=cfg.seed, epoch=epoch,
                                          augment=bool(cfg.data.augment)):
-      state, metrics = exp.train_step(state, jnp.asarray(xb), jnp.asarray(yb), key)
+      state, metrics = exp.train_step(state, *soat.global_batch(xb, yb, mesh), key)
     if not np.isfinite(float(metrics.loss)):
       raise FloatingPointError(f"training {cfg.train.method} diverged in epoch {epoch + 1}")
   return exp.model, state
@@ -132,6 +140,11 @@ def get_model(config, dataset: data_lib.Dataset, method: str, *, activation: str
   model is trained here with ``config.train`` (and ``activation`` overriding
   ``config.model.activation``), and cached in ``cache_dir`` keyed by a hash of the data, model
   and training configs, so several experiments sharing a workdir train each model once.
+
+  The returned ``variables`` are NumPy and ``logits_fn`` runs on this host's default device, so
+  that what follows is host-local on every host. With several hosts the cache is read only when
+  every host finds it (training is collective, so all must make the same choice) and written
+  by process 0 alone, through a rename so that a reader never sees half a file.
   """
   cfg = _method_config(config, method, activation)
   act = cfg.model.activation
@@ -143,31 +156,44 @@ def get_model(config, dataset: data_lib.Dataset, method: str, *, activation: str
     sub = os.path.join(models_dir, method)
     exp, state, _ = evaluate_lib.load_trained(cfg, sub if os.path.isdir(sub) else models_dir,
                                               dataset)
-    model, variables, seconds = exp.model, {"params": state.params,
-                                            "batch_stats": state.batch_stats}, 0.0
+    model, seconds = exp.model, 0.0
+    # Restored replicated over the (possibly multi-host) mesh: every host has the whole value.
+    variables = jax.tree_util.tree_map(parallel.to_host, {"params": state.params,
+                                                          "batch_stats": state.batch_stats})
   else:
     model = models.get(cfg.model.name, num_classes=dataset.num_classes, activation=act,
                        **cfg.model.options.to_dict())
     path = os.path.join(cache_dir, f"{method}_{act}_{_cache_key(cfg)}.pkl") if cache_dir else ""
-    if path and os.path.exists(path):
+    if path and all_hosts(os.path.exists(path)):
       with open(path, "rb") as f:
         variables, seconds = pickle.load(f)
     else:
       if progress:
         print(f"training {label} ({cfg.train.epochs} epochs on {dataset.name})", flush=True)
       model, state = _train_in_memory(cfg, dataset)
-      variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+      variables = jax.tree_util.tree_map(parallel.to_host, {"params": state.params,
+                                                            "batch_stats": state.batch_stats})
       seconds = time.perf_counter() - start
-      if path:
+      if path and parallel.is_primary():
         os.makedirs(cache_dir, exist_ok=True)
-        with open(path, "wb") as f:
+        with open(path + ".tmp", "wb") as f:
           pickle.dump((variables, seconds), f)
+        os.replace(path + ".tmp", path)
   logits_fn = jax.jit(training.inference_logits_fn(model, variables["params"],
                                                    variables["batch_stats"]))
   acc = evaluation.accuracy(logits_fn, dataset.x_test, dataset.y_test)
   if progress:
     print(f"model {label}: clean test accuracy {acc:.4f}", flush=True)
   return TrainedModel(label, method, act, logits_fn, variables, acc, seconds, model)
+
+
+def all_hosts(flag: bool) -> bool:
+  """``flag`` when it holds on every process (an all-gather of one bool); ``flag`` itself on one
+  host. For choices that lead into collective work, which every host must make alike."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
 
 
 def cross_entropy_fn(logits_fn, y) -> Callable[[jax.Array], jax.Array]:
@@ -226,14 +252,19 @@ def to_jsonable(obj):
 
 
 def output_dir(workdir: str, name: str) -> str:
+  """``workdir/name``, created by process 0 (the only one that writes there)."""
   path = os.path.join(workdir, name)
-  os.makedirs(path, exist_ok=True)
+  if parallel.is_primary():
+    os.makedirs(path, exist_ok=True)
   return path
 
 
 def write_results(out_dir: str, config, results: dict, markdown: str) -> str:
-  """Writes ``results.json`` (results plus the config) and ``report.md``; returns the JSON path."""
+  """Writes ``results.json`` (results plus the config) and ``report.md`` on process 0; returns
+  the JSON path."""
   path = os.path.join(out_dir, "results.json")
+  if not parallel.is_primary():
+    return path
   with open(path, "w") as f:
     json.dump({"config": json.loads(config.to_json()), "results": to_jsonable(results)}, f,
               indent=2)
@@ -256,8 +287,10 @@ def pyplot():
 
 
 def save_figure(fig, path: str) -> str:
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  """Saves ``fig`` as ``path`` (process 0 only) and closes it; returns the file name."""
+  if parallel.is_primary():
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
   pyplot().close(fig)
   return os.path.basename(path)
 
@@ -280,8 +313,12 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 def main(run: Callable[[Any, str], Any],
          workdir_help: str = "output folder (results in workdir/<experiment>/)"):
   """``python -m experiments.<name> --config configs/<name>.py[:scale] --workdir DIR``: the
-  command line of every entrypoint (``soat``, ``evaluate`` and the analyses); calls
-  ``run(config, workdir)``."""
+  command line of every entrypoint (``soat``, ``evaluate`` and the analyses).
+
+  Starts the multi-host runtime first when ``config.parallel.distributed`` is set (it must
+  precede every other JAX call), then calls ``run(config, workdir, progress=...)`` with progress
+  output on process 0 only.
+  """
   from absl import app, flags, logging
   from ml_collections import config_flags
 
@@ -296,7 +333,9 @@ def main(run: Callable[[Any, str], Any],
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags_["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-    run(flags_.config, flags_.workdir)
+    from experiments import soat
+    soat.start_distributed(flags_.config)
+    run(flags_.config, flags_.workdir, progress=parallel.is_primary())
 
   app.run(_main)
 

@@ -118,8 +118,11 @@ def make_mesh(config) -> jax.sharding.Mesh:
   return mesh
 
 
-def _global_batch(xb: np.ndarray, yb: np.ndarray, mesh) -> tuple[jax.Array, jax.Array]:
-  """Batch-sharded global arrays; with several hosts each one places only its own slice."""
+def global_batch(xb: np.ndarray, yb: np.ndarray, mesh) -> tuple[jax.Array, jax.Array]:
+  """A host batch ``xb (B, H, W, C)``, ``yb (B,)`` as global arrays sharded over ``mesh``'s
+  ``"data"`` axis. Every host holds the same global batch (the shuffle depends only on the seed
+  and the epoch); with several hosts each one places only its own slice
+  (``parallel.host_shard_indices``)."""
   if jax.process_count() == 1:
     return parallel.shard_batch((xb, yb), mesh)
   own = parallel.host_shard_indices(len(yb))
@@ -209,7 +212,7 @@ def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
     for xb, yb in bar:
       # The batch is sharded over the "data" axis: attacks (GMRES included) run per device on
       # their examples, and only the parameter gradients are reduced across devices.
-      state, m = exp.train_step(state, *_global_batch(xb, yb, mesh), key)
+      state, m = exp.train_step(state, *global_batch(xb, yb, mesh), key)
       sums += np.asarray([float(m.loss), float(m.accuracy), float(m.clean_accuracy)])
       bar.set_postfix(loss=f"{float(m.loss):.3f}", acc=f"{float(m.accuracy):.3f}")
     mean = sums / exp.steps_per_epoch

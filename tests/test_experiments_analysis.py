@@ -82,6 +82,25 @@ def test_mnist_test_split_loads_real_images():
 # Building blocks
 
 
+def test_models_train_data_parallel_like_soat():
+  """The analyses train on the config's mesh (every device by default) as experiments.soat
+  does; that equals training on one device within float tolerance."""
+  pytest.importorskip("sklearn")
+  cfg = _config("iterations")
+  cfg.train.epochs = 1
+  dataset = common.load_data(cfg.data)
+  _, sharded = common._train_in_memory(cfg, dataset)
+  leaf = jax.tree_util.tree_leaves(sharded.params)[0]
+  assert len(leaf.sharding.device_set) == jax.device_count() and leaf.sharding.is_fully_replicated
+  cfg.parallel.mesh_shape = (1,)
+  _, single = common._train_in_memory(cfg, dataset)
+  assert len(jax.tree_util.tree_leaves(single.params)[0].sharding.device_set) == 1
+  for a, b in zip(jax.tree_util.tree_leaves(sharded.params),
+                  jax.tree_util.tree_leaves(single.params), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert int(sharded.step) == int(single.step) == len(dataset.y_train) // cfg.train.batch_size
+
+
 def test_dims_per_tau_matches_gmres_stopped_at_each_tau(digits_model):
   """m(tau) read off one run's residual history equals the dimension of a run stopped at tau."""
   x = jnp.asarray(digits_model.x_test[:6])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -33,20 +34,24 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(module: str, workdir: str, *, via_env: bool = False) -> list[subprocess.Popen]:
+def _launch(module: str, workdir: str | list[str], *, via_env: bool = False,
+            config: str = "configs/test_multihost.py",
+            args: tuple[str, ...] = ()) -> list[subprocess.Popen]:
   """Starts ``python -m module`` once per process of a 2-host run; returns the processes.
 
   The coordinator, process count and process id go on the command line, or with ``via_env``
   in the standard environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
-  ``JAX_PROCESS_ID``.
+  ``JAX_PROCESS_ID``. ``workdir`` may be one folder per process (to see who writes what);
+  ``args`` are more flags (config overrides).
   """
+  workdirs = [workdir] * NUM_PROCESSES if isinstance(workdir, str) else list(workdir)
   port = _free_port()
   procs = []
   for pid in range(NUM_PROCESSES):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    cmd = [sys.executable, "-m", module, "--config", "configs/test_multihost.py",
-           "--workdir", workdir, "--config.parallel.distributed=True"]
+    cmd = [sys.executable, "-m", module, "--config", config, "--workdir", workdirs[pid],
+           "--config.parallel.distributed=True", *args]
     if via_env:
       env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                  JAX_NUM_PROCESSES=str(NUM_PROCESSES), JAX_PROCESS_ID=str(pid))
@@ -129,3 +134,67 @@ def test_two_hosts_match_one_host_and_checkpoints_move(tmp_path):
   outs = _wait(_launch("experiments.evaluate", single, via_env=True))
   assert "| attack |" in outs[0] and "| attack |" not in outs[1]
   assert _accuracies(os.path.join(single, "evaluation.json")) == want
+
+
+def test_analysis_experiment_on_two_hosts(tmp_path):
+  """An analysis experiment (iterations: PGD and SOAE for N = 1, 2 on 64 digits) on two hosts: the
+  model is trained data-parallel over both, the measurements run on each host, and only
+  process 0 writes files. Each process gets its own workdir, so that a file written by
+  process 1 would show."""
+  pytest.importorskip("sklearn")
+  from configs import iterations as iterations_config
+  from experiments import iterations
+
+  # Float-level differences between the two runs (the order of the gradient sums) grow over
+  # training, so train 3 epochs rather than 15. And the exact HVP: SOAE with float32 finite
+  # differences inverts rounding noise, which would amplify them.
+  dirs = [str(tmp_path / "host0"), str(tmp_path / "host1")]
+  args = ("--config.train.epochs=3", "--config.experiment.num_examples=64",
+          "--config.experiment.batch_size=32", "--config.experiment.attacks.soae.hvp=exact")
+  procs = _launch("experiments.iterations", dirs, config="configs/iterations.py:tiny", args=args)
+  config = iterations_config.get_config("tiny")
+  config.train.epochs = 3
+  config.experiment.num_examples = 64
+  config.experiment.batch_size = 32
+  config.experiment.attacks.soae.hvp = "exact"
+  config.parallel.mesh_shape = (4,)  # 2 hosts x 2 devices
+  single = str(tmp_path / "one_host")
+  want = iterations.run(config, single, progress=False)
+  outs = _wait(procs)
+
+  assert "training standard" in outs[0] and "robust accuracy" in outs[0]
+  assert "training" not in outs[1] and "robust accuracy" not in outs[1]
+  assert not os.path.exists(dirs[1]), os.listdir(dirs[1])
+  assert sorted(os.listdir(os.path.join(dirs[0], "iterations"))) == [
+      "accuracy_vs_iterations.png", "report.md", "results.json"]
+  (cached,) = os.listdir(os.path.join(dirs[0], "models"))
+  assert cached.endswith(".pkl") and cached in os.listdir(os.path.join(single, "models"))
+
+  with open(os.path.join(dirs[0], "models", cached), "rb") as f:
+    got_vars, _ = pickle.load(f)
+  with open(os.path.join(single, "models", cached), "rb") as f:
+    want_vars, _ = pickle.load(f)
+  for a, b in zip(jax.tree_util.tree_leaves(got_vars), jax.tree_util.tree_leaves(want_vars),
+                  strict=True):
+    assert isinstance(a, np.ndarray)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+  with open(os.path.join(dirs[0], "iterations", "results.json")) as f:
+    got = json.load(f)["results"]
+  fields = ("model", "attack", "iterations", "robust_accuracy", "clean_accuracy")
+  assert ([{k: r[k] for k in fields} for r in got["rows"]]
+          == [{k: r[k] for k in fields} for r in want["rows"]])
+  assert got["models"] == want["models"] and got["conclusions"] == want["conclusions"]
+  # A model that learnt something, and attacks that did something.
+  assert want["models"]["standard"] >= 0.5
+  assert min(r["robust_accuracy"] for r in want["rows"]) < want["models"]["standard"]
+
+  # Again: now process 0 finds the cached model and process 1 does not (a disk of its own).
+  # Training is collective, so both must train again; process 0 reading the cache alone would
+  # leave process 1 in collectives that process 0 never joins (it fails, or hangs).
+  outs = _wait(_launch("experiments.iterations", dirs, config="configs/iterations.py:tiny",
+                       args=args), timeout=240)
+  assert "training standard" in outs[0] and not os.path.exists(dirs[1])
+  with open(os.path.join(dirs[0], "iterations", "results.json")) as f:
+    assert json.load(f)["results"]["rows"][0]["robust_accuracy"] == want["rows"][0][
+        "robust_accuracy"]
