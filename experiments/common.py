@@ -131,6 +131,13 @@ def _train_in_memory(cfg, dataset: data_lib.Dataset):
   return exp.model, state
 
 
+def _host_variables(state) -> dict:
+  """``{"params", "batch_stats"}`` of a train state as NumPy. The state is replicated over the
+  (possibly multi-host) mesh, so every host holds the whole value."""
+  return jax.tree_util.tree_map(parallel.to_host, {"params": state.params,
+                                                   "batch_stats": state.batch_stats})
+
+
 def get_model(config, dataset: data_lib.Dataset, method: str, *, activation: str | None = None,
               cache_dir: str | None = None, progress: bool = True) -> TrainedModel:
   """A model trained with ``method`` (``standard | pgd | trades | ...``) on ``dataset``.
@@ -156,23 +163,19 @@ def get_model(config, dataset: data_lib.Dataset, method: str, *, activation: str
     sub = os.path.join(models_dir, method)
     exp, state, _ = evaluate_lib.load_trained(cfg, sub if os.path.isdir(sub) else models_dir,
                                               dataset)
-    model, seconds = exp.model, 0.0
-    # Restored replicated over the (possibly multi-host) mesh: every host has the whole value.
-    variables = jax.tree_util.tree_map(parallel.to_host, {"params": state.params,
-                                                          "batch_stats": state.batch_stats})
+    model, variables, seconds = exp.model, _host_variables(state), 0.0
   else:
     model = models.get(cfg.model.name, num_classes=dataset.num_classes, activation=act,
                        **cfg.model.options.to_dict())
     path = os.path.join(cache_dir, f"{method}_{act}_{_cache_key(cfg)}.pkl") if cache_dir else ""
-    if path and all_hosts(os.path.exists(path)):
+    if path and parallel.all_hosts(os.path.exists(path)):
       with open(path, "rb") as f:
         variables, seconds = pickle.load(f)
     else:
       if progress:
         print(f"training {label} ({cfg.train.epochs} epochs on {dataset.name})", flush=True)
       model, state = _train_in_memory(cfg, dataset)
-      variables = jax.tree_util.tree_map(parallel.to_host, {"params": state.params,
-                                                            "batch_stats": state.batch_stats})
+      variables = _host_variables(state)
       seconds = time.perf_counter() - start
       if path and parallel.is_primary():
         os.makedirs(cache_dir, exist_ok=True)
@@ -185,15 +188,6 @@ def get_model(config, dataset: data_lib.Dataset, method: str, *, activation: str
   if progress:
     print(f"model {label}: clean test accuracy {acc:.4f}", flush=True)
   return TrainedModel(label, method, act, logits_fn, variables, acc, seconds, model)
-
-
-def all_hosts(flag: bool) -> bool:
-  """``flag`` when it holds on every process (an all-gather of one bool); ``flag`` itself on one
-  host. For choices that lead into collective work, which every host must make alike."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  from jax.experimental import multihost_utils
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
 
 
 def cross_entropy_fn(logits_fn, y) -> Callable[[jax.Array], jax.Array]:

@@ -156,6 +156,16 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def all_hosts(flag: bool) -> bool:
+  """``flag`` when it holds on every process (an all-gather of one bool); ``flag`` itself on one
+  host. For choices that lead into collective work, which every host must make alike (e.g.
+  "read a cached model, or train it": training is collective)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a pytree (parameters, optimizer state) whole on every device of the mesh."""
   return jax.device_put(tree, replicated_sharding(mesh))
