@@ -128,20 +128,23 @@ def _check_root(root: str, source: str, expected: str) -> None:
                      f"holding {expected}")
 
 
-def _idx_path(root: str, split: str, kind: str) -> str:
-  stem = f"{split}-{kind}-ubyte"
+def _find_idx(root: str, stem: str) -> str | None:
   for name in (stem + ".gz", stem):
     if os.path.isfile(os.path.join(root, name)):
       return os.path.join(root, name)
-  raise ValueError(f"data.root {root!r} has no {stem}[.gz]; the idx source expects "
-                   f"{', '.join(_IDX_FILES)} (each optionally .gz)")
+  return None
+
+
+def _idx_path(root: str, split: str, kind: str) -> str:
+  stem = f"{split}-{kind}-ubyte"
+  return _find_idx(root, stem) or os.path.join(root, stem + ".gz")  # read_idx reports it missing
 
 
 def load_idx_split(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """Images ``(N, 28, 28, 1)`` float32 in ``[0, 1]`` and labels ``(N,)`` int32 of one IDX split.
 
-  ``split`` is the file prefix: ``"train"`` or ``"t10k"``. A missing file is a ``ValueError``
-  naming ``root`` and the file expected.
+  ``split`` is the file prefix: ``"train"`` or ``"t10k"``. A missing file is a
+  ``FileNotFoundError`` (from :func:`read_idx`); :func:`load_idx` checks the whole folder first.
   """
   img_path = _idx_path(root, split, "images-idx3")
   lbl_path = _idx_path(root, split, "labels-idx1")
@@ -160,7 +163,12 @@ def load_idx(root: str, name: str = "idx") -> Dataset:
 
   Raises ``ValueError`` naming ``data.root`` and the file expected when one is missing.
   """
-  _check_root(root, "idx", ", ".join(_IDX_FILES))
+  expected = ", ".join(_IDX_FILES) + " (each optionally .gz)"
+  _check_root(root, "idx", expected)
+  for stem in _IDX_FILES:
+    if _find_idx(root, stem) is None:
+      raise ValueError(f"data.root {root!r} has no {stem}[.gz]; the idx source expects "
+                       f"{expected}")
   x_tr, y_tr = load_idx_split(root, "train")
   x_te, y_te = load_idx_split(root, "t10k")
   return _finish(x_tr, y_tr, x_te, y_te, 10, name)
@@ -181,11 +189,12 @@ def _numpy_pickle_globals() -> dict[tuple[str, str], Any]:
   except ImportError:  # pragma: no cover - numpy 1
     from numpy.core import multiarray, numeric
   table = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+  # pylint: disable=protected-access
   for core in ("numpy.core", "numpy._core"):
     # Protocols 2-4: _reconstruct(ndarray, (0,), b"b") then ndarray.__setstate__.
-    table[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct  # pylint: disable=protected-access
+    table[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
     # Protocol 5: _frombuffer(buffer, dtype, shape, order).
-    table[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # pylint: disable=protected-access
+    table[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
   return table
 
 

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import optax
 
 from krylov_adv import attacks, losses, projections
+from krylov_adv import hvp as hvp_lib
 
 Array = jax.Array
 
@@ -209,9 +210,9 @@ def check_hyperparameters(where: str, fields: dict[str, Any], *, allowed=None) -
   ``where.<field>``.
 
   ``steps``, ``iters``, ``restarts``, ``samples``, ``m``: integers ``>= 1``; ``alpha``,
-  ``sigma``, ``beta`` and names starting with ``eps`` or ``step_size``: ``>= 0``; ``tau``, ``eta``, ``xi``: ``> 0``; ``hvp``: a name
-  of ``hvp.HVP_METHODS``. ``None`` values (the attack's default) are not checked. With
-  ``allowed`` (names), a field outside it is an error.
+  ``sigma``, ``beta`` and names starting with ``eps`` or ``step_size``: ``>= 0``; ``tau``,
+  ``eta``, ``xi``: ``> 0``; ``hvp``: a name of ``hvp.HVP_METHODS``. ``None`` values (the
+  attack's default) are not checked. With ``allowed`` (names), a field outside it is an error.
   """
   for field, value in fields.items():
     name = f"{where}.{field}"
@@ -221,15 +222,14 @@ def check_hyperparameters(where: str, fields: dict[str, Any], *, allowed=None) -
       continue
     if field in _AT_LEAST_ONE and (isinstance(value, bool) or int(value) != value or value < 1):
       raise ValueError(f"{name} must be an integer >= 1, got {value}")
-    if (field in _NONNEGATIVE or field.startswith(("eps", "step_size"))) and not float(value) >= 0:
+    nonnegative = field in _NONNEGATIVE or field.startswith(("eps", "step_size"))
+    if nonnegative and not float(value) >= 0:
       raise ValueError(f"{name} must be >= 0, got {value}")
     if field in _POSITIVE and not float(value) > 0:
       raise ValueError(f"{name} must be > 0, got {value}")
-    if field == "hvp":
-      from krylov_adv import hvp as hvp_lib  # pylint: disable=import-outside-toplevel
-      if value not in hvp_lib.HVP_METHODS:
-        raise ValueError(f"{name}: unknown HVP method {value!r}; use one of "
-                         f"{hvp_lib.HVP_METHODS}")
+    if field == "hvp" and value not in hvp_lib.HVP_METHODS:
+      raise ValueError(f"{name}: unknown HVP method {value!r}; use one of "
+                       f"{hvp_lib.HVP_METHODS}")
 
 
 def _keyword_names(fn) -> tuple[str, ...] | None:

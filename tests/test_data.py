@@ -79,8 +79,10 @@ def test_idx_errors_name_the_file(tmp_path):
   with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz"):
     data.load({"source": "idx", "root": str(tmp_path)})
   os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
-  with pytest.raises(ValueError, match="data.root .* has no t10k-labels-idx1-ubyte"):
+  with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
     data.load_idx_split(str(tmp_path), "t10k")
+  with pytest.raises(ValueError, match="data.root .* has no t10k-labels-idx1-ubyte"):
+    data.load({"source": "idx", "root": str(tmp_path)})
   with pytest.raises(ValueError, match="data.root .*no-such-dir.* is not a folder.*"
                                        "train-images-idx3-ubyte"):
     data.load({"source": "idx", "root": str(tmp_path / "no-such-dir")})
@@ -304,8 +306,9 @@ def test_registered_source_is_loaded_by_name():
 
   @data.register(name, validate=validate)
   def constant_images(c):
-    x = np.full((6, 2, 2, 1), c.get("value", 0), np.uint8)
-    return data._finish(x, np.arange(6) % 2, x[:3], np.zeros(3), 2, name)  # pylint: disable=protected-access
+    x = np.full((6, 2, 2, 1), c.get("value", 0) / 255, np.float32)
+    y = (np.arange(6) % 2).astype(np.int32)
+    return data.Dataset(x, y, x[:3], y[:3], num_classes=2, name=name)
 
   try:
     ds = data.load({"source": name, "value": 255, "max_train": 4})
