@@ -303,23 +303,21 @@ def markdown(results: dict, figures: list[str]) -> str:
 def run(config, workdir: str, *, progress: bool = True) -> dict:
   """Runs the three parts and writes ``workdir/ablation_hvp/{results.json, report.md, *.png}``."""
   out_dir = outputs.output_dir(workdir, NAME)
-  cache = os.path.join(workdir, "models")
   dataset = datasets.load_data(config.data)
   e = config.experiment
-  by_act = {act: trained_models.get_model(config, dataset, "standard", activation=act, cache_dir=cache,
-                                  progress=progress) for act in e.activations}
+  by_act = trained_models.by_activation(config, dataset, e.activations, workdir,
+                                        progress=progress)
   results = {"accuracy": accuracy_part(config, dataset, by_act)}
-  by_method = {m: trained_models.get_model(config, dataset, m, cache_dir=cache, progress=progress)
-               for m in e.effect_methods}
+  by_method = trained_models.by_method(config, dataset, e.effect_methods, workdir,
+                                       progress=progress)
   results["effect"] = effect_part(config, dataset, by_method)
   results["cost"] = cost_part(config, dataset, by_act[e.activations[0]])
   results["models"] = {m.label: m.clean_accuracy for m in [*by_act.values(),
                                                            *by_method.values()]}
   results["conclusions"] = conclusions(results)
   figures = plot(results, out_dir)
-  outputs.write_results(out_dir, results, markdown(results, figures), config=config)
-  if progress:
-    print("\n".join(results["conclusions"]), flush=True)
+  outputs.write_analysis(out_dir, config, results, markdown(results, figures),
+                         progress=progress)
   return results
 
 

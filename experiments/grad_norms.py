@@ -173,16 +173,14 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
   out_dir = outputs.output_dir(workdir, NAME)
   e = config.experiment
   dataset = datasets.load_data(config.data)
-  cache = os.path.join(workdir, "models")
-  by_method = {m: trained_models.get_model(config, dataset, m, cache_dir=cache, progress=progress)
-               for m in e.model_methods}
+  by_method = trained_models.by_method(config, dataset, e.model_methods, workdir,
+                                       progress=progress)
   rows = traces(config, dataset, by_method)
   results = {"rows": rows, "steps": int(e.steps), "conclusions": conclusions(rows),
              "models": {m.label: m.clean_accuracy for m in by_method.values()}}
   figures = plot(rows, out_dir)
-  outputs.write_results(out_dir, results, markdown(results, figures), config=config)
-  if progress:
-    print("\n".join(results["conclusions"]), flush=True)
+  outputs.write_analysis(out_dir, config, results, markdown(results, figures),
+                         progress=progress)
   return results
 
 

@@ -113,18 +113,16 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
   out_dir = outputs.output_dir(workdir, NAME)
   e = config.experiment
   dataset = datasets.load_data(config.data)
-  cache = os.path.join(workdir, "models")
-  by_method = {m: trained_models.get_model(config, dataset, m, cache_dir=cache, progress=progress)
-               for m in e.model_methods}
+  by_method = trained_models.by_method(config, dataset, e.model_methods, workdir,
+                                       progress=progress)
   rows = sweep(config, dataset, by_method)
   results = {"rows": rows, "eps": float(e.eps), "norm": e.norm,
              "num_examples": int(min(e.num_examples, len(dataset.y_test))),
              "models": {m.label: m.clean_accuracy for m in by_method.values()},
              "conclusions": conclusions(rows)}
   figures = plot(rows, out_dir)
-  outputs.write_results(out_dir, results, markdown(results, figures), config=config)
-  if progress:
-    print("\n".join(results["conclusions"]), flush=True)
+  outputs.write_analysis(out_dir, config, results, markdown(results, figures),
+                         progress=progress)
   return results
 
 

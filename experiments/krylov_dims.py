@@ -292,20 +292,18 @@ def markdown(results: dict, figures: list[str]) -> str:
 def run(config, workdir: str, *, progress: bool = True) -> dict:
   """Writes ``workdir/krylov_dims/{results.json, report.md, *.png}``."""
   out_dir = outputs.output_dir(workdir, NAME)
-  cache = os.path.join(workdir, "models")
   dataset = datasets.load_data(config.data)
   e = config.experiment
-  by_act = {act: trained_models.get_model(config, dataset, "standard", activation=act, cache_dir=cache,
-                                  progress=progress) for act in e.activations}
+  by_act = trained_models.by_activation(config, dataset, e.activations, workdir,
+                                        progress=progress)
   results = {"dims": dims_part(config, dataset, by_act),
              "ranks": rank_part(config, dataset, by_act),
              "soae": soae_part(config, dataset, by_act),
              "models": {m.label: m.clean_accuracy for m in by_act.values()}}
   results["conclusions"] = conclusions(results)
   figures = plot(results, out_dir)
-  outputs.write_results(out_dir, results, markdown(results, figures), config=config)
-  if progress:
-    print("\n".join(results["conclusions"]), flush=True)
+  outputs.write_analysis(out_dir, config, results, markdown(results, figures),
+                         progress=progress)
   return results
 
 

@@ -131,3 +131,14 @@ def robustness_table(results_by_model: Mapping[str, Sequence[AttackResult]]) -> 
   body = [[label] + [f"{100 * cells[(label, c)]:.2f}%" if (label, c) in cells else "-"
                      for c in columns] for _, _, label in rows]
   return markdown_table(["attack"] + heads, body)
+
+
+def write_analysis(out_dir: str, config, results: dict, markdown: str, *,
+                   progress: bool = True) -> str:
+  """An analysis' files: ``results.json`` (with its config) and ``report.md`` through
+  :func:`write_results`; prints ``results["conclusions"]`` when there are any and ``progress``
+  is set. Returns the JSON path."""
+  path = write_results(out_dir, results, markdown, config=config)
+  if progress and results.get("conclusions"):
+    print("\n".join(results["conclusions"]), flush=True)
+  return path

@@ -63,8 +63,8 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
   out_dir = outputs.output_dir(workdir, NAME)
   e = config.experiment
   dataset = datasets.load_data(config.data)
-  model = trained_models.get_model(config, dataset, e.model_method,
-                           cache_dir=os.path.join(workdir, "models"), progress=progress)
+  (model,) = trained_models.by_method(config, dataset, [e.model_method], workdir,
+                                      progress=progress).values()
   x, y = datasets.first_examples(dataset, e.num_examples)
   rows, examples = [], {}
   order = {name: i for i, name in enumerate(outputs.ROW_ORDER)}
@@ -90,7 +90,8 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
   results = {"rows": rows, "eps": float(e.eps), "norm": e.norm, "model": model.label,
              "clean_accuracy": model.clean_accuracy, "image_shape": list(x.shape[1:])}
   figures = plot(x[:e.num_shown], examples, out_dir)
-  outputs.write_results(out_dir, results, markdown(results, figures), config=config)
+  outputs.write_analysis(out_dir, config, results, markdown(results, figures),
+                         progress=progress)
   return results
 
 

@@ -142,3 +142,23 @@ def logits_in_dtype(model: TrainedModel, dtype) -> Callable[[jax.Array], jax.Arr
   ``jax.enable_x64``). Used to compare float32 against float64 arithmetic on the same model."""
   variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.variables)
   return training.inference_logits_fn(model.module, variables["params"], variables["batch_stats"])
+
+
+def cache_dir(workdir: str) -> str:
+  """Where the analyses sharing ``workdir`` cache their trained models: ``workdir/models``."""
+  return os.path.join(workdir, "models")
+
+
+def by_method(config, dataset: data_lib.Dataset, methods, workdir: str, *,
+              progress: bool = True) -> dict[str, TrainedModel]:
+  """``{method: get_model(...)}`` for each training method, cached in ``workdir/models``."""
+  return {m: get_model(config, dataset, m, cache_dir=cache_dir(workdir), progress=progress)
+          for m in methods}
+
+
+def by_activation(config, dataset: data_lib.Dataset, activations, workdir: str, *,
+                  method: str = "standard", progress: bool = True) -> dict[str, TrainedModel]:
+  """``{activation: get_model(...)}``: one ``method`` model per activation, cached in
+  ``workdir/models``."""
+  return {act: get_model(config, dataset, method, activation=act, cache_dir=cache_dir(workdir),
+                         progress=progress) for act in activations}
