@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import common as config_common
-from experiments import datasets, grad_norms, krylov_dims, pipeline, report
+from experiments import datasets, grad_norms, krylov_dims, pipeline, report, trained_models
 from krylov_adv import attacks, hvp, krylov, losses, projections
 
 EXPERIMENTS = ("ablation_hvp", "krylov_dims", "iterations", "perceptual", "grad_norms")
@@ -100,6 +100,44 @@ def test_models_train_data_parallel_like_soat():
                   jax.tree_util.tree_leaves(single.params), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   assert int(sharded.step) == int(single.step) == len(dataset.y_train) // cfg.train.batch_size
+
+
+def test_model_cache_is_npz_without_pickle(tmp_path):
+  """The model cache round-trips nested variables (an empty batch_stats included) through a
+  plain .npz that loads with allow_pickle=False, written via a temporary file."""
+  variables = {"params": {"conv": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3),
+                                   "bias": np.zeros(3, np.float32)}},
+               "batch_stats": {}}
+  path = str(tmp_path / "m.npz")
+  trained_models.save_variables(path, variables, 1.5)
+  assert os.listdir(tmp_path) == ["m.npz"]
+  with np.load(path, allow_pickle=False) as z:
+    assert all(z[k].dtype != object for k in z.files)
+  got, seconds = trained_models.load_variables(path)
+  assert seconds == 1.5 and got["batch_stats"] == {}
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(variables),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype
+
+
+def test_configs_import_only_ml_collections_and_configs_common():
+  """Configs are data: none imports experiments/ (or anything but ml_collections and
+  configs/common.py, and test_multihost its sibling test_tiny)."""
+  import ast
+  import glob
+  allowed = {"__future__", "ml_collections", "configs", "configs.common", "configs.test_tiny"}
+  for path in glob.glob(os.path.join(datasets.ROOT, "configs", "*.py")):
+    tree = ast.parse(open(path).read())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        mods = {a.name for a in node.names}
+      elif isinstance(node, ast.ImportFrom):
+        mods = {f"{node.module}.{a.name}" if node.module == "configs" else node.module
+                for a in node.names}
+      else:
+        continue
+      assert mods <= allowed, (path, mods)
 
 
 def test_dims_per_tau_matches_gmres_stopped_at_each_tau(digits_model):

@@ -125,7 +125,7 @@ def test_sharded_training_matches_one_device_and_checkpoint_moves_8_to_1(tmp_pat
   _, ref = pipeline.train(_tiny_config(method, (1,)), str(tmp_path / "one"), progress=False)
   # One epoch on 8 devices, killed, then resumed on a single device from the 8-device checkpoint.
   exp8, state8 = pipeline.train(_tiny_config(method, (8,)), str(tmp_path / "moved"),
-                            stop_after_epoch=1, progress=False)
+                                stop_after_epoch=1, progress=False)
   leaf = jax.tree_util.tree_leaves(state8.params)[0]
   assert len(leaf.sharding.device_set) == 8  # really replicated over the 8-device mesh
   _, moved = pipeline.train(_tiny_config(method, (1,)), str(tmp_path / "moved"), progress=False)
