@@ -13,55 +13,32 @@ the other (the S-O paper's point), so both norms sit side by side.
 
 from __future__ import annotations
 
-import os
-
-from experiments import soat
+from experiments import cli, pipeline
 from krylov_adv import data as data_lib
 from krylov_adv import evaluation, parallel
-
-
-def load_trained(config, workdir: str, dataset: data_lib.Dataset | None = None):
-  """``(experiment, state, epochs)`` from the latest checkpoint of a single-method workdir.
-
-  Raises:
-    FileNotFoundError: the workdir holds no checkpoint.
-  """
-  exp = soat.build(config, dataset)
-  mngr = soat.checkpoint_manager(workdir)
-  # Restored replicated over the evaluation mesh, whatever device count wrote it.
-  template = parallel.replicate(soat.initial_state(exp), soat.make_mesh(config))
-  state, epochs = soat.restore_latest(mngr, template)
-  mngr.close()
-  if epochs == 0:
-    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
-                            f"first with python -m experiments.soat")
-  return exp, state, epochs
 
 
 def evaluate_workdir(config, workdir: str, *, progress: bool = True
                      ) -> dict[str, list[evaluation.AttackResult]]:
   """Evaluates every method's checkpoint; returns ``{method: [AttackResult, ...]}``."""
-  soat.validate_config(config)
-  soat.start_distributed(config)
+  pipeline.validate_config(config)
+  pipeline.start_distributed(config)
   progress = progress and parallel.is_primary()
-  methods = soat.methods_of(config)
+  methods = pipeline.methods_of(config)
   dataset = data_lib.load(config.data)
   results = {}
-  for method in methods:
-    cfg = soat.with_method(config, method)
-    sub = workdir if len(methods) == 1 else os.path.join(workdir, method)
-    exp, state, epochs = load_trained(cfg, sub, dataset)
+  for method, cfg, sub in pipeline.method_runs(config, workdir):
+    exp, state, epochs = pipeline.load_trained(cfg, sub, dataset)
     if progress:
       print(f"[{method}] checkpoint after epoch {epochs}; attacking "
             f"{min(cfg.eval.num_examples, len(dataset.y_test))} test points", flush=True)
-    results[method] = soat.evaluate(exp, state, cfg)
-  table = soat.write_results(workdir, results, f"{dataset.name}: {', '.join(methods)}",
-                             name="evaluation")
+    results[method] = pipeline.evaluate(exp, state, cfg)
+  table = pipeline.write_robustness(workdir, results, f"{dataset.name}: {', '.join(methods)}",
+                                    name="evaluation")
   if progress:
     print(table, flush=True)
   return results
 
 
 if __name__ == "__main__":
-  from experiments import common
-  common.main(evaluate_workdir, "folder written by experiments.soat")
+  cli.main(evaluate_workdir, "folder written by experiments.soat")
