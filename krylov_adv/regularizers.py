@@ -194,13 +194,17 @@ def soar_regularizer(loss_fn: LossFn, x: Array, key: Array, *, eps, norm: str, h
   Returns:
     ``(B,)`` of ``x``'s dtype, >= 0.
   """
-  sq = jnp.zeros(x.shape[:1], x.dtype)
-  for k in jax.random.split(key, int(num_samples)):
-    kx, kt = jax.random.split(k)
+  if int(num_samples) != num_samples or num_samples < 1:
+    raise ValueError(f"num_samples must be an integer >= 1, got {num_samples}")
+
+  def one_sample(i, sq):
+    kx, kt = jax.random.split(jax.random.fold_in(key, i))
     z_x = jax.random.normal(kx, x.shape, x.dtype)
     z_t = jax.random.normal(kt, x.shape[:1], x.dtype)
     top, bottom = augmented_hessian_product(loss_fn, x, z_x, z_t, method=method, h=h)
-    sq = sq + _dot(top, top) + bottom * bottom
+    return sq + _dot(top, top) + bottom * bottom
+
+  sq = jax.lax.fori_loop(0, int(num_samples), one_sample, jnp.zeros(x.shape[:1], x.dtype))
   return soar_scale(x, eps, norm) * jnp.sqrt(sq / int(num_samples))
 
 
