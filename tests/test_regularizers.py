@@ -8,6 +8,7 @@ enumerating every face and solving its stationarity system (Linf, 4-dimensional 
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -17,6 +18,12 @@ import optax
 import pytest
 
 from krylov_adv import losses, regularizers as reg
+
+
+def _jit(fn, *static, **kwargs):
+  """``fn`` with its leading non-array arguments and keywords bound, jitted (eager dispatch of
+  these small graphs costs more than compiling them once)."""
+  return jax.jit(functools.partial(fn, *static, **kwargs))
 
 
 @pytest.fixture
@@ -51,18 +58,19 @@ def _problem(side=4, bsz=3, seed=0, dtype=jnp.float64):
 
 
 def _dense(loss_fn, x):
-  """Per-example gradient (B, d) and Hessian (B, d, d) by jax.grad / jax.hessian, one example at
-  a time (no reliance on the block-diagonal batching under test)."""
+  """Per-example gradient (B, d) and Hessian (B, d, d) by jax.grad / jax.hessian of each
+  example's own loss (the other rows held fixed), independent of the block-diagonal batching
+  that the code under test relies on."""
   bsz = x.shape[0]
-  flat = np.asarray(x).reshape(bsz, -1)
-  gs, hs = [], []
-  for i in range(bsz):
-    def li(v, i=i):
-      xi = x.at[i].set(v.reshape(x.shape[1:]))
-      return loss_fn(xi)[i]
-    gs.append(np.asarray(jax.grad(li)(jnp.asarray(flat[i]))))
-    hs.append(np.asarray(jax.hessian(li)(jnp.asarray(flat[i]))))
-  return np.stack(gs), np.stack(hs)
+  flat = x.reshape(bsz, -1)
+
+  def li(v, i):
+    return loss_fn(x.at[i].set(v.reshape(x.shape[1:])))[i]
+
+  idx = jnp.arange(bsz)
+  g = jax.jit(jax.vmap(jax.grad(li)))(flat, idx)
+  h = jax.jit(jax.vmap(jax.hessian(li)))(flat, idx)
+  return np.asarray(g), np.asarray(h)
 
 
 def _augmented(g, h):
@@ -123,7 +131,7 @@ def test_augmented_product_exact_matches_dense_hessian(x64):
   rng = np.random.default_rng(3)
   z_x = jnp.asarray(rng.normal(size=x.shape))
   z_t = jnp.asarray(rng.normal(size=x.shape[0]))
-  top, bottom = reg.augmented_hessian_product(loss_fn, x, z_x, z_t, method="exact")
+  top, bottom = _jit(reg.augmented_hessian_product, loss_fn, method="exact")(x, z_x, z_t)
   for i in range(x.shape[0]):
     z = np.concatenate([np.asarray(z_x[i]).ravel(), [float(z_t[i])]])
     ref = _augmented(g[i], h[i]) @ z
@@ -141,7 +149,8 @@ def test_augmented_product_finite_difference_converges_as_h_shrinks(x64):
           for i in range(x.shape[0])]
   errors = []
   for step in (1e-1, 1e-2, 1e-3, 1e-4):
-    top, bottom = reg.augmented_hessian_product(loss_fn, x, z_x, z_t, method="fd", h=step)
+    fd = _jit(reg.augmented_hessian_product, loss_fn, method="fd", h=step)
+    top, bottom = fd(x, z_x, z_t)
     approx = np.concatenate([np.asarray(top).reshape(x.shape[0], -1),
                              np.asarray(bottom)[:, None]], axis=1)
     errors.append(max(np.linalg.norm(approx[i] - refs[i]) / np.linalg.norm(refs[i])
@@ -157,14 +166,14 @@ def test_soar_regularizer_estimates_frobenius_bound(x64):
   _, x, _, loss_fn = _problem()
   g, h = _dense(loss_fn, x)
   eps = 0.1
-  value = reg.soar_regularizer(loss_fn, x, jax.random.PRNGKey(0), eps=eps, norm="l2",
-                               method="exact", num_samples=3000)
+  value = _jit(reg.soar_regularizer, loss_fn, eps=eps, norm="l2", method="exact",
+                num_samples=3000)(x, jax.random.PRNGKey(0))
   fro = np.array([np.linalg.norm(_augmented(g[i], h[i])) for i in range(x.shape[0])])
   np.testing.assert_allclose(np.asarray(value), 0.5 * (eps**2 + 1) * fro, rtol=0.08)
   # The FD regulariser with a small step agrees with the exact one for the same probes.
   key = jax.random.PRNGKey(1)
-  exact = reg.soar_regularizer(loss_fn, x, key, eps=eps, norm="linf", method="exact")
-  fd = reg.soar_regularizer(loss_fn, x, key, eps=eps, norm="linf", method="fd", h=1e-5)
+  exact = _jit(reg.soar_regularizer, loss_fn, eps=eps, norm="linf", method="exact")(x, key)
+  fd = _jit(reg.soar_regularizer, loss_fn, eps=eps, norm="linf", method="fd", h=1e-5)(x, key)
   np.testing.assert_allclose(np.asarray(fd), np.asarray(exact), rtol=1e-4)
   assert np.all(np.asarray(exact) > 0)
 
@@ -193,7 +202,7 @@ def test_frank_wolfe_l2_reaches_the_trust_region_solution(x64):
   _, x, _, loss_fn = _problem(side=4, bsz=4)
   g, h = _dense(loss_fn, x)
   for eps in (0.1, 1.0, 3.0):
-    out = reg.scorpio_maximizer(loss_fn, x, eps=eps, norm="l2", steps=400)
+    out = _jit(reg.scorpio_maximizer, loss_fn, eps=eps, norm="l2", steps=400)(x)
     ref = np.array([_trust_region_max(g[i], h[i], eps) for i in range(x.shape[0])])
     np.testing.assert_allclose(np.asarray(out.value), ref, rtol=1e-6)
     norms = np.linalg.norm(np.asarray(out.delta).reshape(x.shape[0], -1), axis=1)
@@ -205,7 +214,7 @@ def test_frank_wolfe_linf_reaches_the_box_maximum(x64):
   _, x, _, loss_fn = _problem(side=2, bsz=4)
   g, h = _dense(loss_fn, x)
   for eps in (0.05, 0.5, 2.0):
-    out = reg.scorpio_maximizer(loss_fn, x, eps=eps, norm="linf", steps=200)
+    out = _jit(reg.scorpio_maximizer, loss_fn, eps=eps, norm="linf", steps=200)(x)
     ref = np.array([_box_max(g[i], h[i], eps) for i in range(x.shape[0])])
     np.testing.assert_allclose(np.asarray(out.value), ref, rtol=1e-6, atol=1e-12)
     assert np.abs(np.asarray(out.delta)).max() <= eps * (1 + 1e-12)
@@ -216,17 +225,18 @@ def test_frank_wolfe_steps_first_iterate_and_monotone_line_search(x64):
   g, h = _dense(loss_fn, x)
   eps = 0.3
   # classic rule: gamma_0 = 1, so one iteration is the FGSM point eps sign(g)
-  one = reg.scorpio_maximizer(loss_fn, x, eps=eps, norm="linf", steps=1, step_rule="classic")
+  one = _jit(reg.scorpio_maximizer, loss_fn, eps=eps, norm="linf", steps=1,
+             step_rule="classic")(x)
   np.testing.assert_allclose(np.asarray(one.delta), eps * np.sign(np.asarray(g)).reshape(x.shape))
   ref = np.array([eps * np.abs(g[i]).sum() + 0.5 * eps**2 * np.sign(g[i]) @ h[i] @
                   np.sign(g[i]) for i in range(x.shape[0])])
   np.testing.assert_allclose(np.asarray(one.value), ref, rtol=1e-10)
-  values = [np.asarray(reg.scorpio_maximizer(loss_fn, x, eps=eps, norm=norm, steps=k).value)
-            for norm in ("linf",) for k in (1, 2, 3, 5, 8)]
+  values = [np.asarray(_jit(reg.scorpio_maximizer, loss_fn, eps=eps, norm="linf",
+                            steps=k)(x).value) for k in (1, 2, 3, 5, 8)]
   for a, b in zip(values, values[1:]):
     assert np.all(b >= a - 1e-12)
   # the regulariser is the model's value at the maximiser
-  r = reg.scorpio_regularizer(loss_fn, x, eps=eps, norm="linf", steps=8)
+  r = _jit(reg.scorpio_regularizer, loss_fn, eps=eps, norm="linf", steps=8)(x)
   np.testing.assert_allclose(np.asarray(r), values[-1], rtol=1e-10)
 
 
