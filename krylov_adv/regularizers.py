@@ -24,7 +24,9 @@ so
                                     <= 1/2 (q eps^2 + 1) ||H~||_F - 1/2.
 
 ``||H~||_F^2 = E_z ||H~ z||_2^2`` for ``z ~ N(0, I_{d+1})`` (Hutchinson), and SOAR estimates
-``H~ z`` with one finite difference of gradients with step ``h``. The regulariser is
+``H~ z`` with one finite difference of gradients with step ``h``. Since ``||H~||_F^2 = ||H||_F^2
++ 2 ||g||_2^2 + 1``, the bound penalises the input-gradient norm and the Hessian's Frobenius norm
+together. The regulariser is
 
     R_SOAR(x) = 1/2 (q eps^2 + 1) ||H~ z||_2,                                            (SOAR)
 
@@ -82,10 +84,12 @@ the function you differentiate.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from krylov_adv import attacks, hvp, losses, projections
 
@@ -208,70 +212,89 @@ def soar_regularizer(loss_fn: LossFn, x: Array, key: Array, *, eps, norm: str, h
   return soar_scale(x, eps, norm) * jnp.sqrt(sq / int(num_samples))
 
 
-class SOARTerms(NamedTuple):
-  """The two batch-mean terms of the SOAR objective, ``loss = ce + lam * reg``.
-
-  Kept apart so that a training step can clip the regulariser's parameter gradient on its own,
-  as the authors' code does (``grad_clip``).
-
-  Attributes:
-    ce: scalar, mean cross-entropy at the expansion point ``x'``.
-    reg: scalar, mean of :func:`soar_regularizer` at ``x'``.
-    x_expansion: ``(B, ...)`` the expansion point ``x'`` (stop-gradient).
-    logits: ``(B, K)`` logits at ``x'``.
-  """
-  ce: Array
-  reg: Array
-  x_expansion: Array
-  logits: Array
-
-
-def soar_terms(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps, norm: str,
-               h: float = 0.01, method: str = "fd", num_samples: int = 1, init: str = "pgd1",
-               init_step_size=None) -> SOARTerms:
-  """Cross-entropy and SOAR regulariser at the expansion point ``x'``.
+def soar_expansion_point(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps,
+                         norm: str, init: str = "pgd1", init_step_size=None) -> Array:
+  """The point ``x'`` where SOAR expands the loss (``stop_gradient``-ed), ``(B, ...)``.
 
   ``init="pgd1"`` (the authors' setting): ``x' = Proj(x0 + a step(grad CE(x0)))`` with ``x0``
   uniform in the ball and ``a = init_step_size`` (default ``eps / 4``, their ``2/255`` for
-  ``8/255``), i.e. :func:`krylov_adv.attacks.first_order.fgsm` with ``random_start``; ``"none"``:
-  ``x' = x``.
+  ``8/255``), i.e. :func:`krylov_adv.attacks.first_order.fgsm` with ``random_start``;
+  ``init="none"``: ``x' = x``.
 
   Args:
-    logits_fn: ``(B, ...) in [0, 1] -> (B, K)``, model in inference mode, built from the
-      parameters being differentiated.
-    x: float ``(B, ...)`` in ``[0, 1]``; y: ``(B,)`` int; key: PRNG key (init and ``z``).
-    eps, norm, h, method, num_samples: as in :func:`soar_regularizer`.
-    init: ``"pgd1" | "none"``; init_step_size: the step ``a`` of ``"pgd1"``.
-
-  Returns:
-    :class:`SOARTerms`.
+    logits_fn: ``(B, ...) in [0, 1] -> (B, K)``, inference mode (the attack's view).
+    x: float ``(B, ...)`` in ``[0, 1]``; y: ``(B,)`` int; key: PRNG key of the random start.
+    eps, norm: the threat model; init, init_step_size: as above.
   """
   if init not in SOAR_INITS:
     raise ValueError(f"unknown SOAR init {init!r}; use one of {SOAR_INITS}")
-  k_init, k_z = jax.random.split(key)
-  if init == "pgd1":
-    a = eps / 4 if init_step_size is None else init_step_size
-    x_exp = attacks.get("fgsm")(logits_fn, x, y, k_init, eps=eps, norm=norm, step_size=a,
-                                random_start=True)
-  else:
-    x_exp = x
-  x_exp = jax.lax.stop_gradient(x_exp)
-  logits = logits_fn(x_exp)
-  ce = jnp.mean(losses.cross_entropy(logits, y))
-  reg = soar_regularizer(lambda z: losses.cross_entropy(logits_fn(z), y), x_exp, k_z, eps=eps,
-                         norm=norm, h=h, method=method, num_samples=num_samples)
-  return SOARTerms(ce, jnp.mean(reg), x_exp, logits)
+  if init == "none":
+    return jax.lax.stop_gradient(x)
+  a = eps / 4 if init_step_size is None else init_step_size
+  x_exp = attacks.get("fgsm")(logits_fn, x, y, key, eps=eps, norm=norm, step_size=a,
+                              random_start=True)
+  return jax.lax.stop_gradient(x_exp)
 
 
 def soar_loss(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps, norm: str,
-              lam: float = 1.0, **kwargs) -> Array:
+              lam: float = 1.0, h: float = 0.01, method: str = "fd", num_samples: int = 1,
+              init: str = "pgd1", init_step_size=None,
+              attack_logits_fn: LogitsFn | None = None) -> Array:
   """The SOAR training objective ``mean CE(f(x'), y) + lam * mean R_SOAR(x')`` (scalar).
 
-  Differentiable w.r.t. the parameters ``logits_fn`` closes over; ``kwargs`` are those of
-  :func:`soar_terms`. ``lam = 1`` is our default (the published value was not found).
+  ``x'`` from :func:`soar_expansion_point` (with ``attack_logits_fn``, default ``logits_fn``),
+  ``R_SOAR`` from :func:`soar_regularizer` on the cross-entropy of ``logits_fn``; both terms at
+  ``x'`` as in the authors' code. Differentiable w.r.t. the parameters ``logits_fn`` closes
+  over. ``lam = 1`` and ``h = 0.01`` are our defaults (the published values were not found).
+
+  Args:
+    logits_fn: ``(B, ...) in [0, 1] -> (B, K)``, built from the parameters being trained.
+    x: float ``(B, ...)`` in ``[0, 1]``; y: ``(B,)`` int; key: PRNG key (start and probes).
+    eps, norm: threat model; lam: weight of the regulariser; h, method, num_samples: as in
+    :func:`soar_regularizer`; init, init_step_size: :func:`soar_expansion_point`.
+    attack_logits_fn: the model as the initialisation attack sees it (e.g. the parameters at
+      the start of the step, inference mode); default ``logits_fn``.
+
+  Returns:
+    Scalar of ``x``'s dtype.
   """
-  terms = soar_terms(logits_fn, x, y, key, eps=eps, norm=norm, **kwargs)
-  return terms.ce + lam * terms.reg
+  k_init, k_z = jax.random.split(key)
+  x_exp = soar_expansion_point(logits_fn if attack_logits_fn is None else attack_logits_fn, x,
+                               y, k_init, eps=eps, norm=norm, init=init,
+                               init_step_size=init_step_size)
+  ce = jnp.mean(losses.cross_entropy(logits_fn(x_exp), y))
+  r = soar_regularizer(lambda z: losses.cross_entropy(logits_fn(z), y), x_exp, k_z, eps=eps,
+                       norm=norm, h=h, method=method, num_samples=num_samples)
+  return ce + lam * jnp.mean(r)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def clip_gradient_norm(tree, max_norm: float):
+  """Identity on a pytree (e.g. parameters) whose backward pass clips the cotangent to global
+  L2 norm ``<= max_norm``: ``g * min(1, max_norm / ||g||)``.
+
+  Route the parameters of one term through it to clip that term's gradient alone, as the SOAR
+  authors' code does for the regulariser (``clip_grad_norm_`` on the regulariser's gradient
+  before the cross-entropy's is added; value of ``grad_clip`` not found)::
+
+    loss = ce(params) + lam * reg(clip_gradient_norm(params, grad_clip))
+  """
+  del max_norm
+  return tree
+
+
+def _clip_fwd(tree, max_norm):
+  del max_norm
+  return tree, None
+
+
+def _clip_bwd(max_norm, _, g):
+  norm = optax.global_norm(g)
+  scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+  return (jax.tree_util.tree_map(lambda t: t * scale.astype(t.dtype), g),)
+
+
+clip_gradient_norm.defvjp(_clip_fwd, _clip_bwd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -240,6 +240,21 @@ def test_frank_wolfe_steps_first_iterate_and_monotone_line_search(x64):
   np.testing.assert_allclose(np.asarray(r), values[-1], rtol=1e-10)
 
 
+def test_clip_gradient_norm_clips_only_the_routed_term():
+  params = {"a": jnp.array([3.0, 4.0]), "b": jnp.array(0.0)}
+
+  def loss(p, max_norm):
+    clipped = reg.clip_gradient_norm(p, max_norm)
+    return 10.0 * jnp.sum(clipped["a"] ** 2) + jnp.sum(p["a"])
+
+  np.testing.assert_allclose(float(loss(params, 1.0)), 10.0 * 25 + 7)
+  # the routed term's gradient (60, 80) is clipped to norm 1: (0.6, 0.8); the other term adds 1
+  np.testing.assert_allclose(np.asarray(jax.grad(loss)(params, 1.0)["a"]), [1.6, 1.8],
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.grad(loss)(params, 1e3)["a"]), [61.0, 81.0],
+                             rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses: differentiable in the parameters, jit-compatible, and they train.
 
