@@ -403,7 +403,7 @@ def quadratic_model(loss_fn: LossFn, x: Array, delta: Array, *, hvp_method: str 
 
 def scorpio_regularizer(loss_fn: LossFn, x: Array, *, eps, norm: str, steps: int = 5,
                         step_rule: str = "line_search", hvp_method: str = "exact",
-                        eta: float = 1e-3) -> Array:
+                        eta: float = 1e-3, search_loss_fn: LossFn | None = None) -> Array:
   """SCORPIO's regulariser ``max_{||delta|| <= eps} Q(delta)`` per example (module docstring).
 
   The maximiser comes from :func:`scorpio_maximizer` under ``stop_gradient``; the value is
@@ -411,31 +411,41 @@ def scorpio_regularizer(loss_fn: LossFn, x: Array, *, eps, norm: str, steps: int
   Danskin's ``dQ(delta*)/dtheta`` and the Frank-Wolfe loop is not differentiated.
 
   Args:
-    loss_fn: ``(B, ...) -> (B,)`` per-example loss, model in inference mode.
+    loss_fn: ``(B, ...) -> (B,)`` per-example loss, model in inference mode, differentiable in
+      the parameters it closes over.
     x: float ``(B, ...)``; eps, norm: the ball; steps, step_rule: Frank-Wolfe
       (:func:`quadratic_max_frank_wolfe`); hvp_method, eta: :func:`krylov_adv.hvp.make_hvp`.
+    search_loss_fn: the same loss as the search sees it (e.g. built from the parameters at the
+      start of a training step, outside the differentiated function, so that the loop is not
+      even linearised); default ``loss_fn``.
 
   Returns:
     ``(B,)`` of ``x``'s dtype (``>= 0`` with the line search, since ``Q(0) = 0``).
   """
-  qmax = scorpio_maximizer(loss_fn, x, eps=eps, norm=norm, steps=steps, step_rule=step_rule,
-                           hvp_method=hvp_method, eta=eta)
+  qmax = scorpio_maximizer(loss_fn if search_loss_fn is None else search_loss_fn, x, eps=eps,
+                           norm=norm, steps=steps, step_rule=step_rule, hvp_method=hvp_method,
+                           eta=eta)
   delta = jax.lax.stop_gradient(qmax.delta)
   return quadratic_model(loss_fn, x, delta, hvp_method=hvp_method, eta=eta)
 
 
 def scorpio_loss(logits_fn: LogitsFn, x: Array, y: Array, key: Array | None = None, *, eps,
                  norm: str, lam: float = 1.0, steps: int = 5, step_rule: str = "line_search",
-                 hvp_method: str = "exact", eta: float = 1e-3) -> Array:
+                 hvp_method: str = "exact", eta: float = 1e-3,
+                 search_logits_fn: LogitsFn | None = None) -> Array:
   """The SCORPIO training objective ``mean CE(f(x), y) + lam * mean max Q`` (scalar).
 
   ``key`` is accepted for the common ``(logits_fn, x, y, key)`` signature and unused (the
   method is deterministic). ``lam = 1``: the objective is the worst-case quadratic model of the
-  adversarial loss. Differentiable w.r.t. the parameters ``logits_fn`` closes over.
+  adversarial loss. Differentiable w.r.t. the parameters ``logits_fn`` closes over;
+  ``search_logits_fn`` (default ``logits_fn``) is the model the Frank-Wolfe search sees
+  (:func:`scorpio_regularizer`'s ``search_loss_fn``).
   """
   del key
   ce = jnp.mean(losses.cross_entropy(logits_fn(x), y))
+  search = None if search_logits_fn is None else (
+      lambda z: losses.cross_entropy(search_logits_fn(z), y))
   reg = scorpio_regularizer(lambda z: losses.cross_entropy(logits_fn(z), y), x, eps=eps,
                             norm=norm, steps=steps, step_rule=step_rule, hvp_method=hvp_method,
-                            eta=eta)
+                            eta=eta, search_loss_fn=search)
   return ce + lam * jnp.mean(reg)
