@@ -31,9 +31,8 @@ together. The regulariser is
     R_SOAR(x) = 1/2 (q eps^2 + 1) ||H~ z||_2,                                            (SOAR)
 
 added to the cross-entropy with weight ``lambda``; following the authors' training code, both
-terms are evaluated at ``x' = `` one step of PGD from a random start (the "gradient-masking
-avoidance" of their Sec. 4: the bound is taken around a point already pushed towards the
-adversary), and ``x'`` is ``stop_gradient``-ed.
+terms are evaluated at ``x'`` = one step of PGD from a random start (their ``init="pgd1"``; the
+paper's reasoning for it was not reachable), and ``x'`` is ``stop_gradient``-ed.
 
   What was and was not checked against sources (the stored copies reachable from this project
   hold the paper's abstract only, not its body):
@@ -57,8 +56,9 @@ Interpretability", arXiv:2009.04923; the SOAE paper's reference [15]) takes the 
 quadratic model itself: "a regularizer which incorporates first and second order information via
 a quadratic approximation to the adversarial loss. The worst case quadratic loss is approximated
 via an iterative scheme", one iteration already being a strong regulariser (abstract). The
-iterative scheme is Frank-Wolfe on ``Q`` over the ball (the authors' other work: Frank-Wolfe
-adversarial training, arXiv:2012.12368), one Hessian-vector product per iteration:
+abstract does not name the scheme; we use Frank-Wolfe on ``Q`` over the ball, as issue 14 asks
+and as in the same authors' Frank-Wolfe adversarial training (arXiv:2012.12368), one
+Hessian-vector product per iteration:
 
     delta_0 = 0;  for k = 0..K-1:
       s_k = argmax_{||s|| <= eps} <grad Q(delta_k), s>      (eps sign(.) / eps (.)/||.||_2)
@@ -78,8 +78,8 @@ Cost per training step, in forward/backward passes of the batch (an exact HVP is
 gradients): SOAR, the one-step init (1 gradient), the cross-entropy, two value-and-gradients for
 the difference, and the parameter gradient through them (double backpropagation); SCORPIO, one
 gradient and ``steps`` HVPs for the search, one HVP to re-evaluate ``Q``, and its parameter
-gradient (third-order through the HVP). Neither method constrains
-``x + delta`` to the box ``[0, 1]`` (the Taylor model is taken over the ball only).
+gradient (third-order through the HVP). Neither method constrains ``x + delta`` to the box
+``[0, 1]`` (the Taylor model is taken over the ball only).
 
 Conventions (:mod:`krylov_adv.hvp`): ``loss_fn`` maps a batch ``(B, ...)`` to per-example losses
 ``(B,)`` with the model in inference mode, so every gradient and HVP of the summed loss is
