@@ -70,7 +70,7 @@ class GMRESResult(NamedTuple):
   Attributes:
     x: ``(B, ...)`` approximate solutions (``b``'s shape and floating dtype).
     residual_norm: ``(B,)`` the true ``||b_i - A_i x_i||_2``, recomputed from ``x`` with one
-      batched matvec at exit (before 2026-11 this was the Givens estimate, now
+      batched matvec at exit (it used to be the Givens estimate, which is now
       ``estimated_residual_norm``); non-finite when the input or the operator produced NaN/inf.
     num_iters: ``(B,)`` int32, Krylov dimension reached (matvecs spent on that example after the
       one for ``r_0``, not counting the one for the true residual).
