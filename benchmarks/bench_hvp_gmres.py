@@ -2,6 +2,7 @@
 
   python -m benchmarks.bench_hvp_gmres [--batch 128] [--repeats 10] [--max-dim 15]
                                        [--out benchmarks/results/hvp_gmres.json]
+  python -m benchmarks.bench_hvp_gmres --compile-only [--compile-dims 16,64,256]
 
 Everything is measured in one run on one device, as medians over ``--repeats`` timed calls after
 a compile-and-warm-up call, and reported as ratios:
@@ -12,9 +13,14 @@ a compile-and-warm-up call, and reported as ratios:
   (``jax.linearize``), i.e. what GMRES pays per Krylov step, from chains of 15 vs 5 products.
 * ``fd_forward / grad``: Eq. (22) with the gradient at ``x`` reused (one extra gradient).
 * ``gmres / hvp_chain``: our GMRES (``max_dim`` steps, tolerance tiny so every step runs) vs the
-  same number of chained batched HVPs alone (the bare operator cost).
+  same number of chained batched HVPs alone (the bare operator cost). GMRES also spends one
+  more product at exit on the true residual ``||b - A x||``, so about ``1 + 1 / max_dim`` of
+  the ratio is the operator.
 * ``vmap_scipy_gmres / gmres``: ``vmap`` of ``jax.scipy.sparse.linalg.gmres(solve_method=
   "incremental")`` over per-example operators vs ours.
+* ``compile_seconds``: time to lower and compile ``gmres`` alone (a diagonal operator, batch 8,
+  784 unknowns) at each ``--compile-dims`` Krylov dimension; it grows with ``max_dim`` where a
+  loop over the Krylov steps is unrolled (``--compile-dims ''`` skips it).
 
 The model uses softplus so its input Hessian has full rank and GMRES really takes ``max_dim``
 steps (a ReLU net's has rank <= 9 and GMRES would stop early at a happy breakdown); the
@@ -48,6 +54,25 @@ def _median_time(fn, args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+def compile_seconds(max_dims, batch: int = 8, n: int = 784) -> dict:
+  """Seconds to lower and compile ``krylov.gmres`` at each Krylov dimension, ``{str(m): s}``.
+
+  The operator is a diagonal (``v -> d * v``) so that what is timed is the solver's own graph.
+  """
+  b = jnp.ones((batch, n), jnp.float32)
+  diag_op = jnp.linspace(1.0, 2.0, n, dtype=jnp.float32)
+  # One throw-away compile first, so that the first timed one does not pay the backend start.
+  jax.jit(lambda b: krylov.gmres(lambda v: diag_op * v, b, tol=1e-30, max_dim=1)).lower(
+      b).compile()
+  out = {}
+  for m in max_dims:
+    fn = jax.jit(lambda b, m=m: krylov.gmres(lambda v: diag_op * v, b, tol=1e-30, max_dim=m))
+    t0 = time.perf_counter()
+    fn.lower(b).compile()
+    out[str(m)] = time.perf_counter() - t0
+  return out
 
 
 def run(batch: int = 128, repeats: int = 10, max_dim: int = 15, seed: int = 0,
@@ -178,9 +203,19 @@ def main(argv=None):
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--skip-linearized", action="store_true",
                       help="skip the jax.linearize variants (very slow on XLA:CPU)")
+  parser.add_argument("--compile-dims", default="16,64,256",
+                      help="comma-separated max_dim values whose compile time is measured")
+  parser.add_argument("--compile-only", action="store_true",
+                      help="measure only the compile times, not the run times")
   parser.add_argument("--out", default="benchmarks/results/hvp_gmres.json")
   args = parser.parse_args(argv)
-  result = run(args.batch, args.repeats, args.max_dim, args.seed, not args.skip_linearized)
+  dims = [int(m) for m in args.compile_dims.split(",") if m.strip()]
+  if args.compile_only:
+    result = {"benchmark": "hvp_gmres_compile", "device": str(jax.devices()[0]),
+              "jax": jax.__version__}
+  else:
+    result = run(args.batch, args.repeats, args.max_dim, args.seed, not args.skip_linearized)
+  result["compile_seconds"] = compile_seconds(dims)
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)

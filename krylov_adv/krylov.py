@@ -3,16 +3,26 @@
 Solves ``A_i x_i = b_i`` for every example ``i`` of a batch at once, where a single call of
 ``matvec`` applies every ``A_i`` to its own vector (for the input Hessian of a per-example loss
 this is one batched Hessian-vector product, see :mod:`krylov_adv.hvp`). This is the inner loop of
-the SOAE paper's Algorithm 1 (steps 4-17): Arnoldi with modified Gram-Schmidt builds an
-orthonormal basis ``V`` of the Krylov subspace ``K_j(A, r_0)`` and the Hessenberg matrix ``D``
-(paper Eq. 9); the least-squares problem ``min_y ||beta e_1 - D y||`` (Eqs. 10-11) is solved
-incrementally by Givens rotations (Eqs. 12-14), whose last rotated entry is the residual norm
-``||r_j||`` at no extra cost; after the loop ``R y = beta q_1`` (Eq. 13, step 16) is solved by
-back substitution and ``x = x_0 + V y`` (step 17).
+the SOAE paper's Algorithm 1 (steps 4-17), in named pieces:
+
+* :func:`_arnoldi_step` (steps 5-11): Arnoldi with modified (or twice classical) Gram-Schmidt
+  extends the orthonormal basis ``V`` of the Krylov subspace ``K_j(A, r_0)`` by one vector and
+  gives the next column of the Hessenberg matrix ``D`` (paper Eq. 9);
+* :func:`_givens_update` (Eqs. 12-14): the least-squares problem ``min_y ||beta e_1 - D y||``
+  (Eqs. 10-11) is solved incrementally by Givens rotations, whose last rotated entry estimates
+  the residual norm ``||r_j||`` at no extra cost (the stopping rule, step 12);
+* :func:`_back_substitute` (step 16): ``R y = beta q_1`` (Eq. 13), then ``x = x_0 + V y``
+  (step 17);
+* :func:`_outcome`: the true residual ``||b - A x||`` (one more batched matvec) and a per-example
+  :class:`Status`, lineax-style. The Givens estimate equals the true residual only while ``V``
+  is orthonormal and ``R`` well conditioned; on ill-conditioned systems in float32 (Hilbert
+  matrices, n = 8..12) it reaches 0 while ``||b - A x|| / ||b||`` is 0.6 to 19, so
+  ``converged`` is decided on the true residual.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Callable, NamedTuple
 
 import jax
@@ -25,22 +35,54 @@ Array = jax.Array
 # ~30% of the norm of the new vector (cancellation makes the result lose orthogonality).
 _REORTH_RATIO = 0.7
 
+# Up to this Krylov dimension the loop applying the previous Givens rotations to a new column is
+# unrolled (one fused kernel; what matters for SOAE's m = 15 on an accelerator); beyond it the
+# loop is rolled, so that compile time does not grow with max_dim (unrolled: 3 s at 16, 233 s
+# at 1000).
+_UNROLL_MAX_DIM = 16
+
+
+class Status(enum.IntEnum):
+  """Per-example outcome of :func:`gmres` (``GMRESResult.status``), like lineax's ``RESULTS``.
+
+  ``Status(int(code)).name`` names a code. Exactly one applies, checked in this order:
+
+  * ``NONFINITE`` (3): ``b``, ``x0``, the operator's output, the solution or its residual is
+    NaN/inf. ``x`` is NaN where the Krylov recurrence itself saw a non-finite number.
+  * ``CONVERGED`` (0): the true residual meets the tolerance,
+    ``||b - A x|| <= tol * ||b - A x0||``; ``converged`` is exactly this status.
+  * ``MAX_DIM_REACHED`` (1): ``max_dim`` Krylov steps were taken without meeting it.
+  * ``BREAKDOWN`` (2): the recurrence stopped before ``max_dim`` (``h_{j+1,j} ~ 0``, or its
+    residual estimate met the tolerance) but the true residual does not meet it: the estimate
+    is no longer the truth (loss of orthogonality, an operator singular or ill-conditioned on
+    the Krylov space, or a ``tol`` below what the dtype can reach). A *lucky* breakdown, an
+    exact solution in a small Krylov space, meets the tolerance and is ``CONVERGED``.
+  """
+  CONVERGED = 0
+  MAX_DIM_REACHED = 1
+  BREAKDOWN = 2
+  NONFINITE = 3
+
 
 class GMRESResult(NamedTuple):
-  """Per-example outcome of :func:`gmres`.
+  """Per-example outcome of :func:`gmres` (batch ``B``).
 
   Attributes:
     x: ``(B, ...)`` approximate solutions (``b``'s shape and floating dtype).
-    residual_norm: ``(B,)`` final ``||b_i - A_i x_i||_2`` as tracked by the Givens recurrence
-      (equal to the true residual up to rounding); non-finite when the input or the operator
-      produced NaN/inf.
+    residual_norm: ``(B,)`` the true ``||b_i - A_i x_i||_2``, recomputed from ``x`` with one
+      batched matvec at exit (it used to be the Givens estimate, which is now
+      ``estimated_residual_norm``); non-finite when the input or the operator produced NaN/inf.
     num_iters: ``(B,)`` int32, Krylov dimension reached (matvecs spent on that example after the
-      one for ``r_0``).
-    converged: ``(B,)`` bool, ``residual_norm <= tol * ||r_0||`` and finite.
-    residual_history: ``(B, max_dim)``, ``||r_j||`` after Krylov step ``j = 1..max_dim``; NaN
-      after the example stopped.
+      one for ``r_0``, not counting the one for the true residual).
+    converged: ``(B,)`` bool, ``residual_norm <= tol * initial_residual_norm`` and everything
+      finite; the same as ``status == Status.CONVERGED``.
+    residual_history: ``(B, max_dim)``, the Givens estimate of ``||r_j||`` after Krylov step
+      ``j = 1..max_dim`` (what the stopping rule saw); NaN after the example stopped.
     initial_residual_norm: ``(B,)`` ``||r_0|| = ||b - A x0||`` (the paper's beta), so that
       ``residual_norm / initial_residual_norm`` is the relative residual compared with tau.
+    status: ``(B,)`` int32 :class:`Status` code.
+    estimated_residual_norm: ``(B,)`` the Givens estimate of ``||r_k||`` at exit, ``k =
+      num_iters`` (the last finite entry of ``residual_history``, ``beta`` when ``k = 0``).
   """
   x: Array
   residual_norm: Array
@@ -48,6 +90,8 @@ class GMRESResult(NamedTuple):
   converged: Array
   residual_history: Array
   initial_residual_norm: Array
+  status: Array
+  estimated_residual_norm: Array
 
 
 class _State(NamedTuple):
@@ -56,7 +100,7 @@ class _State(NamedTuple):
   r_mat: Array        # (B, max_dim, max_dim) rotated Hessenberg = upper-triangular R, col-major
   cs: Array           # (B, max_dim) Givens cosines
   sn: Array           # (B, max_dim) Givens sines
-  rhs: Array          # (B, max_dim + 1) rotated beta e_1; |rhs[j]| is ||r_j||
+  rhs: Array          # (B, max_dim + 1) rotated beta e_1; |rhs[j]| estimates ||r_j||
   active: Array       # (B,) bool, still iterating
   num_iters: Array    # (B,) int32
   history: Array      # (B, max_dim)
@@ -100,17 +144,156 @@ def _cgs(w: Array, basis: Array, num_rows: Array) -> tuple[Array, Array]:
 _ORTHOGONALIZATION = {"mgs": _mgs, "cgs2": _cgs}
 
 
+class _ArnoldiStep(NamedTuple):
+  h: Array          # (B, max_dim + 1) Gram-Schmidt coefficients h_{1..j+1, j+1} (zero beyond)
+  h_next: Array     # (B,) h_{j+2, j+1} = ||w|| after orthogonalisation
+  v_next: Array     # (B, n) the next basis vector w / h_next (zero on breakdown)
+  breakdown: Array  # (B,) bool, h_next ~ 0: the Krylov space is invariant
+
+
+def _arnoldi_step(flat_matvec: Callable[[Array], Array], basis: Array, j: Array, active: Array,
+                  sweep, always_reorth: bool) -> _ArnoldiStep:
+  """Algorithm 1 steps 5-11: ``w = A v_j`` orthogonalised against ``v_1..v_j`` (Eq. 9).
+
+  ``basis`` is ``(max_dim + 1, B, n)`` with rows ``0..j`` filled. One batched matvec; frozen
+  examples (``~active``) still ride along and their results are discarded by the caller.
+  MGS re-orthogonalises once when the Kahan criterion asks for it (for any active example);
+  CGS2 always does.
+  """
+  w = flat_matvec(basis[j])
+  w_norm0 = jnp.sqrt(_dot(w, w))
+  w, h = sweep(w, basis, j + 1)
+
+  def reorth(args):
+    w, h = args
+    w2, h2 = sweep(w, basis, j + 1)
+    return w2, h + h2
+
+  if always_reorth:
+    w, h = reorth((w, h))
+  else:
+    need = jnp.sqrt(_dot(w, w)) < _REORTH_RATIO * w_norm0
+    w, h = lax.cond(jnp.any(need & active), reorth, lambda a: a, (w, h))
+  h_next = jnp.sqrt(_dot(w, w))
+  # Happy breakdown: h_{j+1,j} ~ 0 relative to the column; the next vector would be 0/0.
+  col_scale = jnp.maximum(jnp.max(jnp.abs(h), axis=1), h_next)
+  breakdown = h_next <= 10 * jnp.finfo(w.dtype).eps * col_scale
+  v_next = jnp.where(breakdown[:, None], 0.0, w / jnp.where(breakdown, 1.0, h_next)[:, None])
+  return _ArnoldiStep(h=h, h_next=h_next, v_next=v_next, breakdown=breakdown)
+
+
+def _apply_rotations(col: Array, cs: Array, sn: Array, j: Array) -> Array:
+  """Applies the previous rotations ``G_1..G_j`` to a new Hessenberg column (Eq. 14).
+
+  ``col`` is ``(B, max_dim + 1)``, ``cs`` and ``sn`` ``(B, max_dim)``. Rotations not yet
+  computed are the identity (``c = 1, s = 0``), so for small ``max_dim`` a loop over all of them
+  is exact and is unrolled; past ``_UNROLL_MAX_DIM`` a rolled loop over the ``j`` computed ones
+  keeps compile time independent of ``max_dim``.
+  """
+  max_dim = cs.shape[1]
+
+  def rotate(i, col):
+    c, s = cs[:, i], sn[:, i]
+    a, b = col[:, i], col[:, i + 1]
+    col = col.at[:, i].set(c * a + s * b)
+    return col.at[:, i + 1].set(-s * a + c * b)
+
+  if max_dim <= _UNROLL_MAX_DIM:
+    return lax.fori_loop(0, max_dim, rotate, col, unroll=True)
+  return lax.fori_loop(0, j, rotate, col)
+
+
+class _GivensUpdate(NamedTuple):
+  col: Array   # (B, max_dim + 1) the new column of R (entries j+1.. zero)
+  c: Array     # (B,) cosine of the new rotation G_{j+1}
+  s: Array     # (B,) sine
+  rhs: Array   # (B, max_dim + 1) rotated beta e_1
+  res: Array   # (B,) |rhs[j + 1]|, the estimate of ||r_{j+1}||
+
+
+def _givens_update(h: Array, h_next: Array, cs: Array, sn: Array, rhs: Array,
+                   j: Array) -> _GivensUpdate:
+  """Eqs. 12-14: rotates the new Hessenberg column ``(h, h_next)`` into a column of ``R``.
+
+  The previous rotations are applied (:func:`_apply_rotations`), a new one zeroes
+  ``h_{j+2, j+1}``, and the same rotation applied to ``rhs`` gives the residual estimate
+  ``|rhs[j + 1]|`` (exact while the basis is orthonormal).
+  """
+  max_dim = cs.shape[1]
+  col = h[:, :max_dim + 1].at[:, j + 1].set(h_next)
+  col = _apply_rotations(col, cs, sn, j)
+  a, b = col[:, j], col[:, j + 1]
+  r = jnp.hypot(a, b)
+  zero = r == 0
+  # r = 0 means the new direction does not reduce the residual at all; (c, s) = (0, 1) keeps
+  # the residual estimate honest (|rhs| unchanged) and the zero pivot is skipped later. A NaN
+  # r must not take this branch: it has to propagate into the residual.
+  c = jnp.where(zero, 0.0, a / jnp.where(zero, 1.0, r))
+  s = jnp.where(zero, 1.0, b / jnp.where(zero, 1.0, r))
+  col = col.at[:, j].set(r).at[:, j + 1].set(0.0)
+  g_j = rhs[:, j]
+  rhs = rhs.at[:, j].set(c * g_j).at[:, j + 1].set(-s * g_j)
+  return _GivensUpdate(col=col, c=c, s=s, rhs=rhs, res=jnp.abs(rhs[:, j + 1]))
+
+
+def _back_substitute(r_mat: Array, rhs: Array, num_iters: Array) -> Array:
+  """Step 16: solves ``R y = rhs[:k]`` per example, ``k = num_iters``; returns ``y (B, max_dim)``.
+
+  Rows beyond ``k``, and zero pivots, are replaced by identity rows with zero right-hand side
+  (``y_i = 0`` there), so one batched triangular solve serves every ``k``.
+  """
+  max_dim = r_mat.shape[-1]
+  used = jnp.arange(max_dim)[None, :] < num_iters[:, None]                # (B, max_dim)
+  diag = jnp.diagonal(r_mat, axis1=1, axis2=2)
+  keep = used & (diag != 0)
+  eye = jnp.eye(max_dim, dtype=r_mat.dtype)
+  r_mat = jnp.where(keep[:, :, None], r_mat, 0.0)
+  r_mat = jnp.where(keep[:, None, :], r_mat, 0.0) + eye * (~keep)[:, None, :]
+  g = jnp.where(keep, rhs[:, :max_dim], 0.0)
+  return jax.scipy.linalg.solve_triangular(r_mat, g[..., None], lower=False)[..., 0]
+
+
+def _estimate_at(rhs: Array, num_iters: Array) -> Array:
+  """``|rhs[k]|`` at ``k = num_iters`` per example, by masking rather than indexing: a gather
+  would make the SPMD partitioner all-gather its indices when the batch is sharded."""
+  at_k = jnp.arange(rhs.shape[1])[None, :] == num_iters[:, None]
+  return jnp.abs(jnp.sum(jnp.where(at_k, rhs, 0.0), axis=1))
+
+
+def _outcome(flat_matvec, b: Array, x: Array, beta: Array, estimate: Array, num_iters: Array,
+             threshold: Array, max_dim: int) -> tuple[Array, Array, Array]:
+  """True residual ``||b - A x||`` (one batched matvec), ``converged`` and :class:`Status`.
+
+  Where no step was taken ``x = x0`` and the true residual is ``beta``, already computed: it is
+  reused, so that ``b = A x0`` exactly stays converged whatever rounding the second product
+  of the same vector might bring.
+  """
+  r = b - flat_matvec(x)
+  true_res = jnp.where(num_iters == 0, beta, jnp.sqrt(_dot(r, r)))
+  nonfinite = ~(jnp.isfinite(beta) & jnp.isfinite(estimate) & jnp.isfinite(true_res)
+                & jnp.all(jnp.isfinite(x), axis=1))
+  converged = ~nonfinite & (true_res <= threshold)
+  status = jnp.where(
+      nonfinite, int(Status.NONFINITE),
+      jnp.where(converged, int(Status.CONVERGED),
+                jnp.where(num_iters >= max_dim, int(Status.MAX_DIM_REACHED),
+                          int(Status.BREAKDOWN))))
+  return true_res, converged, status.astype(jnp.int32)
+
+
 def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *,
           tol: float, max_dim: int, orthogonalization: str = "auto") -> GMRESResult:
   """Solves ``A_i x_i = b_i`` for every example of a batch with (unrestarted) GMRES.
 
   For each example the iterate after ``j`` steps minimises ``||b_i - A_i x||_2`` over
-  ``x in x0_i + K_j(A_i, r0_i)`` (paper Eqs. 8-11). Each example stops when
+  ``x in x0_i + K_j(A_i, r0_i)`` (paper Eqs. 8-11). Each example stops when the Givens estimate
   ``||r_j|| <= tol * ||r_0||`` (Algorithm 1 step 12, ``tol`` = tau), when ``j = max_dim``, on a
-  happy breakdown (``h_{j+1,j} = 0``: the Krylov space is invariant and the solution exact), or
-  when its numbers become non-finite; stopped examples are frozen by masking, and the loop ends
-  when every example has stopped. ``matvec`` is called once per Krylov step for the whole batch
-  (plus once for ``r_0`` when ``x0`` is given).
+  happy breakdown (``h_{j+1,j} = 0``: the Krylov space is invariant), or when its numbers become
+  non-finite; stopped examples are frozen by masking, and the loop ends when every example has
+  stopped. The true residual ``||b - A x||`` is then computed once, and ``converged`` and
+  ``status`` (:class:`Status`) are decided on it, not on the estimate. ``matvec`` is called once
+  per Krylov step for the whole batch, once more at exit for the true residual, and once for
+  ``r_0`` when ``x0`` is given.
 
   Works under ``jit`` and ``vmap``; call it inside the caller's ``jit`` (``matvec`` is a closure).
 
@@ -151,6 +334,7 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
   shape = b.shape
   bsz = shape[0]
   flat = lambda a: a.reshape(bsz, -1)
+  b_flat = flat(b)
 
   def flat_matvec(v):
     out = matvec(v.reshape(shape))
@@ -159,28 +343,24 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
     return flat(out).astype(dtype)
 
   if x0 is None:
-    x0_flat = jnp.zeros_like(flat(b))
-    r0 = flat(b)
+    x0_flat = jnp.zeros_like(b_flat)
+    r0 = b_flat
   else:
     x0_flat = flat(x0.astype(dtype))
-    r0 = flat(b) - flat_matvec(x0_flat)
+    r0 = b_flat - flat_matvec(x0_flat)
   beta = jnp.sqrt(_dot(r0, r0))
   finite = jnp.isfinite(beta)
   safe_beta = jnp.where(beta > 0, beta, 1.0)
   v1 = jnp.where((beta > 0)[:, None], r0 / safe_beta[:, None], 0.0)
-
-  n = r0.shape[1]
-  basis = jnp.zeros((max_dim + 1, bsz, n), dtype).at[0].set(v1)
-  rhs = jnp.zeros((bsz, max_dim + 1), dtype).at[:, 0].set(beta)
-  # Zero right-hand side (beta = 0) is solved by x0 at j = 0; non-finite input never iterates.
   threshold = tol * beta
+  # Zero right-hand side (beta = 0) is solved by x0 at j = 0; non-finite input never iterates.
   state = _State(
       j=jnp.zeros((), jnp.int32),
-      basis=basis,
+      basis=jnp.zeros((max_dim + 1, bsz, r0.shape[1]), dtype).at[0].set(v1),
       r_mat=jnp.zeros((bsz, max_dim, max_dim), dtype),
       cs=jnp.ones((bsz, max_dim), dtype),
       sn=jnp.zeros((bsz, max_dim), dtype),
-      rhs=rhs,
+      rhs=jnp.zeros((bsz, max_dim + 1), dtype).at[:, 0].set(beta),
       active=finite & (beta > 0),
       num_iters=jnp.zeros((bsz,), jnp.int32),
       history=jnp.full((bsz, max_dim), jnp.nan, dtype),
@@ -190,92 +370,32 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
     return (s.j < max_dim) & jnp.any(s.active)
 
   def body(s: _State):
-    j = s.j
-    vj = s.basis[j]
-    # Frozen examples still ride along in the batched matvec; their results are discarded.
-    w = flat_matvec(vj)
-    w_norm0 = jnp.sqrt(_dot(w, w))
-    w, h = sweep(w, s.basis, j + 1)
-
-    def reorth(args):
-      w, h = args
-      w2, h2 = sweep(w, s.basis, j + 1)
-      return w2, h + h2
-
-    if always_reorth:
-      w, h = reorth((w, h))
-    else:
-      need = jnp.sqrt(_dot(w, w)) < _REORTH_RATIO * w_norm0
-      w, h = lax.cond(jnp.any(need & s.active), reorth, lambda a: a, (w, h))
-    h_next = jnp.sqrt(_dot(w, w))
-    # Happy breakdown: h_{j+1,j} ~ 0 relative to the column; the next vector would be 0/0.
-    col_scale = jnp.maximum(jnp.max(jnp.abs(h), axis=1), h_next)
-    breakdown = h_next <= 10 * jnp.finfo(dtype).eps * col_scale
-    v_next = jnp.where(breakdown[:, None], 0.0,
-                       w / jnp.where(breakdown, 1.0, h_next)[:, None])
-
-    # Apply the previous rotations G_1..G_{j-1} to the new column (Eq. 14). Unused rotations are
-    # the identity (c=1, s=0), so a fixed-length loop over all max_dim of them is exact.
-    col = h[:, :max_dim + 1].at[:, j + 1].set(h_next)
-
-    def rotate(i, col):
-      c, sn = s.cs[:, i], s.sn[:, i]
-      a, bb = col[:, i], col[:, i + 1]
-      col = col.at[:, i].set(c * a + sn * bb)
-      return col.at[:, i + 1].set(-sn * a + c * bb)
-
-    col = lax.fori_loop(0, max_dim, rotate, col, unroll=True)
-    a, bb = col[:, j], col[:, j + 1]
-    r = jnp.hypot(a, bb)
-    zero = r == 0
-    # r = 0 means the new direction does not reduce the residual at all; (c, s) = (0, 1) keeps
-    # the residual estimate honest (|rhs| unchanged) and the zero pivot is skipped later. A NaN
-    # r must not take this branch: it has to propagate into the residual.
-    c_new = jnp.where(zero, 0.0, a / jnp.where(zero, 1.0, r))
-    s_new = jnp.where(zero, 1.0, bb / jnp.where(zero, 1.0, r))
-    col = col.at[:, j].set(r).at[:, j + 1].set(0.0)
-    g_j = s.rhs[:, j]
-    rhs = s.rhs.at[:, j].set(c_new * g_j).at[:, j + 1].set(-s_new * g_j)
-    res = jnp.abs(rhs[:, j + 1])
-
-    act = s.active
-    act_col = act[:, None]
-    new = _State(
+    j, act = s.j, s.active
+    arn = _arnoldi_step(flat_matvec, s.basis, j, act, sweep, always_reorth)
+    giv = _givens_update(arn.h, arn.h_next, s.cs, s.sn, s.rhs, j)
+    keep = lambda new, old: jnp.where(act.reshape(act.shape + (1,) * (new.ndim - 1)), new, old)
+    return _State(
         j=j + 1,
-        basis=s.basis.at[j + 1].set(jnp.where(act_col, v_next, s.basis[j + 1])),
-        r_mat=s.r_mat.at[:, :, j].set(jnp.where(act_col, col[:, :max_dim], s.r_mat[:, :, j])),
-        cs=s.cs.at[:, j].set(jnp.where(act, c_new, s.cs[:, j])),
-        sn=s.sn.at[:, j].set(jnp.where(act, s_new, s.sn[:, j])),
-        rhs=jnp.where(act_col, rhs, s.rhs),
-        active=act & (res > threshold) & jnp.isfinite(res) & ~breakdown,
+        basis=s.basis.at[j + 1].set(keep(arn.v_next, s.basis[j + 1])),
+        r_mat=s.r_mat.at[:, :, j].set(keep(giv.col[:, :max_dim], s.r_mat[:, :, j])),
+        cs=s.cs.at[:, j].set(keep(giv.c, s.cs[:, j])),
+        sn=s.sn.at[:, j].set(keep(giv.s, s.sn[:, j])),
+        rhs=keep(giv.rhs, s.rhs),
+        active=act & (giv.res > threshold) & jnp.isfinite(giv.res) & ~arn.breakdown,
         num_iters=s.num_iters + act.astype(jnp.int32),
-        history=s.history.at[:, j].set(jnp.where(act, res, s.history[:, j])),
+        history=s.history.at[:, j].set(keep(giv.res, s.history[:, j])),
     )
-    return new
 
   s = lax.while_loop(cond, body, state)
 
-  # Step 16: back substitution R y = rhs[:k] per example, k = num_iters. Rows beyond k, and zero
-  # pivots, are replaced by identity rows with zero right-hand side (y_i = 0 there).
-  idx = jnp.arange(max_dim)
-  used = idx[None, :] < s.num_iters[:, None]                       # (B, max_dim)
-  diag = jnp.diagonal(s.r_mat, axis1=1, axis2=2)
-  keep = used & (diag != 0)
-  eye = jnp.eye(max_dim, dtype=dtype)
-  r_mat = jnp.where(keep[:, :, None], s.r_mat, 0.0)
-  r_mat = jnp.where(keep[:, None, :], r_mat, 0.0) + eye * (~keep)[:, None, :]
-  g = jnp.where(keep, s.rhs[:, :max_dim], 0.0)
-  y = jax.scipy.linalg.solve_triangular(r_mat, g[..., None], lower=False)[..., 0]
+  y = _back_substitute(s.r_mat, s.rhs, s.num_iters)
   x = x0_flat + jnp.einsum("kbn,bk->bn", s.basis[:max_dim], y)
-
-  # |rhs[k]| at k = num_iters, by masking rather than indexing: a gather would make the SPMD
-  # partitioner all-gather its indices when the batch is sharded over devices.
-  at_k = jnp.arange(max_dim + 1)[None, :] == s.num_iters[:, None]
-  residual = jnp.abs(jnp.sum(jnp.where(at_k, s.rhs, 0.0), axis=1))
-  residual = jnp.where(finite, residual, jnp.nan)
-  converged = jnp.isfinite(residual) & (residual <= threshold) & jnp.all(jnp.isfinite(x), axis=1)
+  estimate = jnp.where(finite, _estimate_at(s.rhs, s.num_iters), jnp.nan)
   # A non-finite operator output poisons the Givens recurrence; make sure x says so too.
-  x = jnp.where(jnp.isfinite(residual)[:, None], x, jnp.nan)
-  return GMRESResult(x=x.reshape(shape), residual_norm=residual, num_iters=s.num_iters,
+  x = jnp.where(jnp.isfinite(estimate)[:, None], x, jnp.nan)
+  true_res, converged, status = _outcome(flat_matvec, b_flat, x, beta, estimate, s.num_iters,
+                                         threshold, max_dim)
+  return GMRESResult(x=x.reshape(shape), residual_norm=true_res, num_iters=s.num_iters,
                      converged=converged, residual_history=s.history,
-                     initial_residual_norm=beta)
+                     initial_residual_norm=beta, status=status,
+                     estimated_residual_norm=estimate)

@@ -43,24 +43,49 @@ def _reference_blocks(loss_fn, x):
   return jax.hessian(lambda z: jnp.sum(loss_fn(z)))(x)
 
 
-def test_hessian_of_summed_loss_is_block_diagonal(x64):
+def _hessian_from_products(matvec, x):
+  """The full (B, d, B, d) Hessian assembled from ``matvec`` applied to every one-hot direction:
+  column (j, k) is ``matvec(e_jk)``."""
+  bsz, d = x.shape
+  basis = jnp.eye(bsz * d, dtype=x.dtype).reshape(bsz * d, bsz, d)
+  cols = np.asarray(jax.jit(jax.vmap(matvec))(basis))          # (B*d, B, d): [jk, i, a]
+  return cols.reshape(bsz, d, bsz, d).transpose(2, 3, 0, 1)
+
+
+@pytest.mark.parametrize("method,tol", [("exact", 1e-12), ("exact_linearized", 1e-12),
+                                        ("fd_central", 1e-6), ("fd_forward", 1e-4)])
+def test_hvp_products_assemble_the_block_diagonal_hessian(x64, method, tol):
+  # hvp.py's batched products, applied to one-hot directions, must rebuild jax.hessian of the
+  # summed loss: the diagonal blocks H_i, and zero off-diagonal blocks (a product in example
+  # j's direction must not leak into example i: the block-diagonal assumption, module docstring).
   loss_fn, x, _ = _setup(jnp.float64)
-  full = np.asarray(_reference_blocks(loss_fn, x))
+  want = np.asarray(_reference_blocks(loss_fn, x))
+  op = hvp.make_hvp(loss_fn, x, method=method, eta=1e-5)
+  got = _hessian_from_products(op.matvec, x)
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale)
   bsz = x.shape[0]
   for i in range(bsz):
     for j in range(bsz):
       if i != j:
-        np.testing.assert_array_equal(full[i, :, j, :], 0.0)
-  assert np.abs(full[0, :, 0, :]).max() > 1e-3  # and the diagonal blocks are not trivial
+        np.testing.assert_array_equal(want[i, :, j, :], 0.0)
+        np.testing.assert_allclose(got[i, :, j, :], 0.0, atol=tol * scale)
+  assert np.abs(want[0, :, 0, :]).max() > 1e-3  # and the diagonal blocks are not trivial
+  if method == "exact":
+    np.testing.assert_allclose(_hessian_from_products(lambda v: hvp.exact_hvp(loss_fn, x, v), x),
+                               want, rtol=0, atol=tol * scale)
 
 
 def test_block_diagonal_claim_fails_when_examples_interact(x64):
-  # A batch-statistics layer (BatchNorm in training mode) couples examples: the assumption that
-  # hvp.py documents really matters.
+  # A batch-statistics layer (BatchNorm in training mode) couples examples: hvp.py's product is
+  # then the full Hessian of the summed loss, off-diagonal blocks included (as jax.hessian
+  # says), and no longer one H_i v_i per example: the assumption hvp.py documents matters.
   loss_fn, x, _ = _setup(jnp.float64)
   coupled = lambda z: loss_fn(z - z.mean(axis=0, keepdims=True))
-  full = np.asarray(_reference_blocks(coupled, x))
-  assert np.abs(full[0, :, 1, :]).max() > 1e-6
+  want = np.asarray(_reference_blocks(coupled, x))
+  got = _hessian_from_products(lambda v: hvp.exact_hvp(coupled, x, v), x)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+  assert np.abs(got[0, :, 1, :]).max() > 1e-6
 
 
 def test_exact_hvp_matches_jax_hessian(x64):

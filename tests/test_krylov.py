@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg
 import scipy.sparse.linalg as sla
 
-from krylov_adv.krylov import gmres
+from krylov_adv import krylov
+from krylov_adv.krylov import Status, gmres
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +83,18 @@ def test_matches_scipy_gmres(kind, orth):
     assert bool(res.converged[i]) == (true_res <= tol * np.linalg.norm(b[i]) * (1 + 1e-6))
 
 
+def test_estimated_residual_is_last_history_entry():
+  rng = np.random.default_rng(15)
+  a, b = _nonsymmetric(rng, 4, 30, shift=15.0), rng.normal(size=(4, 30))
+  res = gmres(_batched_matvec(a), b, tol=1e-4, max_dim=20)
+  assert np.all(res.num_iters < 20)
+  hist = np.asarray(res.residual_history)
+  k = np.asarray(res.num_iters)
+  np.testing.assert_allclose(res.estimated_residual_norm, hist[np.arange(4), k - 1])
+  np.testing.assert_allclose(res.estimated_residual_norm, res.residual_norm, rtol=1e-6)
+  np.testing.assert_array_equal(res.status, Status.CONVERGED)
+
+
 def test_reported_residual_is_true_residual_and_history_decreases():
   rng = np.random.default_rng(2)
   a, b = _nonsymmetric(rng, 4, 25, shift=2.0), rng.normal(size=(4, 25))
@@ -128,6 +142,24 @@ def test_happy_breakdown_is_exact_and_finite():
   assert np.all(np.isfinite(res.x)) and np.all(np.isfinite(res.residual_norm))
   np.testing.assert_array_equal(res.num_iters, [2, 3])
   np.testing.assert_allclose(res.x, b / np.arange(1.0, 9.0), atol=1e-12)
+  # Exact to rounding; tol = 1e-300 is below what float64 can reach unless x is exact to the
+  # bit, and where it is not the recurrence stopped before max_dim: breakdown, not converged.
+  true_res = np.linalg.norm(b - np.einsum("bij,bj->bi", a, np.asarray(res.x)), axis=1)
+  np.testing.assert_array_equal(res.converged, true_res <= 1e-300 * np.linalg.norm(b, axis=1))
+  np.testing.assert_array_equal(res.status, np.where(res.converged, Status.CONVERGED,
+                                                     Status.BREAKDOWN))
+
+
+def test_lucky_breakdown_with_reachable_tolerance_is_converged():
+  a = np.broadcast_to(np.diag(np.arange(1.0, 9.0)), (2, 8, 8)).copy()
+  b = np.zeros((2, 8))
+  b[0, :2] = 1.0
+  b[1, :3] = [1.0, -2.0, 0.5]
+  res = jax.jit(lambda b: gmres(_batched_matvec(a), b, tol=1e-10, max_dim=8))(b)
+  np.testing.assert_array_equal(res.num_iters, [2, 3])
+  np.testing.assert_array_equal(res.status, Status.CONVERGED)
+  assert np.all(res.converged)
+  np.testing.assert_allclose(res.x, b / np.arange(1.0, 9.0), atol=1e-12)
 
 
 def test_singular_breakdown_reports_failure_not_nan():
@@ -138,6 +170,7 @@ def test_singular_breakdown_reports_failure_not_nan():
   assert np.all(np.isfinite(res.x))
   assert not bool(res.converged[0])
   np.testing.assert_allclose(res.residual_norm[0], 1.0)
+  assert int(res.status[0]) == Status.BREAKDOWN and int(res.num_iters[0]) < 3
 
 
 def test_nan_input_and_nan_operator_are_reported():
@@ -148,6 +181,8 @@ def test_nan_input_and_nan_operator_are_reported():
   res = gmres(_batched_matvec(a), b_nan, tol=1e-8, max_dim=6)
   assert not bool(res.converged[0]) and not np.isfinite(res.residual_norm[0])
   assert np.all(np.isnan(res.x[0]))
+  np.testing.assert_array_equal(res.status, [Status.NONFINITE, Status.CONVERGED,
+                                             Status.CONVERGED])
   np.testing.assert_allclose(res.x[1:], np.linalg.solve(a[1:], b[1:, :, None])[..., 0],
                              atol=1e-9)
 
@@ -157,6 +192,95 @@ def test_nan_input_and_nan_operator_are_reported():
   assert not bool(res.converged[2]) and not np.isfinite(res.residual_norm[2])
   assert not np.any(np.isfinite(res.x[2]))
   assert np.all(res.converged[:2])
+  np.testing.assert_array_equal(res.status, [Status.CONVERGED, Status.CONVERGED,
+                                             Status.NONFINITE])
+
+
+def test_nonfinite_matvec_output_is_status_nonfinite():
+  # The operator itself returns NaN for one example (a model whose HVP overflows).
+  rng = np.random.default_rng(11)
+  a, b = _nonsymmetric(rng, 3, 6), rng.normal(size=(3, 6))
+  bad = jnp.asarray([False, True, False])
+
+  def matvec(v):
+    return jnp.where(bad[:, None], jnp.nan, _batched_matvec(a)(v))
+
+  for x0 in (None, jnp.zeros_like(b)):
+    res = jax.jit(lambda b, x0: gmres(matvec, b, x0, tol=1e-8, max_dim=6))(b, x0)
+    np.testing.assert_array_equal(res.status, [Status.CONVERGED, Status.NONFINITE,
+                                               Status.CONVERGED])
+    np.testing.assert_array_equal(res.converged, [True, False, True])
+    assert not np.isfinite(res.residual_norm[1])
+    assert np.isnan(res.x[1]).all() and np.isfinite(np.asarray(res.x)[[0, 2]]).all()
+
+
+def test_status_names_and_max_dim_reached():
+  assert [s.name for s in Status] == ["CONVERGED", "MAX_DIM_REACHED", "BREAKDOWN", "NONFINITE"]
+  assert krylov.Status(1).name == "MAX_DIM_REACHED"
+  rng = np.random.default_rng(12)
+  a, b = _nonsymmetric(rng, 3, 20, shift=1.0), rng.normal(size=(3, 20))
+  res = gmres(_batched_matvec(a), b, tol=1e-10, max_dim=3)
+  assert res.status.dtype == jnp.int32
+  np.testing.assert_array_equal(res.status, Status.MAX_DIM_REACHED)
+  np.testing.assert_array_equal(res.converged, False)
+
+
+@pytest.mark.parametrize("n", [8, 9, 10, 11, 12])
+def test_hilbert_float32_converged_means_true_residual(n):
+  # Hilbert matrices in float32: the Givens estimate drifts to 0 after loss of orthogonality
+  # while ||b - A x|| / ||b|| is 0.1 to 10. `converged` must follow the true residual, which is
+  # computed here by NumPy in float64 from the returned x.
+  with jax.enable_x64(False):
+    h = scipy.linalg.hilbert(n)
+    rng = np.random.default_rng(n)
+    b = np.stack([np.ones(n), rng.normal(size=n), rng.uniform(size=n)]).astype(np.float32)
+    a = np.broadcast_to(h, (3, n, n)).astype(np.float32)
+    for tol in (1e-3, 1e-6):
+      for max_dim in (n, n + 4):
+        res = jax.jit(lambda b: gmres(_batched_matvec(a), b, tol=tol, max_dim=max_dim))(b)
+        x = np.asarray(res.x, np.float64)
+        true_rel = np.linalg.norm(b - x @ h.T, axis=1) / np.linalg.norm(b, axis=1)
+        conv = np.asarray(res.converged)
+        # float32 residuals of x carry rounding of order eps * ||A|| ||x||: a margin of 2x.
+        assert np.all(true_rel[conv] <= 2 * tol), (n, tol, max_dim, true_rel, conv)
+        assert not np.any(conv[true_rel > 2 * tol]), (n, tol, max_dim, true_rel, conv)
+        np.testing.assert_array_equal(conv, np.asarray(res.status) == Status.CONVERGED)
+        assert set(np.asarray(res.status).tolist()) <= {Status.CONVERGED,
+                                                        Status.MAX_DIM_REACHED, Status.BREAKDOWN}
+        # The float32 residual itself carries rounding of order n eps ||A|| ||x||.
+        rounding = (n * np.finfo(np.float32).eps * np.linalg.norm(h, 2)
+                    * np.linalg.norm(x, axis=1) / np.linalg.norm(b, axis=1))
+        got_rel = np.asarray(res.residual_norm) / np.linalg.norm(b, axis=1)
+        assert np.all(np.abs(got_rel - true_rel) <= 0.1 * true_rel + 10 * rounding)
+    assert not conv[1] and true_rel[1] > 0.1  # the case that used to report converged
+
+
+def test_rolled_and_unrolled_givens_loops_agree(monkeypatch):
+  rng = np.random.default_rng(13)
+  a, b = _nonsymmetric(rng, 4, 30, shift=2.0), rng.normal(size=(4, 30))
+  b[2] = 0.0
+  solve = lambda: jax.jit(lambda b: gmres(_batched_matvec(a), b, tol=1e-9, max_dim=24))(b)
+  monkeypatch.setattr(krylov, "_UNROLL_MAX_DIM", 10**6)
+  unrolled = solve()
+  monkeypatch.setattr(krylov, "_UNROLL_MAX_DIM", 0)
+  rolled = solve()
+  assert 10 < int(np.max(rolled.num_iters)) <= 24
+  for got, want in zip(rolled, unrolled, strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_large_max_dim_compiles_and_runs():
+  # The Givens loop is rolled past a small max_dim, so a Krylov dimension of 200 compiles in
+  # about the time of 16 (the unrolled loop took minutes). Not timed: it must just finish.
+  rng = np.random.default_rng(14)
+  n = 220
+  d = rng.uniform(1.0, 100.0, size=(2, n))
+  b = rng.normal(size=(2, n))
+  res = jax.jit(lambda b: gmres(lambda v: jnp.asarray(d) * v, b, tol=1e-300, max_dim=200))(b)
+  np.testing.assert_array_equal(res.num_iters, 200)
+  np.testing.assert_array_equal(res.status, Status.MAX_DIM_REACHED)
+  true_res = np.linalg.norm(b - d * np.asarray(res.x), axis=1)
+  np.testing.assert_allclose(res.residual_norm, true_res, rtol=1e-6, atol=1e-12)
 
 
 def test_jit_and_vmap_agree_with_eager():
@@ -165,7 +289,8 @@ def test_jit_and_vmap_agree_with_eager():
 
   def solve(b):
     r = gmres(_batched_matvec(a), b, tol=1e-5, max_dim=6)
-    return r.x, r.num_iters, r.residual_norm
+    return (r.x, r.num_iters, r.residual_norm, r.status, r.converged,
+            r.estimated_residual_norm)
 
   eager = [solve(b[p]) for p in range(3)]
   vmapped = jax.jit(jax.vmap(solve))(b)
@@ -200,7 +325,8 @@ def test_matvec_called_once_per_krylov_step_for_whole_batch():
 
   res = jax.jit(lambda b, x0: gmres(matvec, b, x0, tol=1e-3, max_dim=10))(b, jnp.zeros_like(b))
   jax.effects_barrier()
-  assert len(calls) == int(np.max(res.num_iters)) + 1  # + the r_0 product for a given x0
+  # + the r_0 product for a given x0, + the true residual at exit.
+  assert len(calls) == int(np.max(res.num_iters)) + 2
 
 
 def test_auto_orthogonalization_is_mgs_on_cpu_and_cgs2_elsewhere():
