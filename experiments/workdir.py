@@ -122,13 +122,14 @@ def _one_line(text: Any, limit: int = 160) -> str:
 
 def flatten_config(config) -> dict[str, Any]:
   """``{"train.learning_rate": 0.1, ...}``: every leaf of ``config`` (a ``ConfigDict`` or nested
-  dict) under its dotted path, as JSON values (tuples become lists)."""
+  dict) under its dotted path, as JSON values (tuples become lists; empty blocks are left
+  out, so filling ``model.options`` shows as its new fields)."""
   tree = json.loads(config.to_json()) if hasattr(config, "to_json") else json.loads(
       json.dumps(config, default=list))
   flat: dict[str, Any] = {}
 
   def walk(prefix: str, node):
-    if isinstance(node, dict) and node:
+    if isinstance(node, dict):  # an empty block adds no field
       for key in sorted(node):
         walk(f"{prefix}{key}.", node[key])
     else:
@@ -242,7 +243,7 @@ def check_run_config(workdir: str, config, *, record: bool = True) -> list[Confi
   refused, allowed = config_changes(stored, current)
   if refused:
     raise ConfigError(mismatch_message(workdir, refused))
-  if record and allowed:
+  if record and (allowed or not os.path.exists(path)):  # (a legacy workdir gets its record)
     grown = [dict(field=c.field, was=c.stored, now=c.current, after_epoch=max(
         saved_steps(workdir), default=0)) for c in allowed if _rule(c.field) == "grow"]
     atomic_write_text(path, json.dumps({"config": current, "history": history + grown},
