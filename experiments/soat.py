@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from experiments import workdir as workdir_lib
 from krylov_adv import data as data_lib
 from krylov_adv import evaluation, models, parallel, training
 
@@ -160,17 +162,6 @@ def clean_test_accuracy(exp: Experiment, state, batch_size: int = 512) -> float:
   return correct / len(y)
 
 
-def _truncate_metrics(path: str, completed_epochs: int) -> None:
-  """Drops metric lines of epochs after the restored checkpoint (a run killed after writing
-  the line but before saving the checkpoint reruns that epoch)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] <= completed_epochs]
-  with open(path, "w") as f:
-    f.writelines(lines)
-
-
 def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
           stop_after_epoch: int | None = None, progress: bool = True):
   """Trains a single-method config, resuming from ``workdir/checkpoints`` when present.
@@ -187,14 +178,25 @@ def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
   # each checkpoint once, and only process 0 writes the other files and prints.
   primary = parallel.is_primary()
   progress = progress and primary
+  # experiments.workdir: a rerun must use the config the workdir was trained with.
+  workdir_lib.check_run_config(workdir, config, record=primary)
   exp = build(config, dataset)
   mngr = checkpoint_manager(workdir, int(config.checkpoint.max_to_keep))
   # Parameters and optimiser state are replicated on every device; restoring into the
   # replicated template reshards a checkpoint written on any device count onto this mesh.
-  state, start_epoch = restore_latest(mngr, parallel.replicate(initial_state(exp), mesh))
+  # The newest checkpoint that restores and matches its checksum; damaged ones are moved aside.
+  restored = workdir_lib.restore_newest(
+      mngr, parallel.replicate(initial_state(exp), mesh), workdir, quarantine=True,
+      primary=primary, sync=None if jax.process_count() == 1 else _sync_hosts)
+  state, start_epoch = restored.state, restored.step
+  workdir_lib.note_progress(start_epoch, config.train.method)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if primary:
-    _truncate_metrics(metrics_path, start_epoch)
+    for line in restored.messages(workdir):
+      print(line, file=sys.stderr, flush=True)
+    if start_epoch and progress:
+      print(f"[{config.train.method}] resuming {workdir} after epoch {start_epoch}", flush=True)
+    workdir_lib.truncate_metrics(metrics_path, start_epoch)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
   key = jax.random.PRNGKey(config.seed + 1)
@@ -227,13 +229,15 @@ def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
     if primary:
       with open(metrics_path, "a") as f:
         f.write(json.dumps(record) + "\n")
-    mngr.save(epoch + 1, args=ocp.args.StandardSave(state))
+    workdir_lib.save_checkpoint(mngr, epoch + 1, state, workdir, primary=primary)
+    workdir_lib.note_progress(epoch + 1, config.train.method, flush=mngr.wait_until_finished)
     if progress:
       print(f"[{config.train.method}] epoch {epoch + 1}: loss {mean[0]:.4f} train acc "
             f"{mean[1]:.4f} test acc {record['test_accuracy']:.4f} ({record['seconds']:.1f}s)",
             flush=True)
   mngr.wait_until_finished()
   mngr.close()
+  workdir_lib.note_progress(max(start_epoch, last), config.train.method)
   return exp, state
 
 
@@ -261,16 +265,33 @@ def write_results(workdir: str, results_by_method: dict[str, list[evaluation.Att
   return table
 
 
-def train_and_evaluate(config, workdir: str, *, stop_after_epoch: int | None = None,
-                       progress: bool = True) -> dict[str, list[evaluation.AttackResult]]:
-  """Trains every method of ``config.train.method`` and evaluates each with the attacks.
+def _sync_hosts() -> None:
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices("experiments.workdir")
+
+
+def train_and_evaluate(config, workdir: str, **kwargs) -> dict[str, list[evaluation.AttackResult]]:
+  """Trains every method of ``config.train.method`` and evaluates each with the attacks, holding
+  the workdir's lock (``experiments.workdir.workdir_lock``: a second run fails at once).
+
+  Args:
+    stop_after_epoch, progress: as for :func:`train`.
 
   Returns ``{method: [AttackResult, ...]}`` (empty lists when stopped early).
   """
-  validate_config(config)
+  with workdir_lib.config_errors():
+    validate_config(config)
   start_distributed(config)
+  with workdir_lib.workdir_lock(workdir, process_index=jax.process_index()):
+    return _train_and_evaluate(config, workdir, **kwargs)
+
+
+def _train_and_evaluate(config, workdir: str, *, stop_after_epoch: int | None = None,
+                        progress: bool = True) -> dict[str, list[evaluation.AttackResult]]:
   methods = methods_of(config)
-  dataset = data_lib.load(config.data)
+  with workdir_lib.config_errors():
+    workdir_lib.check_data_root(config.data)
+    dataset = data_lib.load(config.data)
   results: dict[str, list[evaluation.AttackResult]] = {}
   for method in methods:
     cfg = with_method(config, method)

@@ -528,10 +528,18 @@ def truncate_metrics(path: str, completed_epochs: int, *, write: bool = True) ->
 _PROGRESS: dict[str, Any] = {}
 
 
-def note_progress(completed_epochs: int, method: str | None = None) -> None:
+def note_progress(completed_epochs: int, method: str | None = None, *,
+                  flush: Callable[[], Any] | None = None) -> None:
   """Records how far this process's training has come (``completed_epochs`` saved, of
-  ``method``) for :func:`run_cli`'s Ctrl-C line. Call after restoring and after each save."""
-  _PROGRESS.update(epoch=int(completed_epochs), method=method)
+  ``method``) for :func:`run_cli`'s Ctrl-C line. Call after restoring and after each save.
+
+  Args:
+    flush: called by :func:`run_cli` on Ctrl-C before it prints and exits, to finish the save
+      in flight so that the epoch it names is on disk (``mngr.wait_until_finished``: orbax saves
+      in a background thread, which interpreter shutdown would otherwise cut off with a
+      traceback). Pass ``None`` once the manager is closed.
+  """
+  _PROGRESS.update(epoch=int(completed_epochs), method=method, flush=flush)
 
 
 def reset_progress() -> None:
@@ -639,14 +647,21 @@ def run_cli(main: Callable[[], Any], *, prog: str | None = None) -> Any:
   line: a :data:`USER_ERRORS` exception prints ``<prog>: error: <message>`` as one stderr line
   and exits with status 2; Ctrl-C prints :func:`interrupted_message` and exits with 130. Other
   exceptions propagate with their traceback."""
-  prog = prog or os.path.basename(sys.argv[0] or "krylov_adv")
+  if prog is None:  # python -m experiments.soat: argv[0] is .../experiments/soat.py
+    prog = os.path.splitext(os.path.basename(sys.argv[0] or ""))[0] or "krylov_adv"
   try:
     return main()
   except USER_ERRORS as e:
     print(f"{prog}: error: {_one_line(e, 10_000)}", file=sys.stderr, flush=True)
     sys.exit(2)
   except KeyboardInterrupt:
-    print(f"{prog}: {interrupted_message()}", file=sys.stderr, flush=True)
+    flush, note = _PROGRESS.get("flush"), ""
+    if flush is not None:
+      try:
+        flush()
+      except Exception as e:  # noqa: BLE001 - still say where the run stopped
+        note = f" (the last save did not finish: {type(e).__name__})"
+    print(f"{prog}: {interrupted_message()}{note}", file=sys.stderr, flush=True)
     sys.exit(130)
 
 

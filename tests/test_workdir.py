@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -485,3 +486,82 @@ def test_require_trained_workdir_creates_nothing(tmp_path):
   assert os.listdir(tmp_path) == []
   _fake_checkpoint(str(tmp_path), 4)
   assert wd.require_trained_workdir(str(tmp_path)) == str(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: experiments.soat and experiments.evaluate on configs/test_tiny.py
+
+
+def _entry(module, workdir, *overrides, **popen):
+  cmd = [sys.executable, "-m", f"experiments.{module}", "--config",
+         "configs/test_tiny.py:standard", "--workdir", str(workdir), *overrides]
+  if popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, text=True, **popen)
+  return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _last_line(stderr):
+  lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip()]
+  assert not any(ln.startswith("Traceback") for ln in lines), stderr[-3000:]
+  return lines[-1]
+
+
+@pytest.mark.slow
+def test_soat_refuses_a_changed_config_a_locked_workdir_and_evaluate_a_missing_one(tmp_path):
+  from experiments import soat
+  w = tmp_path / "w"
+  c = test_tiny.get_config("standard")
+  c.train.epochs = 1
+  c.eval.attacks = test_tiny.full_eval_attacks(include=("clean",))
+  soat.train_and_evaluate(c, str(w), progress=False)
+  assert (w / "run_config.json").exists() and (w / "checksums.json").exists()
+  assert wd.lock_holder(str(w)) == ""
+  out = _entry("soat", w, "--config.train.epochs=1", "--config.train.learning_rate=0.2")
+  assert out.returncode == 2
+  assert _last_line(out.stderr) == (f"soat: error: workdir {w} was trained with "
+                                    f"train.learning_rate=0.05; this config has 0.2: use a new "
+                                    f"workdir")
+  holder = _start_holder(str(w))
+  try:
+    out = _entry("soat", w, "--config.train.epochs=1")
+    assert out.returncode == 2
+    assert _last_line(out.stderr).startswith(f"soat: error: workdir {w} is in use by pid "
+                                             f"{holder.pid} on host ")
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  missing = tmp_path / "typo"
+  out = _entry("evaluate", missing)
+  assert out.returncode == 2 and _last_line(out.stderr) == (
+      f"evaluate: error: workdir {missing} does not exist; train first with python -m "
+      f"experiments.soat --workdir {missing}")
+  assert not missing.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
+  from experiments import soat
+  w = tmp_path / "w"
+  epochs = 100_000  # stopped by Ctrl-C long before
+  p = _entry("soat", w, f"--config.train.epochs={epochs}", stdout=subprocess.PIPE,
+             stderr=subprocess.PIPE)
+  try:
+    for line in p.stdout:
+      if "epoch 2:" in line:
+        break
+    p.send_signal(signal.SIGINT)
+    _, stderr = p.communicate(timeout=120)
+  finally:
+    if p.poll() is None:
+      p.kill()
+  assert p.returncode == 130, stderr[-3000:]
+  done = int(re.fullmatch(r"soat: interrupted after epoch (\d+) \(standard\); rerun the same "
+                          r"command to resume", _last_line(stderr)).group(1))
+  assert done >= 2 and wd.saved_steps(str(w))[-1] == done
+  # The same command resumes after that epoch (stopped here one epoch later).
+  c = test_tiny.get_config("standard")
+  c.train.epochs = epochs
+  soat.train(c, str(w), stop_after_epoch=done + 1, progress=False)
+  assert wd.saved_steps(str(w))[-1] == done + 1
+  metrics = [json.loads(ln) for ln in open(w / "metrics.jsonl")]
+  assert [m["epoch"] for m in metrics] == list(range(1, done + 2))
