@@ -270,12 +270,10 @@ def _sync_hosts() -> None:
   multihost_utils.sync_global_devices("experiments.workdir")
 
 
-def train_and_evaluate(config, workdir: str, **kwargs) -> dict[str, list[evaluation.AttackResult]]:
+def train_and_evaluate(config, workdir: str, *, stop_after_epoch: int | None = None,
+                       progress: bool = True) -> dict[str, list[evaluation.AttackResult]]:
   """Trains every method of ``config.train.method`` and evaluates each with the attacks, holding
   the workdir's lock (``experiments.workdir.workdir_lock``: a second run fails at once).
-
-  Args:
-    stop_after_epoch, progress: as for :func:`train`.
 
   Returns ``{method: [AttackResult, ...]}`` (empty lists when stopped early).
   """
@@ -283,7 +281,8 @@ def train_and_evaluate(config, workdir: str, **kwargs) -> dict[str, list[evaluat
     validate_config(config)
   start_distributed(config)
   with workdir_lib.workdir_lock(workdir, process_index=jax.process_index()):
-    return _train_and_evaluate(config, workdir, **kwargs)
+    return _train_and_evaluate(config, workdir, stop_after_epoch=stop_after_epoch,
+                               progress=progress)
 
 
 def _train_and_evaluate(config, workdir: str, *, stop_after_epoch: int | None = None,
