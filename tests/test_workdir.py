@@ -366,9 +366,9 @@ _CLI = textwrap.dedent("""
 
     def _main(argv):
       config = flags.FLAGS.config
-      with wd.config_errors():
-        if config.eval.attacks.pgd_linf.eps < 0:
-          raise ValueError(f"eval.attacks.pgd_linf: eps must be >= 0, got {config.eval.attacks.pgd_linf.eps}")
+      with wd.config_errors():  # the real up-front checks of experiments.soat
+        from experiments import soat
+        soat.validate_config(config)
         wd.check_data_root(config.data)
       wd.note_progress(0, config.train.method)
       for epoch in range(config.train.epochs):
