@@ -226,6 +226,14 @@ def _data_file(workdir, step):
   return max(files, key=os.path.getsize)
 
 
+def _flip_a_bit(path):
+  """Flips one bit early in a checkpoint data file: OCDBT writes the array chunks first and its
+  per-process index nodes after them (superseded by the merged index, so never read)."""
+  raw = bytearray(open(path, "rb").read())
+  raw[max(64, len(raw) // 8)] ^= 0x04
+  open(path, "wb").write(bytes(raw))
+
+
 def _assert_state(state, k):
   np.testing.assert_array_equal(state["params"]["dense"]["kernel"],
                                 np.arange(600, dtype=np.float32).reshape(20, 30) * k)
@@ -265,10 +273,7 @@ def test_checksums_follow_the_kept_checkpoints(tmp_path):
 def test_bit_flipped_checkpoint_is_skipped_and_quarantined(tmp_path):
   w = str(tmp_path)
   _saved(w)
-  path = _data_file(w, 3)
-  raw = bytearray(open(path, "rb").read())
-  raw[len(raw) // 2] ^= 0x10
-  open(path, "wb").write(bytes(raw))
+  _flip_a_bit(_data_file(w, 3))
   # Orbax reads the flipped file without complaint: only the checksum tells.
   m = _manager(w)
   silent = m.restore(3, args=ocp.args.StandardRestore(_state(0)))
@@ -565,3 +570,33 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
   assert wd.saved_steps(str(w))[-1] == done + 1
   metrics = [json.loads(ln) for ln in open(w / "metrics.jsonl")]
   assert [m["epoch"] for m in metrics] == list(range(1, done + 2))
+
+
+@pytest.mark.slow
+def test_soat_resumes_past_a_bit_flipped_checkpoint_and_a_cut_metrics_line(tmp_path, capsys):
+  from experiments import evaluate as evaluate_lib
+  from experiments import soat
+  w = str(tmp_path / "w")
+  c = test_tiny.get_config("standard")
+  c.train.epochs = 3
+  c.checkpoint.max_to_keep = 3
+  soat.train(c, w, stop_after_epoch=2, progress=False)
+  recorded = json.load(open(os.path.join(w, "checksums.json")))
+  assert sorted(recorded) == ["1", "2"]
+  _flip_a_bit(_data_file(w, 2))
+  with open(os.path.join(w, "metrics.jsonl"), "a") as f:
+    f.write('{"epoch": 3, "step": 1')  # killed mid-write
+  # evaluate reads around the damage and moves nothing.
+  _, state, epochs = evaluate_lib.load_trained(c, w)
+  assert epochs == 1 and wd.saved_steps(w) == [1, 2]
+  assert capsys.readouterr().err == (f"{w}: checkpoint 2 unreadable (checksum mismatch); "
+                                     f"restored checkpoint 1\n")
+  # Training falls back to epoch 1, moves checkpoint 2 aside and trains epoch 2 again: the
+  # same state as before the damage, bit for bit.
+  soat.train(c, w, stop_after_epoch=2, progress=False)
+  assert "restored checkpoint 1" in capsys.readouterr().err
+  assert os.path.isdir(os.path.join(w, "damaged_checkpoints", "2"))
+  assert json.load(open(os.path.join(w, "checksums.json")))["2"] == recorded["2"]
+  assert [json.loads(ln)["epoch"] for ln in open(os.path.join(w, "metrics.jsonl"))] == [1, 2]
+  _, state, epochs = evaluate_lib.load_trained(c, w)
+  assert epochs == 2 and capsys.readouterr().err == ""
