@@ -662,6 +662,9 @@ def run_cli(main: Callable[[], Any], *, prog: str | None = None) -> Any:
       except Exception as e:  # noqa: BLE001 - still say where the run stopped
         note = f" (the last save did not finish: {type(e).__name__})"
     print(f"{prog}: {interrupted_message()}{note}", file=sys.stderr, flush=True)
+    # Objects the interrupt left half-built (a progress bar cut in its constructor) would print
+    # "Exception ignored in ... __del__" tracebacks at shutdown: the line above says it all.
+    sys.unraisablehook = lambda unraisable: None
     sys.exit(130)
 
 

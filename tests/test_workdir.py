@@ -434,7 +434,8 @@ def test_interrupt_is_one_line_naming_the_epoch():
   assert ok.returncode == 0 and ok.stdout.strip() == "trained 2", ok.stderr
 
 
-def test_run_cli_in_process(capsys):
+def test_run_cli_in_process(capsys, monkeypatch):
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # run_cli silences it
   def stop():
     raise KeyboardInterrupt
   wd.reset_progress()
@@ -460,6 +461,29 @@ def test_run_cli_in_process(capsys):
     raise ZeroDivisionError("a bug keeps its traceback")
   with pytest.raises(ZeroDivisionError):
     wd.run_cli(bug)
+
+
+def test_interrupt_leaves_no_destructor_noise():
+  # Ctrl-C inside a constructor (tqdm's, between epochs) leaves an object whose __del__ fails
+  # at shutdown; the interrupt line stays the last word.
+  code = textwrap.dedent("""
+      from experiments import workdir as wd
+      class Bar:
+        def __init__(self):
+          raise KeyboardInterrupt
+        def __del__(self):
+          self.pos
+      def main():
+        wd.note_progress(3, "pgd")
+        global bar
+        bar = Bar.__new__(Bar)
+        bar.__init__()
+      wd.run_cli(main, prog="soat")
+  """)
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 130
+  assert out.stderr == "soat: interrupted after epoch 3 (pgd); rerun the same command to resume\n"
 
 
 def test_config_errors_converts_only_user_errors():
