@@ -35,7 +35,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 
 from configs import test_tiny  # noqa: E402
-from experiments import soat  # noqa: E402
+from experiments import pipeline  # noqa: E402
 from krylov_adv import parallel  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def _trained_digits_model():
     config.train.epochs = 10
     config.parallel.mesh_shape = (1,)
     with tempfile.TemporaryDirectory() as workdir:
-      exp, state = soat.train(config, workdir, progress=False)
+      exp, state = pipeline.train(config, workdir, progress=False)
     _TRAINED.update(exp=exp, state=jax.device_get(state))
   return _TRAINED["exp"], _TRAINED["state"]
 
@@ -95,9 +95,9 @@ def time_step(method: str, num_devices: int, batch: int, repeats: int) -> dict:
     return time_autoattack(num_devices, batch, repeats)
   config = _config(method, batch)
   config.parallel.mesh_shape = (num_devices,)
-  exp = soat.build(config)
-  mesh = soat.make_mesh(config)
-  state = parallel.replicate(soat.initial_state(exp), mesh)
+  exp = pipeline.build(config)
+  mesh = pipeline.make_mesh(config)
+  state = parallel.replicate(pipeline.initial_state(exp), mesh)
   x, y = parallel.shard_batch((exp.dataset.x_train[:batch], exp.dataset.y_train[:batch]), mesh)
   key = jax.random.PRNGKey(0)
   hlo = exp.train_step.lower(state, x, y, key).compile().as_text()

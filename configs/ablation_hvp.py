@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments import common
+from configs import common
 
 # SOAE paper Sec. IV-D / Fig. 1 sweeps eta over 1e-1 .. 1e-7.
 PAPER_ETAS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
 
 
 def get_config(scale: str = "small"):
-  c = common.base_config(scale)
+  c = common.analysis_config(scale)
   tiny, paper = scale == "tiny", scale == "paper"
   c.experiment = ml_collections.ConfigDict(dict(
       # 1. accuracy of the FD products

@@ -7,8 +7,8 @@ TRADES beta 6, SGD 0.1 / momentum 0.9 / weight decay 3e-4, batch 128, 300 epochs
 
 from __future__ import annotations
 
-from configs import _paper
+from configs import common
 
 
 def get_config(method: str = "soat"):
-  return _paper.cifar10("wrn34_10", method)
+  return common.cifar10("wrn34_10", method)

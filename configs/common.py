@@ -1,5 +1,11 @@
-"""Shared pieces of the experiment configs: the full config schema with defaults and the
-papers' attack suite. Every experiment file calls ``base_config()`` and overrides fields.
+"""The one module every config builds on: the full config schema with defaults
+(``base_config``), the papers' attack suite (``attack_suite``), the papers' dataset recipes
+(``mnist_like``, ``cifar10``), the analyses' recipe per scale (``analysis_config``) and the
+test-size run (``tiny_config``).
+
+Configs import nothing but ``ml_collections`` and this module, and hold no live objects: a
+config is data, and the code that runs it (``experiments/``) is never imported here. Every
+experiment file calls one of these builders and overrides fields.
 
 Schema (all fields always present so that command-line overrides such as
 ``--config.train.soat.iters=5`` work for every method):
@@ -105,3 +111,136 @@ def attack_suite(*, eps_linf: float, eps_l2: float, pgd_steps: int = 20,
     for key in include:
       suite[f"{key}_{norm}"] = ml_collections.ConfigDict(dict(entries[key], norm=norm, eps=e))
   return suite
+
+
+# ---------------------------------------------------------------------------------------------
+# The papers' setups (MNIST, Fashion-MNIST, CIFAR-10); per-experiment files pick dataset,
+# model and method.
+
+# S-O paper Sec. 5: ||delta||_inf <= 0.3 and ||delta||_2 <= 4.0 on MNIST-sized images in [0, 1].
+MNIST_EPS_LINF, MNIST_EPS_L2 = 0.3, 4.0
+# SOAE paper Sec. IV-A: eps = 8/255, step 2/255 on CIFAR-10; 0.5 is the usual L2 budget there.
+CIFAR_EPS_LINF, CIFAR_EPS_L2 = 8 / 255, 0.5
+
+
+def mnist_like(data: dict, model: str, method: str, **model_options) -> ml_collections.ConfigDict:
+  """MNIST / Fashion-MNIST (28x28x1): Linf 0.3 training with Madry's PGD-40 (step 0.01);
+  evaluation under Linf 0.3 and L2 4.0 with PGD-20 steps of 2.5 eps / 20."""
+  c = base_config()
+  c.data.update(data)
+  c.model.name = model
+  c.model.options.update(model_options)
+  t = c.train
+  t.method = method
+  t.eps, t.norm = MNIST_EPS_LINF, "linf"
+  t.pgd.update(dict(steps=40, step_size=0.01))
+  t.trades.update(dict(steps=40, step_size=0.01))
+  t.soat.alpha = MNIST_EPS_LINF
+  t.mixed.update(dict(eps_linf=MNIST_EPS_LINF, eps_l2=MNIST_EPS_L2, step_size_linf=0.01,
+                      step_size_l2=0.1, steps=40))
+  t.second_order.update(dict(steps=40, step_size=0.01, sigma=0.1))
+  if model == "madry_cnn":
+    # No BatchNorm: lr 0.1 with momentum 0.9 diverges on this CNN; 0.01 is the stable choice.
+    t.learning_rate = 0.01
+  c.eval.attacks = attack_suite(
+      eps_linf=MNIST_EPS_LINF, eps_l2=MNIST_EPS_L2, step_linf=2.5 * MNIST_EPS_LINF / 20,
+      step_l2=2.5 * MNIST_EPS_L2 / 20,
+      second_order=dict(steps=20, samples=8, sigma=0.1))
+  return c
+
+
+def cifar10(model: str, method: str, *, source: str = "tfds", root: str = "",
+            **model_options) -> ml_collections.ConfigDict:
+  """CIFAR-10 with the SOAE paper's setup (Sec. IV-A): eps 8/255, PGD-7 step 2/255 training,
+  TRADES beta 6, SGD lr 0.1 momentum 0.9 weight decay 3e-4, batch 128, 300 epochs; crop+flip."""
+  c = base_config()
+  c.data.update(dict(source=source, name="cifar10", root=root, augment=True))
+  c.model.name = model
+  c.model.options.update(model_options)
+  c.train.method = method
+  c.eval.attacks = attack_suite(eps_linf=CIFAR_EPS_LINF, eps_l2=CIFAR_EPS_L2,
+                                       step_linf=2 / 255, step_l2=CIFAR_EPS_L2 / 4)
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# The analyses (ablation_hvp, krylov_dims, iterations, perceptual, grad_norms)
+
+
+SCALES = ("tiny", "small", "paper")
+
+
+def analysis_config(scale: str) -> ml_collections.ConfigDict:
+  """The data, model and training recipe of an analysis config at ``scale``.
+
+  * ``tiny`` (tests, seconds): digits, TinyCNN, 15 epochs, PGD-3 training.
+  * ``small`` (a 2-core CPU, minutes): digits, TinyCNN, 30 epochs, PGD-5 training, Linf 0.1.
+  * ``paper``: MNIST through tensorflow-datasets, the Madry CNN, the S-O paper's threat model
+    (Linf 0.3) and the SOAE paper's training recipe (:func:`mnist_like`); set ``models_dir``
+    to an ``experiments.soat`` workdir to use its checkpoints.
+
+  Adds to :func:`base_config` the analysis fields: ``models_dir`` (an ``experiments.soat``
+  workdir whose checkpoints replace training), ``data.test_split`` (hold out the last N images
+  of the MNIST t10k files) and an empty ``experiment`` block for the experiment's own fields.
+  """
+  if scale not in SCALES:
+    raise ValueError(f"unknown scale {scale!r}; use one of {SCALES}")
+  if scale == "paper":
+    c = mnist_like(dict(source="tfds", name="mnist"), "madry_cnn", "standard")
+    c.train.epochs = 100
+  else:
+    c = base_config()
+    c.data.update(dict(source="digits", name="digits", num_test=397))
+    c.model.name = "tiny_cnn"
+    t = c.train
+    t.update(dict(epochs=30 if scale == "small" else 15, batch_size=64, learning_rate=0.1,
+                  lr_schedule="cosine", weight_decay=5e-4, eps=0.1, norm="linf"))
+    t.pgd.update(dict(steps=5 if scale == "small" else 3, step_size=0.03))
+    t.trades.update(dict(steps=5 if scale == "small" else 3, step_size=0.03, beta=6.0))
+  c.train.method = "standard"
+  # The analysis experiments do not use the evaluation table; keep it valid and cheap.
+  c.eval.attacks = attack_suite(eps_linf=c.train.eps, eps_l2=0.5, include=("clean",))
+  c.eval.num_examples = 64
+  c.models_dir = ""
+  c.data.test_split = 0
+  c.experiment = ml_collections.ConfigDict()
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Test size (configs/test_tiny.py, configs/test_multihost.py)
+
+
+def tiny_config(method: str = "standard") -> ml_collections.ConfigDict:
+  """The test-size run: any method, a few steps on synthetic 8x8 data with TinyCNN."""
+  c = base_config()
+  c.data.update(dict(source="synthetic", num_train=64, num_test=32, shape=(8, 8, 1),
+                     num_classes=10, seed=0))
+  c.model.name = "tiny_cnn"
+  t = c.train
+  t.method = method
+  t.epochs = 2
+  t.batch_size = 16
+  t.learning_rate = 0.05
+  t.lr_schedule = "cosine"
+  t.eps, t.norm = 0.1, "linf"
+  t.pgd.update(dict(steps=2, step_size=0.05))
+  t.trades.update(dict(steps=2, step_size=0.05))
+  t.soat.update(dict(iters=1, m=3, tau=1e-2, hvp="fd_forward", eta=1e-3, alpha=0.1))
+  t.mixed.update(dict(eps_linf=0.1, eps_l2=0.5, step_size_linf=0.05, step_size_l2=0.25, steps=2))
+  t.second_order.update(dict(steps=2, samples=2, sigma=0.05, step_size=0.05))
+  c.eval.num_examples = 16
+  c.eval.batch_size = 16
+  c.eval.attacks = tiny_eval_attacks(include=("clean", "fgsm", "pgd"))
+  return c
+
+
+def tiny_eval_attacks(include=("clean", "fgsm", "pgd", "second_order", "soae", "autoattack")
+                      ) -> ml_collections.ConfigDict:
+  """The papers' attack table at test size (2 PGD steps, 1 SOAE iteration, APGD-CE only)."""
+  return attack_suite(
+      eps_linf=0.1, eps_l2=0.5, pgd_steps=2, soae=dict(iters=1, m=3, tau=1e-2, hvp="exact"),
+      second_order=dict(steps=2, samples=2, sigma=0.05),
+      autoattack=dict(version="custom", attacks=("apgd_ce",),
+                      hyperparameters=dict(apgd_ce=dict(n_iter=2))),
+      include=include)

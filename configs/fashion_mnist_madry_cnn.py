@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-from configs import _paper
+from configs import common
 
 ROOT = "/usr/share/datasets/fashion-mnist"
 
 
 def get_config(method: str = "soat"):
-  return _paper.mnist_like(dict(source="idx", name="fashion_mnist", root=ROOT), "madry_cnn", method)
+  return common.mnist_like(dict(source="idx", name="fashion_mnist", root=ROOT), "madry_cnn", method)

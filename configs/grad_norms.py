@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments import common
+from configs import common
 
 
 def get_config(scale: str = "small"):
-  c = common.base_config(scale)
+  c = common.analysis_config(scale)
   tiny, paper = scale == "tiny", scale == "paper"
   eps = dict(linf=0.3, l2=4.0) if paper else dict(linf=0.1, l2=1.0)
   steps = 3 if tiny else (40 if paper else 20)

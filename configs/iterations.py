@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments import common
+from configs import common
 
 
 def get_config(scale: str = "small"):
-  c = common.base_config(scale)
+  c = common.analysis_config(scale)
   tiny, paper = scale == "tiny", scale == "paper"
   eps = c.train.eps
   c.experiment = ml_collections.ConfigDict(dict(

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments import common
+from configs import common
 
 
 def get_config(scale: str = "small"):
-  c = common.base_config(scale)
+  c = common.analysis_config(scale)
   tiny, paper = scale == "tiny", scale == "paper"
   c.experiment = ml_collections.ConfigDict(dict(
       taus=(1e-1, 1e-3) if tiny else (1e-1, 1e-2, 1e-3, 1e-4, 1e-5),

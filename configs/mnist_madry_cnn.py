@@ -7,8 +7,8 @@ trained with the SOAE paper's recipe.
 
 from __future__ import annotations
 
-from configs import _paper
+from configs import common
 
 
 def get_config(method: str = "soat"):
-  return _paper.mnist_like(dict(source="tfds", name="mnist"), "madry_cnn", method)
+  return common.mnist_like(dict(source="tfds", name="mnist"), "madry_cnn", method)

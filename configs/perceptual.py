@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments import common
+from configs import common
 
 
 def get_config(scale: str = "small"):
-  c = common.base_config(scale)
+  c = common.analysis_config(scale)
   tiny, paper = scale == "tiny", scale == "paper"
   if tiny:
     c.data.update(dict(source="synthetic", name="synthetic", num_train=1024, num_test=32,

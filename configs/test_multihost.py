@@ -8,11 +8,11 @@ clean, PGD, SOAE (GMRES) and AutoAttack (APGD-CE, APGD-T) under Linf at test siz
 
 from __future__ import annotations
 
-from configs import common, test_tiny
+from configs import common
 
 
 def get_config(method: str = "pgd"):
-  c = test_tiny.get_config(method)
+  c = common.tiny_config(method)
   c.data = common.base_config().data
   c.data.update(dict(source="digits", name="digits", num_test=397, seed=0))
   c.train.epochs = 3

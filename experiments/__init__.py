@@ -1,1 +1,2 @@
-"""Entrypoints with side effects (training, evaluation, ablations); the library never imports these."""
+"""Entry points with side effects (training, evaluation, analyses) over experiments.pipeline;
+the library never imports these."""

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common
-from krylov_adv import attacks, evaluation, hvp
+from experiments import cli, datasets, outputs, timing, trained_models
+from krylov_adv import attacks, evaluation, hvp, projections
 
 NAME = "ablation_hvp"
 SCHEMES = ("forward", "central")
@@ -39,16 +39,6 @@ SCHEMES = ("forward", "central")
 
 # ---------------------------------------------------------------------------------------------
 # 1. Accuracy
-
-
-def _unit(v: jax.Array) -> jax.Array:
-  flat = v.reshape(v.shape[0], -1)
-  nrm = jnp.sqrt(jnp.sum(flat * flat, axis=1))
-  return v / jnp.maximum(nrm, jnp.finfo(v.dtype).tiny).reshape((-1,) + (1,) * (v.ndim - 1))
-
-
-def _norms(a: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.sum(a.reshape(a.shape[0], -1) ** 2, axis=1))
 
 
 @functools.partial(jax.jit, static_argnames=("logits_fn", "etas", "direction"))
@@ -68,36 +58,36 @@ def fd_relative_errors(logits_fn, x: jax.Array, y: jax.Array, key: jax.Array, *,
     ``(errors, exact_norm)``: ``errors (2, len(etas), B)`` is ``||fd - exact|| / ||exact||`` per
     scheme (forward, central), eta and example; ``exact_norm (B,)`` is ``||H v||``.
   """
-  loss_fn = common.cross_entropy_fn(logits_fn, y)
+  loss_fn = trained_models.cross_entropy_fn(logits_fn, y)
   if direction == "random":
-    v = _unit(jax.random.normal(key, x.shape, x.dtype))
+    v = projections.normalize_step(jax.random.normal(key, x.shape, x.dtype), "l2")
   elif direction == "gradient":
-    v = _unit(hvp.input_grad(loss_fn, x))
+    v = projections.normalize_step(hvp.input_grad(loss_fn, x), "l2")
   else:
     raise ValueError(f"unknown direction {direction!r}; use 'random' or 'gradient'")
   exact = hvp.exact_hvp(loss_fn, x, v)
   g = hvp.input_grad(loss_fn, x)
-  exact_norm = _norms(exact)
+  exact_norm = projections.per_example_norm(exact, "l2")
   errs = []
   for scheme in SCHEMES:
     row = []
     for eta in etas:
       fd = hvp.fd_hvp(loss_fn, x, v, eta=eta, scheme=scheme, grad_x=g)
-      row.append(_norms(fd - exact) / exact_norm)
+      row.append(projections.per_example_norm(fd - exact, "l2") / exact_norm)
     errs.append(jnp.stack(row))
   return jnp.stack(errs), exact_norm
 
 
 def accuracy_part(config, dataset, models_by_act) -> list[dict]:
   e = config.experiment
-  x, y = common.first_examples(dataset, e.accuracy_examples)
+  x, y = datasets.first_examples(dataset, e.accuracy_examples)
   etas = tuple(float(v) for v in e.etas)
   rows = []
   for act, model in models_by_act.items():
     for dtype_name in e.dtypes:
       dtype = {"float32": jnp.float32, "float64": jnp.float64}[dtype_name]
       with jax.enable_x64(dtype_name == "float64"):
-        logits_fn = common.logits_in_dtype(model, dtype)
+        logits_fn = trained_models.logits_in_dtype(model, dtype)
         xd = jnp.asarray(x, dtype)
         for direction in e.directions:
           errs, hv = fd_relative_errors(logits_fn, xd, jnp.asarray(y),
@@ -129,7 +119,7 @@ def effect_part(config, dataset, models_by_method) -> dict:
   e = config.experiment
   if "soae" not in attacks.available():
     return {"skipped": "attack 'soae' is not registered"}
-  x, y = common.first_examples(dataset, e.effect_examples)
+  x, y = datasets.first_examples(dataset, e.effect_examples)
   soae = attacks.get("soae")
   hyper = dict(e.soae.to_dict())
   rows = []
@@ -157,10 +147,11 @@ def effect_part(config, dataset, models_by_method) -> dict:
 
 def cost_part(config, dataset, model) -> dict:
   e = config.experiment
-  x, y = common.first_examples(dataset, e.timing_batch)
+  x, y = datasets.first_examples(dataset, e.timing_batch)
   x, y = jnp.asarray(x), jnp.asarray(y)
-  loss_fn = common.cross_entropy_fn(model.logits_fn, y)
-  v = _unit(jax.random.normal(jax.random.PRNGKey(config.seed), x.shape, x.dtype))
+  loss_fn = trained_models.cross_entropy_fn(model.logits_fn, y)
+  v = projections.normalize_step(
+      jax.random.normal(jax.random.PRNGKey(config.seed), x.shape, x.dtype), "l2")
   g = jax.jit(lambda x: hvp.input_grad(loss_fn, x))(x)
   eta = float(e.timing_eta)
   fns = {
@@ -173,7 +164,7 @@ def cost_part(config, dataset, model) -> dict:
   }
   _, lin = jax.linearize(jax.grad(lambda x: jnp.sum(loss_fn(x))), x)
   fns["exact_linearized"] = jax.jit(lambda x, v: lin(v))
-  seconds = {k: common.time_call(lambda f=f: f(x, v), repeats=int(e.timing_repeats))
+  seconds = {k: timing.time_call(lambda f=f: f(x, v), repeats=int(e.timing_repeats))
              for k, f in fns.items()}
   return {"batch_size": int(x.shape[0]), "model": model.label, "device": jax.devices()[0].platform,
           "seconds": seconds,
@@ -185,7 +176,7 @@ def cost_part(config, dataset, model) -> dict:
 
 
 def plot(results: dict, out_dir: str) -> list[str]:
-  plt = common.pyplot()
+  plt = outputs.pyplot()
   files = []
   rows = results["accuracy"]
   acts = sorted({r["activation"] for r in rows})
@@ -208,7 +199,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
       ax.set_ylabel("median ||H_fd v - Hv|| / ||Hv||")
       ax.grid(True, which="both", alpha=0.3)
       ax.legend(fontsize=7)
-  files.append(common.save_figure(fig, os.path.join(out_dir, "fd_relative_error.png")))
+  files.append(outputs.save_figure(fig, os.path.join(out_dir, "fd_relative_error.png")))
 
   effect = results["effect"]
   if "rows" in effect:
@@ -228,7 +219,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
       ax.set_ylabel("robust accuracy (%)")
       ax.grid(True, alpha=0.3)
       ax.legend(fontsize=7)
-    files.append(common.save_figure(fig, os.path.join(out_dir, "soae_accuracy_vs_eta.png")))
+    files.append(outputs.save_figure(fig, os.path.join(out_dir, "soae_accuracy_vs_eta.png")))
 
   cost = results["cost"]
   fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -237,7 +228,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
   ax.set_ylabel("time / one gradient")
   ax.set_title(f"cost per HVP (batch {cost['batch_size']}, {cost['device']})")
   ax.tick_params(axis="x", labelrotation=30)
-  files.append(common.save_figure(fig, os.path.join(out_dir, "hvp_cost.png")))
+  files.append(outputs.save_figure(fig, os.path.join(out_dir, "hvp_cost.png")))
   return files
 
 
@@ -285,14 +276,14 @@ def markdown(results: dict, figures: list[str]) -> str:
               if (r["activation"], r["dtype"], r["direction"], r["scheme"]) == key}
     table.append(list(key) + [f"{by_eta[v]:.1e}" for v in etas])
   lines += ["### 1. Accuracy: median relative error ||H_fd v - H v|| / ||H v||", "",
-            common.markdown_table(header, table)]
+            outputs.markdown_table(header, table)]
   lines += ["Findings:", ""] + [f"- {c}" for c in conclusions(results)] + [""]
   effect = results["effect"]
   lines += ["### 2. Effect: robust accuracy under SOAE", ""]
   if "rows" in effect:
     lines.append(f"{effect['num_examples']} test points, {effect['norm']} eps={effect['eps']:g}.")
     lines.append("")
-    lines.append(common.markdown_table(
+    lines.append(outputs.markdown_table(
         ["model", "clean", "hvp", "eta", "robust acc.", "seconds"],
         [[r["model"], f"{100 * r['clean_accuracy']:.1f}%", r["hvp"],
           "-" if r["eta"] is None else f"{r['eta']:g}", f"{100 * r['robust_accuracy']:.1f}%",
@@ -302,7 +293,7 @@ def markdown(results: dict, figures: list[str]) -> str:
   cost = results["cost"]
   lines += ["### 3. Cost per HVP, relative to one input gradient", "",
             f"Batch {cost['batch_size']}, model {cost['model']}, device {cost['device']}.", "",
-            common.markdown_table(["method", "seconds", "x gradient"],
+            outputs.markdown_table(["method", "seconds", "x gradient"],
                                   [[k, cost["seconds"][k], cost["relative_to_gradient"][k]]
                                    for k in cost["seconds"]])]
   lines += [f"![{f}]({f})" for f in figures] + [""]
@@ -311,26 +302,24 @@ def markdown(results: dict, figures: list[str]) -> str:
 
 def run(config, workdir: str, *, progress: bool = True) -> dict:
   """Runs the three parts and writes ``workdir/ablation_hvp/{results.json, report.md, *.png}``."""
-  out_dir = common.output_dir(workdir, NAME)
-  cache = os.path.join(workdir, "models")
-  dataset = common.load_data(config.data)
+  out_dir = outputs.output_dir(workdir, NAME)
+  dataset = datasets.load_data(config.data)
   e = config.experiment
-  by_act = {act: common.get_model(config, dataset, "standard", activation=act, cache_dir=cache,
-                                  progress=progress) for act in e.activations}
+  by_act = trained_models.by_activation(config, dataset, e.activations, workdir,
+                                        progress=progress)
   results = {"accuracy": accuracy_part(config, dataset, by_act)}
-  by_method = {m: common.get_model(config, dataset, m, cache_dir=cache, progress=progress)
-               for m in e.effect_methods}
+  by_method = trained_models.by_method(config, dataset, e.effect_methods, workdir,
+                                       progress=progress)
   results["effect"] = effect_part(config, dataset, by_method)
   results["cost"] = cost_part(config, dataset, by_act[e.activations[0]])
   results["models"] = {m.label: m.clean_accuracy for m in [*by_act.values(),
                                                            *by_method.values()]}
   results["conclusions"] = conclusions(results)
   figures = plot(results, out_dir)
-  common.write_results(out_dir, config, results, markdown(results, figures))
-  if progress:
-    print("\n".join(results["conclusions"]), flush=True)
+  outputs.write_analysis(out_dir, config, results, markdown(results, figures),
+                         progress=progress)
   return results
 
 
 if __name__ == "__main__":
-  common.main(run)
+  cli.main(run)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common
+from experiments import cli, datasets, outputs, trained_models
 from krylov_adv import hvp, projections
 
 NAME = "grad_norms"
@@ -67,7 +67,7 @@ def trace_attack(logits_fn, x: jax.Array, y: jax.Array, key: jax.Array, *, attac
   """
   if attack not in ATTACKS:
     raise ValueError(f"unknown attack {attack!r}; use one of {ATTACKS}")
-  loss_fn = common.cross_entropy_fn(logits_fn, y)
+  loss_fn = trained_models.cross_entropy_fn(logits_fn, y)
   start_key, noise_key = jax.random.split(key)
   x0 = projections.random_start(start_key, x, eps, norm) if random_start else x
 
@@ -76,7 +76,7 @@ def trace_attack(logits_fn, x: jax.Array, y: jax.Array, key: jax.Array, *, attac
     gn = jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1))
     logits = logits_fn(xt)
     acc = jnp.mean(jnp.argmax(logits, axis=1) == y)
-    return g, jnp.mean(gn), jnp.mean(common.cross_entropy_fn(lambda _: logits, y)(xt)), acc
+    return g, jnp.mean(gn), jnp.mean(trained_models.cross_entropy_fn(lambda _: logits, y)(xt)), acc
 
   def body(xt, t):
     g, gn, loss, acc = stats(xt)
@@ -95,7 +95,7 @@ def trace_attack(logits_fn, x: jax.Array, y: jax.Array, key: jax.Array, *, attac
 
 def traces(config, dataset, models_by_method) -> list[dict]:
   e = config.experiment
-  x, y = common.first_examples(dataset, e.num_examples)
+  x, y = datasets.first_examples(dataset, e.num_examples)
   bs = min(int(e.batch_size), len(y))
   rows = []
   for method, model in models_by_method.items():
@@ -134,7 +134,7 @@ def conclusions(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], out_dir: str) -> list[str]:
-  plt = common.pyplot()
+  plt = outputs.pyplot()
   norms = list(dict.fromkeys(r["norm"] for r in rows))
   fig, axes = plt.subplots(2, len(norms), figsize=(5 * len(norms), 6.4), squeeze=False)
   for j, norm in enumerate(norms):
@@ -150,14 +150,14 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
       ax.set_xlabel("iteration t")
       ax.grid(True, alpha=0.3)
       ax.legend(fontsize=7)
-  return [common.save_figure(fig, os.path.join(out_dir, "grad_norms.png"))]
+  return [outputs.save_figure(fig, os.path.join(out_dir, "grad_norms.png"))]
 
 
 def markdown(results: dict, figures: list[str]) -> str:
   rows = results["rows"]
   lines = ["## Gradient norms along PGD and S-O (grad_norms, S-O paper Fig. 1)", "",
            f"{rows[0]['num_examples']} test points, {results['steps']} iterations.", ""]
-  lines.append(common.markdown_table(
+  lines.append(outputs.markdown_table(
       ["model", "attack", "norm", "eps", "||g|| t=0", "||g|| max", "||g|| last", "acc. t=0",
        "acc. last"],
       [[r["model"], r["attack"], r["norm"], f"{r['eps']:g}", r["grad_norm"][0],
@@ -170,21 +170,19 @@ def markdown(results: dict, figures: list[str]) -> str:
 
 def run(config, workdir: str, *, progress: bool = True) -> dict:
   """Writes ``workdir/grad_norms/{results.json, report.md, *.png}``."""
-  out_dir = common.output_dir(workdir, NAME)
+  out_dir = outputs.output_dir(workdir, NAME)
   e = config.experiment
-  dataset = common.load_data(config.data)
-  cache = os.path.join(workdir, "models")
-  by_method = {m: common.get_model(config, dataset, m, cache_dir=cache, progress=progress)
-               for m in e.model_methods}
+  dataset = datasets.load_data(config.data)
+  by_method = trained_models.by_method(config, dataset, e.model_methods, workdir,
+                                       progress=progress)
   rows = traces(config, dataset, by_method)
   results = {"rows": rows, "steps": int(e.steps), "conclusions": conclusions(rows),
              "models": {m.label: m.clean_accuracy for m in by_method.values()}}
   figures = plot(rows, out_dir)
-  common.write_results(out_dir, config, results, markdown(results, figures))
-  if progress:
-    print("\n".join(results["conclusions"]), flush=True)
+  outputs.write_analysis(out_dir, config, results, markdown(results, figures),
+                         progress=progress)
   return results
 
 
 if __name__ == "__main__":
-  common.main(run)
+  cli.main(run)

@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from experiments import common
+from experiments import cli, datasets, outputs, trained_models
 from krylov_adv import attacks, evaluation
 
 NAME = "iterations"
@@ -26,7 +26,7 @@ NAME = "iterations"
 
 def sweep(config, dataset, models_by_method) -> list[dict]:
   e = config.experiment
-  x, y = common.first_examples(dataset, e.num_examples)
+  x, y = datasets.first_examples(dataset, e.num_examples)
   rows = []
   for method, model in models_by_method.items():
     for label, acfg in e.attacks.items():
@@ -67,7 +67,7 @@ def conclusions(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], out_dir: str) -> list[str]:
-  plt = common.pyplot()
+  plt = outputs.pyplot()
   done = [r for r in rows if "skipped" not in r]
   methods = list(dict.fromkeys(r["model"] for r in done))
   if not methods:
@@ -84,7 +84,7 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
     ax.set_ylabel("robust accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-  return [common.save_figure(fig, os.path.join(out_dir, "accuracy_vs_iterations.png"))]
+  return [outputs.save_figure(fig, os.path.join(out_dir, "accuracy_vs_iterations.png"))]
 
 
 def markdown(results: dict, figures: list[str]) -> str:
@@ -99,7 +99,7 @@ def markdown(results: dict, figures: list[str]) -> str:
     by_n = {r["iterations"]: r for r in done if (r["model"], r["attack"]) == key}
     table.append(list(key) + [f"{100 * by_n[n]['robust_accuracy']:.1f}% "
                               f"({by_n[n]['seconds']:.1f}s)" if n in by_n else "-" for n in ns])
-  lines.append(common.markdown_table(["model", "attack"] + [f"N={n}" for n in ns], table))
+  lines.append(outputs.markdown_table(["model", "attack"] + [f"N={n}" for n in ns], table))
   for r in rows:
     if "skipped" in r:
       lines.append(f"- {r['model']}, {r['attack']}: skipped ({r['skipped']}).")
@@ -110,23 +110,21 @@ def markdown(results: dict, figures: list[str]) -> str:
 
 def run(config, workdir: str, *, progress: bool = True) -> dict:
   """Writes ``workdir/iterations/{results.json, report.md, *.png}``."""
-  out_dir = common.output_dir(workdir, NAME)
+  out_dir = outputs.output_dir(workdir, NAME)
   e = config.experiment
-  dataset = common.load_data(config.data)
-  cache = os.path.join(workdir, "models")
-  by_method = {m: common.get_model(config, dataset, m, cache_dir=cache, progress=progress)
-               for m in e.model_methods}
+  dataset = datasets.load_data(config.data)
+  by_method = trained_models.by_method(config, dataset, e.model_methods, workdir,
+                                       progress=progress)
   rows = sweep(config, dataset, by_method)
   results = {"rows": rows, "eps": float(e.eps), "norm": e.norm,
              "num_examples": int(min(e.num_examples, len(dataset.y_test))),
              "models": {m.label: m.clean_accuracy for m in by_method.values()},
              "conclusions": conclusions(rows)}
   figures = plot(rows, out_dir)
-  common.write_results(out_dir, config, results, markdown(results, figures))
-  if progress:
-    print("\n".join(results["conclusions"]), flush=True)
+  outputs.write_analysis(out_dir, config, results, markdown(results, figures),
+                         progress=progress)
   return results
 
 
 if __name__ == "__main__":
-  common.main(run)
+  cli.main(run)

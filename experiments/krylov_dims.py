@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common
-from krylov_adv import attacks, hvp, krylov, projections
+from experiments import cli, datasets, outputs, trained_models
+from krylov_adv import attacks, evaluation, hvp, krylov
 
 NAME = "krylov_dims"
 
@@ -50,7 +50,7 @@ def newton_residual_histories(logits_fn, x: jax.Array, y: jax.Array, *, method: 
     The :class:`krylov_adv.krylov.GMRESResult` (``residual_history (B, max_dim)``,
     ``initial_residual_norm (B,)``, ``num_iters (B,)``).
   """
-  loss_fn = common.cross_entropy_fn(logits_fn, y)
+  loss_fn = trained_models.cross_entropy_fn(logits_fn, y)
   op = hvp.make_hvp(loss_fn, x, method=method, eta=eta)
   return krylov.gmres(op.matvec, op.grad, op.grad, tol=tol, max_dim=max_dim)
 
@@ -88,7 +88,7 @@ def hessian_ranks(logits_fn, x: np.ndarray, y: np.ndarray, *, rtol: float) -> np
   shape = x.shape[1:]
 
   def loss_one(xf, yi):
-    return common.cross_entropy_fn(logits_fn, yi[None])(xf.reshape((1,) + shape))[0]
+    return trained_models.cross_entropy_fn(logits_fn, yi[None])(xf.reshape((1,) + shape))[0]
 
   hess = jax.jit(jax.vmap(jax.hessian(loss_one)))(jnp.asarray(x.reshape(len(x), -1)),
                                                    jnp.asarray(y))
@@ -98,7 +98,7 @@ def hessian_ranks(logits_fn, x: np.ndarray, y: np.ndarray, *, rtol: float) -> np
 
 def dims_part(config, dataset, models_by_act) -> list[dict]:
   e = config.experiment
-  x, y = common.first_examples(dataset, e.num_examples)
+  x, y = datasets.first_examples(dataset, e.num_examples)
   taus = sorted((float(t) for t in e.taus), reverse=True)
   max_dim = int(e.max_dim)
   rows = []
@@ -122,7 +122,7 @@ def dims_part(config, dataset, models_by_act) -> list[dict]:
 
 def rank_part(config, dataset, models_by_act) -> dict:
   e = config.experiment
-  x, y = common.first_examples(dataset, e.rank_examples)
+  x, y = datasets.first_examples(dataset, e.rank_examples)
   out = {"num_classes": dataset.num_classes, "input_dim": int(np.prod(x.shape[1:])),
          "rtol": float(e.rank_rtol)}
   for act, model in models_by_act.items():
@@ -133,35 +133,25 @@ def rank_part(config, dataset, models_by_act) -> dict:
 
 def attack_with_diagnostics(logits_fn, attack, x: np.ndarray, y: np.ndarray, key, *, eps: float,
                             norm: str, batch_size: int):
-  """Runs SOAE (``return_diagnostics=True``) over fixed-size batches.
+  """Runs SOAE (``return_diagnostics=True``) over the test set with ``evaluation.run_attack``.
 
   Returns:
     ``(robust accuracy, Krylov dimensions (N, n) per outer iteration and example, fallback
     flags (N, n))``; raises ``ValueError`` if an example leaves the threat model.
   """
-  n = len(y)
-  bs = min(batch_size, n)
-  correct, dims, fell = 0, [], []
-  for b, start in enumerate(range(0, n, bs)):
-    idx = np.arange(start, start + bs) % n
-    valid = min(bs, n - start)
-    xb, yb = jnp.asarray(x[idx]), jnp.asarray(y[idx])
-    x_adv, diag = attack(logits_fn, xb, yb, jax.random.fold_in(key, b))
-    dist = np.asarray(projections.per_example_norm(x_adv - xb, norm))
-    if dist.max() > eps + 1e-5 * max(1.0, eps):
-      raise ValueError(f"SOAE left the {norm} ball of radius {eps}: {dist.max()}")
-    pred = np.asarray(jnp.argmax(logits_fn(x_adv), axis=1))
-    correct += int(np.sum((pred == y[idx])[:valid]))
-    dims.append(np.asarray(diag.num_iters)[:, :valid])
-    fell.append(np.asarray(diag.fallback)[:, :valid])
-  return correct / n, np.concatenate(dims, axis=1), np.concatenate(fell, axis=1)
+  run = evaluation.run_attack(logits_fn, attack, x, y, key, eps=eps, norm=norm,
+                              batch_size=batch_size)
+  # Diagnostics are (outer iteration, batch): keep each batch's real examples.
+  dims = np.concatenate([np.asarray(d.num_iters)[:, :v] for d, v in run.extras], axis=1)
+  fell = np.concatenate([np.asarray(d.fallback)[:, :v] for d, v in run.extras], axis=1)
+  return int(run.correct.sum()) / len(y), dims, fell
 
 
 def soae_part(config, dataset, models_by_act) -> dict:
   e = config.experiment
   if "soae" not in attacks.available():
     return {"skipped": "attack 'soae' is not registered"}
-  x, y = common.first_examples(dataset, e.attack_examples)
+  x, y = datasets.first_examples(dataset, e.attack_examples)
   soae = attacks.get("soae")
   rows = []
   for act, model in models_by_act.items():
@@ -230,7 +220,7 @@ def conclusions(results: dict) -> list[str]:
 
 
 def plot(results: dict, out_dir: str) -> list[str]:
-  plt = common.pyplot()
+  plt = outputs.pyplot()
   files = []
   rows = results["dims"]
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -246,7 +236,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
   ax.set_ylabel("Krylov dimension m")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=6)
-  files.append(common.save_figure(fig, os.path.join(out_dir, "m_per_tau.png")))
+  files.append(outputs.save_figure(fig, os.path.join(out_dir, "m_per_tau.png")))
   soae = results["soae"]
   if "rows" in soae:
     fig, ax1 = plt.subplots(figsize=(5.5, 3.8))
@@ -265,7 +255,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
     ax2.set_ylabel("time / time at largest tau")
     ax1.legend(fontsize=6, loc="upper left")
     ax2.legend(fontsize=6, loc="upper right")
-    files.append(common.save_figure(fig, os.path.join(out_dir, "soae_accuracy_time_per_tau.png")))
+    files.append(outputs.save_figure(fig, os.path.join(out_dir, "soae_accuracy_time_per_tau.png")))
   return files
 
 
@@ -280,14 +270,14 @@ def markdown(results: dict, figures: list[str]) -> str:
     by_tau = {r["tau"]: r for r in rows if (r["activation"], r["hvp"]) == key}
     table.append(list(key) + [f"{by_tau[t]['m_mean']:.1f} / {by_tau[t]['m_max']} "
                               f"({100 * by_tau[t]['converged']:.0f}%)" for t in taus])
-  lines.append(common.markdown_table(["model", "hvp"] + [f"tau={t:g}" for t in taus], table))
+  lines.append(outputs.markdown_table(["model", "hvp"] + [f"tau={t:g}" for t in taus], table))
   lines += ["Findings:", ""] + [f"- {c}" for c in conclusions(results)] + [""]
   soae = results["soae"]
   lines += ["### Robust accuracy and time of SOAE per tau (Fig. 2)", ""]
   if "rows" in soae:
     lines.append(f"{soae['num_examples']} test points, {soae['norm']} eps={soae['eps']:g}.")
     lines.append("")
-    lines.append(common.markdown_table(
+    lines.append(outputs.markdown_table(
         ["model", "hvp", "tau", "robust acc.", "m mean (attack)", "m max (attack)",
          "fallback", "seconds", "time / largest tau"],
         [[r["activation"], r["hvp"], f"{r['tau']:g}", f"{100 * r['robust_accuracy']:.1f}%",
@@ -301,23 +291,21 @@ def markdown(results: dict, figures: list[str]) -> str:
 
 def run(config, workdir: str, *, progress: bool = True) -> dict:
   """Writes ``workdir/krylov_dims/{results.json, report.md, *.png}``."""
-  out_dir = common.output_dir(workdir, NAME)
-  cache = os.path.join(workdir, "models")
-  dataset = common.load_data(config.data)
+  out_dir = outputs.output_dir(workdir, NAME)
+  dataset = datasets.load_data(config.data)
   e = config.experiment
-  by_act = {act: common.get_model(config, dataset, "standard", activation=act, cache_dir=cache,
-                                  progress=progress) for act in e.activations}
+  by_act = trained_models.by_activation(config, dataset, e.activations, workdir,
+                                        progress=progress)
   results = {"dims": dims_part(config, dataset, by_act),
              "ranks": rank_part(config, dataset, by_act),
              "soae": soae_part(config, dataset, by_act),
              "models": {m.label: m.clean_accuracy for m in by_act.values()}}
   results["conclusions"] = conclusions(results)
   figures = plot(results, out_dir)
-  common.write_results(out_dir, config, results, markdown(results, figures))
-  if progress:
-    print("\n".join(results["conclusions"]), flush=True)
+  outputs.write_analysis(out_dir, config, results, markdown(results, figures),
+                         progress=progress)
   return results
 
 
 if __name__ == "__main__":
-  common.main(run)
+  cli.main(run)

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common
-from krylov_adv import attacks, evaluation, metrics, projections
+from experiments import cli, datasets, outputs, trained_models
+from krylov_adv import attacks, evaluation, metrics
 
 NAME = "perceptual"
 
@@ -38,11 +38,10 @@ def _summary(values: np.ndarray, mask: np.ndarray) -> float | None:
 
 def measure(logits_fn, x: np.ndarray, y: np.ndarray, x_adv: np.ndarray, *, eps: float,
             norm: str) -> dict:
-  """PSNR / SSIM statistics of one attack's examples ``x_adv`` against ``x`` ``(N, H, W, C)``."""
+  """PSNR / SSIM statistics of one attack's examples ``x_adv`` against ``x`` ``(N, H, W, C)``;
+  ``ValueError`` when an example leaves the threat model (``evaluation.check_admissible``)."""
   xa, xc = jnp.asarray(x_adv), jnp.asarray(x)
-  dist = np.asarray(projections.per_example_norm(xa - xc, norm))
-  if dist.max(initial=0.0) > eps * (1 + 1e-5) + 1e-6:
-    raise ValueError(f"adversarial examples leave the {norm} ball of radius {eps}")
+  evaluation.check_admissible(xa, xc, eps=eps, norm=norm)
   psnr = np.asarray(metrics.psnr(xc, xa), np.float64)
   ssim = np.asarray(metrics.ssim(xc, xa), np.float64)
   pred = np.asarray(evaluation.predictions(logits_fn, x_adv))
@@ -59,32 +58,16 @@ def measure(logits_fn, x: np.ndarray, y: np.ndarray, x_adv: np.ndarray, *, eps: 
       mean_l2=float(np.sqrt(((x_adv - x) ** 2).reshape(len(x), -1).sum(axis=1)).mean()))
 
 
-def adversarial_examples(attack_fn, logits_fn, x: np.ndarray, y: np.ndarray, key, *,
-                         batch_size: int) -> np.ndarray:
-  """``attack_fn(logits_fn, x, y, key)`` over fixed-size batches (the last one padded), the
-  adversarial half of an ``(x_adv, report)`` result kept."""
-  out = []
-  n = len(y)
-  for b, start in enumerate(range(0, n, batch_size)):
-    idx = np.arange(start, start + batch_size) % n
-    valid = min(batch_size, n - start)
-    res = attack_fn(logits_fn, jnp.asarray(x[idx]), jnp.asarray(y[idx]),
-                    jax.random.fold_in(key, b))
-    res = res[0] if isinstance(res, tuple) else res
-    out.append(np.asarray(res)[:valid])
-  return np.concatenate(out)
-
-
 def run(config, workdir: str, *, progress: bool = True) -> dict:
   """Writes ``workdir/perceptual/{results.json, report.md, *.png}``."""
-  out_dir = common.output_dir(workdir, NAME)
+  out_dir = outputs.output_dir(workdir, NAME)
   e = config.experiment
-  dataset = common.load_data(config.data)
-  model = common.get_model(config, dataset, e.model_method,
-                           cache_dir=os.path.join(workdir, "models"), progress=progress)
-  x, y = common.first_examples(dataset, e.num_examples)
+  dataset = datasets.load_data(config.data)
+  (model,) = trained_models.by_method(config, dataset, [e.model_method], workdir,
+                                      progress=progress).values()
+  x, y = datasets.first_examples(dataset, e.num_examples)
   rows, examples = [], {}
-  order = {name: i for i, name in enumerate(evaluation.ROW_ORDER)}
+  order = {name: i for i, name in enumerate(outputs.ROW_ORDER)}
   items = sorted(e.attacks.items(), key=lambda kv: order.get(kv[1].name, len(order)))
   for label, acfg in items:
     c = dict(acfg.to_dict())
@@ -94,9 +77,10 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
       continue
     attack = functools.partial(attacks.get(name), eps=float(e.eps), norm=e.norm, **c)
     start = time.perf_counter()
-    x_adv = adversarial_examples(attack, model.logits_fn, x, y,
-                                 jax.random.PRNGKey(config.seed + 3),
-                                 batch_size=min(int(e.batch_size), len(y)))
+    x_adv = evaluation.run_attack(model.logits_fn, attack, x, y,
+                                  jax.random.PRNGKey(config.seed + 3), eps=float(e.eps),
+                                  norm=e.norm, batch_size=int(e.batch_size),
+                                  keep_examples=True).x_adv
     stats = measure(model.logits_fn, x, y, x_adv, eps=float(e.eps), norm=e.norm)
     rows.append(dict(attack=label, seconds=time.perf_counter() - start, **stats))
     examples[label] = x_adv[:e.num_shown]
@@ -106,14 +90,15 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
   results = {"rows": rows, "eps": float(e.eps), "norm": e.norm, "model": model.label,
              "clean_accuracy": model.clean_accuracy, "image_shape": list(x.shape[1:])}
   figures = plot(x[:e.num_shown], examples, out_dir)
-  common.write_results(out_dir, config, results, markdown(results, figures))
+  outputs.write_analysis(out_dir, config, results, markdown(results, figures),
+                         progress=progress)
   return results
 
 
 def plot(x: np.ndarray, examples: dict, out_dir: str) -> list[str]:
   if not examples:
     return []
-  plt = common.pyplot()
+  plt = outputs.pyplot()
   n = len(x)
   fig, axes = plt.subplots(len(examples) + 1, n, figsize=(1.3 * n, 1.4 * (len(examples) + 1)),
                            squeeze=False)
@@ -125,7 +110,7 @@ def plot(x: np.ndarray, examples: dict, out_dir: str) -> list[str]:
       ax.set_yticks([])
       if j == 0:
         ax.set_ylabel(label, fontsize=7)
-  return [common.save_figure(fig, os.path.join(out_dir, "examples.png"))]
+  return [outputs.save_figure(fig, os.path.join(out_dir, "examples.png"))]
 
 
 def _fmt(v, spec=".2f"):
@@ -146,7 +131,7 @@ def markdown(results: dict, figures: list[str]) -> str:
     table.append([r["attack"], _fmt(r["psnr"]), _fmt(r["psnr_255"]), _fmt(r["ssim"], ".3f"),
                   _fmt(r["psnr_successful"]), _fmt(r["ssim_successful"], ".3f"),
                   f"{100 * r['success_rate']:.1f}%", f"{100 * r['robust_accuracy']:.1f}%", ""])
-  lines.append(common.markdown_table(
+  lines.append(outputs.markdown_table(
       ["attack", "PSNR", "PSNR (255)", "SSIM", "PSNR succ.", "SSIM succ.", "success",
        "robust acc.", "note"], table))
   lines += [f"![{f}]({f})" for f in figures] + [""]
@@ -154,4 +139,4 @@ def markdown(results: dict, figures: list[str]) -> str:
 
 
 if __name__ == "__main__":
-  common.main(run)
+  cli.main(run)

@@ -1,7 +1,8 @@
 """Datasets as in-memory arrays, and seeded epoch iterators with optional CIFAR augmentation.
 
 Every source returns a ``Dataset`` whose images are float32 NHWC in ``[0, 1]`` and whose labels
-are int32 in ``[0, num_classes)``. Sources (``cfg.source``):
+are int32 in ``[0, num_classes)``. Sources (``cfg.source``), each registered by name
+(``register``, ``get``, ``available``; ``load(cfg)`` picks one):
 
 * ``tfds``: ``mnist``, ``fashion_mnist``, ``cifar10`` through tensorflow-datasets (needs the
   prepared data or internet). Uses ``tfds.load`` when TensorFlow is installed and the
@@ -9,10 +10,14 @@ are int32 in ``[0, num_classes)``. Sources (``cfg.source``):
 * ``idx``: a folder of raw MNIST-format files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``
   (MNIST and Fashion-MNIST ship in this format).
 * ``cifar10_python``: a folder of the CIFAR-10 python batches (``data_batch_1..5``,
-  ``test_batch``).
+  ``test_batch``). They are pickles by format; they are read by a restricted unpickler that
+  builds only the numpy arrays and builtin containers they hold and refuses anything else.
 * ``digits``: scikit-learn's bundled 8x8 digits (1,797 images; no download), fixed split.
 * ``synthetic``: deterministic random images of any shape, labels from a fixed random linear
   rule so a model can learn them (tests).
+
+A bad source config (unknown source, no ``data.root``, a root without the expected files) is
+one ``ValueError`` that names the field and the file expected.
 
 Batching: ``epoch_batches`` yields the batches of one epoch in an order that is a pure function of
 ``(seed, epoch)``, so a run resumed from the checkpoint of epoch ``e`` sees exactly the batches an
@@ -24,11 +29,10 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
-from typing import Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
-SOURCES = ("tfds", "idx", "cifar10_python", "digits", "synthetic")
 TFDS_NAMES = ("mnist", "fashion_mnist", "cifar10")
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -111,18 +115,36 @@ def read_idx(path: str) -> np.ndarray:
   return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def _idx_path(root: str, split: str, kind: str) -> str:
-  stem = f"{split}-{kind}-ubyte"
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+              "t10k-labels-idx1-ubyte")
+
+
+def _check_root(root: str, source: str, expected: str) -> None:
+  """``ValueError`` naming ``data.root`` unless ``root`` is an existing folder."""
+  if not root:
+    raise ValueError(f"data.root must name the folder of the {source} files ({expected})")
+  if not os.path.isdir(root):
+    raise ValueError(f"data.root {root!r} is not a folder; the {source} source expects one "
+                     f"holding {expected}")
+
+
+def _find_idx(root: str, stem: str) -> str | None:
   for name in (stem + ".gz", stem):
     if os.path.isfile(os.path.join(root, name)):
       return os.path.join(root, name)
-  return os.path.join(root, stem + ".gz")  # read_idx reports it as missing
+  return None
+
+
+def _idx_path(root: str, split: str, kind: str) -> str:
+  stem = f"{split}-{kind}-ubyte"
+  return _find_idx(root, stem) or os.path.join(root, stem + ".gz")  # read_idx reports it missing
 
 
 def load_idx_split(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """Images ``(N, 28, 28, 1)`` float32 in ``[0, 1]`` and labels ``(N,)`` int32 of one IDX split.
 
-  ``split`` is the file prefix: ``"train"`` or ``"t10k"``.
+  ``split`` is the file prefix: ``"train"`` or ``"t10k"``. A missing file is a
+  ``FileNotFoundError`` (from :func:`read_idx`); :func:`load_idx` checks the whole folder first.
   """
   img_path = _idx_path(root, split, "images-idx3")
   lbl_path = _idx_path(root, split, "labels-idx1")
@@ -137,9 +159,16 @@ def load_idx_split(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_idx(root: str, name: str = "idx") -> Dataset:
-  """MNIST-format folder -> ``Dataset`` (``train-*`` files for training, ``t10k-*`` for test)."""
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"IDX data folder not found: {root}")
+  """MNIST-format folder -> ``Dataset`` (``train-*`` files for training, ``t10k-*`` for test).
+
+  Raises ``ValueError`` naming ``data.root`` and the file expected when one is missing.
+  """
+  expected = ", ".join(_IDX_FILES) + " (each optionally .gz)"
+  _check_root(root, "idx", expected)
+  for stem in _IDX_FILES:
+    if _find_idx(root, stem) is None:
+      raise ValueError(f"data.root {root!r} has no {stem}[.gz]; the idx source expects "
+                       f"{expected}")
   x_tr, y_tr = load_idx_split(root, "train")
   x_te, y_te = load_idx_split(root, "t10k")
   return _finish(x_tr, y_tr, x_te, y_te, 10, name)
@@ -148,15 +177,60 @@ def load_idx(root: str, name: str = "idx") -> Dataset:
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10 python batches
 
+_CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
+def _numpy_pickle_globals() -> dict[tuple[str, str], Any]:
+  """The numpy callables a pickled ``ndarray`` refers to, under the module names that numpy 1
+  (``numpy.core``, the name in the published CIFAR-10 files) and numpy 2 (``numpy._core``)
+  write."""
+  try:
+    from numpy._core import multiarray, numeric  # numpy >= 2
+  except ImportError:  # pragma: no cover - numpy 1
+    from numpy.core import multiarray, numeric
+  table = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+  # pylint: disable=protected-access
+  for core in ("numpy.core", "numpy._core"):
+    # Protocols 2-4: _reconstruct(ndarray, (0,), b"b") then ndarray.__setstate__.
+    table[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+    # Protocol 5: _frombuffer(buffer, dtype, shape, order).
+    table[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
+  return table
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+  """A pickle named a global that :class:`CifarUnpickler` does not admit."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+  """An unpickler for the CIFAR-10 python batches that builds nothing but what they hold.
+
+  A batch is a dict of bytes keys to a ``uint8`` ``ndarray`` (``b"data"``), lists of ints and
+  bytes, and bytes. Dicts, lists, bytes and ints are pickle opcodes; the only globals such a
+  file names are numpy's array constructors (``ndarray``, ``dtype``, ``_reconstruct``, and
+  ``_frombuffer`` for a protocol-5 re-save). Any other global (``os.system``, ``builtins.eval``,
+  ...) raises ``pickle.UnpicklingError`` before anything is called.
+  """
+
+  _ALLOWED = _numpy_pickle_globals()
+
+  def find_class(self, module: str, name: str):
+    try:
+      return self._ALLOWED[(module, name)]
+    except KeyError:
+      raise _RefusedGlobal(
+          f"refusing to load global {module}.{name}: a CIFAR-10 python batch holds only numpy "
+          "arrays, lists, bytes and ints") from None
+
 
 def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"CIFAR-10 batch not found: {path}")
   try:
     with open(path, "rb") as f:
-      d = pickle.load(f, encoding="bytes")
+      d = CifarUnpickler(f, encoding="bytes").load()
     data = np.asarray(d[b"data"], np.uint8)
     labels = np.asarray(d[b"labels"], np.int64)
+  except _RefusedGlobal as e:
+    raise pickle.UnpicklingError(f"{path}: {e}") from None
   except Exception as e:  # pickle raises many types on garbage input
     raise ValueError(f"{path} is not a CIFAR-10 python batch: {type(e).__name__}: {e}") from None
   if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
@@ -167,10 +241,22 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_cifar10_python(root: str) -> Dataset:
-  """Folder of ``data_batch_1..5`` and ``test_batch`` (or their parent ``cifar-10-batches-py``)."""
+  """Folder of ``data_batch_1..5`` and ``test_batch`` (or their parent ``cifar-10-batches-py``).
+
+  Raises:
+    ValueError: ``root`` is not a folder or lacks a batch (the message names ``data.root`` and
+      the file), or a batch is not a CIFAR-10 batch.
+    pickle.UnpicklingError: a batch names a global other than numpy's array constructors
+      (:class:`CifarUnpickler`); nothing in it is called.
+  """
+  expected = "data_batch_1..5 and test_batch, or a cifar-10-batches-py folder holding them"
+  _check_root(root, "cifar10_python", expected)
   if os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
     root = os.path.join(root, "cifar-10-batches-py")
-  train = [_read_cifar_batch(os.path.join(root, f"data_batch_{i}")) for i in range(1, 6)]
+  for name in _CIFAR_FILES:
+    if not os.path.isfile(os.path.join(root, name)):
+      raise ValueError(f"data.root {root!r} has no CIFAR-10 batch {name!r}; expected {expected}")
+  train = [_read_cifar_batch(os.path.join(root, name)) for name in _CIFAR_FILES[:5]]
   x_te, y_te = _read_cifar_batch(os.path.join(root, "test_batch"))
   x_tr = np.concatenate([t[0] for t in train])
   y_tr = np.concatenate([t[1] for t in train])
@@ -242,36 +328,143 @@ def synthetic(*, num_train: int = 256, num_test: int = 64, shape=(8, 8, 1), num_
                  "synthetic")
 
 
+# ---------------------------------------------------------------------------------------------
+# Registry of sources
+
+
+class Source(NamedTuple):
+  """A registered data source: ``load(c) -> Dataset`` and ``validate(c)`` (raises
+  ``ValueError`` naming the bad ``data.*`` field), both given the data config as a dict."""
+  name: str
+  load: Callable[[dict[str, Any]], Dataset]
+  validate: Callable[[dict[str, Any]], None]
+
+
+_SOURCES: dict[str, Source] = {}
+
+
+def _no_checks(c: dict[str, Any]) -> None:
+  del c
+
+
+def register(name: str, *, validate: Callable[[dict[str, Any]], None] | None = None):
+  """Decorator adding a data source to the registry under ``name``.
+
+  The decorated function is ``source(c) -> Dataset`` with ``c`` the data config as a plain dict
+  (``source`` plus the source's own fields; absent fields take the source's defaults).
+  ``validate(c)`` (optional) checks the fields before anything is read. Example::
+
+    @data.register("my_images", validate=lambda c: ...)
+    def my_images(c):
+      return data.Dataset(x_train, y_train, x_test, y_test, num_classes=10, name="my_images")
+  """
+
+  def wrap(fn):
+    if name in _SOURCES:
+      raise ValueError(f"data source {name!r} registered twice")
+    _SOURCES[name] = Source(name, fn, validate or _no_checks)
+    return fn
+
+  return wrap
+
+
+def get(name: str) -> Source:
+  """The data source registered under ``name``; ``ValueError`` listing the known names."""
+  try:
+    return _SOURCES[name]
+  except KeyError:
+    raise ValueError(f"unknown data source {name!r}; available: {available()}") from None
+
+
+def available() -> list[str]:
+  """Sorted names of all registered data sources."""
+  return sorted(_SOURCES)
+
+
+def _as_dict(cfg) -> dict[str, Any]:
+  return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+
+
+def validate_config(cfg) -> None:
+  """Checks a data config without reading any data: the source is registered and its own
+  fields are valid (``data.root`` given, a known tfds name, ...). ``ValueError`` otherwise."""
+  c = _as_dict(cfg)
+  get(c.get("source")).validate(c)
+
+
 def load(cfg) -> Dataset:
   """The dataset described by a data config.
 
   Args:
-    cfg: ``ConfigDict``/mapping with ``source`` (one of ``SOURCES``) and the source's fields:
-      ``name`` (tfds), ``root`` (idx, cifar10_python), ``data_dir`` (tfds, optional),
+    cfg: ``ConfigDict``/mapping with ``source`` (one of ``available()``) and the source's
+      fields: ``name`` (tfds), ``root`` (idx, cifar10_python), ``data_dir`` (tfds, optional),
       ``num_test`` (digits), ``num_train``/``num_test``/``shape``/``num_classes`` (synthetic),
       ``seed``; optional ``max_train``/``max_test`` to keep only the first examples.
+
+  Raises:
+    ValueError: unknown source, a bad field, or a ``data.root`` without the expected files
+      (the message names the field and the file).
   """
-  c = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-  source = c.get("source")
-  if source == "tfds":
-    ds = load_tfds(c["name"], c.get("data_dir") or None)
-  elif source == "idx":
-    ds = load_idx(c["root"], c.get("name", "idx"))
-  elif source == "cifar10_python":
-    ds = load_cifar10_python(c["root"])
-  elif source == "digits":
-    ds = load_digits(num_test=c.get("num_test", 397), seed=c.get("seed", 0))
-  elif source == "synthetic":
-    ds = synthetic(num_train=c.get("num_train", 256), num_test=c.get("num_test", 64),
-                   shape=c.get("shape", (8, 8, 1)), num_classes=c.get("num_classes", 10),
-                   seed=c.get("seed", 0))
-  else:
-    raise ValueError(f"unknown data source {source!r}; use one of {SOURCES}")
+  c = _as_dict(cfg)
+  source = get(c.get("source"))
+  source.validate(c)
+  ds = source.load(c)
   max_train, max_test = c.get("max_train"), c.get("max_test")
   if max_train or max_test:
     ds = ds._replace(x_train=ds.x_train[:max_train or None], y_train=ds.y_train[:max_train or None],
                      x_test=ds.x_test[:max_test or None], y_test=ds.y_test[:max_test or None])
   return ds
+
+
+def _needs_root(source: str, expected: str):
+  def validate(c):
+    if not c.get("root"):
+      raise ValueError(f"data.root must name the folder of the {source} files ({expected})")
+  return validate
+
+
+def _validate_tfds(c) -> None:
+  if c.get("name") not in TFDS_NAMES:
+    raise ValueError(f"data.name: unknown tfds dataset {c.get('name')!r}; supported: "
+                     f"{TFDS_NAMES}")
+
+
+@register("tfds", validate=_validate_tfds)
+def tfds_source(c) -> Dataset:
+  """``data.name`` from tensorflow-datasets (:func:`load_tfds`), ``data.data_dir`` optional."""
+  return load_tfds(c["name"], c.get("data_dir") or None)
+
+
+@register("idx", validate=_needs_root("idx", ", ".join(_IDX_FILES)))
+def idx_source(c) -> Dataset:
+  """The IDX files in ``data.root`` (:func:`load_idx`), labelled ``data.name``."""
+  return load_idx(c["root"], c.get("name", "idx"))
+
+
+@register("cifar10_python", validate=_needs_root("cifar10_python", "data_batch_1..5, test_batch"))
+def cifar10_python_source(c) -> Dataset:
+  """The CIFAR-10 python batches in ``data.root`` (:func:`load_cifar10_python`)."""
+  return load_cifar10_python(c["root"])
+
+
+@register("digits")
+def digits_source(c) -> Dataset:
+  """scikit-learn's digits (:func:`load_digits`) with ``data.num_test`` and ``data.seed``."""
+  return load_digits(num_test=c.get("num_test", 397), seed=c.get("seed", 0))
+
+
+@register("synthetic")
+def synthetic_source(c) -> Dataset:
+  """:func:`synthetic` with ``data.num_train``, ``num_test``, ``shape``, ``num_classes``,
+  ``seed``."""
+  return synthetic(num_train=c.get("num_train", 256), num_test=c.get("num_test", 64),
+                   shape=c.get("shape", (8, 8, 1)), num_classes=c.get("num_classes", 10),
+                   seed=c.get("seed", 0))
+
+
+# The registered names when this module was imported (kept for callers that test membership;
+# ``available()`` also lists sources registered later).
+SOURCES = tuple(available())
 
 
 # ---------------------------------------------------------------------------------------------

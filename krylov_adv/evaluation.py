@@ -1,15 +1,17 @@
-"""Robust-accuracy evaluation: run configured attacks over a test set and tabulate the results.
+"""Robust-accuracy evaluation: clean accuracy, and configured attacks run over a test set.
 
-The table follows the papers: one row per attack (clean, FGSM, PGD-20, S-O, SOAE, AutoAttack),
-one column per threat model (Linf and L2 budgets), so that robustness in one norm can be read
-against the other (the S-O paper's point). Every attack sees the model in inference mode.
+One batched attack runner (:func:`run_attack`: fixed-size padded batches, one PRNG key per
+batch, the threat-model check) serves the robust-accuracy table (:func:`evaluate_attacks`) and
+every experiment that needs adversarial examples or an attack's diagnostics over a test set.
+Clean accuracy is :func:`accuracy`. Every attack sees the model in inference mode. (The table's
+markdown rendering, presentation rather than library, is ``experiments.outputs``.)
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,39 +99,82 @@ def accuracy(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *, batch_size: i
                        == np.asarray(y)))
 
 
+class AttackRun(NamedTuple):
+  """What :func:`run_attack` measured over a test set of ``N`` examples.
+
+  correct: ``(N,)`` bool, ``argmax f(x_adv_i) == y_i``; x_adv: ``(N, H, W, C)`` NumPy when
+  asked for (``keep_examples``), else ``None``; extras: one ``(aux, valid)`` per batch for an
+  attack returning ``(x_adv, aux)`` (a report or diagnostics), ``aux`` as the attack returned it
+  for the whole padded batch and ``valid`` the number of real examples at its front.
+  """
+  correct: np.ndarray
+  x_adv: np.ndarray | None
+  extras: list
+
+
+def check_admissible(x_adv: Array, x: Array, *, eps: float, norm: str) -> None:
+  """Raises ``ValueError`` unless every ``||x_adv_i - x_i|| <= eps`` and ``x_adv`` lies in
+  ``[0, 1]``, up to the float32 slack of the projections; NaN is never admissible."""
+  dist, lo, hi = (float(v) for v in _admissibility(x_adv, x, norm=norm))
+  # Written so that NaN fails too: a NaN adversarial point is not admissible.
+  inside_box = lo >= -_BUDGET_ATOL and hi <= 1 + _BUDGET_ATOL
+  if not (dist <= eps + _BUDGET_ATOL * max(1.0, eps) and inside_box):
+    raise ValueError(f"attack returned points outside the {norm} ball of radius {eps} or the "
+                     f"box [0, 1] (max distance {dist})")
+
+
+def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray,
+               y: np.ndarray, key: Array, *, eps: float, norm: str, batch_size: int = 256,
+               mesh=None, keep_examples: bool = False) -> AttackRun:
+  """Runs ``attack_fn`` over a test set in fixed-size batches: THE batched attack runner.
+
+  Every batch has the same shape (the last one padded, see ``_batch_size``), so a jitted attack
+  compiles once; batch ``b`` gets ``fold_in(key, b)``; every adversarial batch must pass
+  :func:`check_admissible` (a robust accuracy from an inadmissible point would be meaningless).
+
+  Args:
+    logits_fn: ``(B, H, W, C) -> (B, K)`` in inference mode; reuse one function object across
+      calls (attacks jit with ``logits_fn`` static, so a new closure means a recompile).
+    attack_fn: ``f(logits_fn, x, y, key) -> x_adv`` or ``(x_adv, aux)`` (a report or
+      diagnostics, returned in ``extras``).
+    x: ``(N, H, W, C)`` float32 in ``[0, 1]``; y: ``(N,)`` int32.
+    key: PRNG key, folded with the batch number.
+    eps, norm: the threat model every ``x_adv`` is checked against.
+    batch_size: examples per attack call.
+    mesh: optional device mesh; each batch is then sharded over its ``"data"`` axis and the
+      attack runs data-parallel.
+    keep_examples: also return the adversarial examples (gathered to the host).
+
+  Returns:
+    An :class:`AttackRun`.
+  """
+  correct, kept, extras = [], [], []
+  for b, (idx, valid) in enumerate(_padded_batches(len(x), _batch_size(batch_size, len(x),
+                                                                         mesh))):
+    xb, yb = _place((x[idx], y[idx]), mesh)
+    out = attack_fn(logits_fn, xb, yb, jax.random.fold_in(key, b))
+    x_adv, aux = out if isinstance(out, tuple) else (out, None)
+    check_admissible(x_adv, xb, eps=eps, norm=norm)
+    pred = parallel.to_host(jnp.argmax(logits_fn(x_adv), axis=1))
+    correct.append((pred == y[idx])[:valid])
+    if keep_examples:
+      kept.append(parallel.to_host(x_adv)[:valid])
+    if aux is not None:
+      extras.append((aux, valid))
+  return AttackRun(np.concatenate(correct) if correct else np.zeros((0,), bool),
+                   np.concatenate(kept) if keep_examples and kept else None, extras)
+
+
 def robust_accuracy(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray,
                     y: np.ndarray, key: Array, *, eps: float, norm: str,
                     batch_size: int = 256, mesh=None) -> float:
   """Accuracy on ``attack_fn``'s adversarial examples, ``mean(argmax f(x_adv_i) == y_i)``.
 
-  Args:
-    logits_fn: ``(B, H, W, C) -> (B, K)`` in inference mode; reuse one function object across
-      calls (attacks jit with ``logits_fn`` static, so a new closure means a recompile).
-    attack_fn: ``f(logits_fn, x, y, key) -> x_adv`` or ``(x_adv, report)`` (AutoAttack).
-    x: ``(N, H, W, C)`` float32 in ``[0, 1]``; y: ``(N,)`` int32.
-    key: PRNG key, folded with the batch number.
-    eps, norm: the threat model, used to verify that every ``x_adv`` is admissible
-      (``||x_adv - x|| <= eps`` and ``[0, 1]``); a robust accuracy from an inadmissible point
-      would be meaningless, so a violation raises ``ValueError``.
-    batch_size: examples per attack call.
-    mesh: optional device mesh; each batch is then sharded over its ``"data"`` axis and the
-      attack runs data-parallel (padding rule in ``_batch_size``).
+  Arguments as for :func:`run_attack`; a point outside the threat model raises ``ValueError``.
   """
-  correct = 0
-  for b, (idx, valid) in enumerate(_padded_batches(len(x), _batch_size(batch_size, len(x),
-                                                                         mesh))):
-    xb, yb = _place((x[idx], y[idx]), mesh)
-    out = attack_fn(logits_fn, xb, yb, jax.random.fold_in(key, b))
-    x_adv = out[0] if isinstance(out, tuple) else out
-    dist, lo, hi = (float(v) for v in _admissibility(x_adv, xb, norm=norm))
-    # Written so that NaN fails too: a NaN adversarial point is not admissible.
-    inside_box = lo >= -_BUDGET_ATOL and hi <= 1 + _BUDGET_ATOL
-    if not (dist <= eps + _BUDGET_ATOL * max(1.0, eps) and inside_box):
-      raise ValueError(f"attack returned points outside the {norm} ball of radius {eps} or the "
-                       f"box [0, 1] (max distance {dist})")
-    pred = parallel.to_host(jnp.argmax(logits_fn(x_adv), axis=1))
-    correct += int(np.sum((pred == y[idx])[:valid]))
-  return correct / len(x)
+  run = run_attack(logits_fn, attack_fn, x, y, key, eps=eps, norm=norm, batch_size=batch_size,
+                   mesh=mesh)
+  return int(run.correct.sum()) / len(x)
 
 
 def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
@@ -157,49 +202,3 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
     results.append(AttackResult(label, name, norm, eps, acc, len(x),
                                 time.perf_counter() - start))
   return results
-
-
-def _eps_text(eps: float) -> str:
-  """``8/255`` for budgets that are small multiples of 1/255 (CIFAR style), ``0.3`` otherwise."""
-  k = eps * 255
-  if 0 < eps < 0.2 and abs(k - round(k)) < 1e-6:
-    return f"{round(k)}/255"
-  return f"{eps:g}"
-
-
-# Row order of the papers' tables; attacks not listed follow in order of appearance.
-ROW_ORDER = ("clean", "fgsm", "pgd", "second_order", "soae", "autoattack")
-_NORM_ORDER = {"linf": 0, "l2": 1}
-
-
-def markdown_table(results_by_model: Mapping[str, Sequence[AttackResult]]) -> str:
-  """A markdown table: rows are attack labels, columns ``<model> <norm> eps=...``.
-
-  Rows follow ``ROW_ORDER`` (clean, FGSM, PGD, S-O, SOAE, AutoAttack), columns Linf before L2;
-  with one model the column names are just the threat models (``Linf eps=0.3``). Cells are
-  accuracies in percent; ``-`` where an attack was not run for that threat model.
-  """
-  columns: list[tuple[str, str, float]] = []
-  rows: list[tuple[int, int, str]] = []
-  cells: dict[tuple[str, tuple[str, str, float]], float] = {}
-  for model, results in results_by_model.items():
-    for r in results:
-      col = (model, r.norm, r.eps)
-      if col not in columns:
-        columns.append(col)
-      rank = ROW_ORDER.index(r.attack) if r.attack in ROW_ORDER else len(ROW_ORDER)
-      if r.label not in [lbl for _, _, lbl in rows]:
-        rows.append((rank, len(rows), r.label))
-      cells[(r.label, col)] = r.accuracy
-  model_rank = {m: i for i, m in enumerate(results_by_model)}
-  columns.sort(key=lambda c: (model_rank[c[0]], _NORM_ORDER.get(c[1], 2), c[2]))
-  rows.sort()
-  single = len(results_by_model) == 1
-  names = {"linf": "Linf", "l2": "L2"}
-  heads = [("" if single else f"{m} ") + f"{names.get(n, n)} eps={_eps_text(e)}"
-           for m, n, e in columns]
-  lines = ["| attack | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-  for _, _, label in rows:
-    vals = [f"{100 * cells[(label, c)]:.2f}%" if (label, c) in cells else "-" for c in columns]
-    lines.append(f"| {label} | " + " | ".join(vals) + " |")
-  return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """Adversarial training: train state, optimiser, and one pure jitted step per method.
 
-Methods (``train.method``):
+Methods (``train.method``), each registered by name (``register``, ``get``, ``available``):
 
 * ``standard``: ``min_theta CE(f(x), y)``.
 * ``pgd``: Madry et al. (2018), ``min_theta CE(f(x_adv), y)`` with ``x_adv`` from PGD-k.
@@ -22,6 +22,14 @@ the examples of the batch never interact and the attack does not move the runnin
 Adversarial examples are ``stop_gradient``-ed: the outer minimisation does not differentiate
 through the inner maximisation (Danskin's theorem, as in Madry et al.).
 
+A method is one function ``method(cfg, model, batch) -> MethodLoss`` (see :func:`register`):
+it receives the ``train`` config, a :class:`StepModel` (the inference-mode ``logits_fn`` that
+attacks see and the training-mode ``forward`` that the loss is differentiated through) and the
+:class:`Batch`, and returns the loss to minimise with the logits it was computed on.
+:func:`make_train_step` differentiates it w.r.t. the parameters and applies the optimiser. An
+optional ``validate(cfg)`` checks the method's hyperparameters before the first step
+(:func:`validate_method_config`).
+
 The optimiser is SGD with momentum and L2 weight decay (``add_decayed_weights`` before the
 momentum, like PyTorch's ``SGD(weight_decay=...)`` used by the papers), with a learning-rate
 schedule from the config.
@@ -30,6 +38,7 @@ schedule from the config.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -39,10 +48,10 @@ import jax.numpy as jnp
 import optax
 
 from krylov_adv import attacks, losses, projections
+from krylov_adv import hvp as hvp_lib
 
 Array = jax.Array
 
-METHODS = ("standard", "pgd", "trades", "soat", "mixed", "second_order")
 SCHEDULES = ("constant", "cosine", "piecewise")
 
 
@@ -68,24 +77,208 @@ class StepMetrics(NamedTuple):
   clean_accuracy: Array
 
 
+class Batch(NamedTuple):
+  """One training batch as a method sees it.
+
+  x: ``(B, H, W, C)`` float32 in ``[0, 1]``; y: ``(B,)`` int32; key: this step's PRNG key (the
+  run's key folded with ``step``); step: int32 scalar, optimiser steps taken before this one.
+  """
+  x: Array
+  y: Array
+  key: Array
+  step: Array
+
+
+class StepModel(NamedTuple):
+  """The model as a method sees it during one step.
+
+  logits_fn: ``x (B, H, W, C) -> logits (B, K)`` in inference mode with the parameters at the
+    start of the step (:func:`inference_logits_fn`). This is what attacks see; it is constant
+    for the outer gradient, so adversarial examples built from it are not differentiated
+    through (Danskin's theorem, as in Madry et al.).
+  forward: ``forward(x, batch_stats) -> (logits (B, K), batch_stats)`` in training mode
+    (BatchNorm on batch statistics, running averages updated), differentiable w.r.t. the
+    parameters being trained. Thread ``batch_stats`` from one call to the next.
+  batch_stats: the running statistics at the start of the step (``{}`` without BatchNorm).
+  """
+  logits_fn: Callable[[Array], Array]
+  forward: Callable[[Array, Any], tuple[Array, Any]]
+  batch_stats: Any
+
+
+class MethodLoss(NamedTuple):
+  """What a training method returns.
+
+  loss: scalar, the mean over the batch of the loss to minimise. logits: ``(B, K)``, the logits
+  the loss was computed on (their accuracy is ``StepMetrics.accuracy``). clean_logits: ``(B,
+  K)`` clean logits when the method computed them anyway, else ``None``. batch_stats: the
+  running statistics after the method's training-mode passes (``StepModel.batch_stats`` if none).
+  """
+  loss: Array
+  logits: Array
+  clean_logits: Array | None
+  batch_stats: Any
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry of training methods
+
+
+class Method(NamedTuple):
+  """A registered training method: ``loss(cfg, model, batch) -> MethodLoss`` and
+  ``validate(cfg)``, which raises ``ValueError`` naming the bad ``train.*`` field."""
+  name: str
+  loss: Callable[[Any, StepModel, Batch], MethodLoss]
+  validate: Callable[[Any], None]
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def _no_checks(cfg) -> None:
+  del cfg
+
+
+def register(name: str, *, validate: Callable[[Any], None] | None = None):
+  """Decorator adding a training method to the registry under ``name``.
+
+  The decorated function is ``method(cfg, model: StepModel, batch: Batch) -> MethodLoss`` with
+  ``cfg`` the ``train`` config; it is traced inside the jitted step and differentiated w.r.t.
+  the parameters behind ``model.forward``. ``validate(cfg)`` (optional) checks the method's
+  hyperparameters and raises ``ValueError`` naming the field (``train.<name>.steps must be ...``);
+  :func:`validate_train_config` calls it before the first step. Example::
+
+    @training.register("my_method", validate=my_checks)
+    def my_method(cfg, model, batch):
+      x_adv = attacks.get("pgd")(model.logits_fn, batch.x, batch.y, batch.key, eps=cfg.eps,
+                                 norm=cfg.norm, **cfg.my_method.to_dict())
+      return training.cross_entropy_at(model, x_adv, batch.y)
+  """
+
+  def wrap(fn):
+    if name in _METHODS:
+      raise ValueError(f"training method {name!r} registered twice")
+    _METHODS[name] = Method(name, fn, validate or _no_checks)
+    return fn
+
+  return wrap
+
+
+def get(name: str) -> Method:
+  """The training method registered under ``name``; ``ValueError`` listing the known names."""
+  try:
+    return _METHODS[name]
+  except KeyError:
+    raise ValueError(f"unknown training method {name!r}; available: {available()}") from None
+
+
+def available() -> list[str]:
+  """Sorted names of all registered training methods."""
+  return sorted(_METHODS)
+
+
 # ---------------------------------------------------------------------------------------------
 # Config validation
 
+# Range checks of attack hyperparameters by name, applied to the fields a method's sub-config
+# sets (the attack checks them again when it runs; these make the error appear before the first
+# step and name the config field).
+_AT_LEAST_ONE = ("steps", "iters", "restarts", "samples", "m")
+_NONNEGATIVE = ("alpha", "sigma", "beta")  # and every eps* and step_size* field
+_POSITIVE = ("tau", "eta", "xi")
 
-def _check_eps_norm(where: str, eps, norm: str) -> None:
-  projections.check_norm(norm)
+
+def _sub_config(cfg, name: str) -> dict[str, Any]:
+  sub = cfg.get(name) if hasattr(cfg, "get") else None
+  if sub is None:
+    raise ValueError(f"train.{name} is missing: the {name} method reads its hyperparameters "
+                     "from it")
+  return dict(sub.to_dict() if hasattr(sub, "to_dict") else sub)
+
+
+def check_eps_norm(where: str, eps, norm: str) -> None:
+  """``ValueError`` naming ``where`` (e.g. ``train``) unless ``eps >= 0`` and ``norm`` is
+  ``"linf"`` or ``"l2"``."""
+  if norm not in projections.NORMS:
+    raise ValueError(f"{where}.norm: unknown norm {norm!r}; use one of {projections.NORMS}")
   if not float(eps) >= 0:
-    raise ValueError(f"{where}: eps must be >= 0, got {eps}")
+    raise ValueError(f"{where}.eps must be >= 0, got {eps}")
+
+
+def check_hyperparameters(where: str, fields: dict[str, Any], *, allowed=None) -> None:
+  """Range checks of the hyperparameters in ``fields`` by name, with messages naming
+  ``where.<field>``.
+
+  ``steps``, ``iters``, ``restarts``, ``samples``, ``m``: integers ``>= 1``; ``alpha``,
+  ``sigma``, ``beta`` and names starting with ``eps`` or ``step_size``: ``>= 0``; ``tau``,
+  ``eta``, ``xi``: ``> 0``; ``hvp``: a name of ``hvp.HVP_METHODS``. ``None`` values (the
+  attack's default) are not checked. With ``allowed`` (names), a field outside it is an error.
+  """
+  for field, value in fields.items():
+    name = f"{where}.{field}"
+    if allowed is not None and field not in allowed:
+      raise ValueError(f"{name} is not a hyperparameter of this method; known: {sorted(allowed)}")
+    if value is None:
+      continue
+    if field in _AT_LEAST_ONE and (isinstance(value, bool) or int(value) != value or value < 1):
+      raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    nonnegative = field in _NONNEGATIVE or field.startswith(("eps", "step_size"))
+    if nonnegative and not float(value) >= 0:
+      raise ValueError(f"{name} must be >= 0, got {value}")
+    if field in _POSITIVE and not float(value) > 0:
+      raise ValueError(f"{name} must be > 0, got {value}")
+    if field == "hvp" and value not in hvp_lib.HVP_METHODS:
+      raise ValueError(f"{name}: unknown HVP method {value!r}; use one of "
+                       f"{hvp_lib.HVP_METHODS}")
+
+
+def _keyword_names(fn) -> tuple[str, ...] | None:
+  """The keyword parameters of ``fn``, or ``None`` when it takes ``**kwargs`` or has no
+  inspectable signature."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return None
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+    return None
+  return tuple(p.name for p in params
+               if p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                             inspect.Parameter.POSITIONAL_OR_KEYWORD))
+
+
+def check_attack_config(where: str, attack: str, fields: dict[str, Any]) -> None:
+  """Checks a sub-config whose fields are keyword arguments of the registered ``attack``:
+  each must be one of its hyperparameters (not ``eps``/``norm``, which come from the threat
+  model) and pass :func:`check_hyperparameters`."""
+  names = _keyword_names(attacks.get(attack))
+  allowed = None if names is None else tuple(n for n in names if n not in ("eps", "norm"))
+  check_hyperparameters(where, fields, allowed=allowed)
+
+
+def validate_method_config(cfg, method: str | None = None) -> None:
+  """Checks the hyperparameters of one training method in the ``train`` config ``cfg``.
+
+  Args:
+    cfg: the ``train`` ``ConfigDict`` (or mapping).
+    method: a registered method name; default ``cfg.method``. ``cfg.method`` itself is not
+      read otherwise, so a config naming several methods (``"soat,pgd"``) is checked by calling
+      this once per name.
+
+  Raises:
+    ValueError: unknown method (listing the known ones), or a bad hyperparameter; the message
+      names the config field (``train.pgd.steps must be an integer >= 1, got 0``).
+  """
+  get(cfg.method if method is None else method).validate(cfg)
 
 
 def validate_train_config(cfg) -> None:
   """Raises ``ValueError`` with a clear message for a bad ``train`` config.
 
-  Checks the method name, the learning-rate schedule, positive sizes and rates, and ``eps``
-  (``>= 0``) and ``norm`` (``linf | l2``) of the method's threat model.
+  Checks the method name, the learning-rate schedule, positive sizes and rates, then the
+  method's own hyperparameters (:func:`validate_method_config`: the threat model ``eps >= 0``
+  and ``norm``, attack steps, step sizes, ...).
   """
-  if cfg.method not in METHODS:
-    raise ValueError(f"unknown training method {cfg.method!r}; use one of {METHODS}")
+  get(cfg.method)
   if cfg.lr_schedule not in SCHEDULES:
     raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; use one of {SCHEDULES}")
   for name in ("epochs", "batch_size"):
@@ -95,13 +288,7 @@ def validate_train_config(cfg) -> None:
     raise ValueError(f"train.learning_rate must be > 0, got {cfg.learning_rate}")
   if not 0 <= float(cfg.momentum) < 1 or not float(cfg.weight_decay) >= 0:
     raise ValueError("train.momentum must lie in [0, 1) and train.weight_decay be >= 0")
-  if cfg.method in ("pgd", "trades", "soat", "second_order"):
-    _check_eps_norm(f"train ({cfg.method})", cfg.eps, cfg.norm)
-  if cfg.method == "mixed":
-    _check_eps_norm("train.mixed (linf)", cfg.mixed.eps_linf, "linf")
-    _check_eps_norm("train.mixed (l2)", cfg.mixed.eps_l2, "l2")
-  if cfg.method == "trades" and not float(cfg.trades.beta) >= 0:
-    raise ValueError(f"train.trades.beta must be >= 0, got {cfg.trades.beta}")
+  validate_method_config(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,40 +383,110 @@ def _attack_kwargs(sub) -> dict[str, Any]:
   return dict(sub.to_dict() if hasattr(sub, "to_dict") else sub)
 
 
-def make_adversary(cfg) -> Callable[..., Array] | None:
-  """The inner maximisation of ``cfg.method`` as ``f(logits_fn, x, y, key, step) -> x_adv``.
+# ---------------------------------------------------------------------------------------------
+# Methods
 
-  ``None`` for ``standard``. ``pgd``, ``soat`` and ``second_order`` call the registered attacks
-  ``pgd``, ``soae`` and ``second_order`` with ``eps``, ``norm`` and the hyperparameters in
-  ``cfg.pgd``, ``cfg.soat``, ``cfg.second_order``; ``mixed`` switches between Linf and L2 PGD on
-  the parity of ``step``; ``trades`` uses :func:`trades_adversary`.
+
+def cross_entropy_at(model: StepModel, x: Array, y: Array) -> MethodLoss:
+  """``mean CE(f(x), y)`` with one training-mode pass at ``x`` (clean or adversarial)."""
+  logits, stats = model.forward(x, model.batch_stats)
+  return MethodLoss(jnp.mean(losses.cross_entropy(logits, y)), logits, None, stats)
+
+
+def _threat_model_checks(method: str, attack: str):
+  """``validate(cfg)`` for a method attacking in ``(cfg.eps, cfg.norm)`` with ``cfg.<method>``
+  as the keyword arguments of the registered ``attack``."""
+
+  def validate(cfg):
+    check_eps_norm("train", cfg.eps, cfg.norm)
+    check_attack_config(f"train.{method}", attack, _sub_config(cfg, method))
+
+  return validate
+
+
+def _train_on_attack(cfg, model: StepModel, batch: Batch, attack: str, hyper) -> MethodLoss:
+  """``CE(f(x_adv), y)`` with ``x_adv`` from the registered ``attack`` in the threat model
+  ``(cfg.eps, cfg.norm)`` with the keyword arguments ``hyper`` (a sub-config)."""
+  x_adv = attacks.get(attack)(model.logits_fn, batch.x, batch.y, batch.key, eps=cfg.eps,
+                              norm=cfg.norm, **_attack_kwargs(hyper))
+  return cross_entropy_at(model, jax.lax.stop_gradient(x_adv), batch.y)
+
+
+@register("standard")
+def standard(cfg, model: StepModel, batch: Batch) -> MethodLoss:
+  """``CE(f(x), y)`` on the clean batch (the clean accuracy is the reported accuracy)."""
+  del cfg
+  out = cross_entropy_at(model, batch.x, batch.y)
+  return out._replace(clean_logits=out.logits)
+
+
+@register("pgd", validate=_threat_model_checks("pgd", "pgd"))
+def pgd(cfg, model: StepModel, batch: Batch) -> MethodLoss:
+  """Madry et al. (2018): ``CE(f(x_adv), y)``, ``x_adv = attacks.pgd(..., **cfg.pgd)``."""
+  return _train_on_attack(cfg, model, batch, "pgd", cfg.pgd)
+
+
+@register("soat", validate=_threat_model_checks("soat", "soae"))
+def soat(cfg, model: StepModel, batch: Batch) -> MethodLoss:
+  """SOAE paper Eq. 15: ``CE(f(x + delta*), y)``, ``x + delta* = attacks.soae(..., **cfg.soat)``."""
+  return _train_on_attack(cfg, model, batch, "soae", cfg.soat)
+
+
+@register("second_order", validate=_threat_model_checks("second_order", "second_order"))
+def second_order(cfg, model: StepModel, batch: Batch) -> MethodLoss:
+  """S-O paper Eq. 4 examples: ``CE(f(x_adv), y)``, ``x_adv = attacks.second_order(...,
+  **cfg.second_order)``."""
+  return _train_on_attack(cfg, model, batch, "second_order", cfg.second_order)
+
+
+def _validate_trades(cfg) -> None:
+  check_eps_norm("train", cfg.eps, cfg.norm)
+  names = ("beta",) + (_keyword_names(trades_adversary) or ())
+  check_hyperparameters("train.trades", _sub_config(cfg, "trades"),
+                        allowed=tuple(n for n in names if n not in ("eps", "norm")))
+
+
+@register("trades", validate=_validate_trades)
+def trades(cfg, model: StepModel, batch: Batch) -> MethodLoss:
+  """``CE(f(x), y) + beta KL(f(x) || f(x_adv))`` with ``x_adv`` from :func:`trades_adversary`.
+
+  Two training-mode passes (clean then adversarial), each updating the running statistics, as
+  in the reference TRADES implementation.
   """
-  method = cfg.method
-  if method == "standard":
-    return None
-  if method == "trades":
-    kw = _attack_kwargs(cfg.trades)
-    kw.pop("beta")
-    return lambda logits_fn, x, y, key, step: trades_adversary(
-        logits_fn, x, key, eps=cfg.eps, norm=cfg.norm, **kw)
-  if method == "mixed":
-    m = cfg.mixed
-    pgd = attacks.get("pgd")
-    linf = functools.partial(pgd, eps=m.eps_linf, norm="linf", steps=m.steps,
-                             step_size=m.step_size_linf)
-    l2 = functools.partial(pgd, eps=m.eps_l2, norm="l2", steps=m.steps, step_size=m.step_size_l2)
+  kw = _attack_kwargs(cfg.trades)
+  beta = float(kw.pop("beta"))
+  x_adv = trades_adversary(model.logits_fn, batch.x, batch.key, eps=cfg.eps, norm=cfg.norm, **kw)
+  x_adv = jax.lax.stop_gradient(x_adv)
+  clean, stats = model.forward(batch.x, model.batch_stats)
+  adv, stats = model.forward(x_adv, stats)
+  loss = losses.cross_entropy(clean, batch.y) + beta * losses.kl_divergence(clean, adv)
+  return MethodLoss(jnp.mean(loss), adv, clean, stats)
 
-    def mixed(logits_fn, x, y, key, step):
-      return jax.lax.cond(step % 2 == 0, lambda: linf(logits_fn, x, y, key),
-                          lambda: l2(logits_fn, x, y, key))
 
-    return mixed
-  name = {"pgd": "pgd", "soat": "soae", "second_order": "second_order"}.get(method)
-  if name is None:
-    raise ValueError(f"unknown training method {method!r}; use one of {METHODS}")
-  attack = functools.partial(attacks.get(name), eps=cfg.eps, norm=cfg.norm,
-                             **_attack_kwargs(cfg[method]))
-  return lambda logits_fn, x, y, key, step: attack(logits_fn, x, y, key)
+_MIXED_FIELDS = ("eps_linf", "eps_l2", "step_size_linf", "step_size_l2", "steps")
+
+
+def _validate_mixed(cfg) -> None:
+  m = _sub_config(cfg, "mixed")
+  missing = [f for f in _MIXED_FIELDS if f not in m]
+  if missing:
+    raise ValueError(f"train.mixed is missing {missing}")
+  check_hyperparameters("train.mixed", m, allowed=_MIXED_FIELDS)
+
+
+@register("mixed", validate=_validate_mixed)
+def mixed(cfg, model: StepModel, batch: Batch) -> MethodLoss:
+  """``CE(f(x_adv), y)`` with ``x_adv`` from Linf PGD on even steps and L2 PGD on odd ones
+  (``eps_linf``, ``eps_l2``, ``step_size_linf``, ``step_size_l2``, ``steps`` in ``cfg.mixed``)."""
+  m = cfg.mixed
+  pgd_attack = attacks.get("pgd")
+  linf = functools.partial(pgd_attack, eps=m.eps_linf, norm="linf", steps=m.steps,
+                           step_size=m.step_size_linf)
+  l2 = functools.partial(pgd_attack, eps=m.eps_l2, norm="l2", steps=m.steps,
+                         step_size=m.step_size_l2)
+  args = (model.logits_fn, batch.x, batch.y, batch.key)
+  x_adv = jax.lax.cond(batch.step % 2 == 0, lambda: linf(*args), lambda: l2(*args))
+  return cross_entropy_at(model, jax.lax.stop_gradient(x_adv), batch.y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +494,7 @@ def make_adversary(cfg) -> Callable[..., Array] | None:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg):
-  """Builds the jitted training step of ``cfg.method``.
+  """Builds the jitted training step of ``cfg.method`` (a registered method, see :func:`get`).
 
   Returns:
     ``step(state, x, y, key) -> (state, StepMetrics)`` (pure, jitted). ``x (B, H, W, C)``
@@ -246,38 +503,27 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg):
     resumed run draws the same attack noise as an uninterrupted one).
   """
   validate_train_config(cfg)
-  adversary = make_adversary(cfg)
-  beta = float(cfg.trades.beta) if cfg.method == "trades" else 0.0
-
-  def loss_fn(params, state, x, x_adv, y):
-    if cfg.method == "standard":
-      logits, stats = _train_forward(model, params, state.batch_stats, x)
-      return jnp.mean(losses.cross_entropy(logits, y)), (logits, logits, stats)
-    if cfg.method == "trades":
-      # Two training-mode passes (clean then adversarial), each updating the running
-      # statistics, as in the reference TRADES implementation.
-      clean, stats = _train_forward(model, params, state.batch_stats, x)
-      adv, stats = _train_forward(model, params, stats, x_adv)
-      loss = losses.cross_entropy(clean, y) + beta * losses.kl_divergence(clean, adv)
-      return jnp.mean(loss), (adv, clean, stats)
-    logits, stats = _train_forward(model, params, state.batch_stats, x_adv)
-    return jnp.mean(losses.cross_entropy(logits, y)), (logits, None, stats)
+  method = get(cfg.method).loss
 
   @jax.jit
   def step(state: TrainState, x: Array, y: Array, key: Array):
-    key = jax.random.fold_in(key, state.step)
-    if adversary is None:
-      x_adv = x
-    else:
-      logits_fn = inference_logits_fn(model, state.params, state.batch_stats)
-      x_adv = jax.lax.stop_gradient(adversary(logits_fn, x, y, key, state.step))
-    (loss, (logits, clean, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state, x, x_adv, y)
+    batch = Batch(x, y, jax.random.fold_in(key, state.step), state.step)
+    # Attacks see the parameters at the start of the step through a closure, not through the
+    # differentiated argument, so the outer gradient does not flow through them.
+    logits_fn = inference_logits_fn(model, state.params, state.batch_stats)
+
+    def loss_fn(params):
+      forward = lambda xb, stats: _train_forward(model, params, stats, xb)
+      out = method(cfg, StepModel(logits_fn, forward, state.batch_stats), batch)
+      return out.loss, out
+
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    acc = jnp.mean(jnp.argmax(logits, axis=1) == y)
-    clean_acc = jnp.nan if clean is None else jnp.mean(jnp.argmax(clean, axis=1) == y)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
+    acc = jnp.mean(jnp.argmax(out.logits, axis=1) == y)
+    clean_acc = (jnp.nan if out.clean_logits is None
+                 else jnp.mean(jnp.argmax(out.clean_logits, axis=1) == y))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=out.batch_stats,
                               opt_state=opt_state)
     return new_state, StepMetrics(loss, acc, jnp.asarray(clean_acc, jnp.float32))
 

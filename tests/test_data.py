@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import pickle
+import pickletools
 import struct
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -79,8 +81,13 @@ def test_idx_errors_name_the_file(tmp_path):
   os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
   with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
     data.load_idx_split(str(tmp_path), "t10k")
-  with pytest.raises(FileNotFoundError, match="no-such-dir"):
+  with pytest.raises(ValueError, match="data.root .* has no t10k-labels-idx1-ubyte"):
+    data.load({"source": "idx", "root": str(tmp_path)})
+  with pytest.raises(ValueError, match="data.root .*no-such-dir.* is not a folder.*"
+                                       "train-images-idx3-ubyte"):
     data.load({"source": "idx", "root": str(tmp_path / "no-such-dir")})
+  with pytest.raises(ValueError, match="data.root must name the folder of the idx files"):
+    data.load({"source": "idx", "root": ""})
 
 
 def test_real_mnist_test_set():
@@ -100,22 +107,64 @@ def test_real_mnist_test_set():
   assert 0.75 < np.mean(x == 0) < 0.85
 
 
-def _cifar_folder(root, n=4):
+class _Python2Pickler(pickle._Pickler):  # pylint: disable=protected-access
+  """Writes pickles as Python 2's cPickle did for the published CIFAR-10 batches (protocol 2,
+  every ``str`` a byte string: SHORT_BINSTRING / BINSTRING opcodes, numpy under its numpy 1
+  module name ``numpy.core``). Read with ``encoding="bytes"`` they give bytes, as the real
+  files do."""
+
+  def _save_byte_string(self, obj):
+    raw = obj.encode("latin1") if isinstance(obj, str) else obj
+    if len(raw) < 256:
+      self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+    else:
+      self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+    self.memoize(obj)
+
+  dispatch = dict(pickle._Pickler.dispatch)  # pylint: disable=protected-access
+  dispatch[bytes] = _save_byte_string
+  dispatch[str] = _save_byte_string
+
+
+def _python2_pickle(obj) -> bytes:
+  buf = io.BytesIO()
+  _Python2Pickler(buf, protocol=2).dump(obj)
+  return buf.getvalue().replace(b"cnumpy._core.", b"cnumpy.core.")
+
+
+def _cifar_batch(rng, n, name):
+  """A batch with the published files' fields and types (python ints, bytes)."""
+  return {b"batch_label": f"{name} of 5".encode(),
+          b"labels": [int(v) for v in rng.integers(0, 10, n)],
+          b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+          b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+
+
+def _cifar_folder(root, n=4, python2=False):
   rng = np.random.default_rng(1)
   batches = {}
   for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-    d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-         b"labels": list(rng.integers(0, 10, n))}
+    d = _cifar_batch(rng, n, name)
     with open(os.path.join(root, name), "wb") as f:
-      pickle.dump(d, f)
+      if python2:
+        f.write(_python2_pickle(d))
+      else:
+        pickle.dump(d, f)
     batches[name] = d
   return batches
 
 
-def test_cifar10_python_layout(tmp_path):
+@pytest.mark.parametrize("python2", [True, False])
+def test_cifar10_python_layout(tmp_path, python2):
   folder = tmp_path / "cifar-10-batches-py"
   folder.mkdir()
-  batches = _cifar_folder(str(folder))
+  batches = _cifar_folder(str(folder), python2=python2)
+  if python2:  # the file is in the published format: only byte strings and numpy.core globals
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops((folder / "test_batch")
+                                                               .read_bytes())]
+    assert {a for o, a in ops if o == "GLOBAL"} == {"numpy.core.multiarray _reconstruct",
+                                                   "numpy ndarray", "numpy dtype"}
+    assert not any("UNICODE" in o for o, _ in ops)
   ds = data.load({"source": "cifar10_python", "root": str(tmp_path)})
   assert ds.x_train.shape == (20, 32, 32, 3) and ds.x_test.shape == (4, 32, 32, 3)
   raw = batches["data_batch_2"][b"data"]
@@ -132,8 +181,54 @@ def test_cifar10_python_errors(tmp_path):
     data.load_cifar10_python(str(tmp_path))
   os.remove(tmp_path / "test_batch")
   (tmp_path / "data_batch_3").unlink()
-  with pytest.raises(FileNotFoundError, match="data_batch_3"):
+  with pytest.raises(ValueError, match="data.root .* has no CIFAR-10 batch 'data_batch_3'"):
     data.load_cifar10_python(str(tmp_path))
+  with pytest.raises(ValueError, match="data.root must name the folder"):
+    data.load({"source": "cifar10_python", "root": ""})
+
+
+def test_cifar10_protocol5_resave_loads(tmp_path):
+  batch = _cifar_batch(np.random.default_rng(0), 3, "test_batch")
+  with open(tmp_path / "b", "wb") as f:
+    pickle.dump(batch, f, protocol=5)
+  x, y = data._read_cifar_batch(str(tmp_path / "b"))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(x.transpose(0, 3, 1, 2).reshape(3, -1), batch[b"data"])
+  np.testing.assert_array_equal(y, batch[b"labels"])
+
+
+class _RunsShell:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.eval", "numpy scalar"])
+def test_cifar10_batch_naming_other_globals_is_refused(tmp_path, payload):
+  """A batch file that names any global but numpy's array constructors is refused before
+  anything in it is called (a plain ``pickle.load`` would run the shell command)."""
+  _cifar_folder(str(tmp_path))
+  marker = tmp_path / "pwned"
+  batch = _cifar_batch(np.random.default_rng(0), 4, "data_batch_2")
+  batch[b"batch_label"] = {"os.system": _RunsShell(marker),
+                           "builtins.eval": _Eval(f"open({str(marker)!r}, 'w')"),
+                           "numpy scalar": np.int64(3)}[payload]
+  (tmp_path / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
+  with pytest.raises(pickle.UnpicklingError, match="data_batch_2.*refusing to load global"):
+    data.load({"source": "cifar10_python", "root": str(tmp_path)})
+  assert not marker.exists()
+  if payload == "os.system":  # the file is a working exploit for an unrestricted unpickler
+    pickle.loads((tmp_path / "data_batch_2").read_bytes(), encoding="bytes")
+    assert marker.exists()
+
+
+class _Eval:
+  def __init__(self, source):
+    self.source = source
+
+  def __reduce__(self):
+    return (eval, (self.source,))
 
 
 @pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("fashion_mnist", (28, 28, 1)),
@@ -182,8 +277,47 @@ def test_synthetic_deterministic_and_learnable_labels():
 
 
 def test_load_rejects_unknown_source():
-  with pytest.raises(ValueError, match="unknown data source 'imagenet'"):
+  with pytest.raises(ValueError, match="unknown data source 'imagenet'; available: .*'idx'"):
     data.load({"source": "imagenet"})
+  with pytest.raises(ValueError, match="unknown data source 'imagenet'"):
+    data.validate_config({"source": "imagenet"})
+
+
+def test_source_registry():
+  assert data.available() == sorted(["tfds", "idx", "cifar10_python", "digits", "synthetic"])
+  assert data.get("synthetic").load is data.synthetic_source
+  with pytest.raises(ValueError, match="registered twice"):
+    data.register("idx")(lambda c: None)
+  data.validate_config({"source": "synthetic"})
+  with pytest.raises(ValueError, match="data.root must name"):
+    data.validate_config({"source": "idx", "root": ""})
+  with pytest.raises(ValueError, match="data.name: unknown tfds dataset 'svhn'"):
+    data.validate_config({"source": "tfds", "name": "svhn"})
+
+
+def test_registered_source_is_loaded_by_name():
+  """Adding a source is one registered function; ``load`` picks it by ``source``, validates
+  first and applies ``max_train``/``max_test``."""
+  name = "test_constant_images"
+
+  def validate(c):
+    if c.get("value", 0) < 0:
+      raise ValueError(f"data.value must be >= 0, got {c['value']}")
+
+  @data.register(name, validate=validate)
+  def constant_images(c):
+    x = np.full((6, 2, 2, 1), c.get("value", 0) / 255, np.float32)
+    y = (np.arange(6) % 2).astype(np.int32)
+    return data.Dataset(x, y, x[:3], y[:3], num_classes=2, name=name)
+
+  try:
+    ds = data.load({"source": name, "value": 255, "max_train": 4})
+    assert ds.x_train.shape == (4, 2, 2, 1) and ds.x_train.max() == 1.0 and ds.num_classes == 2
+    with pytest.raises(ValueError, match="data.value must be >= 0"):
+      data.load({"source": name, "value": -1})
+    assert name in data.available()
+  finally:
+    data._SOURCES.pop(name)  # pylint: disable=protected-access
 
 
 def test_epoch_batches_depend_only_on_seed_and_epoch():

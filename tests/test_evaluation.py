@@ -43,3 +43,23 @@ def test_inadmissible_points_are_refused(digits_model, delta, norm, eps):
   with pytest.raises(ValueError, match="outside"):
     evaluation.robust_accuracy(m.logits_fn, _shifted(delta), m.x_test[:8], m.y_test[:8],
                                jax.random.PRNGKey(0), eps=eps, norm=norm, batch_size=8)
+
+
+def test_run_attack_keeps_examples_and_each_batch_aux(digits_model):
+  """The one batched runner: 10 points in batches of 4 (the last padded with example 0): the
+  examples come back in order without the padding, and each batch's aux with its real count."""
+  m = digits_model
+  x, y = m.x_test[:10], m.y_test[:10]
+
+  def attack(logits_fn, xb, yb, key):
+    return jnp.clip(xb + 0.01, 0.0, 1.0), jnp.full((3, xb.shape[0]), xb.shape[0])
+
+  run = evaluation.run_attack(m.logits_fn, attack, x, y, jax.random.PRNGKey(0), eps=0.02,
+                              norm="linf", batch_size=4, keep_examples=True)
+  np.testing.assert_allclose(run.x_adv, np.clip(x + 0.01, 0.0, 1.0), atol=1e-7)
+  pred = np.asarray(jnp.argmax(m.logits_fn(jnp.asarray(run.x_adv)), axis=1))
+  np.testing.assert_array_equal(run.correct, pred == y)
+  assert [v for _, v in run.extras] == [4, 4, 2]
+  assert all(aux.shape == (3, 4) for aux, _ in run.extras)
+  assert evaluation.robust_accuracy(m.logits_fn, attack, x, y, jax.random.PRNGKey(0),
+                                    eps=0.02, norm="linf", batch_size=4) == run.correct.mean()

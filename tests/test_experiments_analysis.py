@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common, grad_norms, krylov_dims, report
+from configs import common as config_common
+from experiments import datasets, grad_norms, krylov_dims, pipeline, report, trained_models
 from krylov_adv import attacks, hvp, krylov, losses, projections
 
 EXPERIMENTS = ("ablation_hvp", "krylov_dims", "iterations", "perceptual", "grad_norms")
@@ -55,7 +56,7 @@ def _finite(v):
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-@pytest.mark.parametrize("scale", common.SCALES)
+@pytest.mark.parametrize("scale", config_common.SCALES)
 def test_configs_build_at_every_scale(name, scale):
   c = _config(name, scale)
   assert c.experiment and c.data.source
@@ -69,10 +70,10 @@ def test_unknown_scale_is_a_clear_error():
 
 
 def test_mnist_test_split_loads_real_images():
-  root = os.path.join(common.ROOT, "..", "shared", "data", "mnist")
+  root = os.path.join(datasets.ROOT, "..", "shared", "data", "mnist")
   if not os.path.exists(os.path.join(root, "t10k-images-idx3-ubyte.gz")):
     pytest.skip("MNIST test set not available")
-  ds = common.load_data(_config("perceptual", "small").data)
+  ds = datasets.load_data(_config("perceptual", "small").data)
   assert ds.x_train.shape == (8000, 28, 28, 1) and ds.x_test.shape == (2000, 28, 28, 1)
   assert 0.0 <= ds.x_test.min() and ds.x_test.max() <= 1.0
   assert set(np.unique(ds.y_test)) == set(range(10))
@@ -88,17 +89,55 @@ def test_models_train_data_parallel_like_soat():
   pytest.importorskip("sklearn")
   cfg = _config("iterations")
   cfg.train.epochs = 1
-  dataset = common.load_data(cfg.data)
-  _, sharded = common._train_in_memory(cfg, dataset)
+  dataset = datasets.load_data(cfg.data)
+  _, sharded = pipeline.train_in_memory(cfg, dataset)
   leaf = jax.tree_util.tree_leaves(sharded.params)[0]
   assert len(leaf.sharding.device_set) == jax.device_count() and leaf.sharding.is_fully_replicated
   cfg.parallel.mesh_shape = (1,)
-  _, single = common._train_in_memory(cfg, dataset)
+  _, single = pipeline.train_in_memory(cfg, dataset)
   assert len(jax.tree_util.tree_leaves(single.params)[0].sharding.device_set) == 1
   for a, b in zip(jax.tree_util.tree_leaves(sharded.params),
                   jax.tree_util.tree_leaves(single.params), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   assert int(sharded.step) == int(single.step) == len(dataset.y_train) // cfg.train.batch_size
+
+
+def test_model_cache_is_npz_without_pickle(tmp_path):
+  """The model cache round-trips nested variables (an empty batch_stats included) through a
+  plain .npz that loads with allow_pickle=False, written via a temporary file."""
+  variables = {"params": {"conv": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3),
+                                   "bias": np.zeros(3, np.float32)}},
+               "batch_stats": {}}
+  path = str(tmp_path / "m.npz")
+  trained_models.save_variables(path, variables, 1.5)
+  assert os.listdir(tmp_path) == ["m.npz"]
+  with np.load(path, allow_pickle=False) as z:
+    assert all(z[k].dtype != object for k in z.files)
+  got, seconds = trained_models.load_variables(path)
+  assert seconds == 1.5 and got["batch_stats"] == {}
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(variables),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype
+
+
+def test_configs_import_only_ml_collections_and_configs_common():
+  """Configs are data: none imports experiments/, or anything but ml_collections and
+  configs/common.py."""
+  import ast
+  import glob
+  allowed = {"__future__", "ml_collections", "configs", "configs.common"}
+  for path in glob.glob(os.path.join(datasets.ROOT, "configs", "*.py")):
+    tree = ast.parse(open(path).read())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        mods = {a.name for a in node.names}
+      elif isinstance(node, ast.ImportFrom):
+        mods = {f"{node.module}.{a.name}" if node.module == "configs" else node.module
+                for a in node.names}
+      else:
+        continue
+      assert mods <= allowed, (path, mods)
 
 
 def test_dims_per_tau_matches_gmres_stopped_at_each_tau(digits_model):

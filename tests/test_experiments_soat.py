@@ -19,6 +19,7 @@ import pytest
 
 from configs import test_tiny
 from experiments import evaluate as evaluate_lib
+from experiments import pipeline
 from experiments import soat
 from krylov_adv import attacks
 
@@ -55,8 +56,8 @@ def _load(path):
 def test_every_config_loads_and_validates(path):
   _require("fgsm", "pgd", "soae", "second_order")
   config = _load(path).get_config()
-  soat.validate_config(config)
-  for method in soat.methods_of(config):
+  pipeline.validate_config(config)
+  for method in pipeline.methods_of(config):
     assert method in ("standard", "pgd", "trades", "soat", "mixed", "second_order")
 
 
@@ -92,14 +93,14 @@ def test_bad_configs_give_clear_errors(field, value, match):
     node = node[p]
   node[last] = value
   with pytest.raises(ValueError, match=match):
-    soat.validate_config(c)
+    pipeline.validate_config(c)
 
 
 def test_bad_tfds_dataset_name():
   c = test_tiny.get_config("standard")
   c.data.source, c.data.name = "tfds", "imagenet2012"
   with pytest.raises(ValueError, match="unknown dataset 'imagenet2012'"):
-    soat.validate_config(c)
+    pipeline.validate_config(c)
 
 
 def _results_ok(workdir, methods, labels):
@@ -159,8 +160,8 @@ def resumed_run(tmp_path_factory):
 
 def test_resume_reproduces_uninterrupted_run(resumed_run):
   c, a, b = resumed_run
-  _, sa, _ = evaluate_lib.load_trained(c, a)
-  _, sb, epochs = evaluate_lib.load_trained(c, b)
+  _, sa, _ = pipeline.load_trained(c, a)
+  _, sb, epochs = pipeline.load_trained(c, b)
   assert epochs == 2 and int(sa.step) == int(sb.step) == 8
   for x, y in zip(_leaves(sa), _leaves(sb)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
@@ -173,8 +174,8 @@ def test_resume_reproduces_uninterrupted_run(resumed_run):
   c2 = ml_collections.ConfigDict(c.to_dict())
   c2.seed = 1
   d = os.path.join(a, "other_seed")
-  soat.train(c2, d, stop_after_epoch=1, progress=False)
-  _, s2, _ = evaluate_lib.load_trained(c2, d)
+  pipeline.train(c2, d, stop_after_epoch=1, progress=False)
+  _, s2, _ = pipeline.load_trained(c2, d)
   assert not np.allclose(_leaves(s2)[0], _leaves(sa)[0])
 
 
@@ -199,7 +200,7 @@ def test_evaluate_full_attack_table(resumed_run, capsys):
 def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):
   from experiments import workdir as workdir_lib
   with pytest.raises(workdir_lib.ConfigError, match="no checkpoint"):
-    evaluate_lib.load_trained(test_tiny.get_config("standard"), str(tmp_path))
+    pipeline.load_trained(test_tiny.get_config("standard"), str(tmp_path))
   assert os.listdir(tmp_path) == []  # nothing created
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -86,10 +85,10 @@ def _accuracies(path: str) -> dict[str, float]:
 
 
 def _restore_on_one_device(config, workdir: str):
-  from experiments import soat
-  exp = soat.build(config)
-  mngr = soat.checkpoint_manager(workdir)
-  state, epochs = soat.restore_latest(mngr, soat.initial_state(exp))
+  from experiments import pipeline
+  exp = pipeline.build(config)
+  mngr = pipeline.checkpoint_manager(workdir)
+  state, epochs = pipeline.restore_latest(mngr, pipeline.initial_state(exp))
   mngr.close()
   return state, epochs
 
@@ -143,7 +142,7 @@ def test_analysis_experiment_on_two_hosts(tmp_path):
   process 1 would show."""
   pytest.importorskip("sklearn")
   from configs import iterations as iterations_config
-  from experiments import iterations
+  from experiments import iterations, trained_models
 
   # Float-level differences between the two runs (the order of the gradient sums) grow over
   # training, so train 3 epochs rather than 15. And the exact HVP: SOAE with float32 finite
@@ -168,12 +167,10 @@ def test_analysis_experiment_on_two_hosts(tmp_path):
   assert sorted(os.listdir(os.path.join(dirs[0], "iterations"))) == [
       "accuracy_vs_iterations.png", "report.md", "results.json"]
   (cached,) = os.listdir(os.path.join(dirs[0], "models"))
-  assert cached.endswith(".pkl") and cached in os.listdir(os.path.join(single, "models"))
+  assert cached.endswith(".npz") and cached in os.listdir(os.path.join(single, "models"))
 
-  with open(os.path.join(dirs[0], "models", cached), "rb") as f:
-    got_vars, _ = pickle.load(f)
-  with open(os.path.join(single, "models", cached), "rb") as f:
-    want_vars, _ = pickle.load(f)
+  got_vars, _ = trained_models.load_variables(os.path.join(dirs[0], "models", cached))
+  want_vars, _ = trained_models.load_variables(os.path.join(single, "models", cached))
   for a, b in zip(jax.tree_util.tree_leaves(got_vars), jax.tree_util.tree_leaves(want_vars),
                   strict=True):
     assert isinstance(a, np.ndarray)

@@ -115,20 +115,20 @@ def _tiny_config(method, mesh_shape):
 
 @pytest.mark.parametrize("method", ["standard", "pgd"])
 def test_sharded_training_matches_one_device_and_checkpoint_moves_8_to_1(tmp_path, method):
-  from experiments import soat
+  from experiments import pipeline
   pytest.importorskip("orbax.checkpoint")
   if method != "standard":
     from krylov_adv import attacks
     if "pgd" not in attacks.available():
       pytest.skip("pgd attack not registered")
   # Uninterrupted two epochs on one device.
-  _, ref = soat.train(_tiny_config(method, (1,)), str(tmp_path / "one"), progress=False)
+  _, ref = pipeline.train(_tiny_config(method, (1,)), str(tmp_path / "one"), progress=False)
   # One epoch on 8 devices, killed, then resumed on a single device from the 8-device checkpoint.
-  exp8, state8 = soat.train(_tiny_config(method, (8,)), str(tmp_path / "moved"),
-                            stop_after_epoch=1, progress=False)
+  exp8, state8 = pipeline.train(_tiny_config(method, (8,)), str(tmp_path / "moved"),
+                                stop_after_epoch=1, progress=False)
   leaf = jax.tree_util.tree_leaves(state8.params)[0]
   assert len(leaf.sharding.device_set) == 8  # really replicated over the 8-device mesh
-  _, moved = soat.train(_tiny_config(method, (1,)), str(tmp_path / "moved"), progress=False)
+  _, moved = pipeline.train(_tiny_config(method, (1,)), str(tmp_path / "moved"), progress=False)
   assert int(moved.step) == int(ref.step)
   assert len(jax.tree_util.tree_leaves(moved.params)[0].sharding.device_set) == 1
   for a, b in zip(jax.tree_util.tree_leaves(moved.params), jax.tree_util.tree_leaves(ref.params)):
@@ -136,11 +136,11 @@ def test_sharded_training_matches_one_device_and_checkpoint_moves_8_to_1(tmp_pat
 
 
 def test_indivisible_training_batch_is_rejected(tmp_path):
-  from experiments import soat
+  from experiments import pipeline
   c = _tiny_config("standard", (8,))
   c.train.batch_size = 12
   with pytest.raises(ValueError, match="not divisible"):
-    soat.train(c, str(tmp_path), progress=False)
+    pipeline.train(c, str(tmp_path), progress=False)
 
 
 def test_sharded_evaluation_matches_single_device(mesh, digits_model):

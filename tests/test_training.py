@@ -201,5 +201,104 @@ def test_validate_train_config_errors(change, match):
 def test_mixed_eps_is_validated():
   c = _cfg("mixed")
   c.mixed.eps_l2 = -1.0
-  with pytest.raises(ValueError, match="eps must be >= 0"):
+  with pytest.raises(ValueError, match=r"train\.mixed\.eps_l2 must be >= 0"):
     training.validate_train_config(c)
+
+
+@pytest.mark.parametrize("method,field,value,match", [
+    ("pgd", "steps", 0, r"train\.pgd\.steps must be an integer >= 1, got 0"),
+    ("pgd", "step_size", -0.1, r"train\.pgd\.step_size must be >= 0, got -0.1"),
+    ("pgd", "stepz", 3, r"train\.pgd\.stepz is not a hyperparameter of this method"),
+    ("trades", "beta", -1.0, r"train\.trades\.beta must be >= 0"),
+    ("trades", "steps", -2, r"train\.trades\.steps must be an integer >= 1, got -2"),
+    ("soat", "m", 0, r"train\.soat\.m must be an integer >= 1"),
+    ("soat", "iters", 0, r"train\.soat\.iters must be an integer >= 1"),
+    ("soat", "tau", 0.0, r"train\.soat\.tau must be > 0"),
+    ("soat", "eta", -1e-5, r"train\.soat\.eta must be > 0"),
+    ("soat", "hvp", "fd_backward", r"train\.soat\.hvp: unknown HVP method 'fd_backward'"),
+    ("mixed", "steps", 0, r"train\.mixed\.steps must be an integer >= 1"),
+    ("mixed", "step_size_l2", -0.25, r"train\.mixed\.step_size_l2 must be >= 0"),
+    ("mixed", "eps_linf", -0.1, r"train\.mixed\.eps_linf must be >= 0"),
+    ("second_order", "samples", 0, r"train\.second_order\.samples must be an integer >= 1"),
+    ("second_order", "sigma", -0.05, r"train\.second_order\.sigma must be >= 0"),
+])
+def test_method_hyperparameters_are_validated_with_the_field_named(method, field, value, match):
+  c = _cfg(method)
+  c[method][field] = value
+  with pytest.raises(ValueError, match=match):
+    training.validate_train_config(c)
+  with pytest.raises(ValueError, match=match):
+    training.validate_method_config(c, method)
+
+
+def test_every_selected_method_is_validated_up_front():
+  """Issue 15 item 4: with ``train.method="soat,pgd"`` a bad ``train.pgd.steps`` is found by
+  checking each listed method before the first step, not after SOAT has trained."""
+  c = _cfg("soat")
+  c.method = "soat,pgd"
+  c.pgd.steps = 0
+  training.validate_method_config(c, "soat")
+  with pytest.raises(ValueError, match=r"train\.pgd\.steps must be an integer >= 1, got 0"):
+    for method in c.method.split(","):
+      training.validate_method_config(c, method)
+  with pytest.raises(ValueError, match="unknown training method 'soat,pgd'"):
+    training.validate_method_config(c)
+
+
+@pytest.mark.parametrize("method", ["standard", "pgd", "trades", "soat", "mixed",
+                                    "second_order"])
+def test_shipped_configs_pass_validation(method):
+  from configs import common  # pylint: disable=import-outside-toplevel
+  for train_cfg in (_cfg(method), common.base_config().train):
+    train_cfg.method = method
+    training.validate_train_config(train_cfg)
+
+
+def test_method_registry():
+  assert training.available() == sorted(["standard", "pgd", "trades", "soat", "mixed",
+                                         "second_order"])
+  assert training.get("trades").loss is training.trades
+  with pytest.raises(ValueError, match=r"unknown training method 'fgsm'; available: \[.*'pgd'"):
+    training.get("fgsm")
+  with pytest.raises(ValueError, match="registered twice"):
+    training.register("pgd")(training.pgd)
+
+
+def test_a_registered_method_trains_by_name(batch):
+  """Adding a method is one registered function: here FGSM adversarial training, checked
+  against a step taken by hand on the FGSM examples."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  _require("fgsm")
+  x, y = batch
+  name = "test_fgsm_training"
+
+  def validate(cfg):
+    training.check_eps_norm("train", cfg.eps, cfg.norm)
+    training.check_attack_config(f"train.{name}", "fgsm", cfg[name].to_dict())
+
+  @training.register(name, validate=validate)
+  def fgsm_training(cfg, model, b):
+    x_adv = attacks.get("fgsm")(model.logits_fn, b.x, b.y, b.key, eps=cfg.eps, norm=cfg.norm,
+                                **cfg[name].to_dict())
+    return training.cross_entropy_at(model, x_adv, b.y)
+
+  try:
+    cfg = _cfg("standard")
+    cfg.method = name
+    cfg[name] = ml_collections.ConfigDict(dict(step_size=0.05))
+    model = models.get("tiny_cnn", num_classes=10)
+    tx = training.make_optimizer(cfg, 4)
+    state = training.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1))
+    new, m = training.make_train_step(model, tx, cfg)(state, x, y, jax.random.PRNGKey(4))
+    f = lambda z: model.apply({"params": state.params}, z)
+    x_adv = attacks.get("fgsm")(f, x, y, jax.random.fold_in(jax.random.PRNGKey(4), 0),
+                                eps=cfg.eps, norm=cfg.norm, step_size=0.05)
+    want, _ = _manual_step(model, tx, state, x_adv, y, bn=False)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+        np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6), new.params, want)
+    assert np.isnan(float(m.clean_accuracy))
+    cfg[name].step_size = -1.0
+    with pytest.raises(ValueError, match=rf"train\.{name}\.step_size must be >= 0"):
+      training.make_train_step(model, tx, cfg)
+  finally:
+    training._METHODS.pop(name)  # pylint: disable=protected-access

@@ -385,8 +385,8 @@ _CLI = textwrap.dedent("""
     def _main(argv):
       config = flags.FLAGS.config
       with wd.config_errors():  # the real up-front checks of experiments.soat
-        from experiments import soat
-        soat.validate_config(config)
+        from experiments import pipeline
+        pipeline.validate_config(config)
         wd.check_data_root(config.data)
       wd.note_progress(0, config.train.method)
       for epoch in range(config.train.epochs):
@@ -582,7 +582,7 @@ def test_soat_refuses_a_changed_config_a_locked_workdir_and_evaluate_a_missing_o
 
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
-  from experiments import soat
+  from experiments import pipeline
   w = tmp_path / "w"
   epochs = 100_000  # stopped by Ctrl-C long before
   p = _entry("soat", w, f"--config.train.epochs={epochs}", stdout=subprocess.PIPE,
@@ -605,7 +605,7 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
   # The same command resumes after that epoch (stopped here one epoch later).
   c = test_tiny.get_config("standard")
   c.train.epochs = epochs
-  soat.train(c, str(w), stop_after_epoch=saved + 1, progress=False)
+  pipeline.train(c, str(w), stop_after_epoch=saved + 1, progress=False)
   assert wd.saved_steps(str(w))[-1] == saved + 1
   metrics = [json.loads(ln) for ln in open(w / "metrics.jsonl")]
   assert [m["epoch"] for m in metrics] == list(range(1, saved + 2))
@@ -613,13 +613,12 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_soat_resumes_past_a_bit_flipped_checkpoint_and_a_cut_metrics_line(tmp_path, capsys):
-  from experiments import evaluate as evaluate_lib
-  from experiments import soat
+  from experiments import pipeline
   w = str(tmp_path / "w")
   c = test_tiny.get_config("standard")
   c.train.epochs = 3
   c.checkpoint.max_to_keep = 3
-  soat.train(c, w, stop_after_epoch=2, progress=False)
+  pipeline.train(c, w, stop_after_epoch=2, progress=False)
   recorded = json.load(open(os.path.join(w, "checksums.json")))
   assert sorted(recorded) == ["1", "2"]
   _flip_a_bit(_data_file(w, 2))
@@ -627,16 +626,16 @@ def test_soat_resumes_past_a_bit_flipped_checkpoint_and_a_cut_metrics_line(tmp_p
     f.write('{"epoch": 3, "step": 1')  # killed mid-write
   # evaluate reads around the damage and moves nothing.
   # (Where the bit lands decides between a checksum mismatch and a tensorstore read error.)
-  _, state, epochs = evaluate_lib.load_trained(c, w)
+  _, state, epochs = pipeline.load_trained(c, w)
   assert epochs == 1 and wd.saved_steps(w) == [1, 2]
   assert re.fullmatch(rf"{re.escape(w)}: checkpoint 2 unreadable \((checksum mismatch|"
                       rf"\w+: .+)\); restored checkpoint 1\n", capsys.readouterr().err)
   # Training falls back to epoch 1, moves checkpoint 2 aside and trains epoch 2 again: the
   # same state as before the damage, bit for bit.
-  soat.train(c, w, stop_after_epoch=2, progress=False)
+  pipeline.train(c, w, stop_after_epoch=2, progress=False)
   assert "restored checkpoint 1" in capsys.readouterr().err
   assert os.path.isdir(os.path.join(w, "damaged_checkpoints", "2"))
   assert json.load(open(os.path.join(w, "checksums.json")))["2"] == recorded["2"]
   assert [json.loads(ln)["epoch"] for ln in open(os.path.join(w, "metrics.jsonl"))] == [1, 2]
-  _, state, epochs = evaluate_lib.load_trained(c, w)
+  _, state, epochs = pipeline.load_trained(c, w)
   assert epochs == 2 and capsys.readouterr().err == ""

@@ -51,6 +51,19 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f"unknown activation {name!r}; available: {sorted(ACTIVATIONS)}") from None
 
 
+def register(name: str):
+  """Decorator adding a model constructor (``ctor(*, num_classes, activation, **options) ->
+  nn.Module``, e.g. a Flax module class) to the registry under ``name``."""
+
+  def wrap(ctor):
+    if name in _MODELS:
+      raise ValueError(f"model {name!r} registered twice")
+    _MODELS[name] = ctor
+    return ctor
+
+  return wrap
+
+
 def available() -> list[str]:
   """Sorted names of the registered models."""
   return sorted(_MODELS)
@@ -77,17 +90,5 @@ def get(name: str, *, num_classes: int = 10, activation: str = "relu", **kwargs:
   return _MODELS[name](num_classes=int(num_classes), activation=act, **kwargs)
 
 
-def from_config(cfg) -> nn.Module:
-  """Builds a model from a config with ``name``, ``num_classes``, ``activation`` and options."""
-  params = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-  return get(params.pop("name"), **params)
-
-
-def has_batch_norm(variables) -> bool:
-  """Whether the initialised ``variables`` carry BatchNorm running statistics."""
-  return "batch_stats" in variables and bool(jax.tree_util.tree_leaves(variables["batch_stats"]))
-
-
 __all__ = ["ACTIVATIONS", "MadryCNN", "ResNet", "ResNet18", "TinyCNN", "WideResNet",
-           "available", "from_config", "get", "get_activation",
-           "has_batch_norm"]
+           "available", "get", "get_activation", "register"]
