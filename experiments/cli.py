@@ -35,4 +35,7 @@ def main(run: Callable[..., Any],
     pipeline.start_distributed(flags_.config)
     run(flags_.config, flags_.workdir, progress=parallel.is_primary())
 
-  app.run(_main)
+  # experiments.workdir: config and workdir mistakes are one stderr line (exit 2), Ctrl-C one
+  # line naming the last saved epoch (exit 130); bugs keep their traceback.
+  from experiments import workdir as workdir_lib
+  workdir_lib.run_cli(lambda: app.run(_main, flags_parser=workdir_lib.parse_flags))

@@ -14,6 +14,7 @@ the other (the S-O paper's point), so both norms sit side by side.
 from __future__ import annotations
 
 from experiments import cli, pipeline
+from experiments import workdir as workdir_lib
 from krylov_adv import data as data_lib
 from krylov_adv import evaluation, parallel
 
@@ -21,11 +22,16 @@ from krylov_adv import evaluation, parallel
 def evaluate_workdir(config, workdir: str, *, progress: bool = True
                      ) -> dict[str, list[evaluation.AttackResult]]:
   """Evaluates every method's checkpoint; returns ``{method: [AttackResult, ...]}``."""
-  pipeline.validate_config(config)
+  with workdir_lib.config_errors():
+    pipeline.validate_config(config)
   pipeline.start_distributed(config)
   progress = progress and parallel.is_primary()
   methods = pipeline.methods_of(config)
-  dataset = data_lib.load(config.data)
+  for _, cfg, sub in pipeline.method_runs(config, workdir):  # before the data loads
+    workdir_lib.require_trained_workdir(sub)
+    workdir_lib.check_run_config(sub, cfg, record=False)
+  with workdir_lib.config_errors():
+    dataset = data_lib.load(config.data)
   results = {}
   for method, cfg, sub in pipeline.method_runs(config, workdir):
     exp, state, epochs = pipeline.load_trained(cfg, sub, dataset)

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any, Iterator
 
@@ -33,6 +34,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from experiments import outputs
+from experiments import workdir as workdir_lib
 from krylov_adv import data as data_lib
 from krylov_adv import evaluation, models, parallel, training
 
@@ -213,17 +215,6 @@ def clean_test_accuracy(exp: Experiment, state) -> float:
   return evaluation.accuracy(logits_fn, exp.dataset.x_test, exp.dataset.y_test, batch_size=512)
 
 
-def _truncate_metrics(path: str, completed_epochs: int) -> None:
-  """Drops metric lines of epochs after the restored checkpoint (a run killed after writing
-  the line but before saving the checkpoint reruns that epoch)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] <= completed_epochs]
-  with open(path, "w") as f:
-    f.writelines(lines)
-
-
 def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
           stop_after_epoch: int | None = None, progress: bool = True):
   """Trains a single-method config, resuming from ``workdir/checkpoints`` when present.
@@ -242,14 +233,25 @@ def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
   # each checkpoint once, and only process 0 writes the other files and prints.
   primary = parallel.is_primary()
   progress = progress and primary
+  # experiments.workdir: a rerun must use the config the workdir was trained with.
+  workdir_lib.check_run_config(workdir, config, record=primary)
   exp = build(config, dataset)
   mngr = checkpoint_manager(workdir, int(config.checkpoint.max_to_keep))
   # Parameters and optimiser state are replicated on every device; restoring into the
   # replicated template reshards a checkpoint written on any device count onto this mesh.
-  state, start_epoch = restore_latest(mngr, parallel.replicate(initial_state(exp), mesh))
+  # The newest checkpoint that restores and matches its checksum; damaged ones are moved aside.
+  restored = workdir_lib.restore_newest(
+      mngr, parallel.replicate(initial_state(exp), mesh), workdir, quarantine=True,
+      primary=primary, sync=None if jax.process_count() == 1 else _sync_hosts)
+  state, start_epoch = restored.state, restored.step
+  workdir_lib.note_progress(start_epoch, config.train.method)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if primary:
-    _truncate_metrics(metrics_path, start_epoch)
+    for line in restored.messages(workdir):
+      print(line, file=sys.stderr, flush=True)
+    if start_epoch and progress:
+      print(f"[{config.train.method}] resuming {workdir} after epoch {start_epoch}", flush=True)
+    workdir_lib.truncate_metrics(metrics_path, start_epoch)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
   lr_fn = training.learning_rate_schedule(config.train, exp.steps_per_epoch)
@@ -276,18 +278,25 @@ def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
     if primary:
       with open(metrics_path, "a") as f:
         f.write(json.dumps(record) + "\n")
-    mngr.save(epoch + 1, args=ocp.args.StandardSave(state))
+    workdir_lib.save_checkpoint(mngr, epoch + 1, state, workdir, primary=primary)
+    workdir_lib.note_progress(epoch + 1, config.train.method, flush=mngr.wait_until_finished)
     if progress:
       print(f"[{config.train.method}] epoch {epoch + 1}: loss {mean[0]:.4f} train acc "
             f"{mean[1]:.4f} test acc {record['test_accuracy']:.4f} ({record['seconds']:.1f}s)",
             flush=True)
   mngr.wait_until_finished()
   mngr.close()
+  workdir_lib.note_progress(max(start_epoch, last), config.train.method)
   return exp, state
 
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
+
+
+def _sync_hosts() -> None:
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices("experiments.workdir")
 
 
 def checkpoint_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -311,18 +320,25 @@ def load_trained(config, workdir: str, dataset: data_lib.Dataset | None = None):
   """``(experiment, state, epochs)`` from the latest checkpoint of a single-method workdir,
   restored replicated over the config's mesh (whatever device count wrote it).
 
+  The newest checkpoint that restores and matches its checksum (``experiments.workdir``);
+  damaged ones are named on stderr and left in place.
+
   Raises:
-    FileNotFoundError: the workdir holds no checkpoint.
+    experiments.workdir.ConfigError: the workdir is missing or holds no checkpoint (nothing is
+      created in it), or it was trained with another config.
+    experiments.workdir.CheckpointError: no checkpoint restores and matches its checksum.
   """
+  workdir_lib.require_trained_workdir(workdir)
+  workdir_lib.check_run_config(workdir, config, record=False)
   exp = build(config, dataset)
   mngr = checkpoint_manager(workdir)
   template = parallel.replicate(initial_state(exp), make_mesh(config))
-  state, epochs = restore_latest(mngr, template)
+  restored = workdir_lib.restore_newest(mngr, template, workdir, allow_none=False)
   mngr.close()
-  if epochs == 0:
-    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
-                            f"first with python -m experiments.soat")
-  return exp, state, epochs
+  if parallel.is_primary():
+    for line in restored.messages(workdir):
+      print(line, file=sys.stderr, flush=True)
+  return exp, restored.state, restored.step
 
 
 # ---------------------------------------------------------------------------------------------

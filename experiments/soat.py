@@ -14,21 +14,35 @@ uninterrupted one and a run killed mid-way loses at most the current epoch.
 
 from __future__ import annotations
 
+import jax
+
 from experiments import cli, pipeline
+from experiments import workdir as workdir_lib
 from krylov_adv import data as data_lib
 from krylov_adv import evaluation, parallel
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after_epoch: int | None = None,
                        progress: bool = True) -> dict[str, list[evaluation.AttackResult]]:
-  """Trains every method of ``config.train.method`` and evaluates each with the attacks.
+  """Trains every method of ``config.train.method`` and evaluates each with the attacks, holding
+  the workdir's lock (``experiments.workdir.workdir_lock``: a second run fails at once).
 
   Returns ``{method: [AttackResult, ...]}`` (empty lists when stopped early).
   """
-  pipeline.validate_config(config)
+  with workdir_lib.config_errors():
+    pipeline.validate_config(config)
   pipeline.start_distributed(config)
+  with workdir_lib.workdir_lock(workdir, process_index=jax.process_index()):
+    return _train_and_evaluate(config, workdir, stop_after_epoch=stop_after_epoch,
+                               progress=progress)
+
+
+def _train_and_evaluate(config, workdir: str, *, stop_after_epoch: int | None,
+                        progress: bool) -> dict[str, list[evaluation.AttackResult]]:
   methods = pipeline.methods_of(config)
-  dataset = data_lib.load(config.data)
+  with workdir_lib.config_errors():
+    workdir_lib.check_data_root(config.data)
+    dataset = data_lib.load(config.data)
   results: dict[str, list[evaluation.AttackResult]] = {}
   for method, cfg, sub in pipeline.method_runs(config, workdir):
     exp, state = pipeline.train(cfg, sub, dataset=dataset, stop_after_epoch=stop_after_epoch,

@@ -198,8 +198,10 @@ def test_evaluate_full_attack_table(resumed_run, capsys):
 
 
 def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+  from experiments import workdir as workdir_lib
+  with pytest.raises(workdir_lib.ConfigError, match="no checkpoint"):
     pipeline.load_trained(test_tiny.get_config("standard"), str(tmp_path))
+  assert os.listdir(tmp_path) == []  # nothing created
 
 
 def test_command_line_with_overrides(tmp_path):
