@@ -22,7 +22,7 @@ def get_config(method: str = "standard"):
   t.eps, t.norm = 0.1, "linf"
   t.pgd.update(dict(steps=2, step_size=0.05))
   t.trades.update(dict(steps=2, step_size=0.05))
-  t.soat.update(dict(iters=1, m=3, tau=1e-2, hvp="fd_forward", eta=1e-3, alpha=0.1))
+  t.soat.update(dict(steps=1, m=3, tau=1e-2, hvp="fd_forward", eta=1e-3, alpha=0.1))
   t.mixed.update(dict(eps_linf=0.1, eps_l2=0.5, step_size_linf=0.05, step_size_l2=0.25, steps=2))
   t.second_order.update(dict(steps=2, samples=2, sigma=0.05, step_size=0.05))
   c.eval.num_examples = 16
@@ -34,8 +34,8 @@ def get_config(method: str = "standard"):
 def full_eval_attacks(include=("clean", "fgsm", "pgd", "second_order", "soae", "autoattack")):
   """The papers' attack table at test size (2 PGD steps, 1 SOAE iteration, APGD-CE only)."""
   return common.attack_suite(
-      eps_linf=0.1, eps_l2=0.5, pgd_steps=2, soae=dict(iters=1, m=3, tau=1e-2, hvp="exact"),
+      eps_linf=0.1, eps_l2=0.5, pgd_steps=2, soae=dict(steps=1, m=3, tau=1e-2, hvp="exact"),
       second_order=dict(steps=2, samples=2, sigma=0.05),
       autoattack=dict(version="custom", attacks=("apgd_ce",),
-                      hyperparameters=dict(apgd_ce=dict(n_iter=2))),
+                      hyperparameters=dict(apgd_ce=dict(steps=2))),
       include=include)

@@ -61,8 +61,8 @@ def measure(logits_fn, x: np.ndarray, y: np.ndarray, x_adv: np.ndarray, *, eps: 
 
 def adversarial_examples(attack_fn, logits_fn, x: np.ndarray, y: np.ndarray, key, *,
                          batch_size: int) -> np.ndarray:
-  """``attack_fn(logits_fn, x, y, key)`` over fixed-size batches (the last one padded), the
-  adversarial half of an ``(x_adv, report)`` result kept."""
+  """``attack_fn(logits_fn, x, y, key) -> x_adv`` over fixed-size batches (the last one
+  padded)."""
   out = []
   n = len(y)
   for b, start in enumerate(range(0, n, batch_size)):
@@ -70,7 +70,6 @@ def adversarial_examples(attack_fn, logits_fn, x: np.ndarray, y: np.ndarray, key
     valid = min(batch_size, n - start)
     res = attack_fn(logits_fn, jnp.asarray(x[idx]), jnp.asarray(y[idx]),
                     jax.random.fold_in(key, b))
-    res = res[0] if isinstance(res, tuple) else res
     out.append(np.asarray(res)[:valid])
   return np.concatenate(out)
 

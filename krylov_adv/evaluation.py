@@ -105,7 +105,7 @@ def robust_accuracy(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.nd
   Args:
     logits_fn: ``(B, H, W, C) -> (B, K)`` in inference mode; reuse one function object across
       calls (attacks jit with ``logits_fn`` static, so a new closure means a recompile).
-    attack_fn: ``f(logits_fn, x, y, key) -> x_adv`` or ``(x_adv, report)`` (AutoAttack).
+    attack_fn: ``f(logits_fn, x, y, key) -> x_adv`` (every registered attack).
     x: ``(N, H, W, C)`` float32 in ``[0, 1]``; y: ``(N,)`` int32.
     key: PRNG key, folded with the batch number.
     eps, norm: the threat model, used to verify that every ``x_adv`` is admissible
@@ -119,8 +119,7 @@ def robust_accuracy(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.nd
   for b, (idx, valid) in enumerate(_padded_batches(len(x), _batch_size(batch_size, len(x),
                                                                          mesh))):
     xb, yb = _place((x[idx], y[idx]), mesh)
-    out = attack_fn(logits_fn, xb, yb, jax.random.fold_in(key, b))
-    x_adv = out[0] if isinstance(out, tuple) else out
+    x_adv = attack_fn(logits_fn, xb, yb, jax.random.fold_in(key, b))
     dist, lo, hi = (float(v) for v in _admissibility(x_adv, xb, norm=norm))
     # Written so that NaN fails too: a NaN adversarial point is not admissible.
     inside_box = lo >= -_BUDGET_ATOL and hi <= 1 + _BUDGET_ATOL

@@ -170,28 +170,6 @@ def _train_forward(model: nn.Module, params, batch_stats, x: Array):
 # Inner maximisation
 
 
-def trades_adversary(logits_fn: Callable[[Array], Array], x: Array, key: Array, *, eps, norm: str,
-                     steps: int, step_size) -> Array:
-  """TRADES inner maximisation (Zhang et al. 2019, Algorithm 1 lines 5-7).
-
-  ``x'_0 = x + 0.001 N(0, I)``, ``x'_{k+1} = Proj(x'_k + step_size * dir(grad_x' KL(f(x) ||
-  f(x'_k))))`` with ``dir`` = sign (linf) or unit L2 gradient (l2), ``Proj`` onto the eps-ball
-  around ``x`` and the box ``[0, 1]``. x ``(B, H, W, C)`` -> ``(B, H, W, C)``.
-  """
-  clean_logits = jax.lax.stop_gradient(logits_fn(x))
-
-  def kl_sum(xa):
-    return jnp.sum(losses.kl_divergence(clean_logits, logits_fn(xa)))
-
-  x0 = projections.project(x + 0.001 * jax.random.normal(key, x.shape, x.dtype), x, eps, norm)
-
-  def body(_, xa):
-    g = jax.grad(kl_sum)(xa)
-    return projections.project(xa + step_size * projections.normalize_step(g, norm), x, eps, norm)
-
-  return jax.lax.fori_loop(0, int(steps), body, x0)
-
-
 def _attack_kwargs(sub) -> dict[str, Any]:
   return dict(sub.to_dict() if hasattr(sub, "to_dict") else sub)
 
@@ -202,7 +180,8 @@ def make_adversary(cfg) -> Callable[..., Array] | None:
   ``None`` for ``standard``. ``pgd``, ``soat`` and ``second_order`` call the registered attacks
   ``pgd``, ``soae`` and ``second_order`` with ``eps``, ``norm`` and the hyperparameters in
   ``cfg.pgd``, ``cfg.soat``, ``cfg.second_order``; ``mixed`` switches between Linf and L2 PGD on
-  the parity of ``step``; ``trades`` uses :func:`trades_adversary`.
+  the parity of ``step``; ``trades`` calls the registered attack ``trades`` (its inner
+  maximisation, :func:`krylov_adv.attacks.trades`) with ``cfg.trades`` less ``beta``.
   """
   method = cfg.method
   if method == "standard":
@@ -210,8 +189,8 @@ def make_adversary(cfg) -> Callable[..., Array] | None:
   if method == "trades":
     kw = _attack_kwargs(cfg.trades)
     kw.pop("beta")
-    return lambda logits_fn, x, y, key, step: trades_adversary(
-        logits_fn, x, key, eps=cfg.eps, norm=cfg.norm, **kw)
+    return lambda logits_fn, x, y, key, step: attacks.trades(
+        logits_fn, x, y, key, eps=cfg.eps, norm=cfg.norm, **kw)
   if method == "mixed":
     m = cfg.mixed
     pgd = attacks.get("pgd")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from krylov_adv import attacks, losses
-from krylov_adv.attacks import soae as soae_mod
+from krylov_adv.attacks import _soae as soae_mod
 
 B, N_IN, K = 16, 16, 3
 

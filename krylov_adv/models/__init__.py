@@ -77,17 +77,5 @@ def get(name: str, *, num_classes: int = 10, activation: str = "relu", **kwargs:
   return _MODELS[name](num_classes=int(num_classes), activation=act, **kwargs)
 
 
-def from_config(cfg) -> nn.Module:
-  """Builds a model from a config with ``name``, ``num_classes``, ``activation`` and options."""
-  params = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-  return get(params.pop("name"), **params)
-
-
-def has_batch_norm(variables) -> bool:
-  """Whether the initialised ``variables`` carry BatchNorm running statistics."""
-  return "batch_stats" in variables and bool(jax.tree_util.tree_leaves(variables["batch_stats"]))
-
-
 __all__ = ["ACTIVATIONS", "MadryCNN", "ResNet", "ResNet18", "TinyCNN", "WideResNet",
-           "available", "from_config", "get", "get_activation",
-           "has_batch_norm"]
+           "available", "get", "get_activation"]
