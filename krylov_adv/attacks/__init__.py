@@ -93,7 +93,7 @@ from krylov_adv.attacks._fab import fab, fab_t  # noqa: E402
 from krylov_adv.attacks._square import square  # noqa: E402
 from krylov_adv.attacks._first_order import fgsm, pgd, pgd_with_report  # noqa: E402
 from krylov_adv.attacks._second_order import (second_order,  # noqa: E402
-                                              second_order_with_report)
+                                              second_order_with_report, smoothed_gradient)
 from krylov_adv.attacks._soae import (SOAEDiagnostics, SOAEDirection, soae,  # noqa: E402
                                       soae_direction, soae_with_report)
 from krylov_adv.attacks._trades import trades  # noqa: E402
