@@ -99,12 +99,12 @@ def test_checkpoints_for_100_iterations_match_the_reference_intervals():
 
 def _expected_steps(loss_history, eta0, ckpts, rho):
   """The paper's step-size rule replayed in NumPy on one example's loss trajectory."""
-  steps = len(loss_history) - 1
-  steps = np.empty(steps + 1)
+  n = len(loss_history) - 1
+  steps = np.empty(n + 1)
   steps[0] = step = eta0
   prev = f_max = loss_history[0]
   n_inc, last_ckpt, f_max_last, reduced_last = 0, 0, f_max, False
-  for k in range(1, steps + 1):
+  for k in range(1, n + 1):
     n_inc += loss_history[k] > prev
     prev = loss_history[k]
     f_max = max(f_max, loss_history[k])
@@ -125,7 +125,8 @@ def test_apgd_step_size_rule_matches_replay(digits_model, norm, eps):
   steps = 40
   run = jax.jit(functools.partial(apgd.apgd_run, m.logits_fn, norm=norm, loss="ce",
                                   targeted=False, steps=steps, rho=0.75))
-  x0 = apgd.initial_point(toolkit.example_keys(jax.random.PRNGKey(1), jnp.arange(16)), x, eps, norm)
+  x0 = apgd.initial_point(toolkit.example_keys(jax.random.PRNGKey(1), jnp.arange(16)), x, eps,
+                          norm)
   res = run(x, y, y, x0, eps)
   lh, sh = np.asarray(res.loss_history), np.asarray(res.step_history)
   ckpts = set(apgd.apgd_checkpoints(steps))
@@ -259,8 +260,8 @@ def test_fab_finds_the_minimal_distance_on_a_linear_model(norm, targeted):
   # [0.45, 0.55] the box never binds and the closed form applies.
   assert np.all(exact * 1.05 < 0.4)
   _, res = jax.jit(functools.partial(
-      fab.fab_run, logits_fn, norm=norm, targeted=targeted, steps=30, alpha_max=0.1, overshoot=1.05,
-      beta=0.9))(x, y, jnp.asarray(order[:, 0]), x)
+      fab.fab_run, logits_fn, norm=norm, targeted=targeted, steps=30, alpha_max=0.1,
+      overshoot=1.05, beta=0.9))(x, y, jnp.asarray(order[:, 0]), x)
   res = np.asarray(res)
   # Never closer than the true boundary, and within 2% of it (overshoot = 1.05, then the
   # beta back-steps and biased combinations close the gap).

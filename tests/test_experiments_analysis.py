@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from experiments import common, grad_norms, krylov_dims, report
-from krylov_adv import attacks, hvp, krylov, losses, projections
+from krylov_adv import hvp, krylov, losses, projections
 
 EXPERIMENTS = ("ablation_hvp", "krylov_dims", "iterations", "perceptual", "grad_norms")
 
