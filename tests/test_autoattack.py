@@ -228,7 +228,7 @@ def test_bad_input_raises_value_error(digits_model, digits_batch):
                               attacks=["pgd_ce"])
   with pytest.raises(ValueError, match="hyperparameter"):
     attacks.get("autoattack")(f, x, y, key, eps=0.3, norm="linf",
-                              hyperparameters={"square": {"steps": 5}})
+                              hyperparameters={"square": {"restarts": 5}})
   three_classes = lambda z: f(z)[:, :3]
   with pytest.raises(ValueError, match="DLR"):
     attacks.get("apgd_t")(three_classes, x, jnp.zeros_like(y), key, eps=0.3, norm="linf")
