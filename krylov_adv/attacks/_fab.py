@@ -7,8 +7,9 @@ at the current iterate, projects both the iterate and the clean point onto that 
 intersected with the box ``[0, 1]^n`` (Eq. 5), takes a biased convex combination of the two
 projections with overshoot ``overshoot`` (the paper's ``eta``, Eq. 6-7) and, once adversarial,
 steps back towards the clean point by ``beta`` (Sec. 3.2). Hyperparameters are the reference
-implementation's (fra31/auto-attack): 100 iterations, ``alpha_max = 0.1``, ``overshoot = 1.05``, ``beta = 0.9``,
-9 target classes for FAB-T, restarts from ``x + 0.5 * eps * u / ||u||``.
+implementation's (fra31/auto-attack): 100 iterations (``steps``), ``alpha_max = 0.1``,
+``overshoot = 1.05``, ``beta = 0.9``, 9 target classes for FAB-T, restarts from
+``x + 0.5 * eps * u / ||u||``.
 
 FAB minimises the perturbation norm; as in AutoAttack a point counts as fooled only when the
 smallest adversarial perturbation found has norm ``<= eps``. The returned batch holds that point
