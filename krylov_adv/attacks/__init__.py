@@ -5,7 +5,8 @@ Every attack is a function of the package, ``attacks.NAME(logits_fn, x, y, key, 
 logits ``(B, K)`` (model in inference mode), ``y`` is ``(B,)`` int, ``key`` a PRNG key. The
 result is the adversarial batch alone and satisfies ``||x_adv_i - x_i|| <= eps`` and
 ``0 <= x_adv <= 1``. Attacks with a report or diagnostics have a second entry,
-``attacks.NAME_with_report(...)`` with the same arguments, returning
+``attacks.NAME_with_report(...)`` with the same arguments and defaults (read from ``NAME``'s
+signature by :func:`krylov_adv.attacks.toolkit.keyword_arguments`), returning
 ``WithReport(x_adv, report)`` (:class:`krylov_adv.attacks.toolkit.WithReport`, ``x_adv`` the
 same array ``NAME`` returns): ``pgd_with_report`` and ``second_order_with_report`` (per-iterate
 trace), ``soae_with_report`` (:class:`SOAEDiagnostics`), ``autoattack_with_report``
@@ -26,9 +27,11 @@ One name per concept across attacks:
   method); FAB's overshoot factor is ``overshoot`` (the FAB paper's ``eta``).
 * ``loss``: ``"ce" | "dlr"``; ``random_start``: start at a uniform point of the ball.
 
-Each default lives once: in the signature of the attack (SOAE's in its module constants
-``DEFAULT_STEPS``, ``DEFAULT_M``, ``DEFAULT_TAU``, ``DEFAULT_HVP``, ``DEFAULT_ETA``, shared by
-``soae``, ``soae_with_report`` and ``soae_direction``). Config files use these names as keys.
+Each default lives once: in the signature of the attack ``NAME`` (``NAME_with_report`` reads
+them from there); SOAE's in its module constants ``DEFAULT_STEPS``, ``DEFAULT_M``,
+``DEFAULT_TAU``, ``DEFAULT_HVP``, ``DEFAULT_ETA``, shared by ``soae`` and ``soae_direction``.
+The ``*_step_size`` default ``2.5 eps / steps`` is :func:`toolkit.default_step_size`. Config
+files use these names as keys.
 
 Registry: ``get("pgd")`` returns the attack function (the same object as ``attacks.pgd``);
 ``from_config(cfg)`` binds the hyperparameters of an ``ml_collections.ConfigDict`` (``cfg.name``

@@ -156,21 +156,7 @@ def _put(x_adv: Array, xa: Array, target: Array) -> Array:
 def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str = "standard",
                attacks: Sequence | None = None,
                hyperparameters: Mapping[str, Mapping[str, Any]] | None = None) -> Array:
-  """Runs AutoAttack (Croce and Hein 2020, Sec. 5); see :func:`autoattack_with_report`.
-
-  Returns:
-    ``x_adv`` ``(B, H, W, C)``: for each fooled point the first adversarial point found, the
-    clean point elsewhere (within the eps-ball and box).
-  """
-  return autoattack_with_report(logits_fn, x, y, key, eps=eps, norm=norm, version=version,
-                                attacks=attacks, hyperparameters=hyperparameters).x_adv
-
-
-def autoattack_with_report(logits_fn: LogitsFn, x, y, key, *, eps, norm: str,
-                           version: str = "standard", attacks: Sequence | None = None,
-                           hyperparameters: Mapping[str, Mapping[str, Any]] | None = None
-                           ) -> toolkit.WithReport:
-  """Runs AutoAttack (Croce and Hein 2020, Sec. 5) and reports robust accuracy per component.
+  """Runs AutoAttack (Croce and Hein 2020, Sec. 5): each component on the points still robust.
 
   Args:
     logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, model in inference mode.
@@ -181,10 +167,27 @@ def autoattack_with_report(logits_fn: LogitsFn, x, y, key, *, eps, norm: str,
     hyperparameters: ``{component: kwargs}`` overrides (e.g. fewer iterations in tests).
 
   Returns:
-    ``WithReport(x_adv, AutoAttackReport)``: ``x_adv`` ``(B, H, W, C)`` holds for each fooled
-    point the first adversarial point found, the clean point elsewhere (within the eps-ball and
-    box).
+    ``x_adv`` ``(B, H, W, C)``: for each fooled point the first adversarial point found, the
+    clean point elsewhere (within the eps-ball and box). :func:`autoattack_with_report` also
+    returns the :class:`AutoAttackReport`.
   """
+  return _autoattack(logits_fn, x, y, key, eps=eps, norm=norm, version=version, attacks=attacks,
+                     hyperparameters=hyperparameters).x_adv
+
+
+def autoattack_with_report(logits_fn: LogitsFn, x, y, key,
+                           **hyperparameters) -> toolkit.WithReport:
+  """:func:`autoattack` and its report: ``WithReport(x_adv, AutoAttackReport)``, ``x_adv`` the
+  same as :func:`autoattack`'s; takes :func:`autoattack`'s keyword arguments, with its
+  defaults."""
+  return _autoattack(logits_fn, x, y, key,
+                     **toolkit.keyword_arguments(autoattack, hyperparameters))
+
+
+def _autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str,
+                attacks: Sequence | None,
+                hyperparameters: Mapping[str, Mapping[str, Any]] | None) -> toolkit.WithReport:
+  """The ensemble behind :func:`autoattack` and :func:`autoattack_with_report`."""
   x, y, _, _ = toolkit.validate_inputs(logits_fn, x, y, eps, norm)
   plan = version_components(version, attacks, hyperparameters)
   bsz = x.shape[0]

@@ -160,11 +160,10 @@ def pgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 10, step
               random_start=random_start, restarts=restarts, loss=loss, trace=False).x_adv
 
 
-def pgd_with_report(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 10,
-                    step_size=None, random_start: bool = True, restarts: int = 1,
-                    loss: str = "ce") -> toolkit.WithReport:
+def pgd_with_report(logits_fn: LogitsFn, x, y, key, **hyperparameters) -> toolkit.WithReport:
   """:func:`pgd` and its per-iterate trace: ``WithReport(x_adv, PGDReport)``, ``x_adv`` the same
-  as :func:`pgd`'s. The trace costs one extra gradient per iterate (the S-O paper's Fig. 1 is
-  drawn from it, ``experiments/grad_norms.py``)."""
-  return _pgd(logits_fn, x, y, key, eps=eps, norm=norm, steps=steps, step_size=step_size,
-              random_start=random_start, restarts=restarts, loss=loss, trace=True)
+  as :func:`pgd`'s; takes :func:`pgd`'s keyword arguments, with its defaults. The trace costs
+  one extra gradient per iterate (the S-O paper's Fig. 1 is drawn from it,
+  ``experiments/grad_norms.py``)."""
+  return _pgd(logits_fn, x, y, key, trace=True,
+              **toolkit.keyword_arguments(pgd, hyperparameters))

@@ -146,12 +146,10 @@ def second_order(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int =
                        random_start=random_start, loss=loss, trace=False).x_adv
 
 
-def second_order_with_report(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 20,
-                             step_size=None, samples: int = 8, sigma=0.05,
-                             form: str = "expectation", xi=None, random_start: bool = False,
-                             loss: str = "ce") -> toolkit.WithReport:
+def second_order_with_report(logits_fn: LogitsFn, x, y, key,
+                             **hyperparameters) -> toolkit.WithReport:
   """:func:`second_order` and its per-iterate trace: ``WithReport(x_adv, SecondOrderReport)``,
-  ``x_adv`` the same as :func:`second_order`'s (one extra gradient per iterate)."""
-  return _second_order(logits_fn, x, y, key, eps=eps, norm=norm, steps=steps,
-                       step_size=step_size, samples=samples, sigma=sigma, form=form, xi=xi,
-                       random_start=random_start, loss=loss, trace=True)
+  ``x_adv`` the same as :func:`second_order`'s; takes :func:`second_order`'s keyword arguments,
+  with its defaults (one extra gradient per iterate)."""
+  return _second_order(logits_fn, x, y, key, trace=True,
+                       **toolkit.keyword_arguments(second_order, hyperparameters))

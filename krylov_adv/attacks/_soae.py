@@ -252,13 +252,8 @@ def soae(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = DEFAULT
                loss=loss, orthogonalization=orthogonalization).x_adv
 
 
-def soae_with_report(logits_fn: LogitsFn, x, y, key, *, eps, norm: str,
-                     steps: int = DEFAULT_STEPS, alpha=None, m: int = DEFAULT_M,
-                     tau: float = DEFAULT_TAU, hvp: str = DEFAULT_HVP, eta: float = DEFAULT_ETA,
-                     step: str = "normalized", fallback: bool = True, random_start: bool = False,
-                     loss: str = "ce", orthogonalization: str = "auto") -> toolkit.WithReport:
+def soae_with_report(logits_fn: LogitsFn, x, y, key, **hyperparameters) -> toolkit.WithReport:
   """:func:`soae` and its diagnostics: ``WithReport(x_adv, SOAEDiagnostics)``, ``x_adv`` the
-  same as :func:`soae`'s (the diagnostics cost nothing extra)."""
-  return _soae(logits_fn, x, y, key, eps=eps, norm=norm, steps=steps, alpha=alpha, m=m, tau=tau,
-               hvp=hvp, eta=eta, step=step, fallback=fallback, random_start=random_start,
-               loss=loss, orthogonalization=orthogonalization)
+  same as :func:`soae`'s; takes :func:`soae`'s keyword arguments, with its defaults (the
+  diagnostics cost nothing extra)."""
+  return _soae(logits_fn, x, y, key, **toolkit.keyword_arguments(soae, hyperparameters))

@@ -20,7 +20,8 @@ loss w.r.t. the batch holds every example's own gradient (the block-diagonal ass
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import inspect
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -224,3 +225,23 @@ class WithReport(NamedTuple):
   ``NAME`` returns) and its report (a NamedTuple of the attack's diagnostics)."""
   x_adv: Array
   report: Any
+
+
+def keyword_arguments(attack: Callable[..., Any], given: Mapping[str, Any]) -> dict[str, Any]:
+  """``attack``'s keyword-only arguments with its defaults, overridden by ``given``.
+
+  Lets ``NAME_with_report(logits_fn, x, y, key, **given)`` take exactly ``NAME``'s
+  hyperparameters with ``NAME``'s defaults, so that each default is written once (in ``NAME``'s
+  signature). ``TypeError`` for an unknown or a missing (``eps``, ``norm``) argument, as a call of
+  ``attack`` would raise.
+  """
+  params = {n: p.default for n, p in inspect.signature(attack).parameters.items()
+            if p.kind is p.KEYWORD_ONLY}
+  unknown = sorted(set(given) - set(params))
+  if unknown:
+    raise TypeError(f"{attack.__name__}() got unexpected keyword argument(s) {unknown}")
+  out = {**params, **given}
+  missing = [n for n, v in out.items() if v is inspect.Parameter.empty]
+  if missing:
+    raise TypeError(f"{attack.__name__}() missing keyword argument(s) {missing}")
+  return out
