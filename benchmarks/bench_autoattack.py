@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from krylov_adv import attacks, data, projections
-from krylov_adv.attacks import autoattack as aa
+from krylov_adv.attacks import _autoattack as aa
 from krylov_adv.models.cnn import TinyCNN
 
 BUDGETS = (("linf", 0.3), ("linf", 0.1), ("l2", 1.5), ("l2", 0.5))
@@ -93,7 +93,7 @@ def run(points: int = 256, steps: int = 300, seed: int = 0) -> dict:
                               "seconds": warm, "compile_seconds": max(cold - warm, 0.0),
                               "max_perturbation": dist}
     for label in ("cold", "warm"):
-      _, report = attacks.get("autoattack")(logits_fn, x, y, key, eps=eps, norm=norm)
+      _, report = attacks.autoattack_with_report(logits_fn, x, y, key, eps=eps, norm=norm)
       entry[f"standard_{label}"] = {
           "components": list(report.components),
           "clean_accuracy": report.clean_accuracy,

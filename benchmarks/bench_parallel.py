@@ -44,7 +44,7 @@ def _config(method: str, batch: int):
   c.data.num_train = batch * 4
   c.train.batch_size = batch
   c.train.pgd.update(dict(steps=5, step_size=0.03))
-  c.train.soat.update(dict(iters=2, m=5, tau=1e-3, hvp="fd_forward", eta=1e-3, alpha=0.1))
+  c.train.soat.update(dict(steps=2, m=5, tau=1e-3, hvp="fd_forward", eta=1e-3, alpha=0.1))
   return c
 
 
@@ -71,10 +71,10 @@ def time_autoattack(num_devices: int, batch: int, repeats: int) -> dict:
   mesh = parallel.make_mesh((num_devices,))
   logits_fn = jax.jit(training.inference_logits_fn(exp.model, state.params, state.batch_stats))
   x, y = parallel.shard_batch((exp.dataset.x_test[:batch], exp.dataset.y_test[:batch]), mesh)
-  hyper = dict(apgd_ce=dict(n_iter=10), apgd_t=dict(n_iter=10, n_target_classes=3))
+  hyper = dict(apgd_ce=dict(steps=10), apgd_t=dict(steps=10, n_target_classes=3))
 
   def run():
-    x_adv, report = attacks.get("autoattack")(
+    x_adv, report = attacks.autoattack_with_report(
         logits_fn, x, y, jax.random.PRNGKey(0), eps=0.1, norm="linf", version="custom",
         attacks=("apgd_ce", "apgd_t"), hyperparameters=hyper)
     return jax.block_until_ready(x_adv), report

@@ -48,7 +48,7 @@ import numpy as np
 
 from benchmarks import common
 from krylov_adv import attacks, hvp, krylov, losses
-from krylov_adv.attacks import soae as soae_mod
+from krylov_adv.attacks import _soae as soae_mod
 from krylov_adv.models.cnn import MadryCNN
 
 _ACTIVATIONS = {"softplus": jax.nn.softplus, "relu": jax.nn.relu}
@@ -128,7 +128,7 @@ def run(batch: int = 128, repeats: int = 5, m: int = 15, iters: int = 4,
     def core(n):
       # The jitted core without the Python-side validation; tau tiny so GMRES runs to m.
       return lambda: soae_mod._soae_impl(
-          logits_fn, x, y, key, eps, eps, norm="linf", iters=n, m=m, tau=1e-30, hvp=method,
+          logits_fn, x, y, key, eps, eps, norm="linf", steps=n, m=m, tau=1e-30, hvp=method,
           eta=1e-3, step="normalized", fallback=True, random_start=False, loss="ce",
           orthogonalization=orthogonalization)
 
@@ -145,7 +145,7 @@ def run(batch: int = 128, repeats: int = 5, m: int = 15, iters: int = 4,
     hvp_in_grads = t_hvp / t_grad
     k = int(round(iters * (1 + (m + 1) * (1.0 if method == "fd_forward" else hvp_in_grads))))
     soae_call = lambda: attacks.get("soae")(
-        logits_fn, x, y, key, eps=eps, norm="linf", iters=iters, m=m, tau=1e-30, hvp=method,
+        logits_fn, x, y, key, eps=eps, norm="linf", steps=iters, m=m, tau=1e-30, hvp=method,
         eta=1e-3, orthogonalization=orthogonalization)
     pgd_call = lambda: attacks.get("pgd")(logits_fn, x, y, key, eps=eps, norm="linf", steps=k)
     t_soae = _median_time(soae_call, repeats)

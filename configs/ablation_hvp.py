@@ -35,7 +35,7 @@ def get_config(scale: str = "small"):
       effect_examples=8 if tiny else (1000 if paper else 128),
       batch_size=8 if tiny else (250 if paper else 128),
       eps=c.train.eps, norm="linf",
-      soae=dict(iters=1 if tiny else 4, m=4 if tiny else (15 if paper else 20),
+      soae=dict(steps=1 if tiny else 4, m=4 if tiny else (15 if paper else 20),
                 tau=1e-2 if tiny else 1e-3),
       # 3. cost
       timing_batch=8 if tiny else 128, timing_repeats=2 if tiny else 10, timing_eta=1e-3,

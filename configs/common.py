@@ -8,7 +8,7 @@ config is data, and the code that runs it (``experiments/``) is never imported h
 experiment file calls one of these builders and overrides fields.
 
 Schema (all fields always present so that command-line overrides such as
-``--config.train.soat.iters=5`` work for every method):
+``--config.train.soat.steps=5`` work for every method):
 
   seed                     run seed (init, data order, attack noise)
   data.source              tfds | idx | cifar10_python | digits | synthetic
@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.trades = ml_collections.ConfigDict(dict(beta=6.0, steps=10, step_size=2 / 255))
   # SOAE paper Sec. IV-D: N < 4 iterations suffice, m = 15, 1e-4 <= tau <= 1e-3, eta <= 1e-5
   # with the forward difference of Algorithm 1 step 3.
-  t.soat = ml_collections.ConfigDict(dict(iters=4, m=15, tau=1e-3, hvp="fd_forward", eta=1e-5,
+  t.soat = ml_collections.ConfigDict(dict(steps=4, m=15, tau=1e-3, hvp="fd_forward", eta=1e-5,
                                           alpha=8 / 255))
   t.mixed = ml_collections.ConfigDict(dict(eps_linf=8 / 255, eps_l2=0.5, step_size_linf=2 / 255,
                                            step_size_l2=0.125, steps=7))
@@ -93,7 +93,7 @@ def attack_suite(*, eps_linf: float, eps_l2: float, pgd_steps: int = 20,
   # Evaluation uses the exact HVP: in float32 the paper's forward difference with eta = 1e-5 is
   # mostly rounding noise and makes SOAE far weaker (e.g. 84% vs 6% robust accuracy on the
   # digits test model, Linf 0.3), which would overstate robustness. N, m, tau are the paper's.
-  soae = dict(iters=4, m=15, tau=1e-3, hvp="exact") if soae is None else soae
+  soae = dict(steps=4, m=15, tau=1e-3, hvp="exact") if soae is None else soae
   so = dict(steps=pgd_steps, samples=8, sigma=0.05) if second_order is None else second_order
   aa = dict(version="standard") if autoattack is None else autoattack
   suite = ml_collections.ConfigDict()
@@ -226,7 +226,7 @@ def tiny_config(method: str = "standard") -> ml_collections.ConfigDict:
   t.eps, t.norm = 0.1, "linf"
   t.pgd.update(dict(steps=2, step_size=0.05))
   t.trades.update(dict(steps=2, step_size=0.05))
-  t.soat.update(dict(iters=1, m=3, tau=1e-2, hvp="fd_forward", eta=1e-3, alpha=0.1))
+  t.soat.update(dict(steps=1, m=3, tau=1e-2, hvp="fd_forward", eta=1e-3, alpha=0.1))
   t.mixed.update(dict(eps_linf=0.1, eps_l2=0.5, step_size_linf=0.05, step_size_l2=0.25, steps=2))
   t.second_order.update(dict(steps=2, samples=2, sigma=0.05, step_size=0.05))
   c.eval.num_examples = 16
@@ -239,8 +239,8 @@ def tiny_eval_attacks(include=("clean", "fgsm", "pgd", "second_order", "soae", "
                       ) -> ml_collections.ConfigDict:
   """The papers' attack table at test size (2 PGD steps, 1 SOAE iteration, APGD-CE only)."""
   return attack_suite(
-      eps_linf=0.1, eps_l2=0.5, pgd_steps=2, soae=dict(iters=1, m=3, tau=1e-2, hvp="exact"),
+      eps_linf=0.1, eps_l2=0.5, pgd_steps=2, soae=dict(steps=1, m=3, tau=1e-2, hvp="exact"),
       second_order=dict(steps=2, samples=2, sigma=0.05),
       autoattack=dict(version="custom", attacks=("apgd_ce",),
-                      hyperparameters=dict(apgd_ce=dict(n_iter=2))),
+                      hyperparameters=dict(apgd_ce=dict(steps=2))),
       include=include)

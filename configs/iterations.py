@@ -30,7 +30,7 @@ def get_config(scale: str = "small"):
       attacks=dict(
           # steps_field: the hyperparameter that N sets.
           pgd=dict(name="pgd", steps_field="steps", step_size=eps / 4, random_start=True),
-          soae=dict(name="soae", steps_field="iters", alpha=eps, m=4 if tiny else 15,
+          soae=dict(name="soae", steps_field="steps", alpha=eps, m=4 if tiny else 15,
                     tau=1e-2 if tiny else 1e-3, hvp="fd_forward", eta=1e-5),
       ),
   ))

@@ -33,6 +33,6 @@ def get_config(scale: str = "small"):
       attack_examples=8 if tiny else (1000 if paper else 128),
       batch_size=8 if tiny else (100 if paper else 128),
       eps=c.train.eps, norm="linf",
-      soae=dict(iters=1 if tiny else 4),
+      soae=dict(steps=1 if tiny else 4),
   ))
   return c

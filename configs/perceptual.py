@@ -32,7 +32,7 @@ def get_config(scale: str = "small"):
   eps = 8 / 255 if paper else (0.1 if tiny else 0.1)
   pgd_steps = 3 if tiny else 20
   aa = (dict(version="custom", attacks=("apgd_ce",),
-             hyperparameters=dict(apgd_ce=dict(n_iter=3)))
+             hyperparameters=dict(apgd_ce=dict(steps=3)))
         if tiny else dict(version="standard"))
   c.experiment = ml_collections.ConfigDict(dict(
       model_method="standard",
@@ -44,7 +44,7 @@ def get_config(scale: str = "small"):
           fgsm=dict(name="fgsm"),
           pgd=dict(name="pgd", steps=pgd_steps, step_size=eps / 4, random_start=True),
           autoattack=dict(name="autoattack", **aa),
-          soae=dict(name="soae", alpha=eps, iters=1 if tiny else 4, m=4 if tiny else 15,
+          soae=dict(name="soae", alpha=eps, steps=1 if tiny else 4, m=4 if tiny else 15,
                     tau=1e-2 if tiny else 1e-3, hvp="fd_forward", eta=1e-5),
       ),
   ))

@@ -33,12 +33,12 @@ def get_config():
   t.weight_decay = 5e-4
   t.eps, t.norm = EPS_LINF, "linf"
   t.pgd.update(dict(steps=5, step_size=EPS_LINF / 4))
-  t.soat.update(dict(iters=2, m=8, tau=1e-2, hvp="fd_central", eta=1e-3, alpha=EPS_LINF))
+  t.soat.update(dict(steps=2, m=8, tau=1e-2, hvp="fd_central", eta=1e-3, alpha=EPS_LINF))
   c.eval.num_examples = 397
   c.eval.batch_size = 397
   c.eval.attacks = common.attack_suite(
       eps_linf=EPS_LINF, eps_l2=EPS_L2, pgd_steps=10,
-      soae=dict(iters=4, m=15, tau=1e-3, hvp="exact"),
+      soae=dict(steps=4, m=15, tau=1e-3, hvp="exact"),
       second_order=dict(steps=10, samples=8, sigma=0.05),
       include=("clean", "fgsm", "pgd", "second_order", "soae"))
   return c

@@ -21,9 +21,9 @@ def get_config(method: str = "pgd"):
   c.eval.num_examples = 32
   c.eval.batch_size = 16
   c.eval.attacks = common.attack_suite(
-      eps_linf=0.1, eps_l2=0.5, pgd_steps=3, soae=dict(iters=1, m=3, tau=1e-2, hvp="exact"),
+      eps_linf=0.1, eps_l2=0.5, pgd_steps=3, soae=dict(steps=1, m=3, tau=1e-2, hvp="exact"),
       autoattack=dict(version="custom", attacks=("apgd_ce", "apgd_t"),
-                      hyperparameters=dict(apgd_ce=dict(n_iter=3),
-                                           apgd_t=dict(n_iter=3, n_target_classes=2))),
+                      hyperparameters=dict(apgd_ce=dict(steps=3),
+                                           apgd_t=dict(steps=3, n_target_classes=2))),
       include=("clean", "pgd", "soae", "autoattack"), norms=("linf",))
   return c

@@ -10,17 +10,13 @@ a TRADES model attacked by S-O: an adversarially trained model has a flat loss a
 ("degenerate global minimum"), so PGD's gradients are small and it stalls, while S-O's averaged
 gradient over Gaussian-perturbed inputs finds the steep direction.
 
-The attacks are traced here (a ``lax.scan`` that records every iterate's statistics) with the
-same updates as ``krylov_adv.attacks``: PGD ``x_{t+1} = Proj(x_t + a * step(grad L(x_t)))`` and
-S-O (S-O paper Eq. 4) ``x_{t+1} = Proj(x_t + a * step(g_t))`` with ``g_t = mean_s grad L(x_t +
-d_s)``, ``d_s ~ N(0, sigma^2 I)``; ``step`` is the sign (Linf) or the unit L2 vector, ``Proj``
-the ball-then-box projection. Recorded at every ``t = 0..T``: the mean true gradient norm, the
-mean loss and the accuracy of the batch.
+The attacks are the library's (``krylov_adv.attacks.pgd_with_report`` and
+``second_order_with_report``), whose report traces every iterate ``x_t``, ``t = 0..T``: the
+per-example loss, true gradient norm and correctness, averaged here over the batch.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple
 
@@ -29,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli, datasets, outputs, trained_models
-from krylov_adv import hvp, projections
+from krylov_adv import attacks
 
 NAME = "grad_norms"
 ATTACKS = ("pgd", "second_order")
@@ -47,50 +43,34 @@ class Trace(NamedTuple):
   x_adv: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "attack", "norm", "steps", "samples",
-                                             "random_start"))
 def trace_attack(logits_fn, x: jax.Array, y: jax.Array, key: jax.Array, *, attack: str,
                  eps: float, norm: str, steps: int, step_size: float, samples: int = 1,
                  sigma: float = 0.0, random_start: bool = False) -> Trace:
-  """Runs PGD or S-O for ``steps`` iterations and records every iterate's statistics.
+  """Runs PGD or S-O for ``steps`` iterations and averages every iterate's statistics.
 
   Args:
-    logits_fn: ``(B, H, W, C) -> (B, K)``, inference mode (static).
+    logits_fn: ``(B, H, W, C) -> (B, K)``, inference mode.
     x: ``(B, H, W, C)`` in ``[0, 1]``; y: ``(B,)``; key: PRNG key (S-O noise, random start).
-    attack: ``"pgd"`` or ``"second_order"`` (static).
+    attack: ``"pgd"`` or ``"second_order"``.
     eps, norm: the threat model; step_size: ``a``.
     samples, sigma: S-O's Gaussian average (``samples`` draws of standard deviation ``sigma``).
-    random_start: PGD's uniform start in the ball.
+    random_start: start at a uniform point of the ball.
 
   Returns:
     :class:`Trace`.
   """
   if attack not in ATTACKS:
     raise ValueError(f"unknown attack {attack!r}; use one of {ATTACKS}")
-  loss_fn = trained_models.cross_entropy_fn(logits_fn, y)
-  start_key, noise_key = jax.random.split(key)
-  x0 = projections.random_start(start_key, x, eps, norm) if random_start else x
-
-  def stats(xt):
-    g = hvp.input_grad(loss_fn, xt)
-    gn = jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1))
-    logits = logits_fn(xt)
-    acc = jnp.mean(jnp.argmax(logits, axis=1) == y)
-    return g, jnp.mean(gn), jnp.mean(trained_models.cross_entropy_fn(lambda _: logits, y)(xt)), acc
-
-  def body(xt, t):
-    g, gn, loss, acc = stats(xt)
-    if attack == "second_order":
-      keys = jax.random.split(jax.random.fold_in(noise_key, t), samples)
-      g = jnp.mean(jnp.stack([hvp.input_grad(loss_fn, xt + sigma * jax.random.normal(
-          k, xt.shape, xt.dtype)) for k in keys]), axis=0)
-    nxt = projections.project(xt + step_size * projections.normalize_step(g, norm), x, eps, norm)
-    return nxt, (gn, loss, acc)
-
-  x_last, (gn, loss, acc) = jax.lax.scan(body, x0, jnp.arange(steps))
-  _, gn_last, loss_last, acc_last = stats(x_last)
-  return Trace(jnp.append(gn, gn_last), jnp.append(loss, loss_last), jnp.append(acc, acc_last),
-               x_last)
+  kw = dict(eps=eps, norm=norm, steps=steps, step_size=step_size, random_start=random_start)
+  if attack == "pgd":
+    out = attacks.pgd_with_report(logits_fn, x, y, key, restarts=1, **kw)
+    trace = jax.tree_util.tree_map(lambda a: a[0], out.report.trace)  # the one restart
+  else:
+    out = attacks.second_order_with_report(logits_fn, x, y, key, samples=samples, sigma=sigma,
+                                           **kw)
+    trace = out.report.trace
+  return Trace(jnp.mean(trace.grad_norm, axis=1), jnp.mean(trace.loss, axis=1),
+               jnp.mean(trace.correct, axis=1), out.x_adv)
 
 
 def traces(config, dataset, models_by_method) -> list[dict]:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli, datasets, outputs, trained_models
-from krylov_adv import attacks, evaluation, hvp, krylov
+from krylov_adv import attacks, evaluation, krylov
 
 NAME = "krylov_dims"
 
@@ -38,7 +38,8 @@ NAME = "krylov_dims"
 @functools.partial(jax.jit, static_argnames=("logits_fn", "method", "eta", "tol", "max_dim"))
 def newton_residual_histories(logits_fn, x: jax.Array, y: jax.Array, *, method: str, eta: float,
                               tol: float, max_dim: int) -> krylov.GMRESResult:
-  """GMRES on Algorithm 1's system ``H_i delta_i = g_i`` from ``delta_0 = g`` at ``x``.
+  """GMRES on Algorithm 1's system ``H_i delta_i = g_i`` from ``delta_0 = g`` at ``x``: the
+  solve of SOAE's first iteration (:func:`krylov_adv.attacks.soae_direction`).
 
   Args:
     logits_fn: ``(B, H, W, C) -> (B, K)`` (static).
@@ -51,8 +52,7 @@ def newton_residual_histories(logits_fn, x: jax.Array, y: jax.Array, *, method: 
     ``initial_residual_norm (B,)``, ``num_iters (B,)``).
   """
   loss_fn = trained_models.cross_entropy_fn(logits_fn, y)
-  op = hvp.make_hvp(loss_fn, x, method=method, eta=eta)
-  return krylov.gmres(op.matvec, op.grad, op.grad, tol=tol, max_dim=max_dim)
+  return attacks.soae_direction(loss_fn, x, tau=tol, m=max_dim, hvp=method, eta=eta).gmres
 
 
 def dims_per_tau(history: np.ndarray, r0: np.ndarray, taus, max_dim: int):
@@ -133,7 +133,8 @@ def rank_part(config, dataset, models_by_act) -> dict:
 
 def attack_with_diagnostics(logits_fn, attack, x: np.ndarray, y: np.ndarray, key, *, eps: float,
                             norm: str, batch_size: int):
-  """Runs SOAE (``return_diagnostics=True``) over the test set with ``evaluation.run_attack``.
+  """Runs ``attack`` (``soae_with_report``, partially applied) over the test set with
+  ``evaluation.run_attack``.
 
   Returns:
     ``(robust accuracy, Krylov dimensions (N, n) per outer iteration and example, fallback
@@ -152,7 +153,6 @@ def soae_part(config, dataset, models_by_act) -> dict:
   if "soae" not in attacks.available():
     return {"skipped": "attack 'soae' is not registered"}
   x, y = datasets.first_examples(dataset, e.attack_examples)
-  soae = attacks.get("soae")
   rows = []
   for act, model in models_by_act.items():
     for method in e.attack_hvp_methods:
@@ -160,7 +160,7 @@ def soae_part(config, dataset, models_by_act) -> dict:
         kw = dict(e.soae.to_dict(), hvp=method, tau=tau, m=int(e.max_dim))
         if not method.startswith("exact"):
           kw["eta"] = float(e.eta)
-        attack = functools.partial(soae, eps=float(e.eps), norm=e.norm, return_diagnostics=True,
+        attack = functools.partial(attacks.soae_with_report, eps=float(e.eps), norm=e.norm,
                                    **kw)
         key = jax.random.PRNGKey(config.seed + 11)
         # First call compiles; the timed second call measures the attack alone.

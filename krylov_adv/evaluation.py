@@ -104,7 +104,7 @@ class AttackRun(NamedTuple):
 
   correct: ``(N,)`` bool, ``argmax f(x_adv_i) == y_i``; x_adv: ``(N, H, W, C)`` NumPy when
   asked for (``keep_examples``), else ``None``; extras: one ``(aux, valid)`` per batch for an
-  attack returning ``(x_adv, aux)`` (a report or diagnostics), ``aux`` as the attack returned it
+  attack returning ``WithReport(x_adv, aux)``, ``aux`` as the attack returned it
   for the whole padded batch and ``valid`` the number of real examples at its front.
   """
   correct: np.ndarray
@@ -135,8 +135,9 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
   Args:
     logits_fn: ``(B, H, W, C) -> (B, K)`` in inference mode; reuse one function object across
       calls (attacks jit with ``logits_fn`` static, so a new closure means a recompile).
-    attack_fn: ``f(logits_fn, x, y, key) -> x_adv`` or ``(x_adv, aux)`` (a report or
-      diagnostics, returned in ``extras``).
+    attack_fn: ``f(logits_fn, x, y, key) -> x_adv`` (a registered attack) or a
+      ``NAME_with_report`` entry returning ``WithReport(x_adv, report)`` (the reports are
+      returned in ``extras``).
     x: ``(N, H, W, C)`` float32 in ``[0, 1]``; y: ``(N,)`` int32.
     key: PRNG key, folded with the batch number.
     eps, norm: the threat model every ``x_adv`` is checked against.
@@ -153,7 +154,8 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
                                                                          mesh))):
     xb, yb = _place((x[idx], y[idx]), mesh)
     out = attack_fn(logits_fn, xb, yb, jax.random.fold_in(key, b))
-    x_adv, aux = out if isinstance(out, tuple) else (out, None)
+    # A NAME_with_report entry returns WithReport(x_adv, report); a plain attack x_adv alone.
+    x_adv, aux = out if isinstance(out, attacks.WithReport) else (out, None)
     check_admissible(x_adv, xb, eps=eps, norm=norm)
     pred = parallel.to_host(jnp.argmax(logits_fn(x_adv), axis=1))
     correct.append((pred == y[idx])[:valid])

@@ -21,7 +21,9 @@ def check_norm(norm: str) -> None:
     raise ValueError(f"unknown norm {norm!r}; use one of {NORMS}")
 
 
-def _bcast(per_example: Array, like: Array) -> Array:
+def bcast(per_example: Array, like: Array) -> Array:
+  """Reshapes a per-example ``(B,)`` array to ``(B, 1, ..., 1)`` so it broadcasts against
+  ``like`` ``(B, ...)``."""
   return per_example.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
@@ -42,11 +44,11 @@ def project_ball(delta: Array, eps, norm: str) -> Array:
   """
   eps = jnp.asarray(eps, delta.dtype)
   if norm == "linf":
-    e = _bcast(jnp.broadcast_to(eps, delta.shape[:1]), delta)
+    e = bcast(jnp.broadcast_to(eps, delta.shape[:1]), delta)
     return jnp.clip(delta, -e, e)
   nrm = per_example_norm(delta, norm)
   scale = jnp.minimum(1.0, eps / jnp.maximum(nrm, _TINY))
-  return delta * _bcast(scale, delta)
+  return delta * bcast(scale, delta)
 
 
 def project(x_adv: Array, x: Array, eps, norm: str) -> Array:
@@ -69,7 +71,7 @@ def normalize_step(g: Array, norm: str) -> Array:
   if norm == "linf":
     return jnp.sign(g)
   nrm = per_example_norm(g, "l2")
-  return g / _bcast(jnp.maximum(nrm, _TINY), g)
+  return g / bcast(jnp.maximum(nrm, _TINY), g)
 
 
 def random_start(key: Array, x: Array, eps, norm: str) -> Array:
@@ -87,5 +89,5 @@ def random_start(key: Array, x: Array, eps, norm: str) -> Array:
     direction = normalize_step(jax.random.normal(k_dir, x.shape, x.dtype), "l2")
     n = x[0].size
     radius = eps * jax.random.uniform(k_rad, x.shape[:1], x.dtype) ** (1.0 / n)
-    delta = direction * _bcast(radius, x)
+    delta = direction * bcast(radius, x)
   return jnp.clip(x + delta, 0.0, 1.0)

@@ -183,7 +183,7 @@ def available() -> list[str]:
 # Range checks of attack hyperparameters by name, applied to the fields a method's sub-config
 # sets (the attack checks them again when it runs; these make the error appear before the first
 # step and name the config field).
-_AT_LEAST_ONE = ("steps", "iters", "restarts", "samples", "m")
+_AT_LEAST_ONE = ("steps", "restarts", "samples", "m")
 _NONNEGATIVE = ("alpha", "sigma", "beta")  # and every eps* and step_size* field
 _POSITIVE = ("tau", "eta", "xi")
 
@@ -209,7 +209,7 @@ def check_hyperparameters(where: str, fields: dict[str, Any], *, allowed=None) -
   """Range checks of the hyperparameters in ``fields`` by name, with messages naming
   ``where.<field>``.
 
-  ``steps``, ``iters``, ``restarts``, ``samples``, ``m``: integers ``>= 1``; ``alpha``,
+  ``steps``, ``restarts``, ``samples``, ``m``: integers ``>= 1``; ``alpha``,
   ``sigma``, ``beta`` and names starting with ``eps`` or ``step_size``: ``>= 0``; ``tau``,
   ``eta``, ``xi``: ``> 0``; ``hvp``: a name of ``hvp.HVP_METHODS``. ``None`` values (the
   attack's default) are not checked. With ``allowed`` (names), a field outside it is an error.
@@ -357,28 +357,6 @@ def _train_forward(model: nn.Module, params, batch_stats, x: Array):
 # Inner maximisation
 
 
-def trades_adversary(logits_fn: Callable[[Array], Array], x: Array, key: Array, *, eps, norm: str,
-                     steps: int, step_size) -> Array:
-  """TRADES inner maximisation (Zhang et al. 2019, Algorithm 1 lines 5-7).
-
-  ``x'_0 = x + 0.001 N(0, I)``, ``x'_{k+1} = Proj(x'_k + step_size * dir(grad_x' KL(f(x) ||
-  f(x'_k))))`` with ``dir`` = sign (linf) or unit L2 gradient (l2), ``Proj`` onto the eps-ball
-  around ``x`` and the box ``[0, 1]``. x ``(B, H, W, C)`` -> ``(B, H, W, C)``.
-  """
-  clean_logits = jax.lax.stop_gradient(logits_fn(x))
-
-  def kl_sum(xa):
-    return jnp.sum(losses.kl_divergence(clean_logits, logits_fn(xa)))
-
-  x0 = projections.project(x + 0.001 * jax.random.normal(key, x.shape, x.dtype), x, eps, norm)
-
-  def body(_, xa):
-    g = jax.grad(kl_sum)(xa)
-    return projections.project(xa + step_size * projections.normalize_step(g, norm), x, eps, norm)
-
-  return jax.lax.fori_loop(0, int(steps), body, x0)
-
-
 def _attack_kwargs(sub) -> dict[str, Any]:
   return dict(sub.to_dict() if hasattr(sub, "to_dict") else sub)
 
@@ -441,21 +419,22 @@ def second_order(cfg, model: StepModel, batch: Batch) -> MethodLoss:
 
 def _validate_trades(cfg) -> None:
   check_eps_norm("train", cfg.eps, cfg.norm)
-  names = ("beta",) + (_keyword_names(trades_adversary) or ())
+  names = ("beta",) + (_keyword_names(attacks.trades) or ())
   check_hyperparameters("train.trades", _sub_config(cfg, "trades"),
                         allowed=tuple(n for n in names if n not in ("eps", "norm")))
 
 
 @register("trades", validate=_validate_trades)
 def trades(cfg, model: StepModel, batch: Batch) -> MethodLoss:
-  """``CE(f(x), y) + beta KL(f(x) || f(x_adv))`` with ``x_adv`` from :func:`trades_adversary`.
+  """``CE(f(x), y) + beta KL(f(x) || f(x_adv))`` with ``x_adv`` from :func:`krylov_adv.attacks.trades`.
 
   Two training-mode passes (clean then adversarial), each updating the running statistics, as
   in the reference TRADES implementation.
   """
   kw = _attack_kwargs(cfg.trades)
   beta = float(kw.pop("beta"))
-  x_adv = trades_adversary(model.logits_fn, batch.x, batch.key, eps=cfg.eps, norm=cfg.norm, **kw)
+  x_adv = attacks.trades(model.logits_fn, batch.x, batch.y, batch.key, eps=cfg.eps, norm=cfg.norm,
+                         **kw)
   x_adv = jax.lax.stop_gradient(x_adv)
   clean, stats = model.forward(batch.x, model.batch_stats)
   adv, stats = model.forward(x_adv, stats)
@@ -528,14 +507,3 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg):
     return new_state, StepMetrics(loss, acc, jnp.asarray(clean_acc, jnp.float32))
 
   return step
-
-
-def make_eval_step(model: nn.Module):
-  """``eval_step(state, x, y) -> number of correct predictions`` (int32 scalar), inference mode."""
-
-  @jax.jit
-  def eval_step(state: TrainState, x: Array, y: Array) -> Array:
-    logits = inference_logits_fn(model, state.params, state.batch_stats)(x)
-    return jnp.sum(jnp.argmax(logits, axis=1) == y)
-
-  return eval_step

@@ -1,9 +1,11 @@
-"""FGSM, PGD, the S-O attack and SOAE through the common API: threat model, determinism,
-closed-form and reference checks, input validation, and attack strength on the digits model.
+"""FGSM, PGD, the S-O attack, SOAE and TRADES through the common API: threat model,
+determinism, closed-form and reference checks, input validation, the per-iterate traces, and
+attack strength on the digits model.
 
 Budgets on 8x8 digits: Linf 0.3 (the MNIST standard) and L2 2.0, at which uniform noise in the
 ball leaves 94% (Linf) and 78% (L2) of the test points correct; and Linf 0.1 / L2 0.75, at which
-FGSM still leaves points correct.
+FGSM still leaves points correct. Each attack must beat that noise by a margin (an attack that
+returns ``x``, or a random point of the ball, fails).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from krylov_adv import attacks, losses, projections
-from krylov_adv.attacks import first_order
-from krylov_adv.attacks import second_order as so
+from krylov_adv import attacks, hvp, losses, projections
+from krylov_adv.attacks import _first_order as first_order
+from krylov_adv.attacks import toolkit
 
 NAMES = ("fgsm", "pgd", "second_order", "soae")
 K = 3
@@ -45,9 +47,10 @@ CONFIGS = {
     "pgd": ("pgd", dict(steps=3, restarts=2)),
     "so_expectation": ("second_order", dict(steps=3, samples=2, sigma=0.1)),
     "so_power": ("second_order", dict(steps=3, form="power", sigma=0.1)),
-    "soae": ("soae", dict(iters=2, m=4)),
-    "soae_raw_fd": ("soae", dict(iters=2, m=4, step="raw", hvp="fd_forward", eta=1e-3,
+    "soae": ("soae", dict(steps=2, m=4)),
+    "soae_raw_fd": ("soae", dict(steps=2, m=4, step="raw", hvp="fd_forward", eta=1e-3,
                                  alpha=5.0)),
+    "trades": ("trades", dict(steps=3)),
 }
 
 
@@ -82,6 +85,15 @@ def test_budget_and_box_hold(config, norm):
     _assert_in_threat_model(x_adv, x, eps, norm)
     if case == "zero_eps":
       np.testing.assert_array_equal(np.asarray(x_adv), x)
+    if case == "interior":
+      # Inside the box the attack must move, and uphill: the loss it ascends (the KL to the
+      # clean prediction for TRADES, the cross-entropy otherwise) grows over the batch.
+      assert not np.array_equal(np.asarray(x_adv), x), config
+      if name == "trades":
+        ascended = lambda z: losses.kl_divergence(STEEP(jnp.asarray(x)), STEEP(z))
+      else:
+        ascended = lambda z: losses.cross_entropy(STEEP(z), y)
+      assert float(jnp.sum(ascended(x_adv))) > float(jnp.sum(ascended(jnp.asarray(x)))), config
     g = np.asarray(jax.grad(lambda z: jnp.sum(losses.cross_entropy(STEEP(z), y)))(x))
     saturated += int(np.sum(np.all(g.reshape(8, -1) == 0, axis=1)))
   assert saturated > 0  # the steep model does produce exactly-zero gradients
@@ -125,8 +137,8 @@ def test_pgd_restarts_keep_the_worst_case_per_example():
   x = jnp.asarray(np.random.default_rng(6).uniform(size=(8, 4, 4, 1)), jnp.float32)
   y = jnp.argmax(STEEP(x), axis=1).astype(jnp.int32)  # all correct before the attack
   key, eps, norm, steps, restarts = jax.random.PRNGKey(7), 0.2, "linf", 2, 4
-  step_size = first_order.pgd_step_size(eps, steps)
-  loss_fn = first_order.make_loss_fn(STEEP, y)
+  step_size = toolkit.default_step_size(eps, steps)
+  loss_fn = toolkit.make_loss_fn(STEEP, y)
   run = jax.jit(lambda k: first_order.pgd_run(
       loss_fn, x, projections.random_start(k, x, eps, norm), eps, step_size, norm=norm,
       steps=steps))
@@ -170,7 +182,7 @@ def _quadratic():
 def test_power_form_is_the_gradient_at_a_unit_displacement():
   a, loss_fn, x = _quadratic()
   sigma = 0.05
-  fn = jax.jit(lambda x, key, xi: so.smoothed_gradient(loss_fn, x, key, form="power",
+  fn = jax.jit(lambda x, key, xi: attacks.smoothed_gradient(loss_fn, x, key, form="power",
                                                        sigma=sigma, xi=xi))
   key = jax.random.PRNGKey(0)
   for xi, length in ((0.3, 0.3), (None, sigma * 4.0)):  # default xi = sigma * sqrt(16)
@@ -184,8 +196,8 @@ def test_power_form_is_the_gradient_at_a_unit_displacement():
 def test_expectation_form_averages_gaussian_draws():
   a, loss_fn, x = _quadratic()
   sigma, samples = 0.2, 4
-  g = so.smoothed_gradient(loss_fn, jnp.asarray(x), jax.random.PRNGKey(1), form="expectation",
-                           samples=samples, sigma=sigma)
+  g = attacks.smoothed_gradient(loss_fn, jnp.asarray(x), jax.random.PRNGKey(1),
+                                form="expectation", samples=samples, sigma=sigma)
   mean_noise = np.linalg.solve(a, np.asarray(g, np.float64).T).T - x
   # The mean of `samples` draws of N(0, sigma^2) has standard deviation sigma / sqrt(samples);
   # 1024 entries estimate it to about 2%.
@@ -215,9 +227,9 @@ def test_attacks_run_inside_an_outer_jit():
 
   @jax.jit
   def step(x, y, key):
-    return attacks.get("soae")(STEEP, x, y, key, eps=0.1, norm="linf", iters=1, m=2)
+    return attacks.get("soae")(STEEP, x, y, key, eps=0.1, norm="linf", steps=1, m=2)
 
-  eager = attacks.get("soae")(STEEP, x, y, jax.random.PRNGKey(0), eps=0.1, norm="linf", iters=1,
+  eager = attacks.get("soae")(STEEP, x, y, jax.random.PRNGKey(0), eps=0.1, norm="linf", steps=1,
                               m=2)
   np.testing.assert_allclose(np.asarray(step(x, y, jax.random.PRNGKey(0))), np.asarray(eager),
                              atol=1e-6)
@@ -255,7 +267,7 @@ def test_bad_input_raises_value_error(name, change, match):
     ("soae", dict(m=2.5), "m must"),
     ("soae", dict(eta=0.0), "eta"),
     ("soae", dict(eta=-1e-5), "eta"),
-    ("soae", dict(iters=0), "iters"),
+    ("soae", dict(steps=0), "steps"),
     ("soae", dict(hvp="bfgs"), "HVP method"),
     ("soae", dict(step="unit"), "step"),
     ("soae", dict(alpha=-1.0), "alpha"),
@@ -291,7 +303,8 @@ DIGITS_HYPER = {
     "fgsm": {},
     "pgd": dict(steps=10),
     "second_order": dict(steps=10, samples=4, sigma=0.05),
-    "soae": dict(iters=4, m=10),
+    "soae": dict(steps=4, m=10),
+    "trades": dict(steps=10),
 }
 N_DIGITS = 32
 
@@ -313,16 +326,29 @@ def digits_accuracies(digits_model):
                                   norm=norm, **kw)
         _assert_in_threat_model(x_adv, x, eps, norm)
         out[(norm, eps, name)] = _accuracy(digits_model.logits_fn, x_adv, y)
+      # Random noise of the same budget: the best of 8 uniform draws in the ball per point.
+      noisy = [projections.random_start(jax.random.PRNGKey(100 + r), x, eps, norm)
+               for r in range(8)]
+      correct = np.all([np.asarray(jnp.argmax(digits_model.logits_fn(z), axis=1)) == np.asarray(y)
+                        for z in noisy], axis=0)
+      out[(norm, eps, "noise")] = float(np.mean(correct))
   return out
 
 
+# How far below random noise of the same budget every attack must bring the accuracy, at the
+# standard budgets (Linf 0.3, L2 2.0) and at the small ones (Linf 0.1, L2 0.75).
+BEAT_NOISE_BY = {"linf": (0.5, 0.15), "l2": (0.4, 0.15)}
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_every_attack_lowers_accuracy_below_clean(digits_accuracies, norm):
+def test_every_attack_beats_random_noise_of_the_same_norm(digits_accuracies, norm):
   clean = digits_accuracies["clean"]
   assert clean == 1.0  # the fixture keeps correctly classified points
-  for eps in DIGITS_EPS[norm]:
+  for eps, margin in zip(DIGITS_EPS[norm], BEAT_NOISE_BY[norm], strict=True):
+    noise = digits_accuracies[(norm, eps, "noise")]
     for name in DIGITS_HYPER:
-      assert digits_accuracies[(norm, eps, name)] < clean, (name, eps, digits_accuracies)
+      assert digits_accuracies[(norm, eps, name)] <= noise - margin, (name, eps,
+                                                                      digits_accuracies)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -332,3 +358,65 @@ def test_pgd_is_at_least_as_strong_as_fgsm(digits_accuracies, norm):
     assert pgd <= fgsm, (eps, digits_accuracies)
   # At the smaller budget FGSM leaves points correct, so the comparison has room to fail.
   assert digits_accuracies[(norm, DIGITS_EPS[norm][1], "fgsm")] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-iterate traces of pgd_with_report and second_order_with_report.
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("pgd", dict(steps=3, restarts=2)),
+    ("second_order", dict(steps=3, samples=2, sigma=0.1, random_start=True)),
+])
+def test_with_report_returns_the_attack_and_its_trace(name, kw):
+  x = jnp.asarray(np.random.default_rng(12).uniform(size=(8, 4, 4, 1)), jnp.float32)
+  y = jnp.asarray(np.arange(8) % K, jnp.int32)
+  args = (STEEP, x, y, jax.random.PRNGKey(3))
+  plain = getattr(attacks, name)(*args, eps=0.3, norm="l2", **kw)
+  out = getattr(attacks, f"{name}_with_report")(*args, eps=0.3, norm="l2", **kw)
+  assert isinstance(out, attacks.WithReport)
+  np.testing.assert_array_equal(np.asarray(out.x_adv), np.asarray(plain))
+  trace = out.report.trace
+  lead = (kw["restarts"], kw["steps"] + 1) if name == "pgd" else (kw["steps"] + 1,)
+  assert trace.loss.shape == trace.grad_norm.shape == trace.correct.shape == lead + (8,)
+  # Each record is the statistic of its iterate: check the first and (one restart's) last.
+  first = jax.tree_util.tree_map(lambda a: a[0][0] if name == "pgd" else a[0], trace)
+  last = jax.tree_util.tree_map(lambda a: a[-1][-1] if name == "pgd" else a[-1], trace)
+  loss_fn = lambda z: losses.cross_entropy(STEEP(z), y)
+  if name == "second_order":
+    x_last = out.x_adv
+    np.testing.assert_allclose(np.asarray(last.loss), np.asarray(loss_fn(x_last)), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(last.grad_norm),
+        np.asarray(projections.per_example_norm(hvp.input_grad(loss_fn, x_last), "l2")),
+        rtol=1e-4)
+  x0 = projections.random_start(jax.random.split(jax.random.PRNGKey(3), 2)[0], x, 0.3, "l2")
+  if name == "pgd":  # restart 0 starts at the first of split(key, restarts)
+    np.testing.assert_allclose(np.asarray(first.loss), np.asarray(loss_fn(x0)), rtol=1e-5)
+
+
+def test_pgd_trace_follows_the_iterates():
+  # Without random start and with one restart, the trace's t-th record is the statistic of the
+  # t-th PGD iterate, rebuilt here step by step in NumPy.
+  x = jnp.asarray(np.random.default_rng(13).uniform(size=(8, 4, 4, 1)), jnp.float32)
+  y = jnp.asarray(np.arange(8) % K, jnp.int32)
+  eps, a, steps = 0.5, 0.2, 3
+  out = attacks.pgd_with_report(STEEP, x, y, jax.random.PRNGKey(0), eps=eps, norm="l2",
+                                steps=steps, step_size=a, random_start=False)
+  loss_fn = lambda z: losses.cross_entropy(STEEP(z), y)
+  xt = np.asarray(x, np.float64)
+  for t in range(steps + 1):
+    g = np.asarray(hvp.input_grad(loss_fn, jnp.asarray(xt, jnp.float32)), np.float64)
+    gn = np.linalg.norm(g.reshape(8, -1), axis=1)
+    np.testing.assert_allclose(np.asarray(out.report.trace.grad_norm[0, t]), gn, rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_array_equal(
+        np.asarray(out.report.trace.correct[0, t]),
+        np.argmax(np.asarray(STEEP(jnp.asarray(xt, jnp.float32))), 1) == np.asarray(y))
+    if t == steps:
+      break
+    step = g / np.maximum(gn, 1e-12).reshape(-1, 1, 1, 1)
+    d = xt + a * step - np.asarray(x)
+    dn = np.linalg.norm(d.reshape(8, -1), axis=1).reshape(-1, 1, 1, 1)
+    xt = np.clip(np.asarray(x) + d * np.minimum(1.0, eps / np.maximum(dn, 1e-12)), 0, 1)
+  np.testing.assert_allclose(np.asarray(out.x_adv), xt, atol=1e-5)

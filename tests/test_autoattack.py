@@ -21,17 +21,17 @@ import numpy as np
 import pytest
 
 from krylov_adv import attacks, projections
-from krylov_adv.attacks import autoattack as aa
+from krylov_adv.attacks import _autoattack as aa
 from krylov_adv.models.cnn import TinyCNN
 
 BUDGETS = {"linf": 0.3, "l2": 1.5}
 FAST = {
-    "apgd_ce": {"n_iter": 20},
-    "apgd_dlr": {"n_iter": 20},
-    "apgd_t": {"n_iter": 20, "n_target_classes": 3},
-    "fab_t": {"n_iter": 20, "n_target_classes": 3},
-    "fab": {"n_iter": 20},
-    "square": {"n_queries": 300},
+    "apgd_ce": {"steps": 20},
+    "apgd_dlr": {"steps": 20},
+    "apgd_t": {"steps": 20, "n_target_classes": 3},
+    "fab_t": {"steps": 20, "n_target_classes": 3},
+    "fab": {"steps": 20},
+    "square": {"steps": 300},
 }
 COMPONENTS = ["apgd_ce", "apgd_dlr", "apgd_t", "fab_t", "fab", "square"]
 N = 32
@@ -76,7 +76,7 @@ def test_ensemble_is_never_weaker_than_a_component_alone(digits_model, digits_ba
   # components actually run.
   x, y = digits_batch
   eps, norm, key = 0.1, "linf", jax.random.PRNGKey(0)
-  x_adv, report = attacks.get("autoattack")(digits_model.logits_fn, x, y, key, eps=eps,
+  x_adv, report = attacks.autoattack_with_report(digits_model.logits_fn, x, y, key, eps=eps,
                                             norm=norm, hyperparameters=FAST)
   assert report.components == ("apgd_ce", "apgd_t", "fab_t", "square")
   _assert_in_threat_model(x_adv, x, eps, norm)
@@ -106,8 +106,8 @@ def test_plus_version_runs_every_component_with_restarts(digits_model, digits_ba
   x, y = digits_batch[0][:16], digits_batch[1][:16]
   hyper = {name: dict(kw) for name, kw in FAST.items()}
   for name in ("apgd_ce", "apgd_dlr", "fab"):
-    hyper[name]["n_restarts"] = 2  # exercises the random restarts, kept short
-  x_adv, report = attacks.get("autoattack")(digits_model.logits_fn, x, y, jax.random.PRNGKey(0),
+    hyper[name]["restarts"] = 2  # exercises the random restarts, kept short
+  x_adv, report = attacks.autoattack_with_report(digits_model.logits_fn, x, y, jax.random.PRNGKey(0),
                                             eps=0.1, norm="l2", version="plus",
                                             hyperparameters=hyper)
   assert report.components == ("apgd_ce", "apgd_dlr", "fab", "square", "apgd_t", "fab_t")
@@ -129,7 +129,7 @@ def test_component_result_does_not_depend_on_the_rest_of_the_batch(digits_model,
 def test_batches_of_any_size(digits_model, digits_batch):
   x, y = digits_batch
   for b in (1, 3):
-    x_adv, report = attacks.get("autoattack")(
+    x_adv, report = attacks.autoattack_with_report(
         digits_model.logits_fn, x[:b], y[:b], jax.random.PRNGKey(0), eps=0.3, norm="linf",
         version="custom", attacks=["apgd_ce"], hyperparameters=FAST)
     assert x_adv.shape == x[:b].shape and report.robust.shape == (b,)
@@ -179,7 +179,7 @@ def test_square_breaks_gradient_masking_where_apgd_does_not(masked_model):
   assert robust_apgd >= 0.75, robust_apgd
   assert robust_square <= 0.25, robust_square
   # And the ensemble inherits Square's success.
-  _, report = attacks.get("autoattack")(logits_fn, x, y, key, eps=eps, norm=norm,
+  _, report = attacks.autoattack_with_report(logits_fn, x, y, key, eps=eps, norm=norm,
                                         version="custom", attacks=["apgd_ce", "square"],
                                         hyperparameters=FAST)
   assert report.robust_accuracy_after[0] == pytest.approx(robust_apgd)
@@ -200,10 +200,10 @@ def test_versions():
   assert names("standard") == ["apgd_ce", "apgd_t", "fab_t", "square"]
   assert names("plus") == ["apgd_ce", "apgd_dlr", "fab", "square", "apgd_t", "fab_t"]
   plus = dict(aa.version_components("plus"))
-  assert plus["apgd_ce"]["n_restarts"] == 5 and plus["fab"]["n_restarts"] == 5
-  custom = aa.version_components("custom", ["square", ("apgd_t", {"n_iter": 7})],
-                                 {"square": {"n_queries": 11}})
-  assert custom == (("square", {"n_queries": 11}), ("apgd_t", {"n_iter": 7}))
+  assert plus["apgd_ce"]["restarts"] == 5 and plus["fab"]["restarts"] == 5
+  custom = aa.version_components("custom", ["square", ("apgd_t", {"steps": 7})],
+                                 {"square": {"steps": 11}})
+  assert custom == (("square", {"steps": 11}), ("apgd_t", {"steps": 7}))
 
 
 def test_bad_input_raises_value_error(digits_model, digits_batch):
@@ -217,8 +217,8 @@ def test_bad_input_raises_value_error(digits_model, digits_batch):
     attacks.get("fab_t")(f, x, y + 10, key, eps=0.3, norm="linf")
   with pytest.raises(ValueError, match="NaN"):
     attacks.get("apgd_t")(f, x.at[0, 0, 0, 0].set(jnp.nan), y, key, eps=0.3, norm="linf")
-  with pytest.raises(ValueError, match="n_iter"):
-    attacks.get("apgd_ce")(f, x, y, key, eps=0.3, norm="linf", n_iter=0)
+  with pytest.raises(ValueError, match="steps"):
+    attacks.get("apgd_ce")(f, x, y, key, eps=0.3, norm="linf", steps=0)
   with pytest.raises(ValueError, match="version"):
     attacks.get("autoattack")(f, x, y, key, eps=0.3, norm="linf", version="fast")
   with pytest.raises(ValueError, match="custom"):
@@ -228,7 +228,7 @@ def test_bad_input_raises_value_error(digits_model, digits_batch):
                               attacks=["pgd_ce"])
   with pytest.raises(ValueError, match="hyperparameter"):
     attacks.get("autoattack")(f, x, y, key, eps=0.3, norm="linf",
-                              hyperparameters={"square": {"n_iter": 5}})
+                              hyperparameters={"square": {"restarts": 5}})
   three_classes = lambda z: f(z)[:, :3]
   with pytest.raises(ValueError, match="DLR"):
     attacks.get("apgd_t")(three_classes, x, jnp.zeros_like(y), key, eps=0.3, norm="linf")

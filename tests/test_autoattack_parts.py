@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 
 from krylov_adv import losses
-from krylov_adv.attacks import apgd, fab, square
+from krylov_adv.attacks import _apgd as apgd
+from krylov_adv.attacks import _fab as fab
+from krylov_adv.attacks import _square as square
+from krylov_adv.attacks import toolkit
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
 
@@ -80,11 +83,11 @@ def test_checkpoint_fractions_follow_the_recurrence():
                              [0, .22, .41, .57, .70, .80, .87, .93, .99])
 
 
-@pytest.mark.parametrize("n_iter", [10, 20, 37, 100, 250])
-def test_checkpoints_are_ceil_of_fractions(n_iter):
-  want = sorted({math.ceil(p * n_iter) for p in _fraction_recurrence()[1:]} - {0, n_iter})
-  want = [w for w in want if w < n_iter]
-  assert list(apgd.apgd_checkpoints(n_iter)) == want
+@pytest.mark.parametrize("steps", [10, 20, 37, 100, 250])
+def test_checkpoints_are_ceil_of_fractions(steps):
+  want = sorted({math.ceil(p * steps) for p in _fraction_recurrence()[1:]} - {0, steps})
+  want = [w for w in want if w < steps]
+  assert list(apgd.apgd_checkpoints(steps)) == want
 
 
 def test_checkpoints_for_100_iterations_match_the_reference_intervals():
@@ -96,12 +99,12 @@ def test_checkpoints_for_100_iterations_match_the_reference_intervals():
 
 def _expected_steps(loss_history, eta0, ckpts, rho):
   """The paper's step-size rule replayed in NumPy on one example's loss trajectory."""
-  n_iter = len(loss_history) - 1
-  steps = np.empty(n_iter + 1)
+  n = len(loss_history) - 1
+  steps = np.empty(n + 1)
   steps[0] = step = eta0
   prev = f_max = loss_history[0]
   n_inc, last_ckpt, f_max_last, reduced_last = 0, 0, f_max, False
-  for k in range(1, n_iter + 1):
+  for k in range(1, n + 1):
     n_inc += loss_history[k] > prev
     prev = loss_history[k]
     f_max = max(f_max, loss_history[k])
@@ -119,13 +122,14 @@ def _expected_steps(loss_history, eta0, ckpts, rho):
 def test_apgd_step_size_rule_matches_replay(digits_model, norm, eps):
   m = digits_model
   x, y = jnp.asarray(m.x_test[:16]), jnp.asarray(m.y_test[:16])
-  n_iter = 40
+  steps = 40
   run = jax.jit(functools.partial(apgd.apgd_run, m.logits_fn, norm=norm, loss="ce",
-                                  targeted=False, n_iter=n_iter, rho=0.75))
-  x0 = apgd.initial_point(apgd.example_keys(jax.random.PRNGKey(1), jnp.arange(16)), x, eps, norm)
+                                  targeted=False, steps=steps, rho=0.75))
+  x0 = apgd.initial_point(toolkit.example_keys(jax.random.PRNGKey(1), jnp.arange(16)), x, eps,
+                          norm)
   res = run(x, y, y, x0, eps)
   lh, sh = np.asarray(res.loss_history), np.asarray(res.step_history)
-  ckpts = set(apgd.apgd_checkpoints(n_iter))
+  ckpts = set(apgd.apgd_checkpoints(steps))
   n_reduced = 0
   for i in range(x.shape[0]):
     want = _expected_steps(lh[:, i], 2 * eps, ckpts, 0.75)
@@ -247,7 +251,7 @@ def test_fab_finds_the_minimal_distance_on_a_linear_model(norm, targeted):
   gap = z[np.arange(8), yn][:, None] - z                       # (B, K): z_y - z_s
   dist = gap / np.maximum(dual[yn], 1e-12)
   dist[np.arange(8), yn] = np.inf
-  order = np.asarray(apgd.target_order(logits_fn(x), y))
+  order = np.asarray(toolkit.target_order(logits_fn(x), y))
   if targeted:  # FAB-T on the first target only: distance to that pairwise boundary
     exact = dist[np.arange(8), order[:, 0]]
   else:
@@ -256,10 +260,10 @@ def test_fab_finds_the_minimal_distance_on_a_linear_model(norm, targeted):
   # [0.45, 0.55] the box never binds and the closed form applies.
   assert np.all(exact * 1.05 < 0.4)
   _, res = jax.jit(functools.partial(
-      fab.fab_run, logits_fn, norm=norm, targeted=targeted, n_iter=30, alpha_max=0.1, eta=1.05,
-      beta=0.9))(x, y, jnp.asarray(order[:, 0]), x)
+      fab.fab_run, logits_fn, norm=norm, targeted=targeted, steps=30, alpha_max=0.1,
+      overshoot=1.05, beta=0.9))(x, y, jnp.asarray(order[:, 0]), x)
   res = np.asarray(res)
-  # Never closer than the true boundary, and within 2% of it (overshoot eta = 1.05, then the
+  # Never closer than the true boundary, and within 2% of it (overshoot = 1.05, then the
   # beta back-steps and biased combinations close the gap).
   assert np.all(res >= np.minimum(exact, dist.min(axis=1)) * (1 - 1e-4))
   np.testing.assert_array_less(res, exact * 1.02)

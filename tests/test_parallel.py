@@ -88,7 +88,7 @@ def test_sharded_gmres_matches_single_device_without_gather(mesh, model_and_batc
 
 @pytest.mark.parametrize("name,kwargs", [
     ("pgd", dict(steps=3, step_size=0.05)),
-    ("soae", dict(iters=2, m=4, tau=1e-3, hvp="exact")),
+    ("soae", dict(steps=2, m=4, tau=1e-3, hvp="exact")),
 ])
 def test_sharded_attacks_match_single_device_without_gather(mesh, model_and_batch, name, kwargs):
   from krylov_adv import attacks
@@ -162,14 +162,14 @@ def test_sharded_evaluation_matches_single_device(mesh, digits_model):
 
 def test_sharded_autoattack_matches_single_device(mesh, digits_model):
   from krylov_adv import attacks
-  from krylov_adv.attacks import autoattack as aa
+  from krylov_adv.attacks import _autoattack as aa
   assert aa._bucket(3, 16, 8) == 8 and aa._bucket(9, 16, 8) == 16 and aa._bucket(5, 64) == 8
   m = digits_model
   x, y = m.x_test[:16], m.y_test[:16]
-  fast = dict(apgd_ce=dict(n_iter=5), apgd_t=dict(n_iter=5, n_target_classes=2),
-              fab_t=dict(n_iter=5, n_target_classes=2), square=dict(n_queries=20))
-  run = lambda x, y: attacks.get("autoattack")(m.logits_fn, x, y, jax.random.PRNGKey(0),
-                                               eps=0.1, norm="linf", hyperparameters=fast)
+  fast = dict(apgd_ce=dict(steps=5), apgd_t=dict(steps=5, n_target_classes=2),
+              fab_t=dict(steps=5, n_target_classes=2), square=dict(steps=20))
+  run = lambda x, y: attacks.autoattack_with_report(m.logits_fn, x, y, jax.random.PRNGKey(0),
+                                                    eps=0.1, norm="linf", hyperparameters=fast)
   x_single, single = run(x, y)
   x_sharded, sharded = run(*parallel.shard_batch((x, y), mesh))
   # Every component ran, on still-robust subsets that shrink (padded to multiples of 8).

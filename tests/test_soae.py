@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from krylov_adv import attacks, losses
-from krylov_adv.attacks import soae as soae_mod
 
 B, N_IN, K = 16, 16, 3
 
@@ -80,7 +79,7 @@ def _newton(x, y):
 @functools.partial(jax.jit, static_argnames=("tau", "m", "hvp"))
 def _direction_jit(x, y, eta, *, tau, m, hvp):
   # eta is traced so that the finite-difference sweep compiles once per scheme.
-  return soae_mod.soae_direction(_loss_fn(y), x, tau=tau, m=m, hvp=hvp, eta=eta)
+  return attacks.soae_direction(_loss_fn(y), x, tau=tau, m=m, hvp=hvp, eta=eta)
 
 
 def _direction(x, y, *, eta=1e-5, **kw):
@@ -163,10 +162,10 @@ def test_attack_follows_algorithm_1(problem, norm, eps, step, fallback):
   iters, alpha = 3, 1.5 * eps
   ref, ref_fell = _reference_soae(x, y, eps=eps, norm=norm, iters=iters, alpha=alpha, step=step,
                                   fallback=fallback)
-  x_adv, diag = attacks.get("soae")(LOGITS_FN, jnp.asarray(x), jnp.asarray(y),
-                                    jax.random.PRNGKey(0), eps=eps, norm=norm, iters=iters,
+  x_adv, diag = attacks.soae_with_report(LOGITS_FN, jnp.asarray(x), jnp.asarray(y),
+                                    jax.random.PRNGKey(0), eps=eps, norm=norm, steps=iters,
                                     alpha=alpha, m=N_IN, tau=1e-12, hvp="exact", step=step,
-                                    fallback=fallback, return_diagnostics=True)
+                                    fallback=fallback)
   assert x_adv.dtype == jnp.float64
   np.testing.assert_allclose(np.asarray(x_adv), ref, atol=1e-9)
   np.testing.assert_array_equal(np.asarray(diag.fallback), ref_fell)
@@ -192,9 +191,9 @@ def test_diagnostics_report_true_residuals_and_dimensions(problem):
   assert stopped_early.any()
   assert np.all(true_res[stopped_early] <= tau * r0[stopped_early] * (1 + 1e-6))
 
-  _, diag = attacks.get("soae")(LOGITS_FN, jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0),
-                                eps=0.1, norm="linf", iters=2, m=m, tau=tau, hvp="exact",
-                                return_diagnostics=True)
+  _, diag = attacks.soae_with_report(LOGITS_FN, jnp.asarray(x), jnp.asarray(y),
+                                     jax.random.PRNGKey(0), eps=0.1, norm="linf", steps=2, m=m,
+                                     tau=tau, hvp="exact")
   assert diag.num_iters.shape == (2, B) and diag.num_iters.dtype == jnp.int32
   np.testing.assert_array_equal(diag.num_iters[0], res.num_iters)  # the first solve is at x
   np.testing.assert_allclose(diag.residual_norm[0], res.residual_norm, rtol=1e-9)
@@ -212,8 +211,8 @@ def test_nonfinite_direction_never_reaches_x_adv():
 
   x = jnp.full((4, 4, 4, 1), 0.5, jnp.float32)
   y = jnp.asarray([1, 1, 2, 2], jnp.int32)
-  x_adv, diag = attacks.get("soae")(overflow_logits, x, y, jax.random.PRNGKey(0), eps=0.1,
-                                    norm="l2", iters=2, m=3, return_diagnostics=True)
+  x_adv, diag = attacks.soae_with_report(overflow_logits, x, y, jax.random.PRNGKey(0), eps=0.1,
+                                         norm="l2", steps=2, m=3)
   assert np.all(np.isfinite(np.asarray(x_adv)))
   np.testing.assert_array_equal(np.asarray(x_adv), np.asarray(x))
   assert np.all(np.asarray(diag.fallback_count) == 2)

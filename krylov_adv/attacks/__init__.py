@@ -1,13 +1,44 @@
 """Adversarial attacks with one API, and the registry that picks them by name.
 
-Every attack is ``attack(logits_fn, x, y, key, *, eps, norm, **hyperparameters) -> x_adv`` where
-``logits_fn`` maps images ``(B, H, W, C)`` in ``[0, 1]`` to logits ``(B, K)`` (model in inference
-mode), ``y`` is ``(B,)`` int, ``key`` a PRNG key. The result satisfies ``||x_adv_i - x_i|| <= eps``
-and ``0 <= x_adv <= 1``.
+Every attack is a function of the package, ``attacks.NAME(logits_fn, x, y, key, *, eps, norm,
+**hyperparameters) -> x_adv``, where ``logits_fn`` maps images ``(B, H, W, C)`` in ``[0, 1]`` to
+logits ``(B, K)`` (model in inference mode), ``y`` is ``(B,)`` int, ``key`` a PRNG key. The
+result is the adversarial batch alone and satisfies ``||x_adv_i - x_i|| <= eps`` and
+``0 <= x_adv <= 1``. Attacks with a report or diagnostics have a second entry,
+``attacks.NAME_with_report(...)`` with the same arguments and defaults (read from ``NAME``'s
+signature by :func:`krylov_adv.attacks.toolkit.keyword_arguments`), returning
+``WithReport(x_adv, report)`` (:class:`krylov_adv.attacks.toolkit.WithReport`, ``x_adv`` the
+same array ``NAME`` returns): ``pgd_with_report`` and ``second_order_with_report`` (per-iterate
+trace), ``soae_with_report`` (:class:`SOAEDiagnostics`), ``autoattack_with_report``
+(:class:`AutoAttackReport`).
 
-Registry: ``get("pgd")`` returns the attack function; ``from_config(cfg)`` binds the
-hyperparameters of an ``ml_collections.ConfigDict`` (``cfg.name`` plus keyword arguments) and
-returns ``f(logits_fn, x, y, key) -> x_adv``.
+Registered attacks: ``fgsm``, ``pgd``, ``second_order`` (S-O), ``soae``, ``trades``, ``apgd_ce``,
+``apgd_dlr``, ``apgd_t``, ``fab``, ``fab_t``, ``square``, ``autoattack``.
+
+One name per concept across attacks:
+
+* ``steps``: iterations of the attack's loop (PGD/S-O/TRADES/APGD/FAB iterations, SOAE's outer
+  Newton iterations ``N``, Square's queries); ``restarts``: random restarts (per target class
+  for the targeted attacks); ``n_target_classes``: target classes of APGD-T / FAB-T.
+* ``step_size``: the length ``a`` of one step in the threat model's norm (PGD, FGSM, S-O,
+  TRADES; default ``2.5 eps / steps``). SOAE instead takes ``alpha``, the paper's symbol for
+  the *total* distance of its ``N`` steps (each ``alpha / N``). APGD adapts its own step.
+* ``eta``: SOAE's finite-difference step of the Hessian-vector product (with ``hvp``, the HVP
+  method); FAB's overshoot factor is ``overshoot`` (the FAB paper's ``eta``).
+* ``loss``: ``"ce" | "dlr"``; ``random_start``: start at a uniform point of the ball.
+
+Each default lives once: in the signature of the attack ``NAME`` (``NAME_with_report`` reads
+them from there); SOAE's in its module constants ``DEFAULT_STEPS``, ``DEFAULT_M``,
+``DEFAULT_TAU``, ``DEFAULT_HVP``, ``DEFAULT_ETA``, shared by ``soae`` and ``soae_direction``.
+The ``*_step_size`` default ``2.5 eps / steps`` is :func:`toolkit.default_step_size`. Config
+files use these names as keys.
+
+Registry: ``get("pgd")`` returns the attack function (the same object as ``attacks.pgd``);
+``from_config(cfg)`` binds the hyperparameters of an ``ml_collections.ConfigDict`` (``cfg.name``
+plus keyword arguments) and returns ``f(logits_fn, x, y, key) -> x_adv``. The parts attacks are
+built from are in :mod:`krylov_adv.attacks.toolkit`; the implementations in the private modules
+``_first_order``, ``_second_order``, ``_soae``, ``_trades``, ``_apgd``, ``_fab``, ``_square``,
+``_autoattack``.
 """
 
 from __future__ import annotations
@@ -59,10 +90,16 @@ def from_config(cfg) -> Callable[..., Any]:
 
 
 # Attack modules register themselves on import; keep this list at the bottom.
-from krylov_adv.attacks import apgd  # noqa: E402,F401  (apgd_ce, apgd_dlr, apgd_t)
-from krylov_adv.attacks import fab  # noqa: E402,F401  (fab, fab_t)
-from krylov_adv.attacks import square  # noqa: E402,F401  (square)
-from krylov_adv.attacks import autoattack  # noqa: E402,F401  (autoattack)
-from krylov_adv.attacks import first_order  # noqa: E402,F401  (fgsm, pgd)
-from krylov_adv.attacks import second_order  # noqa: E402,F401  (second_order)
-from krylov_adv.attacks import soae  # noqa: E402,F401  (soae)
+# pylint: disable=wrong-import-position
+from krylov_adv.attacks._apgd import apgd, apgd_ce, apgd_dlr, apgd_t  # noqa: E402
+from krylov_adv.attacks._fab import fab, fab_t  # noqa: E402
+from krylov_adv.attacks._square import square  # noqa: E402
+from krylov_adv.attacks._first_order import fgsm, pgd, pgd_with_report  # noqa: E402
+from krylov_adv.attacks._second_order import (second_order,  # noqa: E402
+                                              second_order_with_report, smoothed_gradient)
+from krylov_adv.attacks._soae import (SOAEDiagnostics, SOAEDirection, soae,  # noqa: E402
+                                      soae_direction, soae_with_report)
+from krylov_adv.attacks._trades import trades  # noqa: E402
+from krylov_adv.attacks._autoattack import (AutoAttackReport, autoattack,  # noqa: E402
+                                            autoattack_with_report)
+from krylov_adv.attacks.toolkit import WithReport  # noqa: E402

@@ -27,15 +27,27 @@ def _range_stats(a):
   return jnp.all(jnp.isfinite(a)), jnp.min(a), jnp.max(a)
 
 
-def check_attack_inputs(x, y, eps, norm: str, num_classes: int | None = None) -> None:
-  """Raises ``ValueError`` with a clear message for bad attack input.
+def num_classes(logits_fn, x) -> int:
+  """``K`` from the abstract output shape of ``logits_fn`` on ``x`` (no FLOPs spent)."""
+  out = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  if len(out.shape) != 2 or out.shape[0] != x.shape[0]:
+    raise ValueError(f"logits_fn must map (B, ...) to logits (B, K), got shape {out.shape}")
+  return int(out.shape[1])
+
+
+def check_attack_inputs(x, y, eps, norm: str, logits_fn=None) -> int | None:
+  """Raises ``ValueError`` with a clear message for bad attack input; returns ``K``.
 
   Args:
     x: ``(B, H, W, C)`` images in ``[0, 1]``.
-    y: ``(B,)`` integer labels in ``[0, num_classes)``.
+    y: ``(B,)`` integer labels in ``[0, K)``.
     eps: budget, a number ``>= 0``.
     norm: ``"linf"`` or ``"l2"``.
-    num_classes: ``K`` when known (labels are then range-checked).
+    logits_fn: the model; when given, ``K`` is read from its abstract output shape (after the
+      shape checks, so that a bad batch is reported as such) and the labels are range-checked.
+
+  Returns:
+    ``K``, or ``None`` without ``logits_fn``.
   """
   projections.check_norm(norm)
   if is_concrete(eps) and not float(np.asarray(eps)) >= 0:
@@ -54,16 +66,32 @@ def check_attack_inputs(x, y, eps, norm: str, num_classes: int | None = None) ->
       raise ValueError("x contains NaN or inf")
     if lo < 0.0 or hi > 1.0:
       raise ValueError(f"x must lie in [0, 1], got range [{lo}, {hi}]")
-  if num_classes is not None and is_concrete(y) and y.size:
+  if logits_fn is None:
+    return None
+  k = num_classes(logits_fn, x)
+  if is_concrete(y) and y.size:
     _, lo, hi = (np.asarray(v) for v in _range_stats(y))
-    if lo < 0 or hi >= num_classes:
-      raise ValueError(f"labels must lie in [0, {num_classes}), got range [{lo}, {hi}]")
+    if lo < 0 or hi >= k:
+      raise ValueError(f"labels must lie in [0, {k}), got range [{lo}, {hi}]")
+  return k
 
 
 def check_positive(name: str, value) -> None:
   """Raises ``ValueError`` unless the (static) hyperparameter ``value`` is > 0."""
   if is_concrete(value) and not float(np.asarray(value)) > 0:
     raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_nonnegative(name: str, value) -> None:
+  """Raises ``ValueError`` unless the (concrete) hyperparameter ``value`` is a number >= 0."""
+  if is_concrete(value) and not float(np.asarray(value)) >= 0:
+    raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def check_choice(what: str, value, choices) -> None:
+  """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
+  if value not in choices:
+    raise ValueError(f"unknown {what} {value!r}; use one of {tuple(choices)}")
 
 
 def check_at_least(name: str, value, lower: int) -> None:

@@ -20,20 +20,14 @@ The displaced points ``x_t + d`` are not clipped to ``[0, 1]``: they only probe 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from krylov_adv import hvp, projections
-from krylov_adv.attacks import checks, register
-from krylov_adv.attacks.first_order import (check_nonnegative, make_loss_fn, pgd_step_size,
-                                            validate_inputs)
-
-Array = jax.Array
-LogitsFn = Callable[[Array], Array]
-LossFn = Callable[[Array], Array]
+from krylov_adv.attacks import checks, register, toolkit
+from krylov_adv.attacks.toolkit import Array, LogitsFn, LossFn
 
 FORMS = ("expectation", "power")
 
@@ -75,25 +69,50 @@ def smoothed_gradient(loss_fn: LossFn, x: Array, key: Array, *, form: str = "exp
   raise ValueError(f"unknown S-O form {form!r}; use one of {FORMS}")
 
 
+class SecondOrderReport(NamedTuple):
+  """The trace of an S-O run: :class:`krylov_adv.attacks.toolkit.StepRecord` fields of shape
+  ``(steps + 1, B)`` for every iterate ``x_t`` (``t = 0`` the start)."""
+  trace: toolkit.StepRecord
+
+
 @functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "steps", "samples", "form",
-                                             "random_start", "loss"))
+                                             "random_start", "loss", "trace"))
 def _second_order_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, step_size,
                        sigma, xi, *, norm: str, steps: int, samples: int, form: str,
-                       random_start: bool, loss: str) -> Array:
+                       random_start: bool, loss: str, trace: bool):
   eps = jnp.asarray(eps, x.dtype)
   step_size = jnp.asarray(step_size, x.dtype)
   sigma = jnp.asarray(sigma, x.dtype)
-  loss_fn = make_loss_fn(logits_fn, y, loss)
+  loss_fn = toolkit.make_loss_fn(logits_fn, y, loss)
   start_key, noise_key = jax.random.split(key)
-  x0 = projections.random_start(start_key, x, eps, norm) if random_start else x
+  x0 = toolkit.ball_start(start_key, x, eps, norm) if random_start else x
 
-  def body(t, xt):
-    g = smoothed_gradient(loss_fn, xt, jax.random.fold_in(noise_key, t), form=form,
-                          samples=samples, sigma=sigma, xi=xi)
-    return projections.project(xt + step_size * projections.normalize_step(g, norm), x, eps,
-                               norm)
+  def direction(t, xt):
+    return smoothed_gradient(loss_fn, xt, jax.random.fold_in(noise_key, t), form=form,
+                             samples=samples, sigma=sigma, xi=xi)
 
-  return lax.fori_loop(0, steps, body, x0)
+  record = toolkit.step_record(logits_fn, y, loss) if trace else None
+  out = toolkit.ascend(direction, x, x0, eps, step_size, norm=norm, steps=steps, record=record)
+  if trace:
+    return toolkit.WithReport(out[0], SecondOrderReport(out[1]))
+  return toolkit.WithReport(out, None)
+
+
+def _second_order(logits_fn, x, y, key, *, eps, norm, steps, step_size, samples, sigma, form,
+                  xi, random_start, loss, trace):
+  x, y, _, _ = toolkit.validate_inputs(logits_fn, x, y, eps, norm, loss=loss)
+  checks.check_at_least("steps", steps, 1)
+  checks.check_at_least("samples", samples, 1)
+  checks.check_nonnegative("sigma", sigma)
+  checks.check_choice("S-O form", form, FORMS)
+  if xi is not None:
+    checks.check_positive("xi", xi)
+  if step_size is None:
+    step_size = toolkit.default_step_size(eps, steps)
+  checks.check_nonnegative("step_size", step_size)
+  return _second_order_impl(logits_fn, x, y, key, eps, step_size, sigma, xi, norm=norm,
+                            steps=int(steps), samples=int(samples), form=form,
+                            random_start=bool(random_start), loss=loss, trace=trace)
 
 
 @register("second_order")
@@ -122,17 +141,15 @@ def second_order(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int =
   Returns:
     ``x_adv`` of ``x``'s shape and dtype, ``||x_adv_i - x_i|| <= eps``, ``0 <= x_adv <= 1``.
   """
-  x, y, _ = validate_inputs(logits_fn, x, y, eps, norm, loss=loss)
-  checks.check_at_least("steps", steps, 1)
-  checks.check_at_least("samples", samples, 1)
-  check_nonnegative("sigma", sigma)
-  if form not in FORMS:
-    raise ValueError(f"unknown S-O form {form!r}; use one of {FORMS}")
-  if xi is not None:
-    checks.check_positive("xi", xi)
-  if step_size is None:
-    step_size = pgd_step_size(eps, steps)
-  check_nonnegative("step_size", step_size)
-  return _second_order_impl(logits_fn, x, y, key, eps, step_size, sigma, xi, norm=norm,
-                            steps=int(steps), samples=int(samples), form=form,
-                            random_start=bool(random_start), loss=loss)
+  return _second_order(logits_fn, x, y, key, eps=eps, norm=norm, steps=steps,
+                       step_size=step_size, samples=samples, sigma=sigma, form=form, xi=xi,
+                       random_start=random_start, loss=loss, trace=False).x_adv
+
+
+def second_order_with_report(logits_fn: LogitsFn, x, y, key,
+                             **hyperparameters) -> toolkit.WithReport:
+  """:func:`second_order` and its per-iterate trace: ``WithReport(x_adv, SecondOrderReport)``,
+  ``x_adv`` the same as :func:`second_order`'s; takes :func:`second_order`'s keyword arguments,
+  with its defaults (one extra gradient per iterate)."""
+  return _second_order(logits_fn, x, y, key, trace=True,
+                       **toolkit.keyword_arguments(second_order, hyperparameters))

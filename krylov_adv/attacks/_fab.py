@@ -5,10 +5,11 @@ boundary attack", Algorithm 1; its targeted version is AutoAttack's FAB-T (Croce
 2020, "Reliable evaluation of adversarial robustness ..."). FAB linearises the decision boundary
 at the current iterate, projects both the iterate and the clean point onto that hyperplane
 intersected with the box ``[0, 1]^n`` (Eq. 5), takes a biased convex combination of the two
-projections with overshoot ``eta`` (Eq. 6-7) and, once adversarial, steps back towards the clean
-point by ``beta`` (Sec. 3.2). Hyperparameters are the reference implementation's
-(fra31/auto-attack): 100 iterations, ``alpha_max = 0.1``, ``eta = 1.05``, ``beta = 0.9``,
-9 target classes for FAB-T, restarts from ``x + 0.5 * eps * u / ||u||``.
+projections with overshoot ``overshoot`` (the paper's ``eta``, Eq. 6-7) and, once adversarial,
+steps back towards the clean point by ``beta`` (Sec. 3.2). Hyperparameters are the reference
+implementation's (fra31/auto-attack): 100 iterations (``steps``), ``alpha_max = 0.1``,
+``overshoot = 1.05``, ``beta = 0.9``, 9 target classes for FAB-T, restarts from
+``x + 0.5 * eps * u / ||u||``.
 
 FAB minimises the perturbation norm; as in AutoAttack a point counts as fooled only when the
 smallest adversarial perturbation found has norm ``<= eps``. The returned batch holds that point
@@ -26,9 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from krylov_adv import projections
-from krylov_adv.attacks import checks, register
-from krylov_adv.attacks.apgd import (bcast, example_keys, fold_keys, select, target_order,
-                                     validate)
+from krylov_adv.attacks import checks, register, toolkit
+from krylov_adv.attacks.toolkit import select
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -93,12 +93,8 @@ def hyperplane_box_projection(t: Array, w: Array, b: Array, norm: str) -> Array:
   return jnp.sign(w) * amount
 
 
-def _flat_norm(d: Array, norm: str) -> Array:
-  return projections.per_example_norm(d, norm)
-
-
 def fab_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_start: Array, *,
-            norm: str, targeted: bool, n_iter: int, alpha_max: float, eta: float,
+            norm: str, targeted: bool, steps: int, alpha_max: float, overshoot: float,
             beta: float) -> tuple[Array, Array]:
   """One FAB run (FAB paper, Algorithm 1) from ``x_start``; traceable.
 
@@ -107,7 +103,7 @@ def fab_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_start: Arr
   ``|f_s| / ||grad f_s||_q``, ``q`` the dual norm, Eq. 4):
     ``d1 = proj(x1)``, ``d2 = proj(x)`` (:func:`hyperplane_box_projection`),
     ``alpha = min(||d1|| / (||d1|| + ||d2||), alpha_max)``,
-    ``x1 <- clip((1 - alpha)(x1 + eta d1) + alpha (x + eta d2), 0, 1)``;
+    ``x1 <- clip((1 - alpha)(x1 + overshoot d1) + alpha (x + overshoot d2), 0, 1)``;
   if ``x1`` is misclassified it is recorded when closer to ``x`` than the best so far, and
   ``x1 <- x + beta (x1 - x)``.
 
@@ -148,12 +144,13 @@ def fab_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_start: Arr
     d = hyperplane_box_projection(jnp.concatenate([x1, x0]), jnp.concatenate([w, w]),
                                   jnp.concatenate([b, b]), norm)
     d1, d2 = d[:bsz], d[bsz:]
-    a1 = jnp.maximum(_flat_norm(d1, norm), 1e-8)
-    a2 = jnp.maximum(_flat_norm(d2, norm), 1e-8)
+    a1 = jnp.maximum(projections.per_example_norm(d1, norm), 1e-8)
+    a2 = jnp.maximum(projections.per_example_norm(d2, norm), 1e-8)
     alpha = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
-    x1 = jnp.clip((x1 + eta * d1) * (1.0 - alpha) + (x0 + eta * d2) * alpha, 0.0, 1.0)
+    x1 = jnp.clip((x1 + overshoot * d1) * (1.0 - alpha) + (x0 + overshoot * d2) * alpha, 0.0,
+                  1.0)
     is_adv = jnp.argmax(logits_fn(x1.reshape(x.shape)), axis=1) != y
-    dist = _flat_norm(x1 - x0, norm)
+    dist = projections.per_example_norm(x1 - x0, norm)
     better = is_adv & (dist < res)
     adv = select(better, x1, adv)
     res = jnp.where(better, dist, res)
@@ -161,32 +158,25 @@ def fab_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_start: Arr
     return x1, adv, res
 
   init = (x_start.reshape(bsz, -1), x0, jnp.full((bsz,), jnp.inf, x.dtype))
-  _, adv, res = jax.lax.fori_loop(0, n_iter, body, init)
+  _, adv, res = jax.lax.fori_loop(0, steps, body, init)
   return adv.reshape(x.shape), res
 
 
 def random_start(keys: Array, x: Array, eps, norm: str) -> Array:
   """FAB's restart point ``clip(x + 0.5 eps u / ||u||, 0, 1)`` (linf: ``u ~ U[-1, 1]``;
-  l2: ``u ~ N(0, I)``), per-example keys ``(B, ...)``."""
-  shape = x.shape[1:]
-  if norm == "linf":
-    u = jax.vmap(lambda k: jax.random.uniform(k, shape, x.dtype, -1.0, 1.0))(keys)
-  else:
-    u = jax.vmap(lambda k: jax.random.normal(k, shape, x.dtype))(keys)
-  scale = 0.5 * jnp.asarray(eps, x.dtype) / jnp.maximum(projections.per_example_norm(u, norm),
-                                                        1e-12)
-  return jnp.clip(x + u * bcast(scale, u), 0.0, 1.0)
+  l2: ``u ~ N(0, I)``; :func:`krylov_adv.attacks.toolkit.sphere_start`), per-example keys."""
+  return toolkit.sphere_start(keys, x, 0.5 * jnp.asarray(eps, x.dtype), norm)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "targeted", "n_iter",
-                                             "n_restarts", "n_target_classes", "alpha_max",
-                                             "eta", "beta"))
+@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "targeted", "steps",
+                                             "restarts", "n_target_classes", "alpha_max",
+                                             "overshoot", "beta"))
 def fab_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm: str,
-              targeted: bool, n_iter: int, n_restarts: int, n_target_classes: int,
-              alpha_max: float, eta: float, beta: float) -> tuple[Array, Array]:
+              targeted: bool, steps: int, restarts: int, n_target_classes: int,
+              alpha_max: float, overshoot: float, beta: float) -> tuple[Array, Array]:
   """Jitted FAB over targets (if ``targeted``) and restarts with per-example keys.
 
-  Run ``t * n_restarts + r`` attacks target :func:`target_order` column ``t`` and starts from
+  Run ``t * restarts + r`` attacks target :func:`target_order` column ``t`` and starts from
   ``x`` when ``r = 0``, else from :func:`random_start` with keys ``fold_in(keys_i, run)``. An
   example is fooled by the first run whose closest adversarial point is within ``eps``; the
   loop stops once every example is fooled.
@@ -194,8 +184,8 @@ def fab_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm
   Returns:
     ``(x_adv (B, ...), fooled (B,) bool)``; ``x_adv = x`` where not fooled.
   """
-  n_runs = n_restarts * (n_target_classes if targeted else 1)
-  order = target_order(logits_fn(x), y)
+  n_runs = restarts * (n_target_classes if targeted else 1)
+  order = toolkit.target_order(logits_fn(x), y)
   eps = jnp.asarray(eps, x.dtype)
 
   def cond(s):
@@ -203,10 +193,11 @@ def fab_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm
 
   def body(s):
     run = s["run"]
-    target = jax.lax.dynamic_index_in_dim(order, run // n_restarts, axis=1, keepdims=False)
-    start = jnp.where(run % n_restarts == 0, x, random_start(fold_keys(keys, run), x, eps, norm))
+    target = jax.lax.dynamic_index_in_dim(order, run // restarts, axis=1, keepdims=False)
+    start = jnp.where(run % restarts == 0, x,
+                      random_start(toolkit.fold_keys(keys, run), x, eps, norm))
     adv, res = fab_run(logits_fn, x, y, target, start, norm=norm, targeted=targeted,
-                       n_iter=n_iter, alpha_max=alpha_max, eta=eta, beta=beta)
+                       steps=steps, alpha_max=alpha_max, overshoot=overshoot, beta=beta)
     newly = (res <= eps) & ~s["fooled"]
     return dict(run=run + 1, fooled=s["fooled"] | newly, x_out=select(newly, adv, s["x_out"]))
 
@@ -217,8 +208,8 @@ def fab_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm
 
 
 def fab_attack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, targeted: bool,
-               n_iter: int = 100, n_restarts: int = 1, n_target_classes: int = 9,
-               alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
+               steps: int = 100, restarts: int = 1, n_target_classes: int = 9,
+               alpha_max: float = 0.1, overshoot: float = 1.05, beta: float = 0.9,
                example_index=None) -> Array:
   """FAB (untargeted or targeted) with the attack API; see :func:`fab_batch`.
 
@@ -227,47 +218,49 @@ def fab_attack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, targeted: bool
     x: ``(B, H, W, C)`` in ``[0, 1]``; y: ``(B,)`` int; key: PRNG key (used by restarts > 0).
     eps: budget ``>= 0`` (a point counts as fooled when its FAB distance is ``<= eps``).
     norm: ``"linf" | "l2"``. targeted: FAB-T over ``min(n_target_classes, K - 1)`` targets.
-    n_iter, n_restarts, alpha_max, eta, beta: FAB hyperparameters (paper/reference defaults).
+    steps, restarts, alpha_max, overshoot, beta: FAB hyperparameters (paper/reference defaults).
     example_index: ``(B,)`` ints keying each example's randomness (default ``arange(B)``).
 
   Returns:
     ``x_adv`` ``(B, H, W, C)`` within the eps-ball and box.
   """
-  x, y, example_index, k = validate(logits_fn, x, y, eps, norm, example_index)
-  checks.check_at_least("n_iter", n_iter, 1)
-  checks.check_at_least("n_restarts", n_restarts, 1)
+  x, y, k, example_index = toolkit.validate_inputs(logits_fn, x, y, eps, norm,
+                                                   example_index=example_index)
+  checks.check_at_least("steps", steps, 1)
+  checks.check_at_least("restarts", restarts, 1)
   checks.check_at_least("n_target_classes", n_target_classes, 1)
   if not 0.0 <= alpha_max <= 1.0:
     raise ValueError(f"alpha_max must lie in [0, 1], got {alpha_max}")
-  checks.check_positive("eta", eta)
+  checks.check_positive("overshoot", overshoot)
   if not 0.0 < beta <= 1.0:
     raise ValueError(f"beta must lie in (0, 1], got {beta}")
   if k < 2:
     raise ValueError(f"FAB needs at least 2 classes, got K={k}")
-  x_adv, _ = fab_batch(logits_fn, x, y, example_keys(key, example_index), eps, norm=norm,
-                       targeted=bool(targeted), n_iter=int(n_iter), n_restarts=int(n_restarts),
+  x_adv, _ = fab_batch(logits_fn, x, y, toolkit.example_keys(key, example_index), eps, norm=norm,
+                       targeted=bool(targeted), steps=int(steps), restarts=int(restarts),
                        n_target_classes=int(min(n_target_classes, k - 1)),
-                       alpha_max=float(alpha_max), eta=float(eta), beta=float(beta))
+                       alpha_max=float(alpha_max), overshoot=float(overshoot), beta=float(beta))
   return x_adv
 
 
 @register("fab_t")
-def fab_t(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, n_iter: int = 100,
-          n_restarts: int = 1, n_target_classes: int = 9, alpha_max: float = 0.1,
-          eta: float = 1.05, beta: float = 0.9, example_index=None) -> Array:
+def fab_t(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
+          restarts: int = 1, n_target_classes: int = 9, alpha_max: float = 0.1,
+          overshoot: float = 1.05, beta: float = 0.9, example_index=None) -> Array:
   """Targeted FAB over the ``min(9, K-1)`` highest non-true classes (AutoAttack's FAB-T);
   see :func:`fab_attack`."""
-  return fab_attack(logits_fn, x, y, key, eps=eps, norm=norm, targeted=True, n_iter=n_iter,
-                    n_restarts=n_restarts, n_target_classes=n_target_classes,
-                    alpha_max=alpha_max, eta=eta, beta=beta, example_index=example_index)
+  return fab_attack(logits_fn, x, y, key, eps=eps, norm=norm, targeted=True, steps=steps,
+                    restarts=restarts, n_target_classes=n_target_classes,
+                    alpha_max=alpha_max, overshoot=overshoot, beta=beta,
+                    example_index=example_index)
 
 
 @register("fab")
-def fab(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, n_iter: int = 100,
-        n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
+def fab(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
+        restarts: int = 1, alpha_max: float = 0.1, overshoot: float = 1.05, beta: float = 0.9,
         example_index=None) -> Array:
   """Untargeted FAB (closest linearised boundary over all classes, FAB paper Eq. 4); AutoAttack+
   runs it with 5 restarts. See :func:`fab_attack`."""
-  return fab_attack(logits_fn, x, y, key, eps=eps, norm=norm, targeted=False, n_iter=n_iter,
-                    n_restarts=n_restarts, alpha_max=alpha_max, eta=eta, beta=beta,
+  return fab_attack(logits_fn, x, y, key, eps=eps, norm=norm, targeted=False, steps=steps,
+                    restarts=restarts, alpha_max=alpha_max, overshoot=overshoot, beta=beta,
                     example_index=example_index)

@@ -5,10 +5,12 @@ diverse parameter-free attacks", Sec. 5; versions and component settings follow 
 implementation (fra31/auto-attack, ``set_version``):
 
   standard: APGD-CE (1 restart), APGD-T (9 targets, 1 restart), FAB-T (9 targets, 1 restart),
-            Square (5000 queries).
+            Square (5000 queries, ``steps``).
   plus:     APGD-CE (5 restarts), APGD-DLR (5 restarts), FAB (5 restarts), Square (5000),
             APGD-T (9 targets), FAB-T (9 targets).
-  custom:   any sequence of registered components.
+  custom:   any sequence of components: registered attacks that take ``example_index``
+            (``apgd_ce``, ``apgd_dlr``, ``apgd_t``, ``fab``, ``fab_t``, ``square``), looked up
+            in the registry (:func:`krylov_adv.attacks.get`).
 
 Components run in order, each only on the points still classified correctly, and an example keeps
 the first adversarial point found. Each component is ``jit``-compiled on its own (the ensemble is
@@ -35,24 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from krylov_adv import parallel
-from krylov_adv.attacks import apgd, fab, register, square
-
-Array = jax.Array
-LogitsFn = Callable[[Array], Array]
-
-COMPONENTS: dict[str, Callable[..., Array]] = {
-    "apgd_ce": apgd.apgd_ce,
-    "apgd_dlr": apgd.apgd_dlr,
-    "apgd_t": apgd.apgd_t,
-    "fab": fab.fab,
-    "fab_t": fab.fab_t,
-    "square": square.square,
-}
+from krylov_adv.attacks import available, get, register, toolkit
+from krylov_adv.attacks.toolkit import Array, LogitsFn
 
 VERSIONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
     "standard": (("apgd_ce", {}), ("apgd_t", {}), ("fab_t", {}), ("square", {})),
-    "plus": (("apgd_ce", {"n_restarts": 5}), ("apgd_dlr", {"n_restarts": 5}),
-             ("fab", {"n_restarts": 5}), ("square", {}), ("apgd_t", {}), ("fab_t", {})),
+    "plus": (("apgd_ce", {"restarts": 5}), ("apgd_dlr", {"restarts": 5}),
+             ("fab", {"restarts": 5}), ("square", {}), ("apgd_t", {}), ("fab_t", {})),
 }
 
 
@@ -85,7 +76,7 @@ def version_components(version: str, attacks: Sequence | None = None,
     version: ``"standard" | "plus" | "custom"``.
     attacks: for ``"custom"`` only: component names, or ``(name, kwargs)`` pairs.
     hyperparameters: ``{name: kwargs}`` overriding the version's settings for every run of that
-      component (e.g. ``{"square": {"n_queries": 500}}``).
+      component (e.g. ``{"square": {"steps": 500}}``).
 
   Raises:
     ValueError: unknown version or component, ``attacks`` given for a fixed version or missing
@@ -107,14 +98,11 @@ def version_components(version: str, attacks: Sequence | None = None,
                      f"'custom'")
   hyperparameters = dict(hyperparameters or {})
   for name in hyperparameters:
-    if name not in COMPONENTS:
-      raise ValueError(f"unknown AutoAttack component {name!r}; available: {sorted(COMPONENTS)}")
+    _component(name)
   out = []
   for name, kw in plan:
-    if name not in COMPONENTS:
-      raise ValueError(f"unknown AutoAttack component {name!r}; available: {sorted(COMPONENTS)}")
     kw.update(hyperparameters.get(name, {}))
-    allowed = set(inspect.signature(COMPONENTS[name]).parameters) - {
+    allowed = set(inspect.signature(_component(name)).parameters) - {
         "logits_fn", "x", "y", "key", "eps", "norm", "example_index"}
     unknown = set(kw) - allowed
     if unknown:
@@ -122,6 +110,20 @@ def version_components(version: str, attacks: Sequence | None = None,
                        f"it takes {sorted(allowed)}")
     out.append((name, kw))
   return tuple(out)
+
+
+def components() -> list[str]:
+  """Names of the registered attacks that can be AutoAttack components: those taking
+  ``example_index`` (their randomness is keyed per example, so a component gives an example the
+  same result inside the ensemble as alone)."""
+  return [name for name in available()
+          if "example_index" in inspect.signature(get(name)).parameters]
+
+
+def _component(name: str) -> Callable[..., Array]:
+  if name not in components():
+    raise ValueError(f"unknown AutoAttack component {name!r}; available: {components()}")
+  return get(name)
 
 
 def _bucket(n: int, batch: int, multiple: int = 1) -> int:
@@ -153,11 +155,8 @@ def _put(x_adv: Array, xa: Array, target: Array) -> Array:
 @register("autoattack")
 def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str = "standard",
                attacks: Sequence | None = None,
-               hyperparameters: Mapping[str, Mapping[str, Any]] | None = None
-               ) -> tuple[Array, AutoAttackReport]:
-  """Runs AutoAttack (Croce and Hein 2020, Sec. 5) and reports robust accuracy per component.
-
-  Unlike the other registered attacks this returns ``(x_adv, report)``.
+               hyperparameters: Mapping[str, Mapping[str, Any]] | None = None) -> Array:
+  """Runs AutoAttack (Croce and Hein 2020, Sec. 5): each component on the points still robust.
 
   Args:
     logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, model in inference mode.
@@ -169,9 +168,27 @@ def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str =
 
   Returns:
     ``x_adv`` ``(B, H, W, C)``: for each fooled point the first adversarial point found, the
-    clean point elsewhere (within the eps-ball and box), and an :class:`AutoAttackReport`.
+    clean point elsewhere (within the eps-ball and box). :func:`autoattack_with_report` also
+    returns the :class:`AutoAttackReport`.
   """
-  x, y, _, _ = apgd.validate(logits_fn, x, y, eps, norm)
+  return _autoattack(logits_fn, x, y, key, eps=eps, norm=norm, version=version, attacks=attacks,
+                     hyperparameters=hyperparameters).x_adv
+
+
+def autoattack_with_report(logits_fn: LogitsFn, x, y, key,
+                           **hyperparameters) -> toolkit.WithReport:
+  """:func:`autoattack` and its report: ``WithReport(x_adv, AutoAttackReport)``, ``x_adv`` the
+  same as :func:`autoattack`'s; takes :func:`autoattack`'s keyword arguments, with its
+  defaults."""
+  return _autoattack(logits_fn, x, y, key,
+                     **toolkit.keyword_arguments(autoattack, hyperparameters))
+
+
+def _autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str,
+                attacks: Sequence | None,
+                hyperparameters: Mapping[str, Mapping[str, Any]] | None) -> toolkit.WithReport:
+  """The ensemble behind :func:`autoattack` and :func:`autoattack_with_report`."""
+  x, y, _, _ = toolkit.validate_inputs(logits_fn, x, y, eps, norm)
   plan = version_components(version, attacks, hyperparameters)
   bsz = x.shape[0]
   # A batch sharded over a mesh stays sharded: subsets are padded to a multiple of the number
@@ -196,9 +213,9 @@ def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str =
     start = time.perf_counter()
     example_index = jnp.asarray(padded) if index_sharding is None else jax.device_put(
         padded, index_sharding)
-    xa = COMPONENTS[name](logits_fn, _take(x, padded, sharding=sharding),
-                          _take(y, padded, sharding=index_sharding), key, eps=eps, norm=norm,
-                          example_index=example_index, **kw)
+    xa = get(name)(logits_fn, _take(x, padded, sharding=sharding),
+                   _take(y, padded, sharding=index_sharding), key, eps=eps, norm=norm,
+                   example_index=example_index, **kw)
     pred = parallel.to_host(_predict(logits_fn, xa))
     seconds.append(time.perf_counter() - start)
     fooled = np.zeros(size, bool)
@@ -211,4 +228,4 @@ def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str =
       robust_accuracy_after=tuple(after),
       robust_accuracy=after[-1] if after else clean_accuracy, seconds=tuple(seconds),
       robust=robust)
-  return x_adv, report
+  return toolkit.WithReport(x_adv, report)

@@ -1,6 +1,6 @@
 """SOAE: the Krylov-Newton second-order adversarial example (SOAE paper, Sec. III, Algorithm 1).
 
-For ``n = 1..N`` (``N = iters``):
+For ``n = 1..N`` (``N = steps``):
 
 1. ``g = grad L(x_n)`` (step 2);
 2. solve the Newton system ``H d = g`` (Eq. 5, ``H`` the input Hessian of the loss at ``x_n``)
@@ -39,7 +39,7 @@ picks it on accelerators.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,15 +47,19 @@ from jax import lax
 
 from krylov_adv import hvp as hvp_lib
 from krylov_adv import krylov, projections
-from krylov_adv.attacks import checks, register
-from krylov_adv.attacks.first_order import make_loss_fn, validate_inputs
-
-Array = jax.Array
-LogitsFn = Callable[[Array], Array]
-LossFn = Callable[[Array], Array]
+from krylov_adv.attacks import checks, register, toolkit
+from krylov_adv.attacks.toolkit import Array, LogitsFn, LossFn
 
 STEPS = ("normalized", "raw")
 ORTHOGONALIZATIONS = ("auto", "mgs", "cgs2")
+
+# The one default of each SOAE hyperparameter, used by soae, soae_with_report and soae_direction
+# (the paper's Sec. IV-D where it gives values; see soae's docstring).
+DEFAULT_STEPS = 4
+DEFAULT_M = 15
+DEFAULT_TAU = 1e-3
+DEFAULT_HVP = "exact"
+DEFAULT_ETA = 1e-5
 
 
 class SOAEDirection(NamedTuple):
@@ -102,8 +106,9 @@ class SOAEDiagnostics(NamedTuple):
     return jnp.where(r0 > 0, self.residual_norm / jnp.where(r0 > 0, r0, 1.0), 0.0)
 
 
-def soae_direction(loss_fn: LossFn, x: Array, *, tau: float, m: int, hvp: str = "exact",
-                   eta: float = 1e-5, orthogonalization: str = "auto") -> SOAEDirection:
+def soae_direction(loss_fn: LossFn, x: Array, *, tau: float = DEFAULT_TAU, m: int = DEFAULT_M,
+                   hvp: str = DEFAULT_HVP, eta: float = DEFAULT_ETA,
+                   orthogonalization: str = "auto") -> SOAEDirection:
   """Solves ``H_i d_i = g_i`` for every example by GMRES from ``d_0 = g`` (Algorithm 1, 2-17).
 
   ``g = grad L(x)`` and ``H v`` come from ``make_hvp(loss_fn, x, method=hvp, eta=eta)``; GMRES
@@ -123,7 +128,8 @@ def soae_direction(loss_fn: LossFn, x: Array, *, tau: float, m: int, hvp: str = 
       ``"mgs"`` or ``"cgs2"``.
 
   Returns:
-    :class:`SOAEDirection`.
+    :class:`SOAEDirection`; its ``gmres`` holds the residual history of the solve
+    (``experiments/krylov_dims.py`` reads the Krylov dimension per threshold from it).
   """
   op = hvp_lib.make_hvp(loss_fn, x, method=hvp, eta=eta)
   res = krylov.gmres(op.matvec, op.grad, x0=op.grad, tol=tau, max_dim=m,
@@ -140,17 +146,16 @@ def _all_finite(a: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "logits_fn", "norm", "iters", "m", "tau", "hvp", "eta", "step", "fallback", "random_start",
+    "logits_fn", "norm", "steps", "m", "tau", "hvp", "eta", "step", "fallback", "random_start",
     "loss", "orthogonalization"))
 def _soae_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, alpha, *, norm: str,
-               iters: int, m: int, tau: float, hvp: str, eta: float, step: str, fallback: bool,
+               steps: int, m: int, tau: float, hvp: str, eta: float, step: str, fallback: bool,
                random_start: bool, loss: str,
                orthogonalization: str) -> tuple[Array, SOAEDiagnostics]:
   eps = jnp.asarray(eps, x.dtype)
-  step_size = jnp.asarray(alpha, x.dtype) / iters
-  loss_fn = make_loss_fn(logits_fn, y, loss)
-  bcast = lambda mask, a: mask.reshape((-1,) + (1,) * (a.ndim - 1))
-  x0 = projections.random_start(key, x, eps, norm) if random_start else x
+  step_size = jnp.asarray(alpha, x.dtype) / steps
+  loss_fn = toolkit.make_loss_fn(logits_fn, y, loss)
+  x0 = toolkit.ball_start(key, x, eps, norm) if random_start else x
 
   def outer(xn, _):
     sol = soae_direction(loss_fn, xn, tau=tau, m=m, hvp=hvp, eta=eta,
@@ -160,16 +165,18 @@ def _soae_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, alpha, 
     if fallback:
       # `not > 0` rather than `<= 0`: a NaN inner product must fall back too.
       bad = bad | ~(_per_example_dot(g, d) > 0)
-    d = jnp.where(bcast(bad, d), g, d)
+    d = toolkit.select(bad, g, d)
     # A non-finite gradient (overflowing model) moves nothing rather than poisoning x_adv.
-    d = jnp.where(bcast(_all_finite(d), d), d, 0.0)
-    direction = projections.normalize_step(d, norm) if step == "normalized" else d
-    x_next = projections.project(xn + step_size * direction, x, eps, norm)
+    d = jnp.where(toolkit.bcast(_all_finite(d), d), d, 0.0)
+    if step == "normalized":
+      x_next = toolkit.ascent_step(xn, d, x, eps, step_size, norm)
+    else:
+      x_next = projections.project(xn + step_size * d, x, eps, norm)
     res = sol.gmres
     return x_next, (res.num_iters, res.residual_norm, res.initial_residual_norm, res.converged,
                     bad)
 
-  x_adv, (num_iters, resid, resid0, conv, fell) = lax.scan(outer, x0, None, length=iters)
+  x_adv, (num_iters, resid, resid0, conv, fell) = lax.scan(outer, x0, None, length=steps)
   diag = SOAEDiagnostics(num_iters=num_iters, residual_norm=resid, initial_residual_norm=resid0,
                          converged=conv, fallback=fell,
                          num_iters_total=jnp.sum(num_iters, axis=0).astype(jnp.int32),
@@ -177,67 +184,76 @@ def _soae_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, alpha, 
   return x_adv, diag
 
 
+def _soae(logits_fn, x, y, key, *, eps, norm, steps, alpha, m, tau, hvp, eta, step, fallback,
+          random_start, loss, orthogonalization) -> toolkit.WithReport:
+  x, y, _, _ = toolkit.validate_inputs(logits_fn, x, y, eps, norm, loss=loss)
+  checks.check_at_least("steps", steps, 1)
+  checks.check_at_least("m", m, 1)
+  checks.check_positive("tau", tau)
+  checks.check_positive("eta", eta)
+  checks.check_choice("HVP method", hvp, hvp_lib.HVP_METHODS)
+  checks.check_choice("SOAE step", step, STEPS)
+  checks.check_choice("orthogonalization", orthogonalization, ORTHOGONALIZATIONS)
+  if alpha is None:
+    alpha = eps
+  checks.check_nonnegative("alpha", alpha)
+  x_adv, diag = _soae_impl(logits_fn, x, y, key, eps, alpha, norm=norm, steps=int(steps),
+                           m=int(m), tau=float(tau), hvp=hvp, eta=float(eta), step=step,
+                           fallback=bool(fallback), random_start=bool(random_start), loss=loss,
+                           orthogonalization=orthogonalization)
+  return toolkit.WithReport(x_adv, diag)
+
+
 @register("soae")
-def soae(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, iters: int = 4, alpha=None,
-         m: int = 15, tau: float = 1e-3, hvp: str = "exact", eta: float = 1e-5,
-         step: str = "normalized", fallback: bool = True, random_start: bool = False,
-         loss: str = "ce", orthogonalization: str = "auto", return_diagnostics: bool = False):
+def soae(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = DEFAULT_STEPS,
+         alpha=None, m: int = DEFAULT_M, tau: float = DEFAULT_TAU, hvp: str = DEFAULT_HVP,
+         eta: float = DEFAULT_ETA, step: str = "normalized", fallback: bool = True,
+         random_start: bool = False, loss: str = "ce", orthogonalization: str = "auto") -> Array:
   """Second-order adversarial example by Krylov-Newton steps (SOAE paper, Algorithm 1).
 
-  ``x_{n+1} = Proj(x_n + (alpha / N) * step(d_n))``, ``n = 1..N``, ``x_1 = x``, with ``d_n``
-  GMRES's solution of ``H d = grad L(x_n)`` from ``d_0 = grad L(x_n)`` (:func:`soae_direction`;
-  the gradient replaces it where it points downhill when ``fallback``). See the module docstring
-  for the cost and the raw vs normalised step.
+  ``x_{n+1} = Proj(x_n + (alpha / N) * step(d_n))``, ``n = 1..N`` (``N = steps``), ``x_1 = x``,
+  with ``d_n`` GMRES's solution of ``H d = grad L(x_n)`` from ``d_0 = grad L(x_n)``
+  (:func:`soae_direction`; the gradient replaces it where it points downhill when
+  ``fallback``). See the module docstring for the cost and the raw vs normalised step.
 
   Defaults follow the paper where it gives values (Sec. IV-D): ``N = 4`` ("less than 4
   iterations"), ``m = 15`` (enough for 28x28 and 32x32 images), ``tau = 1e-3`` (the cheap end
   of the recommended ``1e-4 <= tau <= 1e-3``) and ``eta = 1e-5`` for the finite differences
-  (``eta <= 1e-5`` recommended). The Hessian product defaults to ``hvp="exact"``, the quantity
-  that Algorithm 1 step 3's forward difference approximates, at about the same cost: in float32
-  the forward difference with ``eta = 1e-5`` has ~1% rounding error per product, GMRES then
-  inverts that noise on the (near) null space of ``H`` (a ReLU network's input Hessian of the
-  cross-entropy has rank <= K - 1), and the attack collapses (on the digits test model, Linf
-  0.3: 84% robust accuracy with ``"fd_forward"``/``1e-5`` against 6% with ``"exact"``). Pass
-  ``hvp="fd_forward"`` for the paper's literal algorithm. ``alpha`` is not given by the paper;
-  the default ``alpha = eps`` makes ``x + alpha * step`` reach the boundary of the Linf ball
-  after ``N`` agreeing sign steps, and the L2 sphere.
+  (``eta <= 1e-5`` recommended); they are the module constants ``DEFAULT_*``. The Hessian
+  product defaults to ``hvp="exact"``, the quantity that Algorithm 1 step 3's forward difference
+  approximates, at about the same cost: in float32 the forward difference with ``eta = 1e-5``
+  has ~1% rounding error per product, GMRES then inverts that noise on the (near) null space of
+  ``H`` (a ReLU network's input Hessian of the cross-entropy has rank <= K - 1), and the attack
+  collapses (on the digits test model, Linf 0.3: 84% robust accuracy with ``"fd_forward"``/
+  ``1e-5`` against 6% with ``"exact"``). Pass ``hvp="fd_forward"`` for the paper's literal
+  algorithm. ``alpha`` is the paper's symbol (Algorithm 1 step 18): the *total* distance of the
+  ``N`` steps, each of length ``alpha / N`` (not a per-step ``step_size``); the paper gives no
+  value, and the default ``alpha = eps`` makes ``x + alpha * step`` reach the boundary of the
+  Linf ball after ``N`` agreeing sign steps, and the L2 sphere.
 
   Args:
     logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, inference mode; hashable.
     x: ``(B, H, W, C)`` float images in ``[0, 1]``. y: ``(B,)`` int labels. key: PRNG key
       (used only with ``random_start``, which the paper does not have).
     eps: budget ``>= 0``. norm: ``"linf" | "l2"``.
-    iters: outer iterations ``N >= 1``. alpha: total step ``>= 0`` (default ``eps``).
+    steps: outer iterations ``N >= 1``. alpha: total distance ``>= 0`` (default ``eps``).
     m: maximal Krylov dimension ``>= 1``. tau: GMRES threshold ``> 0``.
     hvp: ``"exact" | "exact_linearized" | "fd_forward" | "fd_central"``. eta: FD step ``> 0``.
     step: ``"normalized"`` (sign / unit L2, default) or ``"raw"`` (the paper's literal step).
     fallback: use ``g`` where ``<g, d> <= 0``. loss: ``"ce" | "dlr"``.
     orthogonalization: GMRES's ``"auto"`` (default: MGS on CPU, CGS2 on accelerators),
       ``"mgs"`` or ``"cgs2"``.
-    return_diagnostics: also return :class:`SOAEDiagnostics`.
 
   Returns:
-    ``x_adv`` of ``x``'s shape and dtype (``||x_adv_i - x_i|| <= eps``, ``0 <= x_adv <= 1``),
-    or ``(x_adv, SOAEDiagnostics)`` with ``return_diagnostics``.
+    ``x_adv`` of ``x``'s shape and dtype (``||x_adv_i - x_i|| <= eps``, ``0 <= x_adv <= 1``).
   """
-  x, y, _ = validate_inputs(logits_fn, x, y, eps, norm, loss=loss)
-  checks.check_at_least("iters", iters, 1)
-  checks.check_at_least("m", m, 1)
-  checks.check_positive("tau", tau)
-  checks.check_positive("eta", eta)
-  if hvp not in hvp_lib.HVP_METHODS:
-    raise ValueError(f"unknown HVP method {hvp!r}; use one of {hvp_lib.HVP_METHODS}")
-  if step not in STEPS:
-    raise ValueError(f"unknown SOAE step {step!r}; use one of {STEPS}")
-  if orthogonalization not in ORTHOGONALIZATIONS:
-    raise ValueError(f"unknown orthogonalization {orthogonalization!r}; "
-                     f"use one of {ORTHOGONALIZATIONS}")
-  if alpha is None:
-    alpha = eps
-  if checks.is_concrete(alpha) and not float(alpha) >= 0:
-    raise ValueError(f"alpha must be >= 0, got {alpha}")
-  x_adv, diag = _soae_impl(logits_fn, x, y, key, eps, alpha, norm=norm, iters=int(iters),
-                           m=int(m), tau=float(tau), hvp=hvp, eta=float(eta), step=step,
-                           fallback=bool(fallback), random_start=bool(random_start), loss=loss,
-                           orthogonalization=orthogonalization)
-  return (x_adv, diag) if return_diagnostics else x_adv
+  return _soae(logits_fn, x, y, key, eps=eps, norm=norm, steps=steps, alpha=alpha, m=m, tau=tau,
+               hvp=hvp, eta=eta, step=step, fallback=fallback, random_start=random_start,
+               loss=loss, orthogonalization=orthogonalization).x_adv
+
+
+def soae_with_report(logits_fn: LogitsFn, x, y, key, **hyperparameters) -> toolkit.WithReport:
+  """:func:`soae` and its diagnostics: ``WithReport(x_adv, SOAEDiagnostics)``, ``x_adv`` the
+  same as :func:`soae`'s; takes :func:`soae`'s keyword arguments, with its defaults (the
+  diagnostics cost nothing extra)."""
+  return _soae(logits_fn, x, y, key, **toolkit.keyword_arguments(soae, hyperparameters))

@@ -1,0 +1,169 @@
+"""First-order attacks: FGSM and PGD with random restarts.
+
+* FGSM (Goodfellow et al. 2015; SOAE paper Sec. II): ``x_adv = Proj(x + eps * step(grad L(x)))``.
+* PGD (Madry et al. 2018; SOAE paper Sec. II, S-O paper Eq. 2):
+  ``x_{t+1} = Proj(x_t + a * step(grad L(x_t)))`` from a random point of the ball.
+
+``step`` is :func:`krylov_adv.projections.normalize_step` (``sign`` for Linf, the unit L2 vector
+for L2) and ``Proj`` is :func:`krylov_adv.projections.project` (the eps-ball, then the box
+``[0, 1]``), so every result is inside the threat model; the update is
+:func:`krylov_adv.attacks.toolkit.ascent_step`.
+
+Examples never interact: the model is in inference mode, so the gradient of the summed loss
+w.r.t. the batch holds every example's own gradient (block-diagonal assumption of
+:mod:`krylov_adv.hvp`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from krylov_adv import hvp
+from krylov_adv.attacks import checks, register, toolkit
+from krylov_adv.attacks.toolkit import Array, LogitsFn, LossFn
+
+
+# ----------------------------------------------------------------------------------------------
+# FGSM.
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "loss", "random_start"))
+def _fgsm_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, step_size, *,
+               norm: str, loss: str, random_start: bool) -> Array:
+  eps = jnp.asarray(eps, x.dtype)
+  step_size = jnp.asarray(step_size, x.dtype)
+  loss_fn = toolkit.make_loss_fn(logits_fn, y, loss)
+  x0 = toolkit.ball_start(key, x, eps, norm) if random_start else x
+  return toolkit.ascent_step(x0, hvp.input_grad(loss_fn, x0), x, eps, step_size, norm)
+
+
+@register("fgsm")
+def fgsm(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, step_size=None,
+         random_start: bool = False, loss: str = "ce") -> Array:
+  """Fast gradient (sign) method: one normalised gradient step, projected.
+
+  ``x_adv = Proj(x0 + a * step(grad_x L(x0, y)))`` with ``x0 = x`` (``a = eps`` by default: the
+  classic FGSM, ``x + eps * sign(g)`` for Linf) or, with ``random_start``, ``x0`` uniform in the
+  ball (the "FGSM with random start" of fast adversarial training, where ``a = 1.25 eps`` is
+  usual).
+
+  Args:
+    logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, inference mode; hashable
+      (it is a static argument of the jitted core).
+    x: ``(B, H, W, C)`` float images in ``[0, 1]``. y: ``(B,)`` int labels. key: PRNG key (used
+      only with ``random_start``).
+    eps: budget ``>= 0``. norm: ``"linf" | "l2"``.
+    step_size: ``a`` (default ``eps``). random_start: start from a random point of the ball.
+    loss: ``"ce" | "dlr"``.
+
+  Returns:
+    ``x_adv`` of ``x``'s shape and dtype, ``||x_adv_i - x_i|| <= eps``, ``0 <= x_adv <= 1``.
+  """
+  x, y, _, _ = toolkit.validate_inputs(logits_fn, x, y, eps, norm, loss=loss)
+  if step_size is None:
+    step_size = eps
+  checks.check_nonnegative("step_size", step_size)
+  return _fgsm_impl(logits_fn, x, y, key, eps, step_size, norm=norm, loss=loss,
+                    random_start=bool(random_start))
+
+
+# ----------------------------------------------------------------------------------------------
+# PGD.
+
+
+def pgd_run(loss_fn: LossFn, x: Array, x0: Array, eps, step_size, *, norm: str, steps: int,
+            record=None):
+  """``steps`` iterations of ``x_{t+1} = Proj(x_t + a * step(grad L(x_t)))`` from ``x0``
+  (:func:`krylov_adv.attacks.toolkit.ascend` on the gradient).
+
+  Traceable; call it under ``jit``. ``x``, ``x0``: ``(B, ...)``; ``eps``, ``step_size``: scalars.
+  Returns the last iterate ``(B, ...)``, or ``(x_last, records)`` with ``record``.
+  """
+  return toolkit.ascend(lambda _, xt: hvp.input_grad(loss_fn, xt), x, x0, eps, step_size,
+                        norm=norm, steps=steps, record=record)
+
+
+class PGDReport(NamedTuple):
+  """The trace of a PGD run: :class:`krylov_adv.attacks.toolkit.StepRecord` fields of shape
+  ``(restarts, steps + 1, B)`` for every iterate ``x_t`` of every restart (``t = 0`` the start)."""
+  trace: toolkit.StepRecord
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "steps", "restarts",
+                                             "random_start", "loss", "trace"))
+def _pgd_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, step_size, *,
+              norm: str, steps: int, restarts: int, random_start: bool, loss: str,
+              trace: bool):
+  eps = jnp.asarray(eps, x.dtype)
+  step_size = jnp.asarray(step_size, x.dtype)
+  loss_fn = toolkit.make_loss_fn(logits_fn, y, loss)
+  record = toolkit.step_record(logits_fn, y, loss) if trace else None
+
+  def one_restart(carry, restart_key):
+    x_best, loss_best, fooled_best = carry
+    x0 = toolkit.ball_start(restart_key, x, eps, norm) if random_start else x
+    out = pgd_run(loss_fn, x, x0, eps, step_size, norm=norm, steps=steps, record=record)
+    x_r, recs = out if trace else (out, None)
+    logits = logits_fn(x_r)
+    loss_r = toolkit.make_loss_fn(lambda _: logits, y, loss)(x_r)
+    fooled_r = jnp.argmax(logits, axis=1) != y
+    # Per example: the first restart that misclassifies wins; until one does, the highest loss.
+    take = (fooled_r & ~fooled_best) | (~fooled_r & ~fooled_best & (loss_r > loss_best))
+    return (toolkit.select(take, x_r, x_best), jnp.where(take, loss_r, loss_best),
+            fooled_best | fooled_r), recs
+
+  init = (x, jnp.full(y.shape, -jnp.inf, x.dtype), jnp.zeros(y.shape, bool))
+  (x_adv, _, _), recs = lax.scan(one_restart, init, jax.random.split(key, restarts))
+  return toolkit.WithReport(x_adv, PGDReport(recs) if trace else None)
+
+
+def _pgd(logits_fn, x, y, key, *, eps, norm, steps, step_size, random_start, restarts, loss,
+         trace):
+  x, y, _, _ = toolkit.validate_inputs(logits_fn, x, y, eps, norm, loss=loss)
+  checks.check_at_least("steps", steps, 1)
+  checks.check_at_least("restarts", restarts, 1)
+  if step_size is None:
+    step_size = toolkit.default_step_size(eps, steps)
+  checks.check_nonnegative("step_size", step_size)
+  return _pgd_impl(logits_fn, x, y, key, eps, step_size, norm=norm, steps=int(steps),
+                   restarts=int(restarts), random_start=bool(random_start), loss=loss,
+                   trace=trace)
+
+
+@register("pgd")
+def pgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 10, step_size=None,
+        random_start: bool = True, restarts: int = 1, loss: str = "ce") -> Array:
+  """Projected gradient ascent (Madry et al. 2018) with random restarts.
+
+  Each restart runs ``x_{t+1} = Proj(x_t + a * step(grad_x L(x_t, y)))`` for ``steps``
+  iterations from ``x_0`` uniform in the ball (or ``x`` without ``random_start``) and keeps its
+  last iterate. Across restarts (a ``lax.scan``) each example keeps the first restart whose
+  result is misclassified, and otherwise the one with the highest loss.
+
+  Args:
+    logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, inference mode; hashable.
+    x: ``(B, H, W, C)`` float images in ``[0, 1]``. y: ``(B,)`` int labels. key: PRNG key.
+    eps: budget ``>= 0``. norm: ``"linf" | "l2"``.
+    steps: iterations per restart (>= 1). step_size: ``a`` (default ``2.5 eps / steps``).
+    random_start: start each restart at a uniform point of the ball. restarts: >= 1.
+    loss: ``"ce" | "dlr"``.
+
+  Returns:
+    ``x_adv`` of ``x``'s shape and dtype, ``||x_adv_i - x_i|| <= eps``, ``0 <= x_adv <= 1``.
+  """
+  return _pgd(logits_fn, x, y, key, eps=eps, norm=norm, steps=steps, step_size=step_size,
+              random_start=random_start, restarts=restarts, loss=loss, trace=False).x_adv
+
+
+def pgd_with_report(logits_fn: LogitsFn, x, y, key, **hyperparameters) -> toolkit.WithReport:
+  """:func:`pgd` and its per-iterate trace: ``WithReport(x_adv, PGDReport)``, ``x_adv`` the same
+  as :func:`pgd`'s; takes :func:`pgd`'s keyword arguments, with its defaults. The trace costs
+  one extra gradient per iterate (the S-O paper's Fig. 1 is drawn from it,
+  ``experiments/grad_norms.py``)."""
+  return _pgd(logits_fn, x, y, key, trace=True,
+              **toolkit.keyword_arguments(pgd, hyperparameters))

@@ -1,0 +1,247 @@
+"""The parts every attack is composed from: validated input, the attacked loss, per-example keys
+and selection, random starts, and the one "ascent step then project" update and loop.
+
+Each attack module (``_first_order``, ``_second_order``, ``_soae``, ``_trades``, ``_apgd``,
+``_fab``, ``_square``, ``_autoattack``) imports from here and from :mod:`krylov_adv.projections`
+(the threat-model geometry); no attack module imports another one's helpers.
+
+The update of PGD, the S-O attack, SOAE and TRADES (and of APGD's inner step) is
+``x_{t+1} = Proj(x_t + a * step(d_t))`` (:func:`ascent_step`), ``step`` the steepest-ascent unit
+step of the norm (:func:`krylov_adv.projections.normalize_step`: ``sign`` for Linf, ``d / ||d||_2``
+for L2) and ``Proj`` the eps-ball around the clean ``x`` then the box ``[0, 1]``; only the
+direction ``d_t`` differs between attacks. :func:`ascend` runs it for ``steps`` iterations and,
+on request, records a per-iterate statistic (the trace of ``pgd_with_report`` and
+``second_order_with_report``).
+
+Examples never interact: attacks see the model in inference mode, so the gradient of the summed
+loss w.r.t. the batch holds every example's own gradient (the block-diagonal assumption of
+:mod:`krylov_adv.hvp`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from krylov_adv import hvp, losses, projections
+from krylov_adv.attacks import checks
+
+Array = jax.Array
+LogitsFn = Callable[[Array], Array]
+LossFn = Callable[[Array], Array]
+
+LOSSES = ("ce", "dlr")
+
+bcast = projections.bcast
+
+
+# ----------------------------------------------------------------------------------------------
+# Input.
+
+
+class AttackInputs(NamedTuple):
+  """Validated attack input: ``x (B, ...)`` float, ``y (B,)`` int, ``num_classes`` ``K`` and
+  ``example_index (B,)`` int32 (``arange(B)`` unless given)."""
+  x: Array
+  y: Array
+  num_classes: int
+  example_index: Array
+
+
+def validate_inputs(logits_fn: LogitsFn, x, y, eps, norm: str, *, loss: str | None = None,
+                    example_index=None) -> AttackInputs:
+  """Checks an attack's input once and returns it as arrays.
+
+  Raises ``ValueError`` for an unknown norm or loss, ``eps < 0``, a non-float ``x``, mismatched
+  batch sizes, labels outside ``[0, K)``, ``x`` that is non-finite or outside ``[0, 1]`` (value
+  checks only when the arrays are concrete, see :mod:`krylov_adv.attacks.checks`), an
+  ``example_index`` of the wrong shape, and a DLR loss with ``K < 3``.
+
+  Args:
+    logits_fn: ``(B, ...) -> (B, K)``; only its abstract output shape is evaluated.
+    x: ``(B, H, W, C)`` float images. y: ``(B,)`` int labels. eps: budget. norm: ``"linf" |
+      "l2"``. loss: ``"ce" | "dlr"``, or ``None`` for attacks without a loss choice.
+    example_index: ``(B,)`` ints keying each example's randomness, or ``None``.
+  """
+  x = jnp.asarray(x)
+  y = jnp.asarray(y)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"x must be a floating-point array, got dtype {x.dtype}")
+  if loss is not None:
+    checks.check_choice("loss", loss, LOSSES)
+  k = checks.check_attack_inputs(x, y, eps, norm, logits_fn=logits_fn)
+  if loss == "dlr" and k < 3:
+    raise ValueError(f"the DLR loss needs at least 3 classes, got K={k}")
+  if example_index is None:
+    example_index = jnp.arange(x.shape[0], dtype=jnp.int32)
+  example_index = jnp.asarray(example_index)
+  if example_index.shape != (x.shape[0],):
+    raise ValueError(f"example_index must have shape ({x.shape[0]},), got {example_index.shape}")
+  return AttackInputs(x, y, k, example_index)
+
+
+def make_loss_fn(logits_fn: LogitsFn, y: Array, loss: str = "ce") -> LossFn:
+  """The per-example loss the attacks ascend, as a function of the input batch.
+
+  ``"ce"``: ``-log softmax(f(x))_y``; ``"dlr"``: the untargeted DLR loss (Croce and Hein 2020,
+  Eq. 6). Returns ``loss_fn: (B, ...) -> (B,)``.
+  """
+  checks.check_choice("loss", loss, LOSSES)
+  if loss == "ce":
+    return lambda z: losses.cross_entropy(logits_fn(z), y)
+  return lambda z: losses.dlr_loss(logits_fn(z), y)
+
+
+def default_step_size(eps, steps: int):
+  """Madry et al.'s rule of thumb ``a = 2.5 eps / steps``: enough to cross the ball and still
+  move along its boundary. The default ``step_size`` of PGD, S-O and TRADES."""
+  return 2.5 * eps / steps
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-example randomness and selection.
+
+
+def example_keys(key: Array, example_index: Array) -> Array:
+  """One PRNG key per example, ``fold_in(key, example_index[i])``; ``(B,)`` ints -> ``(B, ...)``.
+
+  Keying randomness by the example's index (not its position in the batch) gives an example the
+  same result whatever else is in the batch (AutoAttack relies on it).
+  """
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(example_index))
+
+
+def fold_keys(keys: Array, data) -> Array:
+  """``fold_in(keys[i], data)`` for every per-example key: ``(B, ...)`` -> ``(B, ...)``."""
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
+
+
+def select(mask: Array, a: Array, b: Array) -> Array:
+  """Per-example ``where``: ``mask (B,)`` picks rows of ``a`` over ``b``."""
+  return jnp.where(bcast(mask, a), a, b)
+
+
+def target_order(logits: Array, y: Array) -> Array:
+  """Non-true classes sorted by decreasing logit, ``(B, K - 1)``: column ``j`` is the target of
+  the ``j``-th targeted run. For a correctly classified point these are the 2nd, 3rd, ... highest
+  logits, AutoAttack's choice of targets."""
+  masked = jnp.where(jax.nn.one_hot(y, logits.shape[1], dtype=bool), -jnp.inf, logits)
+  return jnp.argsort(-masked, axis=1)[:, :-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Random starts.
+
+ball_start = projections.random_start  # uniform in the ball (PGD, FGSM, S-O, SOAE)
+
+
+def sphere_start(keys: Array, x: Array, radius, norm: str) -> Array:
+  """A random point at distance ``radius`` from ``x``, clipped to ``[0, 1]``, per-example keys.
+
+  ``x + radius * t / ||t||`` with ``t ~ U[-1, 1]^n`` (linf) or ``N(0, I)`` (l2). APGD starts at
+  ``radius = eps`` (Croce and Hein 2020, reference code), FAB's restarts at ``0.5 eps``.
+  ``keys`` is ``(B, ...)``.
+  """
+  shape = x.shape[1:]
+  if norm == "linf":
+    t = jax.vmap(lambda k: jax.random.uniform(k, shape, x.dtype, -1.0, 1.0))(keys)
+  else:
+    t = jax.vmap(lambda k: jax.random.normal(k, shape, x.dtype))(keys)
+  nrm = projections.per_example_norm(t, norm)
+  delta = t * bcast(jnp.asarray(radius, x.dtype) / jnp.maximum(nrm, 1e-12), t)
+  return jnp.clip(x + delta, 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ascent step and loop.
+
+
+def ascent_step(xt: Array, direction: Array, x: Array, eps, step_size, norm: str) -> Array:
+  """``Proj(x_t + a * step(d))``: a steepest-ascent step of length ``a`` (``step_size``, a scalar
+  or ``(B,)``) in the norm's geometry, projected onto the eps-ball around ``x`` and the box."""
+  step_size = jnp.asarray(step_size)
+  if step_size.ndim:
+    step_size = bcast(step_size, xt)
+  return projections.project(xt + step_size * projections.normalize_step(direction, norm), x,
+                             eps, norm)
+
+
+def ascend(direction_fn: Callable[[Array, Array], Array], x: Array, x0: Array, eps, step_size, *,
+           norm: str, steps: int, record: Callable[[Array], Any] | None = None):
+  """``steps`` iterations of :func:`ascent_step` from ``x0``: ``d_t = direction_fn(t, x_t)``.
+
+  Traceable; call it under ``jit``. ``x``, ``x0``: ``(B, ...)``.
+
+  Returns:
+    The last iterate ``(B, ...)``; with ``record`` (``x_t -> pytree``), ``(x_last, records)``
+    where ``records`` stacks ``record(x_t)`` for ``t = 0..steps`` (``steps + 1`` entries).
+  """
+
+  def step(t, xt):
+    return ascent_step(xt, direction_fn(t, xt), x, eps, step_size, norm)
+
+  if record is None:
+    return lax.fori_loop(0, steps, step, x0)
+
+  def body(xt, t):
+    return step(t, xt), record(xt)
+
+  x_last, recs = lax.scan(body, x0, jnp.arange(steps))
+  last = record(x_last)
+  return x_last, jax.tree_util.tree_map(lambda r, l: jnp.concatenate([r, l[None]]), recs, last)
+
+
+class StepRecord(NamedTuple):
+  """Per-example statistics of one iterate ``x_t`` of an ascent (``B`` examples).
+
+  loss: ``(B,)`` the attacked loss; grad_norm: ``(B,)`` ``||grad_x loss(x_t)||_2``;
+  correct: ``(B,)`` bool, ``argmax f(x_t) == y``. Stacked over ``t = 0..steps`` in a trace.
+  """
+  loss: Array
+  grad_norm: Array
+  correct: Array
+
+
+def step_record(logits_fn: LogitsFn, y: Array, loss: str = "ce") -> Callable[[Array], StepRecord]:
+  """``x_t -> StepRecord`` for :func:`ascend`'s ``record`` (one extra gradient per iterate)."""
+  loss_fn = make_loss_fn(logits_fn, y, loss)
+
+  def record(xt):
+    g = hvp.input_grad(loss_fn, xt)
+    logits = logits_fn(xt)
+    return StepRecord(loss=make_loss_fn(lambda _: logits, y, loss)(xt),
+                      grad_norm=projections.per_example_norm(g, "l2"),
+                      correct=jnp.argmax(logits, axis=1) == y)
+
+  return record
+
+
+class WithReport(NamedTuple):
+  """What every ``NAME_with_report`` entry returns: the attack's ``x_adv`` (the same array
+  ``NAME`` returns) and its report (a NamedTuple of the attack's diagnostics)."""
+  x_adv: Array
+  report: Any
+
+
+def keyword_arguments(attack: Callable[..., Any], given: Mapping[str, Any]) -> dict[str, Any]:
+  """``attack``'s keyword-only arguments with its defaults, overridden by ``given``.
+
+  Lets ``NAME_with_report(logits_fn, x, y, key, **given)`` take exactly ``NAME``'s
+  hyperparameters with ``NAME``'s defaults, so that each default is written once (in ``NAME``'s
+  signature). ``TypeError`` for an unknown or a missing (``eps``, ``norm``) argument, as a call of
+  ``attack`` would raise.
+  """
+  params = {n: p.default for n, p in inspect.signature(attack).parameters.items()
+            if p.kind is p.KEYWORD_ONLY}
+  unknown = sorted(set(given) - set(params))
+  if unknown:
+    raise TypeError(f"{attack.__name__}() got unexpected keyword argument(s) {unknown}")
+  out = {**params, **given}
+  missing = [n for n, v in out.items() if v is inspect.Parameter.empty]
+  if missing:
+    raise TypeError(f"{attack.__name__}() missing keyword argument(s) {missing}")
+  return out
