@@ -15,7 +15,7 @@ Schema (all fields always present so that command-line overrides such as
   data.name/root/...       source options (see krylov_adv.data.load); data.augment: crop+flip
   model.name/activation    krylov_adv.models registry name and activation name
   model.options            architecture keyword arguments (width, depth, widen)
-  train.method             standard | pgd | trades | soat | mixed | second_order, or several
+  train.method             standard | pgd | trades | soat | mixed | second_order | soar | scorpio, or several
                            separated by commas (each trained in workdir/<method>)
   train.eps/norm           training threat model (all methods but mixed and standard)
   train.<method>           that method's attack hyperparameters
@@ -65,6 +65,14 @@ def base_config() -> ml_collections.ConfigDict:
                                            step_size_l2=0.125, steps=7))
   t.second_order = ml_collections.ConfigDict(dict(steps=7, samples=4, sigma=0.05,
                                                   step_size=2 / 255))
+  # SOAR (Ma et al., arXiv:2004.01832): init "pgd1" = one step of eps/4 from a random start (the
+  # authors' code: 2/255 at 8/255); lam and h are ours (published values not found).
+  t.soar = ml_collections.ConfigDict(dict(lam=1.0, h=0.01, method="fd", num_samples=1,
+                                          init="pgd1", init_step_size=None))
+  # SCORPIO (Tsiligkaridis and Roberts, arXiv:2009.04923): Frank-Wolfe on the quadratic model
+  # with exact HVPs; steps, step rule and lam are ours (published values not found).
+  t.scorpio = ml_collections.ConfigDict(dict(lam=1.0, steps=5, step_rule="line_search",
+                                             hvp="exact", eta=1e-3))
 
   c.eval = ml_collections.ConfigDict(dict(num_examples=1000, batch_size=256))
   c.eval.attacks = attack_suite(eps_linf=8 / 255, eps_l2=0.5)

@@ -97,7 +97,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from krylov_adv import attacks, hvp, losses, projections
+from krylov_adv import attacks, losses, projections
+from krylov_adv import hvp as hvp_lib
 
 Array = jax.Array
 LossFn = Callable[[Array], Array]
@@ -106,10 +107,6 @@ LogitsFn = Callable[[Array], Array]
 SOAR_HVPS = ("fd", "exact")
 SOAR_INITS = ("pgd1", "none")
 SCORPIO_STEP_RULES = ("line_search", "classic")
-
-
-def _bcast(per_example: Array, like: Array) -> Array:
-  return per_example.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 def _dot(a: Array, b: Array) -> Array:
@@ -175,19 +172,19 @@ def augmented_hessian_product(loss_fn: LossFn, x: Array, z_x: Array, z_t: Array,
   if method == "exact":
     _, g = _value_and_input_grad(loss_fn, x)
     hz = hvp.exact_hvp(loss_fn, x, z_x)
-    return hz + _bcast(z_t, g) * g, _dot(g, z_x) + z_t
+    return hz + projections.bcast(z_t, g) * g, _dot(g, z_x) + z_t
   if method != "fd":
     raise ValueError(f"unknown SOAR product {method!r}; use one of {SOAR_HVPS}")
   if isinstance(h, (int, float)) and not h > 0:
     raise ValueError(f"finite-difference step h must be > 0, got {h}")
   r = jnp.sqrt(_dot(z_x, z_x) + z_t * z_t)
   r_safe = jnp.maximum(r, 1e-30)
-  u_x, u_t = z_x / _bcast(r_safe, z_x), z_t / r_safe
+  u_x, u_t = z_x / projections.bcast(r_safe, z_x), z_t / r_safe
   l0, g0 = _value_and_input_grad(loss_fn, x)
   l1, g1 = _value_and_input_grad(loss_fn, x + h * u_x)
-  top = ((1.0 + h * _bcast(u_t, g1)) * g1 - g0) / h
+  top = ((1.0 + h * projections.bcast(u_t, g1)) * g1 - g0) / h
   bottom = (l1 - l0) / h + u_t
-  return top * _bcast(r, top), bottom * r
+  return top * projections.bcast(r, top), bottom * r
 
 
 def soar_regularizer(loss_fn: LossFn, x: Array, key: Array, *, eps, norm: str, h: float = 0.01,
@@ -229,7 +226,7 @@ def soar_expansion_point(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *,
 
   ``init="pgd1"`` (the authors' setting): ``x' = Proj(x0 + a step(grad CE(x0)))`` with ``x0``
   uniform in the ball and ``a = init_step_size`` (default ``eps / 4``, their ``2/255`` for
-  ``8/255``), i.e. :func:`krylov_adv.attacks.first_order.fgsm` with ``random_start``;
+  ``8/255``), i.e. :func:`krylov_adv.attacks.fgsm` with ``random_start``;
   ``init="none"``: ``x' = x``.
 
   Args:
@@ -377,7 +374,7 @@ def quadratic_max_frank_wolfe(grad: Array, matvec: Callable[[Array], Array], *, 
       gamma = jnp.where(c < 0, jnp.clip(b / jnp.where(c < 0, -c, 1.0), 0.0, 1.0), 1.0)
     else:
       gamma = jnp.full(g.shape[:1], 2.0 / (k + 2.0), g.dtype)
-    gamma = _bcast(gamma.astype(g.dtype), g)
+    gamma = projections.bcast(gamma.astype(g.dtype), g)
     return delta + gamma * d, h_delta + gamma * h_d
 
   zero = jnp.zeros_like(g)
@@ -389,31 +386,31 @@ def quadratic_max_frank_wolfe(grad: Array, matvec: Callable[[Array], Array], *, 
 
 
 def scorpio_maximizer(loss_fn: LossFn, x: Array, *, eps, norm: str, steps: int = 5,
-                      step_rule: str = "line_search", hvp_method: str = "exact",
+                      step_rule: str = "line_search", hvp: str = "exact",
                       eta: float = 1e-3) -> QuadraticMax:
   """The worst case of the quadratic model (*) of ``loss_fn`` at ``x`` over the eps-ball, by
   :func:`quadratic_max_frank_wolfe` with the gradient and HVPs of
-  :func:`krylov_adv.hvp.make_hvp` (``hvp_method``, ``eta``). Cost: one gradient and ``steps``
+  :func:`krylov_adv.hvp.make_hvp` (``hvp``, ``eta``). Cost: one gradient and ``steps``
   HVPs. Shapes: ``x (B, ...)`` -> :class:`QuadraticMax` with ``(B, ...)`` / ``(B,)`` fields."""
-  op = hvp.make_hvp(loss_fn, x, method=hvp_method, eta=eta)
+  op = hvp_lib.make_hvp(loss_fn, x, method=hvp, eta=eta)
   return quadratic_max_frank_wolfe(op.grad, op.matvec, eps=eps, norm=norm, steps=steps,
                                    step_rule=step_rule)
 
 
-def quadratic_model(loss_fn: LossFn, x: Array, delta: Array, *, hvp_method: str = "exact",
+def quadratic_model(loss_fn: LossFn, x: Array, delta: Array, *, hvp: str = "exact",
                     eta: float = 1e-3) -> Array:
   """``Q(delta) = g^T delta + 1/2 delta^T H delta`` per example ``(B,)``, differentiable in what
   ``loss_fn`` closes over (one ``jax.jvp`` of the input gradient for the exact methods)."""
-  if hvp_method in ("exact", "exact_linearized"):
+  if hvp in ("exact", "exact_linearized"):
     g, h_delta = jax.jvp(jax.grad(lambda z: jnp.sum(loss_fn(z))), (x,), (delta,))
   else:
-    op = hvp.make_hvp(loss_fn, x, method=hvp_method, eta=eta)
+    op = hvp_lib.make_hvp(loss_fn, x, method=hvp, eta=eta)
     g, h_delta = op.grad, op.matvec(delta)
   return _dot(g, delta) + 0.5 * _dot(delta, h_delta)
 
 
 def scorpio_regularizer(loss_fn: LossFn, x: Array, *, eps, norm: str, steps: int = 5,
-                        step_rule: str = "line_search", hvp_method: str = "exact",
+                        step_rule: str = "line_search", hvp: str = "exact",
                         eta: float = 1e-3, search_loss_fn: LossFn | None = None) -> Array:
   """SCORPIO's regulariser ``max_{||delta|| <= eps} Q(delta)`` per example (module docstring).
 
@@ -425,7 +422,7 @@ def scorpio_regularizer(loss_fn: LossFn, x: Array, *, eps, norm: str, steps: int
     loss_fn: ``(B, ...) -> (B,)`` per-example loss, model in inference mode, differentiable in
       the parameters it closes over.
     x: float ``(B, ...)``; eps, norm: the ball; steps, step_rule: Frank-Wolfe
-      (:func:`quadratic_max_frank_wolfe`); hvp_method, eta: :func:`krylov_adv.hvp.make_hvp`.
+      (:func:`quadratic_max_frank_wolfe`); hvp, eta: :func:`krylov_adv.hvp.make_hvp`.
     search_loss_fn: the same loss as the search sees it (e.g. built from the parameters at the
       start of a training step, outside the differentiated function, so that the loop is not
       even linearised); default ``loss_fn``.
@@ -434,15 +431,15 @@ def scorpio_regularizer(loss_fn: LossFn, x: Array, *, eps, norm: str, steps: int
     ``(B,)`` of ``x``'s dtype (``>= 0`` with the line search, since ``Q(0) = 0``).
   """
   qmax = scorpio_maximizer(loss_fn if search_loss_fn is None else search_loss_fn, x, eps=eps,
-                           norm=norm, steps=steps, step_rule=step_rule, hvp_method=hvp_method,
+                           norm=norm, steps=steps, step_rule=step_rule, hvp=hvp,
                            eta=eta)
   delta = jax.lax.stop_gradient(qmax.delta)
-  return quadratic_model(loss_fn, x, delta, hvp_method=hvp_method, eta=eta)
+  return quadratic_model(loss_fn, x, delta, hvp=hvp, eta=eta)
 
 
 def scorpio_loss(logits_fn: LogitsFn, x: Array, y: Array, key: Array | None = None, *, eps,
                  norm: str, lam: float = 1.0, steps: int = 5, step_rule: str = "line_search",
-                 hvp_method: str = "exact", eta: float = 1e-3,
+                 hvp: str = "exact", eta: float = 1e-3,
                  search_logits_fn: LogitsFn | None = None) -> Array:
   """The SCORPIO training objective ``mean CE(f(x), y) + lam * mean max Q`` (scalar).
 
@@ -457,6 +454,6 @@ def scorpio_loss(logits_fn: LogitsFn, x: Array, y: Array, key: Array | None = No
   search = None if search_logits_fn is None else (
       lambda z: losses.cross_entropy(search_logits_fn(z), y))
   reg = scorpio_regularizer(lambda z: losses.cross_entropy(logits_fn(z), y), x, eps=eps,
-                            norm=norm, steps=steps, step_rule=step_rule, hvp_method=hvp_method,
+                            norm=norm, steps=steps, step_rule=step_rule, hvp=hvp,
                             eta=eta, search_loss_fn=search)
   return ce + lam * jnp.mean(reg)

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from krylov_adv import attacks, losses, projections
+from krylov_adv import attacks, losses, projections, regularizers
 from krylov_adv import hvp as hvp_lib
 
 Array = jax.Array
@@ -466,6 +466,87 @@ def mixed(cfg, model: StepModel, batch: Batch) -> MethodLoss:
   args = (model.logits_fn, batch.x, batch.y, batch.key)
   x_adv = jax.lax.cond(batch.step % 2 == 0, lambda: linf(*args), lambda: l2(*args))
   return cross_entropy_at(model, jax.lax.stop_gradient(x_adv), batch.y)
+
+
+_SOAR_FIELDS = ("lam", "h", "method", "num_samples", "init", "init_step_size")
+_SCORPIO_FIELDS = ("lam", "steps", "step_rule", "hvp", "eta")
+
+
+def _check_choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"{name}: unknown {value!r}; use one of {choices}")
+
+
+def _validate_soar(cfg) -> None:
+  check_eps_norm("train", cfg.eps, cfg.norm)
+  s = _sub_config(cfg, "soar")
+  check_hyperparameters("train.soar", {k: None for k in s}, allowed=_SOAR_FIELDS)
+  if not float(s["lam"]) >= 0:
+    raise ValueError(f"train.soar.lam must be >= 0, got {s['lam']}")
+  if not float(s["h"]) > 0:
+    raise ValueError(f"train.soar.h must be > 0, got {s['h']}")
+  n = s["num_samples"]
+  if isinstance(n, bool) or int(n) != n or n < 1:
+    raise ValueError(f"train.soar.num_samples must be an integer >= 1, got {n}")
+  if s.get("init_step_size") is not None and not float(s["init_step_size"]) >= 0:
+    raise ValueError(f"train.soar.init_step_size must be >= 0, got {s['init_step_size']}")
+  _check_choice("train.soar.method", s["method"], regularizers.SOAR_HVPS)
+  _check_choice("train.soar.init", s["init"], regularizers.SOAR_INITS)
+
+
+def _validate_scorpio(cfg) -> None:
+  check_eps_norm("train", cfg.eps, cfg.norm)
+  s = _sub_config(cfg, "scorpio")
+  check_hyperparameters("train.scorpio", {k: None for k in s}, allowed=_SCORPIO_FIELDS)
+  check_hyperparameters("train.scorpio", dict(steps=s["steps"], hvp=s["hvp"], eta=s["eta"]))
+  if not float(s["lam"]) >= 0:
+    raise ValueError(f"train.scorpio.lam must be >= 0, got {s['lam']}")
+  _check_choice("train.scorpio.step_rule", s["step_rule"], regularizers.SCORPIO_STEP_RULES)
+
+
+def _param_logits_fn(model: StepModel) -> Callable[[Array], Array]:
+  # Differentiable in the parameters (the regulariser must be); the running statistics this
+  # forward would update are discarded. Without BatchNorm (TinyCNN, MadryCNN) this is the
+  # inference-mode model and the regularisers' HVPs are per example; with BatchNorm the batch
+  # statistics couple the examples, as in the SOAR authors' code (train-mode regulariser).
+  return lambda z: model.forward(z, model.batch_stats)[0]
+
+
+@register("soar", validate=_validate_soar)
+def soar(cfg, model: StepModel, batch: Batch) -> MethodLoss:
+  """SOAR (Ma et al., arXiv:2004.01832): ``CE(f(x'), y) + lam R_SOAR(x')`` at the one-step PGD
+  point ``x'`` (:func:`krylov_adv.regularizers.soar_regularizer`; hyperparameters
+  ``cfg.soar``: lam, h, method, num_samples, init, init_step_size)."""
+  kw = _attack_kwargs(cfg.soar)
+  lam = float(kw.pop("lam"))
+  k_init, k_z = jax.random.split(batch.key)
+  x_exp = regularizers.soar_expansion_point(
+      model.logits_fn, batch.x, batch.y, k_init, eps=cfg.eps, norm=cfg.norm,
+      init=kw.pop("init"), init_step_size=kw.pop("init_step_size", None))
+  logits, stats = model.forward(x_exp, model.batch_stats)
+  ce = jnp.mean(losses.cross_entropy(logits, batch.y))
+  param_logits = _param_logits_fn(model)
+  r = regularizers.soar_regularizer(lambda z: losses.cross_entropy(param_logits(z), batch.y),
+                                    x_exp, k_z, eps=cfg.eps, norm=cfg.norm, **kw)
+  return MethodLoss(ce + lam * jnp.mean(r), logits, None, stats)
+
+
+@register("scorpio", validate=_validate_scorpio)
+def scorpio(cfg, model: StepModel, batch: Batch) -> MethodLoss:
+  """SCORPIO (Tsiligkaridis and Roberts, arXiv:2009.04923): ``CE(f(x), y) + lam max Q`` with the
+  worst case of the quadratic model found by Frank-Wolfe with HVPs
+  (:func:`krylov_adv.regularizers.scorpio_regularizer`; hyperparameters ``cfg.scorpio``: lam,
+  steps, step_rule, hvp, eta)."""
+  kw = _attack_kwargs(cfg.scorpio)
+  lam = float(kw.pop("lam"))
+  logits, stats = model.forward(batch.x, model.batch_stats)
+  ce = jnp.mean(losses.cross_entropy(logits, batch.y))
+  param_logits = _param_logits_fn(model)
+  r = regularizers.scorpio_regularizer(
+      lambda z: losses.cross_entropy(param_logits(z), batch.y), batch.x, eps=cfg.eps,
+      norm=cfg.norm, search_loss_fn=lambda z: losses.cross_entropy(model.logits_fn(z), batch.y),
+      **kw)
+  return MethodLoss(ce + lam * jnp.mean(r), logits, logits, stats)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -158,7 +158,8 @@ def test_mixed_alternates_linf_and_l2_pgd(batch):
 
 
 @pytest.mark.parametrize("method,attack", [("trades", None), ("soat", "soae"),
-                                           ("second_order", "second_order")])
+                                           ("second_order", "second_order"), ("soar", None),
+                                           ("scorpio", None)])
 def test_other_methods_take_finite_steps(batch, method, attack):
   if attack:
     _require(attack)
@@ -174,7 +175,8 @@ def test_other_methods_take_finite_steps(batch, method, attack):
     assert 0 <= float(m.clean_accuracy) <= 1
 
 
-@pytest.mark.parametrize("method", ["pgd", "soat", "second_order", "trades", "mixed"])
+@pytest.mark.parametrize("method", ["pgd", "soat", "second_order", "trades", "mixed", "soar",
+                                    "scorpio"])
 def test_adversarial_loss_exceeds_clean_loss(batch, method):
   """Each adversarial method minimises a loss larger than the clean one: its attack found
   points of higher loss (an attack that returned ``x`` would give exactly the clean loss)."""
@@ -248,7 +250,7 @@ def test_every_selected_method_is_validated_up_front():
 
 
 @pytest.mark.parametrize("method", ["standard", "pgd", "trades", "soat", "mixed",
-                                    "second_order"])
+                                    "second_order", "soar", "scorpio"])
 def test_shipped_configs_pass_validation(method):
   from configs import common  # pylint: disable=import-outside-toplevel
   for train_cfg in (_cfg(method), common.base_config().train):
@@ -258,7 +260,7 @@ def test_shipped_configs_pass_validation(method):
 
 def test_method_registry():
   assert training.available() == sorted(["standard", "pgd", "trades", "soat", "mixed",
-                                         "second_order"])
+                                         "second_order", "soar", "scorpio"])
   assert training.get("trades").loss is training.trades
   with pytest.raises(ValueError, match=r"unknown training method 'fgsm'; available: \[.*'pgd'"):
     training.get("fgsm")
@@ -304,3 +306,31 @@ def test_a_registered_method_trains_by_name(batch):
       training.make_train_step(model, tx, cfg)
   finally:
     training._METHODS.pop(name)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("method,field,value,match", [
+    ("soar", "h", 0.0, r"train\.soar\.h must be > 0"),
+    ("soar", "init", "pgd7", r"train\.soar\.init: unknown 'pgd7'"),
+    ("soar", "lamda", 1.0, r"train\.soar\.lamda is not a hyperparameter"),
+    ("scorpio", "steps", 0, r"train\.scorpio\.steps must be an integer >= 1"),
+    ("scorpio", "hvp", "fd", r"train\.scorpio\.hvp: unknown HVP method 'fd'"),
+    ("scorpio", "step_rule", "armijo", r"train\.scorpio\.step_rule: unknown 'armijo'"),
+])
+def test_regulariser_methods_validate_their_fields(method, field, value, match):
+  c = _cfg(method)
+  c[method][field] = value
+  with pytest.raises(ValueError, match=match):
+    training.validate_train_config(c)
+
+
+def test_scorpio_step_loss_is_clean_loss_plus_the_frank_wolfe_quadratic_max(batch):
+  """The registered SCORPIO step minimises ``CE + lam max Q`` exactly as
+  ``regularizers.scorpio_loss`` computes it (no BatchNorm: train mode = inference mode)."""
+  from krylov_adv import regularizers  # pylint: disable=import-outside-toplevel
+  x, y = batch
+  cfg, model, _, state, step = _setup("scorpio")
+  _, m = step(state, x, y, jax.random.PRNGKey(0))
+  f = lambda z: model.apply({"params": state.params}, z)
+  kw = dict(cfg.scorpio.to_dict())
+  want = regularizers.scorpio_loss(f, x, y, eps=cfg.eps, norm=cfg.norm, **kw)
+  np.testing.assert_allclose(float(m.loss), float(want), rtol=1e-5)
