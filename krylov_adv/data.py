@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from krylov_adv.registry import Registry
+
 TFDS_NAMES = ("mnist", "fashion_mnist", "cifar10")
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -340,7 +342,7 @@ class Source(NamedTuple):
   validate: Callable[[dict[str, Any]], None]
 
 
-_SOURCES: dict[str, Source] = {}
+_SOURCES: Registry[Source] = Registry("data source")
 
 
 def _no_checks(c: dict[str, Any]) -> None:
@@ -360,9 +362,7 @@ def register(name: str, *, validate: Callable[[dict[str, Any]], None] | None = N
   """
 
   def wrap(fn):
-    if name in _SOURCES:
-      raise ValueError(f"data source {name!r} registered twice")
-    _SOURCES[name] = Source(name, fn, validate or _no_checks)
+    _SOURCES.add(name, Source(name, fn, validate or _no_checks))
     return fn
 
   return wrap
@@ -370,15 +370,12 @@ def register(name: str, *, validate: Callable[[dict[str, Any]], None] | None = N
 
 def get(name: str) -> Source:
   """The data source registered under ``name``; ``ValueError`` listing the known names."""
-  try:
-    return _SOURCES[name]
-  except KeyError:
-    raise ValueError(f"unknown data source {name!r}; available: {available()}") from None
+  return _SOURCES.get(name)
 
 
 def available() -> list[str]:
   """Sorted names of all registered data sources."""
-  return sorted(_SOURCES)
+  return _SOURCES.names()
 
 
 def _as_dict(cfg) -> dict[str, Any]:

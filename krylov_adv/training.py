@@ -49,6 +49,7 @@ import optax
 
 from krylov_adv import attacks, losses, projections, regularizers
 from krylov_adv import hvp as hvp_lib
+from krylov_adv.registry import Registry
 
 Array = jax.Array
 
@@ -132,7 +133,7 @@ class Method(NamedTuple):
   validate: Callable[[Any], None]
 
 
-_METHODS: dict[str, Method] = {}
+_METHODS: Registry[Method] = Registry("training method")
 
 
 def _no_checks(cfg) -> None:
@@ -156,9 +157,7 @@ def register(name: str, *, validate: Callable[[Any], None] | None = None):
   """
 
   def wrap(fn):
-    if name in _METHODS:
-      raise ValueError(f"training method {name!r} registered twice")
-    _METHODS[name] = Method(name, fn, validate or _no_checks)
+    _METHODS.add(name, Method(name, fn, validate or _no_checks))
     return fn
 
   return wrap
@@ -166,15 +165,12 @@ def register(name: str, *, validate: Callable[[Any], None] | None = None):
 
 def get(name: str) -> Method:
   """The training method registered under ``name``; ``ValueError`` listing the known names."""
-  try:
-    return _METHODS[name]
-  except KeyError:
-    raise ValueError(f"unknown training method {name!r}; available: {available()}") from None
+  return _METHODS.get(name)
 
 
 def available() -> list[str]:
   """Sorted names of all registered training methods."""
-  return sorted(_METHODS)
+  return _METHODS.names()
 
 
 # ---------------------------------------------------------------------------------------------

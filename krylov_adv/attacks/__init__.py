@@ -46,16 +46,16 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-_REGISTRY: dict[str, Callable[..., Any]] = {}
+from krylov_adv.registry import Registry
+
+_REGISTRY: Registry[Callable[..., Any]] = Registry("attack")
 
 
 def register(name: str):
   """Decorator adding an attack to the registry under ``name``."""
 
   def wrap(fn):
-    if name in _REGISTRY:
-      raise ValueError(f"attack {name!r} registered twice")
-    _REGISTRY[name] = fn
+    _REGISTRY.add(name, fn)
     return fn
 
   return wrap
@@ -63,15 +63,12 @@ def register(name: str):
 
 def get(name: str) -> Callable[..., Any]:
   """The attack registered under ``name``; ``ValueError`` listing the known names otherwise."""
-  try:
-    return _REGISTRY[name]
-  except KeyError:
-    raise ValueError(f"unknown attack {name!r}; available: {sorted(_REGISTRY)}") from None
+  return _REGISTRY.get(name)
 
 
 def available() -> list[str]:
   """Sorted names of all registered attacks."""
-  return sorted(_REGISTRY)
+  return _REGISTRY.names()
 
 
 def from_config(cfg) -> Callable[..., Any]:

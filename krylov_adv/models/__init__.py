@@ -20,6 +20,7 @@ import jax
 from krylov_adv.models.cnn import MadryCNN, TinyCNN
 from krylov_adv.models.resnet import ResNet, ResNet18
 from krylov_adv.models.wide_resnet import WideResNet
+from krylov_adv.registry import Registry
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -33,14 +34,12 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": nn.tanh,
 }
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {
-    "tiny_cnn": TinyCNN,
-    "madry_cnn": MadryCNN,
-    "resnet18": ResNet18,
-    "wide_resnet": WideResNet,
-    "wrn28_10": functools.partial(WideResNet, depth=28, widen=10),
-    "wrn34_10": functools.partial(WideResNet, depth=34, widen=10),
-}
+_MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+for _name, _ctor in (("tiny_cnn", TinyCNN), ("madry_cnn", MadryCNN), ("resnet18", ResNet18),
+                     ("wide_resnet", WideResNet),
+                     ("wrn28_10", functools.partial(WideResNet, depth=28, widen=10)),
+                     ("wrn34_10", functools.partial(WideResNet, depth=34, widen=10))):
+  _MODELS.add(_name, _ctor)
 
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -56,9 +55,7 @@ def register(name: str):
   nn.Module``, e.g. a Flax module class) to the registry under ``name``."""
 
   def wrap(ctor):
-    if name in _MODELS:
-      raise ValueError(f"model {name!r} registered twice")
-    _MODELS[name] = ctor
+    _MODELS.add(name, ctor)
     return ctor
 
   return wrap
@@ -66,7 +63,7 @@ def register(name: str):
 
 def available() -> list[str]:
   """Sorted names of the registered models."""
-  return sorted(_MODELS)
+  return _MODELS.names()
 
 
 def get(name: str, *, num_classes: int = 10, activation: str = "relu", **kwargs: Any) -> nn.Module:
@@ -82,12 +79,11 @@ def get(name: str, *, num_classes: int = 10, activation: str = "relu", **kwargs:
   Returns:
     An unbound ``flax.linen.Module``.
   """
-  if name not in _MODELS:
-    raise ValueError(f"unknown model {name!r}; available: {available()}")
+  ctor = _MODELS.get(name)
   if int(num_classes) != num_classes or num_classes < 2:
     raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}")
   act = get_activation(activation) if isinstance(activation, str) else activation
-  return _MODELS[name](num_classes=int(num_classes), activation=act, **kwargs)
+  return ctor(num_classes=int(num_classes), activation=act, **kwargs)
 
 
 __all__ = ["ACTIVATIONS", "MadryCNN", "ResNet", "ResNet18", "TinyCNN", "WideResNet",
