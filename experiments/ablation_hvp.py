@@ -314,7 +314,7 @@ def markdown(results: dict, figures: list[str]) -> str:
     lines.append(f"{effect['num_examples']} test points, {effect['norm']} eps={effect['eps']:g}.")
     lines.append("")
     lines.append(outputs.markdown_table(
-        ["model", "clean", "hvp", "eta", "robust acc.", "seconds"],
+        ["model", "clean", "hvp", "eta", "robust acc.", "seconds (one run)"],
         [[r["model"], f"{100 * r['clean_accuracy']:.1f}%", r["hvp"],
           "-" if r["eta"] is None else f"{r['eta']:g}", f"{100 * r['robust_accuracy']:.1f}%",
           r["seconds"]] for r in effect["rows"]]))

@@ -74,6 +74,7 @@ def make_figures(results: dict) -> dict:
   methods = list(dict.fromkeys(r["model"] for r in done))
   if not methods:
     return {}
+  from matplotlib.ticker import MaxNLocator
   attack_names = list(dict.fromkeys(r["attack"] for r in done))
   fig, axes = outputs.figure(1, len(methods))
   for ax, method in zip(axes[0], methods):
@@ -86,6 +87,7 @@ def make_figures(results: dict) -> dict:
     clean = next(r["clean_accuracy"] for r in done if r["model"] == method)
     ax.set_title(f"{method} model (clean {100 * clean:.1f}%)", fontsize=10)
     ax.set_xlabel("iterations N")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("robust accuracy (%)")
     ax.grid(True, alpha=0.3)
   outputs.finish_figure(
@@ -104,7 +106,7 @@ def markdown(results: dict, figures: list[str]) -> str:
   ns = sorted({r["iterations"] for r in done})
   lines = ["## Robust accuracy against iterations N (iterations, Fig. 3)", "",
            f"{results['num_examples']} test points, {results['norm']} eps={results['eps']:g}; "
-           f"cells: robust accuracy (seconds).", ""]
+           f"cells: robust accuracy (seconds of one unrepeated run, compilation included).", ""]
   table = []
   for key in dict.fromkeys((r["model"], r["attack"]) for r in done):
     by_n = {r["iterations"]: r for r in done if (r["model"], r["attack"]) == key}
