@@ -136,11 +136,12 @@ def conclusions(rows: list[dict]) -> list[str]:
 def make_figures(results: dict) -> dict:
   """``{"grad_norms.png": figure}``: mean gradient norm (top) and accuracy (bottom) per
   iteration, one column per norm; colour = model, line style = attack."""
+  from matplotlib.ticker import MaxNLocator
   rows = results["rows"]
   norms = list(dict.fromkeys(r["norm"] for r in rows))
   models = list(dict.fromkeys(r["model"] for r in rows))
   attack_names = list(dict.fromkeys(r["attack"] for r in rows))
-  fig, axes = outputs.figure(2, len(norms))
+  fig, axes = outputs.figure(2, len(norms), panel_size=(5.2, 3.2))
   for j, norm in enumerate(norms):
     for r in (r for r in rows if r["norm"] == norm):
       i, v = models.index(r["model"]), attack_names.index(r["attack"])
@@ -151,11 +152,13 @@ def make_figures(results: dict) -> dict:
       axes[1][j].plot(range(len(r["accuracy"])), 100 * np.asarray(r["accuracy"]), **style)
     eps = next(r["eps"] for r in rows if r["norm"] == norm)
     axes[0][j].set_title(f"{norm} eps={eps:g}: mean ||grad_x L(x_t)||_2", fontsize=10)
-    axes[0][j].set_ylabel("mean input-gradient norm")
+    axes[0][j].set_ylabel("mean input-gradient norm (log)")
+    outputs.plain_log_ticks(axes[0][j].yaxis)
     axes[1][j].set_title(f"{norm} eps={eps:g}: accuracy on the iterates", fontsize=10)
     axes[1][j].set_ylabel("accuracy (%)")
     for ax in axes[:, j]:
       ax.set_xlabel("iteration t")
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))
       ax.grid(True, alpha=0.3)
   outputs.finish_figure(
       fig, f"Gradient norms along PGD and S-O ({rows[0]['num_examples']} test points)",

@@ -95,18 +95,19 @@ def series_style(index: int, variant: int = 0) -> dict:
   style = dict(color=f"C{index % 10}", marker=MARKERS[index % len(MARKERS)],
                ls=VARIANT_LINESTYLES[variant % len(VARIANT_LINESTYLES)],
                lw=max(3.0 - 0.8 * index, 1.0), markersize=max(10.0 - 2.5 * index, 4.0) +
-               2 * min(variant, 1), zorder=2 + 0.1 * index)
+               4 * min(variant, 1), zorder=2 + 0.1 * index + 0.05 * min(variant, 1))
   if variant:
-    style.update(markerfacecolor="none", markeredgewidth=1.3)
+    # A ring around the filled marker of variant 0: visible even where the two coincide.
+    style.update(markerfacecolor="none", markeredgewidth=1.5)
   return style
 
 
 def plain_log_ticks(axis) -> None:
   """Plain numbers (``2``, ``10``, ``20``) instead of ``2 x 10^0`` on a log ``axis``
   (``ax.xaxis`` or ``ax.yaxis``)."""
-  from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+  from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
   axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-  axis.set_major_formatter(ScalarFormatter())
+  axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
   axis.set_minor_formatter(NullFormatter())
 
 
