@@ -12,7 +12,8 @@ window, sigma 1.5; ``krylov_adv.metrics``). Means are over the examples the atta
 changed (AutoAttack returns the clean image where it fails: PSNR there is infinite) and over the
 successful ones (prediction changed). SSIM needs images of at least 11 x 11, hence MNIST-sized
 data for this experiment (the small config uses the real MNIST test set, split into a training
-and a held-out part).
+and a held-out part, or where those files are missing scikit-learn's digits upsampled to 16 x 16:
+``experiments.datasets.choose_data`` decides and the run prints which).
 """
 
 from __future__ import annotations
