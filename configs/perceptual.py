@@ -6,7 +6,8 @@ Table V).
 
 SSIM's 11 x 11 window needs images of at least 11 x 11, so this experiment does not use the 8x8
 digits: ``small`` (default) trains TinyCNN on the real MNIST test set in ``../shared/data/mnist``
-(8,000 images train, the last 2,000 are held out); ``tiny`` (tests) uses synthetic 12x12 images;
+(8,000 images train, the last 2,000 are held out), or, where those files are missing (a fresh
+clone), on scikit-learn's digits upsampled to 16 x 16 (``data_fallback``); ``tiny`` (tests) uses synthetic 12x12 images;
 ``paper`` uses MNIST through tensorflow-datasets with the Madry CNN and eps = 8/255 as in the
 SOAE paper's Table V.
 """
@@ -29,6 +30,12 @@ def get_config(scale: str = "small"):
     c.data.update(dict(source="idx", name="mnist", root="../shared/data/mnist", test_split=2000))
     c.train.epochs = 3
     c.train.learning_rate = 0.05
+    # Without those files (a fresh clone): scikit-learn's bundled digits, each pixel repeated
+    # 2 x 2 (16 x 16 images, enough for SSIM's 11 x 11 window); experiments.datasets.choose_data
+    # decides and prints which data it used.
+    c.data_fallback = ml_collections.ConfigDict(dict(
+        data=dict(source="digits", name="digits", num_test=397, upsample=2, test_split=0),
+        train=dict(epochs=15, learning_rate=0.1)))
   eps = 8 / 255 if paper else (0.1 if tiny else 0.1)
   pgd_steps = 3 if tiny else 20
   aa = (dict(version="custom", attacks=("apgd_ce",),

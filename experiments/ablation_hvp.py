@@ -164,10 +164,14 @@ def cost_part(config, dataset, model) -> dict:
   }
   _, lin = jax.linearize(jax.grad(lambda x: jnp.sum(loss_fn(x))), x)
   fns["exact_linearized"] = jax.jit(lambda x, v: lin(v))
-  seconds = {k: timing.time_call(lambda f=f: f(x, v), repeats=int(e.timing_repeats))
-             for k, f in fns.items()}
+  timed = {k: timing.measure(lambda f=f: f(x, v), repeats=int(e.timing_repeats))[0]
+           for k, f in fns.items()}
+  seconds = {k: t.median for k, t in timed.items()}
   return {"batch_size": int(x.shape[0]), "model": model.label, "device": jax.devices()[0].platform,
-          "seconds": seconds,
+          "repeats": int(e.timing_repeats), "seconds": seconds,
+          "seconds_min": {k: t.min for k, t in timed.items()},
+          "seconds_max": {k: t.max for k, t in timed.items()},
+          # Ratios of medians.
           "relative_to_gradient": {k: s / seconds["gradient"] for k, s in seconds.items()}}
 
 
@@ -175,61 +179,87 @@ def cost_part(config, dataset, model) -> dict:
 # Output
 
 
-def plot(results: dict, out_dir: str) -> list[str]:
-  plt = outputs.pyplot()
-  files = []
+def make_figures(results: dict) -> dict:
+  """``{file name: figure}``: ``fd_relative_error.png``, ``soae_accuracy_vs_eta.png`` (when
+  SOAE ran) and ``hvp_cost.png``."""
+  figs = {}
   rows = results["accuracy"]
   acts = sorted({r["activation"] for r in rows})
   dirs = sorted({r["direction"] for r in rows})
-  fig, axes = plt.subplots(len(acts), len(dirs), figsize=(5 * len(dirs), 3.6 * len(acts)),
-                           squeeze=False)
+  dtypes = sorted({r["dtype"] for r in rows})
+  fig, axes = outputs.figure(len(acts), len(dirs))
   for i, act in enumerate(acts):
     for j, d in enumerate(dirs):
       ax = axes[i][j]
-      for dtype in sorted({r["dtype"] for r in rows}):
-        for scheme, ls in (("forward", "-"), ("central", "--")):
+      for k, dtype in enumerate(dtypes):
+        for v, scheme in enumerate(SCHEMES):
           sel = sorted((r for r in rows if (r["activation"], r["direction"], r["dtype"],
                                             r["scheme"]) == (act, d, dtype, scheme)),
                        key=lambda r: r["eta"])
           if sel:
-            ax.loglog([r["eta"] for r in sel], [max(r["median"], 1e-17) for r in sel], ls,
-                      marker="o", label=f"{dtype} {scheme}")
-      ax.set_title(f"{act} model, {d} direction")
-      ax.set_xlabel("eta")
-      ax.set_ylabel("median ||H_fd v - Hv|| / ||Hv||")
+            ax.loglog([r["eta"] for r in sel], [max(r["median"], 1e-17) for r in sel],
+                      label=dtype if v == 0 else None, **outputs.series_style(k, v))
+      ax.set_title(f"{act} model, {d} direction v", fontsize=10)
+      ax.set_xlabel("difference step eta")
+      ax.set_ylabel("median relative error")
       ax.grid(True, which="both", alpha=0.3)
-      ax.legend(fontsize=7)
-  files.append(outputs.save_figure(fig, os.path.join(out_dir, "fd_relative_error.png")))
+  outputs.finish_figure(
+      fig, "Finite-difference HVP error ||H_fd v - H v|| / ||H v|| against eta",
+      extra_handles=outputs.variant_handles(tuple(f"{s} difference" for s in SCHEMES)))
+  figs["fd_relative_error.png"] = fig
 
   effect = results["effect"]
   if "rows" in effect:
     methods = list(dict.fromkeys(r["model"] for r in effect["rows"]))
-    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.6), squeeze=False)
+    fig, axes = outputs.figure(1, len(methods))
     for ax, method in zip(axes[0], methods):
-      for hvp_method in dict.fromkeys(r["hvp"] for r in effect["rows"]):
+      for i, hvp_method in enumerate(dict.fromkeys(r["hvp"] for r in effect["rows"])):
         sel = [r for r in effect["rows"] if r["model"] == method and r["hvp"] == hvp_method]
         if sel[0]["eta"] is None:
-          ax.axhline(100 * sel[0]["robust_accuracy"], color="k", ls=":", label=hvp_method)
+          ax.axhline(100 * sel[0]["robust_accuracy"], color="k", ls=":", lw=1.5,
+                     label=f"{hvp_method} HVP (no eta)")
         else:
           sel.sort(key=lambda r: r["eta"])
           ax.semilogx([r["eta"] for r in sel], [100 * r["robust_accuracy"] for r in sel],
-                      marker="o", label=hvp_method)
-      ax.set_title(f"SOAE on the {method} model")
-      ax.set_xlabel("eta")
+                      label=f"{hvp_method} HVP", **outputs.series_style(i))
+      ax.set_title(f"{method} model (clean {100 * sel[0]['clean_accuracy']:.1f}%)", fontsize=10)
+      ax.set_xlabel("difference step eta")
       ax.set_ylabel("robust accuracy (%)")
       ax.grid(True, alpha=0.3)
-      ax.legend(fontsize=7)
-    files.append(outputs.save_figure(fig, os.path.join(out_dir, "soae_accuracy_vs_eta.png")))
+    outputs.finish_figure(
+        fig, f"SOAE robust accuracy against eta ({effect['num_examples']} test points, "
+        f"{effect['norm']} eps={effect['eps']:g})")
+    figs["soae_accuracy_vs_eta.png"] = fig
 
   cost = results["cost"]
-  fig, ax = plt.subplots(figsize=(5, 3.2))
+  fig, axes = outputs.figure(1, 1, panel_size=(5.2, 3.4))
+  ax = axes[0][0]
   names = list(cost["relative_to_gradient"])
-  ax.bar(names, [cost["relative_to_gradient"][n] for n in names])
-  ax.set_ylabel("time / one gradient")
-  ax.set_title(f"cost per HVP (batch {cost['batch_size']}, {cost['device']})")
+  base = cost["seconds"]["gradient"]
+  med = np.array([cost["relative_to_gradient"][n] for n in names])
+  label = "median"
+  if "seconds_min" in cost:
+    # The spread of each method's own timings, relative to the gradient's median.
+    err = np.array([[med[i] - cost["seconds_min"][n] / base for i, n in enumerate(names)],
+                    [cost["seconds_max"][n] / base - med[i] for i, n in enumerate(names)]])
+    label = f"median of {cost['repeats']} runs"
+  else:
+    err = None
+  ax.bar(names, med, color="C0", label=label)
+  if err is not None:
+    ax.errorbar(names, med, yerr=err, fmt="none", ecolor="k", capsize=4, label="min - max")
+  ax.axhline(1.0, color="k", ls=":", lw=1, label="one gradient")
+  ax.set_ylabel("time / median time of one gradient")
   ax.tick_params(axis="x", labelrotation=30)
-  files.append(outputs.save_figure(fig, os.path.join(out_dir, "hvp_cost.png")))
-  return files
+  ax.grid(True, axis="y", alpha=0.3)
+  outputs.finish_figure(fig, f"Cost of one batched HVP (batch {cost['batch_size']}, "
+                        f"{cost['device']})")
+  figs["hvp_cost.png"] = fig
+  return figs
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+  return outputs.save_figures(make_figures(results), out_dir)
 
 
 def conclusions(results: dict) -> list[str]:
@@ -284,7 +314,7 @@ def markdown(results: dict, figures: list[str]) -> str:
     lines.append(f"{effect['num_examples']} test points, {effect['norm']} eps={effect['eps']:g}.")
     lines.append("")
     lines.append(outputs.markdown_table(
-        ["model", "clean", "hvp", "eta", "robust acc.", "seconds"],
+        ["model", "clean", "hvp", "eta", "robust acc.", "seconds (one run)"],
         [[r["model"], f"{100 * r['clean_accuracy']:.1f}%", r["hvp"],
           "-" if r["eta"] is None else f"{r['eta']:g}", f"{100 * r['robust_accuracy']:.1f}%",
           r["seconds"]] for r in effect["rows"]]))
@@ -293,8 +323,12 @@ def markdown(results: dict, figures: list[str]) -> str:
   cost = results["cost"]
   lines += ["### 3. Cost per HVP, relative to one input gradient", "",
             f"Batch {cost['batch_size']}, model {cost['model']}, device {cost['device']}.", "",
+            f"Seconds: median [min, max] of {cost.get('repeats', '?')} runs after a compiling "
+            f"one; \"x gradient\" is the ratio of medians.", "",
             outputs.markdown_table(["method", "seconds", "x gradient"],
-                                  [[k, cost["seconds"][k], cost["relative_to_gradient"][k]]
+                                  [[k, f"{cost['seconds'][k]:.3g} [{cost['seconds_min'][k]:.3g}, "
+                                       f"{cost['seconds_max'][k]:.3g}]",
+                                    cost["relative_to_gradient"][k]]
                                    for k in cost["seconds"]])]
   lines += [f"![{f}]({f})" for f in figures] + [""]
   return "\n".join(lines)

@@ -113,24 +113,41 @@ def conclusions(rows: list[dict]) -> list[str]:
   return out
 
 
-def plot(rows: list[dict], out_dir: str) -> list[str]:
-  plt = outputs.pyplot()
+def make_figures(results: dict) -> dict:
+  """``{"grad_norms.png": figure}``: mean gradient norm (top) and accuracy (bottom) per
+  iteration, one column per norm; colour = model, line style = attack."""
+  from matplotlib.ticker import MaxNLocator
+  rows = results["rows"]
   norms = list(dict.fromkeys(r["norm"] for r in rows))
-  fig, axes = plt.subplots(2, len(norms), figsize=(5 * len(norms), 6.4), squeeze=False)
+  models = list(dict.fromkeys(r["model"] for r in rows))
+  attack_names = list(dict.fromkeys(r["attack"] for r in rows))
+  fig, axes = outputs.figure(2, len(norms), panel_size=(5.2, 3.2))
   for j, norm in enumerate(norms):
     for r in (r for r in rows if r["norm"] == norm):
-      label = f"{r['model']} / {r['attack']}"
+      i, v = models.index(r["model"]), attack_names.index(r["attack"])
+      style = dict(outputs.series_style(i, v), markevery=max(len(r["grad_norm"]) // 10, 1))
+      label = f"{r['model']} model" if v == 0 else None
       axes[0][j].semilogy(range(len(r["grad_norm"])), np.maximum(r["grad_norm"], 1e-12),
-                          marker=".", label=label)
-      axes[1][j].plot(range(len(r["accuracy"])), 100 * np.asarray(r["accuracy"]), marker=".",
-                      label=label)
-    axes[0][j].set_title(f"{norm}: mean ||grad_x L(x_t)||_2")
-    axes[1][j].set_title(f"{norm}: accuracy on the iterates")
+                          label=label, **style)
+      axes[1][j].plot(range(len(r["accuracy"])), 100 * np.asarray(r["accuracy"]), **style)
+    eps = next(r["eps"] for r in rows if r["norm"] == norm)
+    axes[0][j].set_title(f"{norm} eps={eps:g}: mean ||grad_x L(x_t)||_2", fontsize=10)
+    axes[0][j].set_ylabel("mean input-gradient norm (log)")
+    outputs.plain_log_ticks(axes[0][j].yaxis)
+    axes[1][j].set_title(f"{norm} eps={eps:g}: accuracy on the iterates", fontsize=10)
+    axes[1][j].set_ylabel("accuracy (%)")
     for ax in axes[:, j]:
       ax.set_xlabel("iteration t")
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))
       ax.grid(True, alpha=0.3)
-      ax.legend(fontsize=7)
-  return [outputs.save_figure(fig, os.path.join(out_dir, "grad_norms.png"))]
+  outputs.finish_figure(
+      fig, f"Gradient norms along PGD and S-O ({rows[0]['num_examples']} test points)",
+      extra_handles=outputs.variant_handles(tuple(f"{a} attack" for a in attack_names)))
+  return {"grad_norms.png": fig}
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+  return outputs.save_figures(make_figures(results), out_dir)
 
 
 def markdown(results: dict, figures: list[str]) -> str:
@@ -158,7 +175,7 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
   rows = traces(config, dataset, by_method)
   results = {"rows": rows, "steps": int(e.steps), "conclusions": conclusions(rows),
              "models": {m.label: m.clean_accuracy for m in by_method.values()}}
-  figures = plot(rows, out_dir)
+  figures = plot(results, out_dir)
   outputs.write_analysis(out_dir, config, results, markdown(results, figures),
                          progress=progress)
   return results

@@ -66,25 +66,38 @@ def conclusions(rows: list[dict]) -> list[str]:
   return out
 
 
-def plot(rows: list[dict], out_dir: str) -> list[str]:
-  plt = outputs.pyplot()
+def make_figures(results: dict) -> dict:
+  """``{"accuracy_vs_iterations.png": figure}`` (empty when every attack was skipped); no
+  timing (each cell is one unrepeated run: its seconds are in the table only)."""
+  rows = results["rows"]
   done = [r for r in rows if "skipped" not in r]
   methods = list(dict.fromkeys(r["model"] for r in done))
   if not methods:
-    return []
-  fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.6), squeeze=False)
+    return {}
+  from matplotlib.ticker import MaxNLocator
+  attack_names = list(dict.fromkeys(r["attack"] for r in done))
+  fig, axes = outputs.figure(1, len(methods))
   for ax, method in zip(axes[0], methods):
-    for attack in dict.fromkeys(r["attack"] for r in done if r["model"] == method):
+    for i, attack in enumerate(attack_names):
       sel = sorted((r for r in done if (r["model"], r["attack"]) == (method, attack)),
                    key=lambda r: r["iterations"])
-      ax.plot([r["iterations"] for r in sel], [100 * r["robust_accuracy"] for r in sel],
-              marker="o", label=attack)
-    ax.set_title(f"{method} model")
+      if sel:
+        ax.plot([r["iterations"] for r in sel], [100 * r["robust_accuracy"] for r in sel],
+                label=attack, **outputs.series_style(i))
+    clean = next(r["clean_accuracy"] for r in done if r["model"] == method)
+    ax.set_title(f"{method} model (clean {100 * clean:.1f}%)", fontsize=10)
     ax.set_xlabel("iterations N")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("robust accuracy (%)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-  return [outputs.save_figure(fig, os.path.join(out_dir, "accuracy_vs_iterations.png"))]
+  outputs.finish_figure(
+      fig, f"Robust accuracy against iterations N ({results['num_examples']} test points, "
+      f"{results['norm']} eps={results['eps']:g})")
+  return {"accuracy_vs_iterations.png": fig}
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+  return outputs.save_figures(make_figures(results), out_dir)
 
 
 def markdown(results: dict, figures: list[str]) -> str:
@@ -93,7 +106,7 @@ def markdown(results: dict, figures: list[str]) -> str:
   ns = sorted({r["iterations"] for r in done})
   lines = ["## Robust accuracy against iterations N (iterations, Fig. 3)", "",
            f"{results['num_examples']} test points, {results['norm']} eps={results['eps']:g}; "
-           f"cells: robust accuracy (seconds).", ""]
+           f"cells: robust accuracy (seconds of one unrepeated run, compilation included).", ""]
   table = []
   for key in dict.fromkeys((r["model"], r["attack"]) for r in done):
     by_n = {r["iterations"]: r for r in done if (r["model"], r["attack"]) == key}
@@ -120,7 +133,7 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
              "num_examples": int(min(e.num_examples, len(dataset.y_test))),
              "models": {m.label: m.clean_accuracy for m in by_method.values()},
              "conclusions": conclusions(rows)}
-  figures = plot(rows, out_dir)
+  figures = plot(results, out_dir)
   outputs.write_analysis(out_dir, config, results, markdown(results, figures),
                          progress=progress)
   return results

@@ -16,20 +16,20 @@ of rank at most ``K - 1``; with ``g = J^T (p - e_y)`` in its range, exact-arithm
 after at most ``rank(H) <= K - 1`` steps. The experiment also computes the full per-example
 Hessians of a few examples (``jax.hessian``) and reports their numerical rank.
 
-Fig. 2: robust accuracy under SOAE and its wall time per tau (relative to the largest tau).
+Fig. 2: robust accuracy under SOAE and its wall time per tau (median of ``timing_repeats`` runs
+after a compiling one, with min and max).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import cli, datasets, outputs, trained_models
+from experiments import cli, datasets, outputs, timing, trained_models
 from krylov_adv import attacks, evaluation, krylov
 
 NAME = "krylov_dims"
@@ -104,19 +104,16 @@ def dims_part(config, dataset, models_by_act) -> list[dict]:
   rows = []
   for act, model in models_by_act.items():
     for method in e.hvp_methods:
-      start = time.perf_counter()
       res = newton_residual_histories(model.logits_fn, jnp.asarray(x), jnp.asarray(y),
                                       method=method, eta=float(e.eta), tol=min(taus),
                                       max_dim=max_dim)
       res = jax.device_get(res)
-      seconds = time.perf_counter() - start
       dims, conv = dims_per_tau(res.residual_history, res.initial_residual_norm, taus, max_dim)
       for ti, tau in enumerate(taus):
         rows.append(dict(activation=act, hvp=method, eta=None if method.startswith("exact")
                          else float(e.eta), tau=tau, m_mean=float(dims[ti].mean()),
                          m_max=int(dims[ti].max()), m_median=float(np.median(dims[ti])),
-                         converged=float(conv[ti].mean()), num_examples=len(y),
-                         gmres_seconds_smallest_tau=seconds))
+                         converged=float(conv[ti].mean()), num_examples=len(y)))
   return rows
 
 
@@ -163,21 +160,22 @@ def soae_part(config, dataset, models_by_act) -> dict:
         attack = functools.partial(attacks.soae_with_report, eps=float(e.eps), norm=e.norm,
                                    **kw)
         key = jax.random.PRNGKey(config.seed + 11)
-        # First call compiles; the timed second call measures the attack alone.
-        attack_with_diagnostics(model.logits_fn, attack, x[:int(e.batch_size)],
-                                y[:int(e.batch_size)], key, eps=float(e.eps), norm=e.norm,
-                                batch_size=int(e.batch_size))
-        start = time.perf_counter()
-        acc, dims, fell = attack_with_diagnostics(model.logits_fn, attack, x, y, key,
-                                                  eps=float(e.eps), norm=e.norm,
-                                                  batch_size=int(e.batch_size))
+        # The first call compiles; the timed repeats measure the attack alone, and the last
+        # one's accuracy and diagnostics are reported (every repeat is the same computation).
+        timed, (acc, dims, fell) = timing.measure(
+            lambda: attack_with_diagnostics(model.logits_fn, attack, x, y, key,
+                                            eps=float(e.eps), norm=e.norm,
+                                            batch_size=int(e.batch_size)),
+            repeats=int(e.timing_repeats), warmup=1)
         rows.append(dict(activation=act, hvp=method, tau=tau, robust_accuracy=acc,
                          clean_accuracy=model.clean_accuracy,
-                         seconds=time.perf_counter() - start,
+                         seconds=timed.median, seconds_min=timed.min, seconds_max=timed.max,
+                         timing_repeats=timed.repeats,
                          attack_m_mean=float(dims.mean()), attack_m_max=int(dims.max()),
                          fallback_rate=float(fell.mean())))
   for r in rows:
     base = [q for q in rows if (q["activation"], q["hvp"]) == (r["activation"], r["hvp"])]
+    # Ratio of medians of repeated timings.
     r["time_relative_to_largest_tau"] = r["seconds"] / max(base, key=lambda q: q["tau"])["seconds"]
   return {"rows": rows, "num_examples": len(y), "eps": float(e.eps), "norm": e.norm}
 
@@ -219,44 +217,77 @@ def conclusions(results: dict) -> list[str]:
   return out
 
 
-def plot(results: dict, out_dir: str) -> list[str]:
-  plt = outputs.pyplot()
-  files = []
+def _series(rows, *fields):
+  """The distinct values of ``fields`` in ``rows``, in order of appearance."""
+  return list(dict.fromkeys(tuple(r[f] for f in fields) for r in rows))
+
+
+def make_figures(results: dict) -> dict:
+  """``{file name: figure}``: ``m_per_tau.png`` and, when SOAE ran,
+  ``soae_accuracy_time_per_tau.png``."""
+  figs = {}
   rows = results["dims"]
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  for key in dict.fromkeys((r["activation"], r["hvp"]) for r in rows):
-    sel = sorted((r for r in rows if (r["activation"], r["hvp"]) == key), key=lambda r: r["tau"])
-    ax.loglog([r["tau"] for r in sel], [max(r["m_mean"], 0.5) for r in sel], marker="o",
-              label=f"{key[0]} {key[1]} mean")
-    ax.loglog([r["tau"] for r in sel], [max(r["m_max"], 0.5) for r in sel], marker="x", ls="--",
-              label=f"{key[0]} {key[1]} max")
-  ax.axhline(results["ranks"]["num_classes"] - 1, color="k", ls=":", label="K - 1")
-  ax.invert_xaxis()
-  ax.set_xlabel("tau")
-  ax.set_ylabel("Krylov dimension m")
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=6)
-  files.append(outputs.save_figure(fig, os.path.join(out_dir, "m_per_tau.png")))
+  acts = [a for (a,) in _series(rows, "activation")]
+  methods = [m for (m,) in _series(rows, "hvp")]
+  fig, axes = outputs.figure(1, len(acts))
+  for ax, act in zip(axes[0], acts):
+    for i, method in enumerate(methods):
+      sel = sorted((r for r in rows if (r["activation"], r["hvp"]) == (act, method)),
+                   key=lambda r: r["tau"])
+      if not sel:
+        continue
+      taus = [r["tau"] for r in sel]
+      ax.loglog(taus, [max(r["m_mean"], 0.5) for r in sel], label=f"{method} HVP",
+                **outputs.series_style(i, 0))
+      ax.loglog(taus, [max(r["m_max"], 0.5) for r in sel], **outputs.series_style(i, 1))
+    ax.axhline(results["ranks"]["num_classes"] - 1, color="k", ls=":", lw=1, label="K - 1")
+    ax.invert_xaxis()
+    ax.set_title(f"{act} model")
+    ax.set_xlabel("GMRES threshold tau (smaller to the right)")
+    ax.set_ylabel("Krylov dimension m (log)")
+    outputs.plain_log_ticks(ax.yaxis)
+    ax.grid(True, which="both", alpha=0.3)
+  outputs.finish_figure(
+      fig, f"Krylov dimension m per tau ({rows[0]['num_examples']} test points)",
+      extra_handles=outputs.variant_handles(("mean over examples", "max over examples")))
+  figs["m_per_tau.png"] = fig
+
   soae = results["soae"]
   if "rows" in soae:
-    fig, ax1 = plt.subplots(figsize=(5.5, 3.8))
-    ax2 = ax1.twinx()
-    for key in dict.fromkeys((r["activation"], r["hvp"]) for r in soae["rows"]):
+    fig, axes = outputs.figure(1, 2)
+    acc_ax, time_ax = axes[0]
+    for i, key in enumerate(_series(soae["rows"], "activation", "hvp")):
       sel = sorted((r for r in soae["rows"] if (r["activation"], r["hvp"]) == key),
                    key=lambda r: r["tau"])
       taus = [r["tau"] for r in sel]
-      ax1.semilogx(taus, [100 * r["robust_accuracy"] for r in sel], marker="o",
-                   label=f"{key[0]} {key[1]} accuracy")
-      ax2.semilogx(taus, [r["time_relative_to_largest_tau"] for r in sel], marker="x", ls="--",
-                   label=f"{key[0]} {key[1]} time")
-    ax1.invert_xaxis()
-    ax1.set_xlabel("tau")
-    ax1.set_ylabel("robust accuracy (%)")
-    ax2.set_ylabel("time / time at largest tau")
-    ax1.legend(fontsize=6, loc="upper left")
-    ax2.legend(fontsize=6, loc="upper right")
-    files.append(outputs.save_figure(fig, os.path.join(out_dir, "soae_accuracy_time_per_tau.png")))
-  return files
+      style = outputs.series_style(i)
+      acc_ax.semilogx(taus, [100 * r["robust_accuracy"] for r in sel],
+                      label=f"{key[0]} model, {key[1]} HVP", **style)
+      if all("seconds_min" in r for r in sel):
+        med = np.array([r["seconds"] for r in sel])
+        err = np.array([[m - r["seconds_min"] for m, r in zip(med, sel)],
+                        [r["seconds_max"] - m for m, r in zip(med, sel)]])
+        time_ax.errorbar(taus, med, yerr=err, capsize=3, **style)
+    for ax in (acc_ax, time_ax):
+      ax.set_xscale("log")
+      ax.invert_xaxis()
+      ax.set_xlabel("GMRES threshold tau (smaller to the right)")
+      ax.grid(True, which="both", alpha=0.3)
+    acc_ax.set_ylabel("robust accuracy (%)")
+    acc_ax.set_title("robust accuracy under SOAE")
+    repeats = {r.get("timing_repeats") for r in soae["rows"]}
+    time_ax.set_ylabel("seconds per attack run")
+    time_ax.set_title(f"wall time (median, min-max of {'/'.join(map(str, repeats))} runs)",
+                      fontsize=10)
+    outputs.finish_figure(
+        fig, f"SOAE per tau ({soae['num_examples']} test points, {soae['norm']} "
+        f"eps={soae['eps']:g})")
+    figs["soae_accuracy_time_per_tau.png"] = fig
+  return figs
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+  return outputs.save_figures(make_figures(results), out_dir)
 
 
 def markdown(results: dict, figures: list[str]) -> str:
@@ -279,10 +310,12 @@ def markdown(results: dict, figures: list[str]) -> str:
     lines.append("")
     lines.append(outputs.markdown_table(
         ["model", "hvp", "tau", "robust acc.", "m mean (attack)", "m max (attack)",
-         "fallback", "seconds", "time / largest tau"],
+         "fallback", "seconds: median [min, max]", "time / largest tau"],
         [[r["activation"], r["hvp"], f"{r['tau']:g}", f"{100 * r['robust_accuracy']:.1f}%",
           r["attack_m_mean"], r["attack_m_max"], f"{100 * r['fallback_rate']:.0f}%",
-          r["seconds"], r["time_relative_to_largest_tau"]] for r in soae["rows"]]))
+          f"{r['seconds']:.3g} [{r['seconds_min']:.3g}, {r['seconds_max']:.3g}] "
+          f"({r['timing_repeats']} runs)", r["time_relative_to_largest_tau"]]
+         for r in soae["rows"]]))
   else:
     lines += [f"Skipped: {soae['skipped']}.", ""]
   lines += [f"![{f}]({f})" for f in figures] + [""]

@@ -69,13 +69,92 @@ def pyplot():
   return plt
 
 
+# ---------------------------------------------------------------------------------------------
+# Figures: every analysis figure is made by :func:`figure`, its lines styled by
+# :func:`series_style`, and finished by :func:`finish_figure` (title, one legend outside).
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+VARIANT_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def figure(nrows: int = 1, ncols: int = 1, *, panel_size=(4.6, 3.4)):
+  """``(fig, axes)``: a grid of ``nrows x ncols`` panels (``axes`` always 2-D) with matplotlib's
+  constrained layout, which keeps room for the title and for a legend outside the panels."""
+  plt = pyplot()
+  return plt.subplots(nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows),
+                      squeeze=False, layout="constrained")
+
+
+def series_style(index: int, variant: int = 0) -> dict:
+  """Line keywords for series ``index``: its own colour and marker, so that series stay apart
+  in colour and still visible where they overlap. ``variant`` separates two statistics of one
+  series (e.g. 0 = mean, 1 = max): same colour and marker, solid with filled markers vs dashed
+  with hollow, slightly larger markers, so a variant drawn on top leaves the other visible."""
+  # Later series are drawn thinner and with smaller markers, on top of earlier ones: where two
+  # series coincide both colours and both markers still show.
+  style = dict(color=f"C{index % 10}", marker=MARKERS[index % len(MARKERS)],
+               ls=VARIANT_LINESTYLES[variant % len(VARIANT_LINESTYLES)],
+               lw=max(3.0 - 0.8 * index, 1.0), markersize=max(10.0 - 2.5 * index, 4.0) +
+               4 * min(variant, 1), zorder=2 + 0.1 * index + 0.05 * min(variant, 1))
+  if variant:
+    # A ring around the filled marker of variant 0: visible even where the two coincide.
+    style.update(markerfacecolor="none", markeredgewidth=1.5)
+  return style
+
+
+def plain_log_ticks(axis) -> None:
+  """Plain numbers (``2``, ``10``, ``20``) instead of ``2 x 10^0`` on a log ``axis``
+  (``ax.xaxis`` or ``ax.yaxis``)."""
+  from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+  axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+  axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+  axis.set_minor_formatter(NullFormatter())
+
+
+def variant_handles(names: Sequence[str]) -> list:
+  """Legend entries (grey) that explain :func:`series_style`'s variants: ``names[i]`` for
+  variant ``i`` (e.g. ``("mean", "max")``)."""
+  from matplotlib.lines import Line2D
+  return [Line2D([], [], label=name, **dict(series_style(0, i), color="0.35"))
+          for i, name in enumerate(names)]
+
+
+def finish_figure(fig, title: str, *, extra_handles: Sequence = (), legend: bool = True,
+                  ncols: int = 1):
+  """Gives ``fig`` its title and one legend outside every panel (to the right of the figure's
+  panels, vertically centred): the labelled lines of all panels, each label once, then ``extra_handles`` (e.g.
+  :func:`variant_handles`). Returns the legend (``None`` when there is nothing to show)."""
+  import textwrap
+  # Wrapped to the figure's width; the legend sits beside the panels' middle, clear of it.
+  fig.suptitle(textwrap.fill(title, width=max(36, int(9.5 * fig.get_figwidth()))), fontsize=11)
+  handles, labels = [], []
+  for ax in fig.axes:
+    for h, lbl in zip(*ax.get_legend_handles_labels()):
+      if lbl not in labels and not lbl.startswith("_"):
+        handles.append(h)
+        labels.append(lbl)
+  for h in extra_handles:
+    handles.append(h)
+    labels.append(h.get_label())
+  if not legend or not handles:
+    return None
+  return fig.legend(handles, labels, loc="outside right center", fontsize=8, ncols=ncols,
+                    frameon=False)
+
+
 def save_figure(fig, path: str) -> str:
   """Saves ``fig`` as ``path`` (process 0 only) and closes it; returns the file name."""
   if parallel.is_primary():
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if fig.get_layout_engine() is None:
+      fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
   pyplot().close(fig)
   return os.path.basename(path)
+
+
+def save_figures(figures: Mapping[str, Any], out_dir: str) -> list[str]:
+  """:func:`save_figure` for each ``{file name: figure}``; returns the file names."""
+  return [save_figure(fig, os.path.join(out_dir, name)) for name, fig in figures.items()]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -12,7 +12,8 @@ window, sigma 1.5; ``krylov_adv.metrics``). Means are over the examples the atta
 changed (AutoAttack returns the clean image where it fails: PSNR there is infinite) and over the
 successful ones (prediction changed). SSIM needs images of at least 11 x 11, hence MNIST-sized
 data for this experiment (the small config uses the real MNIST test set, split into a training
-and a held-out part).
+and a held-out part, or where those files are missing scikit-learn's digits upsampled to 16 x 16:
+``experiments.datasets.choose_data`` decides and the run prints which).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def measure(logits_fn, x: np.ndarray, y: np.ndarray, x_adv: np.ndarray, *, eps: 
 def run(config, workdir: str, *, progress: bool = True) -> dict:
   """Writes ``workdir/perceptual/{results.json, report.md, *.png}``."""
   out_dir = outputs.output_dir(workdir, NAME)
+  config, data_note = datasets.choose_data(config)
+  if progress and data_note:
+    print(data_note, flush=True)
   e = config.experiment
   dataset = datasets.load_data(config.data)
   (model,) = trained_models.by_method(config, dataset, [e.model_method], workdir,
@@ -88,20 +92,23 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
       print(f"{label}: PSNR {stats['psnr']}, SSIM {stats['ssim']}, robust acc "
             f"{stats['robust_accuracy']:.3f}", flush=True)
   results = {"rows": rows, "eps": float(e.eps), "norm": e.norm, "model": model.label,
-             "clean_accuracy": model.clean_accuracy, "image_shape": list(x.shape[1:])}
-  figures = plot(x[:e.num_shown], examples, out_dir)
+             "clean_accuracy": model.clean_accuracy, "image_shape": list(x.shape[1:]),
+             "data": dataset.name, "data_note": data_note}
+  figures = plot(x[:e.num_shown], examples, out_dir,
+                 title=f"Adversarial examples, {e.norm} eps={float(e.eps):g} "
+                       f"({model.label} model, {dataset.name})")
   outputs.write_analysis(out_dir, config, results, markdown(results, figures),
                          progress=progress)
   return results
 
 
-def plot(x: np.ndarray, examples: dict, out_dir: str) -> list[str]:
+def make_figures(x: np.ndarray, examples: dict, *, title: str = "") -> dict:
+  """``{"examples.png": figure}``: the clean images (top row) and each attack's adversarial
+  examples (one row per attack, named on the left); no legend, since the rows are labelled."""
   if not examples:
-    return []
-  plt = outputs.pyplot()
+    return {}
   n = len(x)
-  fig, axes = plt.subplots(len(examples) + 1, n, figsize=(1.3 * n, 1.4 * (len(examples) + 1)),
-                           squeeze=False)
+  fig, axes = outputs.figure(len(examples) + 1, n, panel_size=(1.3, 1.35))
   for j in range(n):
     for i, (label, xa) in enumerate([("clean", x), *examples.items()]):
       ax = axes[i][j]
@@ -109,8 +116,13 @@ def plot(x: np.ndarray, examples: dict, out_dir: str) -> list[str]:
       ax.set_xticks([])
       ax.set_yticks([])
       if j == 0:
-        ax.set_ylabel(label, fontsize=7)
-  return [outputs.save_figure(fig, os.path.join(out_dir, "examples.png"))]
+        ax.set_ylabel(label, fontsize=8)
+  outputs.finish_figure(fig, title or "Clean images and adversarial examples", legend=False)
+  return {"examples.png": fig}
+
+
+def plot(x: np.ndarray, examples: dict, out_dir: str, *, title: str = "") -> list[str]:
+  return outputs.save_figures(make_figures(x, examples, title=title), out_dir)
 
 
 def _fmt(v, spec=".2f"):
@@ -120,7 +132,8 @@ def _fmt(v, spec=".2f"):
 def markdown(results: dict, figures: list[str]) -> str:
   lines = ["## PSNR and SSIM of adversarial examples (perceptual, Table V)", "",
            f"Model {results['model']} (clean accuracy {100 * results['clean_accuracy']:.1f}%), "
-           f"{results['norm']} eps={results['eps']:g}, images {results['image_shape']}. PSNR in "
+           f"{results['norm']} eps={results['eps']:g}, data {results.get('data', '?')}, images "
+           f"{results['image_shape']}. PSNR in "
            f"dB with data range 1 and (Table V's apparent convention) 255; means over the "
            f"perturbed examples, and over the successful ones.", ""]
   table = []

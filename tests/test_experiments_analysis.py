@@ -287,6 +287,8 @@ def test_krylov_dims_numbers(results):
   if "rows" in r["soae"]:
     for q in r["soae"]["rows"]:
       assert 0.0 <= q["robust_accuracy"] <= 1.0 and q["seconds"] > 0
+      # Timed by repeats: the median lies within the recorded spread.
+      assert q["seconds_min"] <= q["seconds"] <= q["seconds_max"] and q["timing_repeats"] >= 2
       assert 0 <= q["attack_m_mean"] <= q["attack_m_max"] <= max_dim
       assert 0.0 <= q["fallback_rate"] <= 1.0
 
@@ -342,3 +344,106 @@ def test_report_collects_every_section(results, workdir):
 def test_report_without_results_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="no experiment results"):
     report.build_report(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures: a title, the legend outside every panel, repeated timings; the perceptual data choice
+
+
+def _assert_titled_with_legend_outside(fig, *, legend=True):
+  """The figure has a (super)title, no legend inside a panel, and (when ``legend``) one figure
+  legend whose drawn box overlaps no panel."""
+  assert fig._suptitle is not None and fig._suptitle.get_text().strip()
+  assert all(ax.get_legend() is None for ax in fig.axes)
+  if not legend:
+    return
+  assert len(fig.legends) == 1 and fig.legends[0].get_texts()
+  fig.canvas.draw()
+  box = fig.legends[0].get_window_extent()
+  for ax in fig.axes:
+    assert not box.overlaps(ax.get_window_extent()), ax.get_title()
+
+
+FIGURES = {"ablation_hvp": {"fd_relative_error.png", "soae_accuracy_vs_eta.png", "hvp_cost.png"},
+           "krylov_dims": {"m_per_tau.png", "soae_accuracy_time_per_tau.png"},
+           "iterations": {"accuracy_vs_iterations.png"},
+           "grad_norms": {"grad_norms.png"}}
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_figures_have_a_title_and_the_legend_outside_the_panels(results, name):
+  from experiments import outputs
+  module = importlib.import_module(f"experiments.{name}")
+  figs = module.make_figures(results[name])
+  assert set(figs) == FIGURES[name]
+  for fig in figs.values():
+    _assert_titled_with_legend_outside(fig)
+    outputs.pyplot().close(fig)
+
+
+def test_m_per_tau_legend_is_short_and_says_mean_and_max(results):
+  (fig,) = [f for n, f in krylov_dims.make_figures(results["krylov_dims"]).items()
+            if n == "m_per_tau.png"]
+  labels = [t.get_text() for t in fig.legends[0].get_texts()]
+  hvps = {q["hvp"] for q in results["krylov_dims"]["dims"]}
+  # One entry per HVP method, K - 1, and one per statistic: not one per line.
+  assert len(labels) == len(hvps) + 3
+  assert "mean over examples" in labels and "max over examples" in labels
+
+
+def test_perceptual_examples_figure_has_a_title():
+  from experiments import outputs, perceptual
+  x = np.random.default_rng(0).uniform(size=(3, 12, 12, 1)).astype(np.float32)
+  figs = perceptual.make_figures(x, {"fgsm": x, "pgd": x}, title="Examples")
+  _assert_titled_with_legend_outside(figs["examples.png"], legend=False)
+  assert [ax.get_ylabel() for ax in figs["examples.png"].axes[::3]] == ["clean", "fgsm", "pgd"]
+  outputs.pyplot().close(figs["examples.png"])
+
+
+def test_series_style_keeps_one_colour_per_series_and_variants_apart():
+  from experiments import outputs
+  mean, mx = outputs.series_style(1, 0), outputs.series_style(1, 1)
+  assert mean["color"] == mx["color"] and mean["marker"] == mx["marker"]
+  assert mean["ls"] != mx["ls"] and mx["markerfacecolor"] == "none"
+  a, b = outputs.series_style(0), outputs.series_style(1)
+  assert a["color"] != b["color"] and a["marker"] != b["marker"]
+  # The later series is drawn on top, thinner: both stay visible where they coincide.
+  assert b["lw"] < a["lw"] and b["markersize"] < a["markersize"] and b["zorder"] > a["zorder"]
+
+
+def test_measure_reports_median_and_spread_of_repeats():
+  from experiments import timing
+  calls = []
+  t, out = timing.measure(lambda: calls.append(1) or jnp.ones(3) * len(calls), repeats=4,
+                          warmup=1)
+  assert len(calls) == 5 and t.repeats == 4 and float(out[0]) == 5.0
+  assert 0 <= t.min <= t.median <= t.max
+
+
+def test_perceptual_small_config_runs_without_shared_data(tmp_path):
+  """A fresh clone has no ../shared: the small config then trains on upsampled digits, and says
+  so in one line that names the missing files and the override."""
+  c = _config("perceptual", "small")
+  c.data.root = str(tmp_path / "no_mnist_here")
+  chosen, note = datasets.choose_data(c)
+  assert chosen.data.source == "digits" and chosen.data.upsample == 2
+  assert "data_fallback" not in chosen and chosen.train.epochs == c.data_fallback.train.epochs
+  assert "\n" not in note and "t10k-images-idx3-ubyte" in note and "--config.data.root" in note
+  ds = datasets.load_data(chosen.data)
+  # Large enough for SSIM's 11 x 11 window; pixel values unchanged by the upsampling.
+  assert ds.x_test.shape[1:] == (16, 16, 1) and 0.0 <= ds.x_test.min() <= ds.x_test.max() <= 1.0
+  np.testing.assert_array_equal(ds.x_test[:, ::2, ::2], ds.x_test[:, 1::2, 1::2])
+  # The trained-model cache is keyed by the data actually used.
+  assert trained_models._cache_key(chosen) != trained_models._cache_key(c)
+
+
+def test_perceptual_small_config_keeps_real_mnist_when_present(tmp_path):
+  for stem in datasets.IDX_TEST_FILES:
+    (tmp_path / (stem + ".gz")).write_bytes(b"")
+  c = _config("perceptual", "small")
+  c.data.root = str(tmp_path)
+  chosen, note = datasets.choose_data(c)
+  assert chosen is c and chosen.data.source == "idx" and "idx" in note
+  # Configs without a fallback are returned as they are.
+  c2 = _config("krylov_dims", "small")
+  assert datasets.choose_data(c2)[0] is c2
