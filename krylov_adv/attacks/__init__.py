@@ -9,8 +9,9 @@ finite iterate, or its clean ``x``). ``x`` in float16 / bfloat16 is attacked in 
 ``x_adv`` returned in ``x``'s dtype; an empty batch is returned unchanged; integer ``x``, or
 ``x`` of a shape the model cannot take, raises ``ValueError`` (each rule in one place, the
 toolkit's ``attack_entry`` and ``validate_inputs``). Attacks with a report or diagnostics
-have a second entry, ``attacks.NAME_with_report(...)`` with the same arguments and defaults (read from ``NAME``'s
-signature by :func:`krylov_adv.attacks.toolkit.keyword_arguments`), returning
+have a second entry, ``attacks.NAME_with_report(...)`` with the same arguments and defaults
+(read from ``NAME``'s signature by :func:`krylov_adv.attacks.toolkit.keyword_arguments`),
+returning
 ``WithReport(x_adv, report)`` (:class:`krylov_adv.attacks.toolkit.WithReport`, ``x_adv`` the
 same array ``NAME`` returns): ``pgd_with_report`` and ``second_order_with_report`` (per-iterate
 trace), ``soae_with_report`` (:class:`SOAEDiagnostics`), ``autoattack_with_report``
