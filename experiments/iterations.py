@@ -7,7 +7,7 @@ For every N of the sweep, SOAE with N outer iterations (Algorithm 1: each step i
 a run with N iterations is a different attack for each N, not a prefix of a longer one) and PGD
 with N steps are run from scratch on the same test points, on a standard and a PGD-trained
 model. Each attack's wall time is recorded next to its accuracy, since one SOAE iteration costs
-one gradient plus up to m HVPs.
+one gradient plus up to m + 2 HVPs (step 3's ``H g``, m Krylov steps, the true residual).
 """
 
 from __future__ import annotations

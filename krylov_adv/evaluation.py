@@ -79,24 +79,56 @@ def _admissibility(x_adv: Array, x: Array, *, norm: str) -> tuple[Array, Array, 
           jnp.max(x_adv))
 
 
+# The predicted label of an example whose logits are not all finite: never a class, so it is
+# never counted correct (argmax over NaN logits would say class 0).
+NONFINITE_PREDICTION = -1
+
+
+@jax.jit
+def predicted_labels(logits: Array) -> Array:
+  """``argmax_k logits_k`` per row, ``NONFINITE_PREDICTION`` (-1) for a row with a NaN or inf
+  logit. ``(B, K)`` -> ``(B,)`` int32."""
+  finite = jnp.all(jnp.isfinite(logits), axis=1)
+  return jnp.where(finite, jnp.argmax(logits, axis=1), NONFINITE_PREDICTION).astype(jnp.int32)
+
+
 def predictions(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 256,
                 mesh=None) -> np.ndarray:
-  """``argmax_k logits_fn(x)_k`` for every example, in batches. x ``(N, ...)`` -> ``(N,)`` int.
+  """:func:`predicted_labels` of every example, in batches. x ``(N, ...)`` -> ``(N,)`` int32:
+  ``argmax_k logits_fn(x)_k``, or -1 where a logit is NaN or inf (a model that overflows
+  predicts no class rather than class 0).
 
   With ``mesh`` every batch is sharded over its ``"data"`` axis (padding rule in
   ``_batch_size``)."""
   out = []
   for idx, valid in _padded_batches(len(x), _batch_size(batch_size, len(x), mesh)):
     (xb,) = _place((x[idx],), mesh)
-    out.append(parallel.to_host(jnp.argmax(logits_fn(xb), axis=1))[:valid])
+    out.append(parallel.to_host(predicted_labels(logits_fn(xb)))[:valid])
   return np.concatenate(out) if out else np.zeros((0,), np.int32)
+
+
+class AccuracyReport(NamedTuple):
+  """Clean accuracy over ``num_examples`` examples; ``nonfinite`` of them had a NaN or inf
+  logit and count as wrong (their prediction is -1, :func:`predictions`)."""
+  accuracy: float
+  nonfinite: int
+  num_examples: int
+
+
+def accuracy_report(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
+                    batch_size: int = 256, mesh=None) -> AccuracyReport:
+  """Clean accuracy ``mean(pred_i == y_i)`` (``pred`` from :func:`predictions`: a non-finite
+  prediction is wrong) and how many predictions were non-finite. ``0.0`` for an empty set."""
+  pred = predictions(logits_fn, x, batch_size=batch_size, mesh=mesh)
+  acc = float(np.mean(pred == np.asarray(y))) if len(pred) else 0.0
+  return AccuracyReport(acc, int(np.sum(pred == NONFINITE_PREDICTION)), len(pred))
 
 
 def accuracy(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256,
              mesh=None) -> float:
-  """Clean accuracy ``mean(argmax f(x_i) == y_i)``."""
-  return float(np.mean(predictions(logits_fn, x, batch_size=batch_size, mesh=mesh)
-                       == np.asarray(y)))
+  """Clean accuracy ``mean(argmax f(x_i) == y_i)``, an example with a NaN or inf logit counted
+  wrong; :func:`accuracy_report` also says how many there were."""
+  return accuracy_report(logits_fn, x, y, batch_size=batch_size, mesh=mesh).accuracy
 
 
 class AttackRun(NamedTuple):

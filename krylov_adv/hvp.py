@@ -29,7 +29,17 @@ Array = jax.Array
 LossFn = Callable[[Array], Array]
 Matvec = Callable[[Array], Array]
 
+# The HVP methods by name (the names configs use), and the finite-difference scheme of each FD
+# method, passed to :func:`fd_hvp` as is (a name never has to be sliced apart).
 HVP_METHODS = ("exact", "exact_linearized", "fd_forward", "fd_central")
+FD_SCHEMES = {"fd_forward": "forward", "fd_central": "central"}
+# The one default HVP method and finite-difference step of the library (SOAE, the quadratic
+# regularizers, make_hvp): the exact product, and the SOAE paper's eta = 1e-5 (Sec. IV-D,
+# "eta <= 1e-5"). In float32 a forward difference at eta = 1e-5 is mostly rounding noise
+# (~1% error per product, ``eps_mach / eta``); pass a larger eta (~1e-3) with an FD method in
+# float32, or use the exact product.
+DEFAULT_METHOD = "exact"
+DEFAULT_ETA = 1e-5
 
 
 def _summed(loss_fn: LossFn) -> Callable[[Array], Array]:
@@ -123,8 +133,8 @@ class HVPOperator(NamedTuple):
   matvec: Matvec
 
 
-def make_hvp(loss_fn: LossFn, x: Array, *, method: str = "exact",
-             eta: float = 1e-3) -> HVPOperator:
+def make_hvp(loss_fn: LossFn, x: Array, *, method: str = DEFAULT_METHOD,
+             eta: float = DEFAULT_ETA) -> HVPOperator:
   """Builds the gradient and a batched Hessian matvec at ``x``, the method chosen by name.
 
   ``method`` (usable from configs):
@@ -141,27 +151,28 @@ def make_hvp(loss_fn: LossFn, x: Array, *, method: str = "exact",
     loss_fn: ``(B, ...) -> (B,)`` per-example loss, model in inference mode (block-diagonal
       Hessian, module docstring).
     x: float array ``(B, ...)``.
-    method: one of ``HVP_METHODS``.
-    eta: finite-difference step (> 0), ignored by the exact methods.
+    method: one of ``HVP_METHODS`` (default ``DEFAULT_METHOD``, ``"exact"``).
+    eta: finite-difference step (> 0, default ``DEFAULT_ETA = 1e-5``, the SOAE paper's; mostly
+      rounding noise in float32, see ``DEFAULT_ETA``), ignored by the exact methods.
 
   Returns:
     ``HVPOperator(grad, matvec)``.
   """
+  if method not in HVP_METHODS:
+    raise ValueError(f"unknown HVP method {method!r}; choose one of {HVP_METHODS}")
   if method == "exact_linearized":
     grad, matvec = jax.linearize(jax.grad(_summed(loss_fn)), x)
     return HVPOperator(grad, matvec)
   if method == "exact":
     return HVPOperator(input_grad(loss_fn, x), lambda v: exact_hvp(loss_fn, x, v))
-  if method in ("fd_forward", "fd_central"):
-    _check_eta(eta)
-    grad = input_grad(loss_fn, x)
-    scheme = method[3:]
+  scheme = FD_SCHEMES[method]
+  _check_eta(eta)
+  grad = input_grad(loss_fn, x)
 
-    def matvec(v):
-      return fd_hvp(loss_fn, x, v, eta=eta, scheme=scheme, grad_x=grad)
+  def matvec(v):
+    return fd_hvp(loss_fn, x, v, eta=eta, scheme=scheme, grad_x=grad)
 
-    return HVPOperator(grad, matvec)
-  raise ValueError(f"unknown HVP method {method!r}; choose one of {HVP_METHODS}")
+  return HVPOperator(grad, matvec)
 
 
 def _check_same_shape(x: Array, v: Array) -> None:

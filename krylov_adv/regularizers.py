@@ -386,8 +386,8 @@ def quadratic_max_frank_wolfe(grad: Array, matvec: Callable[[Array], Array], *, 
 
 
 def scorpio_maximizer(loss_fn: LossFn, x: Array, *, eps, norm: str, steps: int = 5,
-                      step_rule: str = "line_search", hvp: str = "exact",
-                      eta: float = 1e-3) -> QuadraticMax:
+                      step_rule: str = "line_search", hvp: str = hvp_lib.DEFAULT_METHOD,
+                      eta: float = hvp_lib.DEFAULT_ETA) -> QuadraticMax:
   """The worst case of the quadratic model (*) of ``loss_fn`` at ``x`` over the eps-ball, by
   :func:`quadratic_max_frank_wolfe` with the gradient and HVPs of
   :func:`krylov_adv.hvp.make_hvp` (``hvp``, ``eta``). Cost: one gradient and ``steps``
@@ -397,8 +397,8 @@ def scorpio_maximizer(loss_fn: LossFn, x: Array, *, eps, norm: str, steps: int =
                                    step_rule=step_rule)
 
 
-def quadratic_model(loss_fn: LossFn, x: Array, delta: Array, *, hvp: str = "exact",
-                    eta: float = 1e-3) -> Array:
+def quadratic_model(loss_fn: LossFn, x: Array, delta: Array, *,
+                    hvp: str = hvp_lib.DEFAULT_METHOD, eta: float = hvp_lib.DEFAULT_ETA) -> Array:
   """``Q(delta) = g^T delta + 1/2 delta^T H delta`` per example ``(B,)``, differentiable in what
   ``loss_fn`` closes over (one ``jax.jvp`` of the input gradient for the exact methods)."""
   if hvp in ("exact", "exact_linearized"):
@@ -410,8 +410,9 @@ def quadratic_model(loss_fn: LossFn, x: Array, delta: Array, *, hvp: str = "exac
 
 
 def scorpio_regularizer(loss_fn: LossFn, x: Array, *, eps, norm: str, steps: int = 5,
-                        step_rule: str = "line_search", hvp: str = "exact",
-                        eta: float = 1e-3, search_loss_fn: LossFn | None = None) -> Array:
+                        step_rule: str = "line_search", hvp: str = hvp_lib.DEFAULT_METHOD,
+                        eta: float = hvp_lib.DEFAULT_ETA,
+                        search_loss_fn: LossFn | None = None) -> Array:
   """SCORPIO's regulariser ``max_{||delta|| <= eps} Q(delta)`` per example (module docstring).
 
   The maximiser comes from :func:`scorpio_maximizer` under ``stop_gradient``; the value is
@@ -439,7 +440,7 @@ def scorpio_regularizer(loss_fn: LossFn, x: Array, *, eps, norm: str, steps: int
 
 def scorpio_loss(logits_fn: LogitsFn, x: Array, y: Array, key: Array | None = None, *, eps,
                  norm: str, lam: float = 1.0, steps: int = 5, step_rule: str = "line_search",
-                 hvp: str = "exact", eta: float = 1e-3,
+                 hvp: str = hvp_lib.DEFAULT_METHOD, eta: float = hvp_lib.DEFAULT_ETA,
                  search_logits_fn: LogitsFn | None = None) -> Array:
   """The SCORPIO training objective ``mean CE(f(x), y) + lam * mean max Q`` (scalar).
 

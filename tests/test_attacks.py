@@ -420,3 +420,120 @@ def test_pgd_trace_follows_the_iterates():
     dn = np.linalg.norm(d.reshape(8, -1), axis=1).reshape(-1, 1, 1, 1)
     xt = np.clip(np.asarray(x) + d * np.minimum(1.0, eps / np.maximum(dn, 1e-12)), 0, 1)
   np.testing.assert_allclose(np.asarray(out.x_adv), xt, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every registered attack: NaN models and edge inputs (issue 15, items 8 and 9). Tiny settings;
+# one model object and one shape per attack, so that each attack compiles once for all tests.
+
+K4 = 4
+_W4 = np.random.default_rng(14).normal(size=(16, K4)).astype(np.float32)
+
+
+def _nhwc_linear(x):
+  """A linear model on NHWC 4x4x1 images that, like a CNN, needs rank-4 input."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h * w * c) @ _W4
+
+
+def _nan_model(x):
+  """Returns NaN logits everywhere (e.g. a model whose weights have diverged)."""
+  return _nhwc_linear(x) * jnp.nan
+
+
+def _nan_above(x):
+  """Finite logits for images whose brightest pixel is below 0.55, NaN above: the model
+  overflows in part of the ball."""
+  z = _nhwc_linear(x)
+  return jnp.where(jnp.max(x.reshape(x.shape[0], -1), axis=1, keepdims=True) < 0.55, z, jnp.nan)
+
+
+TINY = {
+    "fgsm": {},
+    "pgd": dict(steps=2),
+    "second_order": dict(steps=2, samples=1),
+    "soae": dict(steps=1, m=2),
+    "trades": dict(steps=2),
+    "apgd_ce": dict(steps=2),
+    "apgd_dlr": dict(steps=2),
+    "apgd_t": dict(steps=2, n_target_classes=1),
+    "fab": dict(steps=2),
+    "fab_t": dict(steps=2, n_target_classes=1),
+    "square": dict(steps=2),
+    "autoattack": dict(version="custom", attacks=[("apgd_ce", dict(steps=2))]),
+}
+_X4 = np.random.default_rng(15).uniform(0.0, 0.5, size=(4, 4, 4, 1)).astype(np.float32)
+_Y4 = np.arange(4, dtype=np.int32)
+
+
+def _run(name, logits_fn, x, y=_Y4, eps=0.1, norm="linf"):
+  return attacks.get(name)(logits_fn, x, y, jax.random.PRNGKey(0), eps=eps, norm=norm,
+                           **TINY[name])
+
+
+def test_tiny_settings_cover_every_registered_attack():
+  assert sorted(TINY) == attacks.available()
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_nan_model_gives_finite_points_of_the_threat_model(name):
+  # Today fgsm, pgd, second_order, trades and apgd return NaN here.
+  x_adv = _run(name, _nan_model, _X4)
+  _assert_in_threat_model(x_adv, _X4, 0.1, "linf")
+
+
+@pytest.mark.parametrize("name", ["pgd", "trades", "soae"])
+def test_model_overflowing_in_part_of_the_ball_keeps_the_last_finite_iterate(name):
+  # Steps that reach a pixel >= 0.55 make the model NaN; the attack keeps the last finite
+  # iterate (it moved: some example differs from x), never a NaN.
+  x = np.full((4, 4, 4, 1), 0.5, np.float32)
+  x_adv = _run(name, _nan_above, x)
+  _assert_in_threat_model(x_adv, x, 0.1, "linf")
+  assert not np.array_equal(np.asarray(x_adv), x), name
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_empty_batch_is_returned_unchanged(name):
+  # Today: ZeroDivisionError inside JAX (the model's reshape(0, -1)).
+  x = _X4[:0]
+  x_adv = _run(name, _nhwc_linear, x, y=_Y4[:0])
+  assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+  # Static checks still run on an empty batch.
+  with pytest.raises(ValueError, match="eps"):
+    _run(name, _nhwc_linear, x, y=_Y4[:0], eps=-1.0)
+
+
+@pytest.mark.parametrize("name", ["pgd_with_report", "second_order_with_report",
+                                  "soae_with_report", "autoattack_with_report"])
+def test_reports_of_an_empty_batch_raise(name):
+  with pytest.raises(ValueError, match="empty batch"):
+    getattr(attacks, name)(_nhwc_linear, _X4[:0], _Y4[:0], jax.random.PRNGKey(0), eps=0.1,
+                           norm="linf")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_half_precision_is_attacked_in_float32_and_returned_in_its_dtype(name, dtype):
+  # Today pgd, apgd, fab and autoattack fail with a loop-carry TypeError inside JAX.
+  x_half = jnp.asarray(_X4, dtype)
+  got = _run(name, _nhwc_linear, x_half)
+  assert got.dtype == dtype and got.shape == _X4.shape
+  want = _run(name, _nhwc_linear, x_half.astype(jnp.float32)).astype(dtype)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  g = np.asarray(got, np.float32)
+  assert np.all(np.isfinite(g)) and g.min() >= 0.0 and g.max() <= 1.0
+  assert np.max(np.abs(g - np.asarray(x_half, np.float32))) <= 0.1 + 1e-2  # half rounding
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_integer_x_raises_value_error(name):
+  with pytest.raises(ValueError, match="floating-point.*int32"):
+    _run(name, _nhwc_linear, (_X4 > 0.25).astype(np.int32))
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 4), (4, 4, 4, 1, 1)])
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_rank_the_model_cannot_take_raises_value_error_naming_the_shape(name, shape):
+  # Today the model's own "not enough values to unpack" (or a Square-specific message).
+  with pytest.raises(ValueError, match=r"logits_fn cannot take x of shape \(4, 4, 4"):
+    _run(name, _nhwc_linear, _X4.reshape(shape))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from krylov_adv import evaluation
+from krylov_adv import attacks, evaluation
 
 
 def _shifted(delta):
@@ -52,7 +52,8 @@ def test_run_attack_keeps_examples_and_each_batch_aux(digits_model):
   x, y = m.x_test[:10], m.y_test[:10]
 
   def attack(logits_fn, xb, yb, key):
-    return jnp.clip(xb + 0.01, 0.0, 1.0), jnp.full((3, xb.shape[0]), xb.shape[0])
+    return attacks.WithReport(jnp.clip(xb + 0.01, 0.0, 1.0),
+                              jnp.full((3, xb.shape[0]), xb.shape[0]))
 
   run = evaluation.run_attack(m.logits_fn, attack, x, y, jax.random.PRNGKey(0), eps=0.02,
                               norm="linf", batch_size=4, keep_examples=True)
@@ -63,3 +64,30 @@ def test_run_attack_keeps_examples_and_each_batch_aux(digits_model):
   assert all(aux.shape == (3, 4) for aux, _ in run.extras)
   assert evaluation.robust_accuracy(m.logits_fn, attack, x, y, jax.random.PRNGKey(0),
                                     eps=0.02, norm="linf", batch_size=4) == run.correct.mean()
+
+
+def _linear_or_nan(x):
+  """Linear logits (3 classes) on 2x2x1 images, NaN for images whose first pixel is > 0.5."""
+  flat = x.reshape(x.shape[0], -1)
+  z = flat @ jnp.asarray(np.arange(12, dtype=np.float32).reshape(4, 3) - 5.0)
+  return jnp.where(flat[:, :1] > 0.5, jnp.nan, z)
+
+
+def test_nonfinite_predictions_are_wrong_and_counted():
+  # Today a NaN row is argmax'ed to class 0: with every label 0 the NaN model scored 1.0.
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(10, 2, 2, 1)).astype(np.float32)
+  nan_rows = x[:, 0, 0, 0] > 0.5
+  assert 0 < nan_rows.sum() < 10
+  pred = evaluation.predictions(_linear_or_nan, x, batch_size=4)
+  finite_pred = np.argmax(np.asarray(_linear_or_nan(jnp.asarray(x))), axis=1)
+  np.testing.assert_array_equal(pred, np.where(nan_rows, -1, finite_pred))
+  y = np.zeros(10, np.int32)
+  report = evaluation.accuracy_report(_linear_or_nan, x, y, batch_size=4)
+  assert report.nonfinite == int(nan_rows.sum()) and report.num_examples == 10
+  want = np.mean(~nan_rows & (finite_pred == 0))
+  assert report.accuracy == pytest.approx(want)
+  assert evaluation.accuracy(_linear_or_nan, x, y, batch_size=4) == pytest.approx(want)
+  all_nan = lambda z: _linear_or_nan(z) * jnp.nan
+  assert evaluation.accuracy(all_nan, x, y) == 0.0
+  assert evaluation.accuracy_report(all_nan, x, y).nonfinite == 10

@@ -168,3 +168,40 @@ def test_invalid_arguments():
     hvp.exact_hvp(loss_fn, x, v[:, :3])
   with pytest.raises(ValueError, match="per-example"):
     hvp.input_grad(lambda z: jnp.sum(loss_fn(z)), x)
+
+
+def test_one_default_for_the_hvp_method_and_eta():
+  # Each default is written once, in krylov_adv.hvp, and every user of make_hvp refers to it
+  # (before: make_hvp's eta=1e-3 against SOAE's 1e-5, and "exact" written in five places).
+  import inspect
+
+  from krylov_adv import attacks, regularizers
+  from krylov_adv.attacks import _soae
+
+  assert hvp.DEFAULT_METHOD == "exact" and hvp.DEFAULT_ETA == 1e-5  # the SOAE paper's eta
+  make = inspect.signature(hvp.make_hvp).parameters
+  assert make["method"].default == hvp.DEFAULT_METHOD and make["eta"].default == hvp.DEFAULT_ETA
+  for fn in (attacks.soae, attacks.soae_direction):
+    params = inspect.signature(fn).parameters
+    assert params["hvp"].default == hvp.DEFAULT_METHOD, fn
+    assert params["eta"].default == hvp.DEFAULT_ETA, fn
+  assert (_soae.DEFAULT_HVP, _soae.DEFAULT_ETA) == (hvp.DEFAULT_METHOD, hvp.DEFAULT_ETA)
+  for fn in (regularizers.scorpio_maximizer, regularizers.quadratic_model,
+             regularizers.scorpio_regularizer, regularizers.scorpio_loss):
+    params = inspect.signature(fn).parameters
+    assert params["hvp_method"].default == hvp.DEFAULT_METHOD, fn
+    assert params["eta"].default == hvp.DEFAULT_ETA, fn
+
+
+def test_make_hvp_passes_each_methods_fd_scheme_explicitly(monkeypatch):
+  # The scheme comes from hvp.FD_SCHEMES, not from slicing the method's name: renaming a scheme
+  # there reaches fd_hvp (before: method[3:]).
+  loss_fn, x, v = _setup(jnp.float32)
+  assert hvp.FD_SCHEMES == {"fd_forward": "forward", "fd_central": "central"}
+  assert set(hvp.FD_SCHEMES) | {"exact", "exact_linearized"} == set(hvp.HVP_METHODS)
+  seen = []
+  real = hvp.fd_hvp
+  monkeypatch.setattr(hvp, "fd_hvp", lambda *a, **kw: seen.append(kw["scheme"]) or real(*a, **kw))
+  monkeypatch.setitem(hvp.FD_SCHEMES, "fd_forward", "central")
+  hvp.make_hvp(loss_fn, x, method="fd_forward").matvec(v)
+  assert seen == ["central"]

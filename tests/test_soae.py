@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from krylov_adv import attacks, losses
+from krylov_adv import attacks, krylov, losses
 
 B, N_IN, K = 16, 16, 3
 
@@ -216,3 +216,36 @@ def test_nonfinite_direction_never_reaches_x_adv():
   assert np.all(np.isfinite(np.asarray(x_adv)))
   np.testing.assert_array_equal(np.asarray(x_adv), np.asarray(x))
   assert np.all(np.asarray(diag.fallback_count) == 2)
+
+
+def test_diagnostics_report_gmres_status(problem):
+  # The settings of test_diagnostics_report_true_residuals_and_dimensions (no recompilation):
+  # each solve's krylov.Status, CONVERGED exactly where `converged`, else max_dim or breakdown.
+  x, y = problem
+  _, diag = attacks.soae_with_report(LOGITS_FN, jnp.asarray(x), jnp.asarray(y),
+                                     jax.random.PRNGKey(0), eps=0.1, norm="linf", steps=2, m=12,
+                                     tau=1e-2, hvp="exact")
+  status = np.asarray(diag.status)
+  assert status.shape == (2, B) and diag.status.dtype == jnp.int32
+  np.testing.assert_array_equal(status == krylov.Status.CONVERGED, np.asarray(diag.converged))
+  assert set(status.ravel()) <= {int(s) for s in krylov.Status} - {krylov.Status.NONFINITE}
+  # With m = 1 and a tight tau most solves stop at the maximal dimension, and say so.
+  _, diag1 = attacks.soae_with_report(LOGITS_FN, jnp.asarray(x), jnp.asarray(y),
+                                      jax.random.PRNGKey(0), eps=0.1, norm="linf", steps=1, m=1,
+                                      tau=1e-8, hvp="exact")
+  s1 = np.asarray(diag1.status)
+  assert np.any(s1 == krylov.Status.MAX_DIM_REACHED)
+  np.testing.assert_array_equal(s1 == krylov.Status.CONVERGED, np.asarray(diag1.converged))
+
+
+def test_nonfinite_solves_report_nonfinite_status():
+  def overflow_logits(x):
+    z = jnp.sum(x.reshape(x.shape[0], -1), axis=1, keepdims=True) * 1e38
+    return jnp.concatenate([z * z, -z * z, jnp.zeros_like(z)], axis=1)
+
+  x = jnp.full((4, 4, 4, 1), 0.5, jnp.float32)
+  y = jnp.asarray([1, 1, 2, 2], jnp.int32)
+  _, diag = attacks.soae_with_report(overflow_logits, x, y, jax.random.PRNGKey(0), eps=0.1,
+                                     norm="l2", steps=2, m=3)
+  np.testing.assert_array_equal(np.asarray(diag.status), int(krylov.Status.NONFINITE))
+  assert not np.any(np.asarray(diag.converged))

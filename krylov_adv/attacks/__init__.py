@@ -4,9 +4,14 @@ Every attack is a function of the package, ``attacks.NAME(logits_fn, x, y, key, 
 **hyperparameters) -> x_adv``, where ``logits_fn`` maps images ``(B, H, W, C)`` in ``[0, 1]`` to
 logits ``(B, K)`` (model in inference mode), ``y`` is ``(B,)`` int, ``key`` a PRNG key. The
 result is the adversarial batch alone and satisfies ``||x_adv_i - x_i|| <= eps`` and
-``0 <= x_adv <= 1``. Attacks with a report or diagnostics have a second entry,
-``attacks.NAME_with_report(...)`` with the same arguments and defaults (read from ``NAME``'s
-signature by :func:`krylov_adv.attacks.toolkit.keyword_arguments`), returning
+``0 <= x_adv <= 1``, finite even for a model that returns NaN or inf (an example keeps its last
+finite iterate, or its clean ``x``). ``x`` in float16 / bfloat16 is attacked in float32 and
+``x_adv`` returned in ``x``'s dtype; an empty batch is returned unchanged; integer ``x``, or
+``x`` of a shape the model cannot take, raises ``ValueError`` (each rule in one place, the
+toolkit's ``attack_entry`` and ``validate_inputs``). Attacks with a report or diagnostics
+have a second entry, ``attacks.NAME_with_report(...)`` with the same arguments and defaults
+(read from ``NAME``'s signature by :func:`krylov_adv.attacks.toolkit.keyword_arguments`),
+returning
 ``WithReport(x_adv, report)`` (:class:`krylov_adv.attacks.toolkit.WithReport`, ``x_adv`` the
 same array ``NAME`` returns): ``pgd_with_report`` and ``second_order_with_report`` (per-iterate
 trace), ``soae_with_report`` (:class:`SOAEDiagnostics`), ``autoattack_with_report``
@@ -29,7 +34,9 @@ One name per concept across attacks:
 
 Each default lives once: in the signature of the attack ``NAME`` (``NAME_with_report`` reads
 them from there); SOAE's in its module constants ``DEFAULT_STEPS``, ``DEFAULT_M``,
-``DEFAULT_TAU``, ``DEFAULT_HVP``, ``DEFAULT_ETA``, shared by ``soae`` and ``soae_direction``.
+``DEFAULT_TAU``, ``DEFAULT_HVP``, ``DEFAULT_ETA``, shared by ``soae`` and ``soae_direction`` (the
+last two are :data:`krylov_adv.hvp.DEFAULT_METHOD` and :data:`krylov_adv.hvp.DEFAULT_ETA`, the
+library's one default HVP method and FD step).
 The ``*_step_size`` default ``2.5 eps / steps`` is :func:`toolkit.default_step_size`. Config
 files use these names as keys.
 

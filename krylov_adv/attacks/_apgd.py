@@ -290,6 +290,7 @@ def apgd_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, nor
   return s["x_out"], s["fooled"]
 
 
+@toolkit.attack_entry
 def apgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, loss: str = "ce",
          targeted: bool = False, steps: int = 100, restarts: int = 1,
          n_target_classes: int = 9, rho: float = 0.75, example_index=None) -> Array:
@@ -331,6 +332,7 @@ def apgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, loss: str = "ce",
 
 
 @register("apgd_ce")
+@toolkit.attack_entry
 def apgd_ce(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
             restarts: int = 1, rho: float = 0.75, example_index=None) -> Array:
   """APGD on the cross-entropy loss (AutoAttack's APGD-CE); see :func:`apgd`."""
@@ -339,6 +341,7 @@ def apgd_ce(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
 
 
 @register("apgd_dlr")
+@toolkit.attack_entry
 def apgd_dlr(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
              restarts: int = 1, rho: float = 0.75, example_index=None) -> Array:
   """APGD on the untargeted DLR loss (Eq. 6; AutoAttack+'s APGD-DLR); see :func:`apgd`."""
@@ -347,6 +350,7 @@ def apgd_dlr(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100
 
 
 @register("apgd_t")
+@toolkit.attack_entry
 def apgd_t(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
            restarts: int = 1, n_target_classes: int = 9, rho: float = 0.75,
            example_index=None) -> Array:

@@ -153,6 +153,7 @@ def _put(x_adv: Array, xa: Array, target: Array) -> Array:
 
 
 @register("autoattack")
+@toolkit.attack_entry
 def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str = "standard",
                attacks: Sequence | None = None,
                hyperparameters: Mapping[str, Mapping[str, Any]] | None = None) -> Array:
@@ -175,6 +176,7 @@ def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str =
                      hyperparameters=hyperparameters).x_adv
 
 
+@toolkit.report_entry
 def autoattack_with_report(logits_fn: LogitsFn, x, y, key,
                            **hyperparameters) -> toolkit.WithReport:
   """:func:`autoattack` and its report: ``WithReport(x_adv, AutoAttackReport)``, ``x_adv`` the

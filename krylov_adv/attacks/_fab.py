@@ -244,6 +244,7 @@ def fab_attack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, targeted: bool
 
 
 @register("fab_t")
+@toolkit.attack_entry
 def fab_t(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
           restarts: int = 1, n_target_classes: int = 9, alpha_max: float = 0.1,
           overshoot: float = 1.05, beta: float = 0.9, example_index=None) -> Array:
@@ -256,6 +257,7 @@ def fab_t(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
 
 
 @register("fab")
+@toolkit.attack_entry
 def fab(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
         restarts: int = 1, alpha_max: float = 0.1, overshoot: float = 1.05, beta: float = 0.9,
         example_index=None) -> Array:

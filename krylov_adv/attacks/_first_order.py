@@ -43,6 +43,7 @@ def _fgsm_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, step_si
 
 
 @register("fgsm")
+@toolkit.attack_entry
 def fgsm(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, step_size=None,
          random_start: bool = False, loss: str = "ce") -> Array:
   """Fast gradient (sign) method: one normalised gradient step, projected.
@@ -136,6 +137,7 @@ def _pgd(logits_fn, x, y, key, *, eps, norm, steps, step_size, random_start, res
 
 
 @register("pgd")
+@toolkit.attack_entry
 def pgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 10, step_size=None,
         random_start: bool = True, restarts: int = 1, loss: str = "ce") -> Array:
   """Projected gradient ascent (Madry et al. 2018) with random restarts.
@@ -160,6 +162,7 @@ def pgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 10, step
               random_start=random_start, restarts=restarts, loss=loss, trace=False).x_adv
 
 
+@toolkit.report_entry
 def pgd_with_report(logits_fn: LogitsFn, x, y, key, **hyperparameters) -> toolkit.WithReport:
   """:func:`pgd` and its per-iterate trace: ``WithReport(x_adv, PGDReport)``, ``x_adv`` the same
   as :func:`pgd`'s; takes :func:`pgd`'s keyword arguments, with its defaults. The trace costs

@@ -116,6 +116,7 @@ def _second_order(logits_fn, x, y, key, *, eps, norm, steps, step_size, samples,
 
 
 @register("second_order")
+@toolkit.attack_entry
 def second_order(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 20,
                  step_size=None, samples: int = 8, sigma=0.05, form: str = "expectation",
                  xi=None, random_start: bool = False, loss: str = "ce") -> Array:
@@ -146,6 +147,7 @@ def second_order(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int =
                        random_start=random_start, loss=loss, trace=False).x_adv
 
 
+@toolkit.report_entry
 def second_order_with_report(logits_fn: LogitsFn, x, y, key,
                              **hyperparameters) -> toolkit.WithReport:
   """:func:`second_order` and its per-iterate trace: ``WithReport(x_adv, SecondOrderReport)``,

@@ -24,12 +24,15 @@ along ``g`` it can point downhill, so with ``fallback=True`` (default) an exampl
 happened is reported in :class:`SOAEDiagnostics`.
 
 Cost per outer iteration: one gradient (returned by ``make_hvp``) plus one Hessian-vector
-product for ``r_0 = g - H g`` (step 3) plus one per Krylov step (step 6), i.e.
-``1 gradient + (m + 1) HVPs`` when GMRES runs to ``m``. The paper's complexity estimate Eq. (25),
+product for ``r_0 = g - H g`` (step 3) plus one per Krylov step (step 6) plus one for the true
+residual ``||g - H d||`` that :func:`krylov_adv.krylov.gmres` recomputes at exit (its ``status``
+and ``converged`` are decided on it, not on the Givens estimate), i.e.
+``1 gradient + (m + 2) HVPs`` when GMRES runs to ``m``. The paper's complexity estimate Eq. (25),
 ``O(l2^2 + m l2^2 + ...)``, counts ``1 + m`` passes because it books step 3 as ``O(l1)``; its own
 step 3 is a gradient evaluation (Eq. 22), so Algorithm 1 as written costs ``1 + (m + 1)``
-gradient-sized passes with the forward difference. The loop stops a whole batch only when its
-last example stops, so a batch pays for its largest Krylov dimension. On top of the products,
+gradient-sized passes with the forward difference, and ours one more for the residual check.
+The loop stops a whole batch only when its last example stops, so a batch pays for its largest
+Krylov dimension. On top of the products,
 GMRES's own work (Arnoldi, Givens, back substitution) is negligible on a CPU but not on a GPU
 for a model as small as the MNIST CNN: there ``orthogonalization="cgs2"`` is several times
 cheaper than ``"mgs"`` (``benchmarks/bench_soae.py`` measures both), and the default ``"auto"``
@@ -58,8 +61,8 @@ ORTHOGONALIZATIONS = ("auto", "mgs", "cgs2")
 DEFAULT_STEPS = 4
 DEFAULT_M = 15
 DEFAULT_TAU = 1e-3
-DEFAULT_HVP = "exact"
-DEFAULT_ETA = 1e-5
+DEFAULT_HVP = hvp_lib.DEFAULT_METHOD  # defined once, in krylov_adv.hvp
+DEFAULT_ETA = hvp_lib.DEFAULT_ETA
 
 
 class SOAEDirection(NamedTuple):
@@ -85,6 +88,9 @@ class SOAEDiagnostics(NamedTuple):
     residual_norm: ``(N, B)`` final ``||g - H d||_2`` of each solve.
     initial_residual_norm: ``(N, B)`` ``||r_0|| = ||g - H g||_2`` (the paper's ``beta``).
     converged: ``(N, B)`` bool, ``residual_norm <= tau * initial_residual_norm``.
+    status: ``(N, B)`` int32 :class:`krylov_adv.krylov.Status` code of each solve
+      (``CONVERGED`` exactly where ``converged``; else ``MAX_DIM_REACHED``, ``BREAKDOWN`` or
+      ``NONFINITE``).
     fallback: ``(N, B)`` bool, the gradient replaced the Newton direction (``<g, d> <= 0`` with
       ``fallback=True``, or ``d`` not finite).
     num_iters_total: ``(B,)`` int32, ``num_iters`` summed over the outer iterations.
@@ -94,6 +100,7 @@ class SOAEDiagnostics(NamedTuple):
   residual_norm: Array
   initial_residual_norm: Array
   converged: Array
+  status: Array
   fallback: Array
   num_iters_total: Array
   fallback_count: Array
@@ -141,10 +148,6 @@ def _per_example_dot(a: Array, b: Array) -> Array:
   return jnp.sum((a * b).reshape(a.shape[0], -1), axis=1)
 
 
-def _all_finite(a: Array) -> Array:
-  return jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1)
-
-
 @functools.partial(jax.jit, static_argnames=(
     "logits_fn", "norm", "steps", "m", "tau", "hvp", "eta", "step", "fallback", "random_start",
     "loss", "orthogonalization"))
@@ -161,24 +164,25 @@ def _soae_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, alpha, 
     sol = soae_direction(loss_fn, xn, tau=tau, m=m, hvp=hvp, eta=eta,
                          orthogonalization=orthogonalization)
     d, g = sol.direction, sol.grad
-    bad = ~_all_finite(d)
+    bad = ~toolkit.all_finite(d)
     if fallback:
       # `not > 0` rather than `<= 0`: a NaN inner product must fall back too.
       bad = bad | ~(_per_example_dot(g, d) > 0)
     d = toolkit.select(bad, g, d)
     # A non-finite gradient (overflowing model) moves nothing rather than poisoning x_adv.
-    d = jnp.where(toolkit.bcast(_all_finite(d), d), d, 0.0)
+    d = jnp.where(toolkit.bcast(toolkit.all_finite(d), d), d, 0.0)
     if step == "normalized":
       x_next = toolkit.ascent_step(xn, d, x, eps, step_size, norm)
     else:
       x_next = projections.project(xn + step_size * d, x, eps, norm)
     res = sol.gmres
     return x_next, (res.num_iters, res.residual_norm, res.initial_residual_norm, res.converged,
-                    bad)
+                    res.status, bad)
 
-  x_adv, (num_iters, resid, resid0, conv, fell) = lax.scan(outer, x0, None, length=steps)
+  x_adv, (num_iters, resid, resid0, conv, status, fell) = lax.scan(outer, x0, None,
+                                                                   length=steps)
   diag = SOAEDiagnostics(num_iters=num_iters, residual_norm=resid, initial_residual_norm=resid0,
-                         converged=conv, fallback=fell,
+                         converged=conv, status=status.astype(jnp.int32), fallback=fell,
                          num_iters_total=jnp.sum(num_iters, axis=0).astype(jnp.int32),
                          fallback_count=jnp.sum(fell, axis=0).astype(jnp.int32))
   return x_adv, diag
@@ -205,6 +209,7 @@ def _soae(logits_fn, x, y, key, *, eps, norm, steps, alpha, m, tau, hvp, eta, st
 
 
 @register("soae")
+@toolkit.attack_entry
 def soae(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = DEFAULT_STEPS,
          alpha=None, m: int = DEFAULT_M, tau: float = DEFAULT_TAU, hvp: str = DEFAULT_HVP,
          eta: float = DEFAULT_ETA, step: str = "normalized", fallback: bool = True,
@@ -252,6 +257,7 @@ def soae(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = DEFAULT
                loss=loss, orthogonalization=orthogonalization).x_adv
 
 
+@toolkit.report_entry
 def soae_with_report(logits_fn: LogitsFn, x, y, key, **hyperparameters) -> toolkit.WithReport:
   """:func:`soae` and its diagnostics: ``WithReport(x_adv, SOAEDiagnostics)``, ``x_adv`` the
   same as :func:`soae`'s; takes :func:`soae`'s keyword arguments, with its defaults (the

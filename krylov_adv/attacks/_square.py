@@ -240,6 +240,7 @@ def square_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, n
 
 
 @register("square")
+@toolkit.attack_entry
 def square(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 5000,
            p_init: float = 0.8, rescale_schedule: bool = False, example_index=None) -> Array:
   """Square Attack (Andriushchenko et al. 2020), untargeted margin loss; see :func:`square_batch`.

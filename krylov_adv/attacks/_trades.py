@@ -34,6 +34,7 @@ def _trades_impl(logits_fn: LogitsFn, x: Array, key: Array, eps, step_size, *, n
 
 
 @register("trades")
+@toolkit.attack_entry
 def trades(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 10,
            step_size=None) -> Array:
   """TRADES' adversarial example (Zhang et al. 2019, Algorithm 1 lines 5-7).

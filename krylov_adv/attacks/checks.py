@@ -28,18 +28,34 @@ def _range_stats(a):
 
 
 def num_classes(logits_fn, x) -> int:
-  """``K`` from the abstract output shape of ``logits_fn`` on ``x`` (no FLOPs spent)."""
-  out = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  """``K`` from the abstract output shape of ``logits_fn`` on ``x`` (no FLOPs spent).
+
+  A model that cannot take ``x`` (e.g. a CNN given rank-3 or rank-5 ``x``) raises
+  ``ValueError`` naming ``x``'s shape and dtype, with the model's own message after it."""
+  try:
+    out = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  except (TypeError, ValueError, IndexError, ZeroDivisionError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"logits_fn cannot take x of shape {x.shape} and dtype {x.dtype} (attacks "
+                     f"expect the model's input batch, e.g. (B, H, W, C)): {first}") from e
   if len(out.shape) != 2 or out.shape[0] != x.shape[0]:
     raise ValueError(f"logits_fn must map (B, ...) to logits (B, K), got shape {out.shape}")
   return int(out.shape[1])
+
+
+def check_x_dtype(x) -> None:
+  """Raises ``ValueError`` unless ``x`` is a floating-point array (images in ``[0, 1]``; an
+  integer ``uint8`` image must be divided by 255 first)."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"x must be a floating-point array of images in [0, 1], got dtype "
+                     f"{x.dtype} (divide uint8 images by 255)")
 
 
 def check_attack_inputs(x, y, eps, norm: str, logits_fn=None) -> int | None:
   """Raises ``ValueError`` with a clear message for bad attack input; returns ``K``.
 
   Args:
-    x: ``(B, H, W, C)`` images in ``[0, 1]``.
+    x: ``(B, H, W, C)`` float images in ``[0, 1]`` (any ``(B, ...)`` the model takes).
     y: ``(B,)`` integer labels in ``[0, K)``.
     eps: budget, a number ``>= 0``.
     norm: ``"linf"`` or ``"l2"``.
@@ -50,6 +66,7 @@ def check_attack_inputs(x, y, eps, norm: str, logits_fn=None) -> int | None:
     ``K``, or ``None`` without ``logits_fn``.
   """
   projections.check_norm(norm)
+  check_x_dtype(x)
   if is_concrete(eps) and not float(np.asarray(eps)) >= 0:
     raise ValueError(f"eps must be >= 0, got {eps}")
   if x.ndim < 2:

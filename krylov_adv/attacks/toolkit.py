@@ -13,6 +13,15 @@ direction ``d_t`` differs between attacks. :func:`ascend` runs it for ``steps`` 
 on request, records a per-iterate statistic (the trace of ``pgd_with_report`` and
 ``second_order_with_report``).
 
+The parts of the attack contract that are the same for every attack live in one wrapper,
+:func:`attack_entry` (``NAME``) / :func:`report_entry` (``NAME_with_report``), applied to every
+public entry: half-precision ``x`` (float16, bfloat16) is attacked in float32 and ``x_adv``
+returned in ``x``'s dtype; an empty batch is returned unchanged without calling the model; and
+``x_adv`` is finite and inside the threat model even when the model returns NaN or inf
+(:func:`finite_or`: the example's clean ``x`` where its ``x_adv`` is not finite). Inside the
+loop, :func:`ascent_step` keeps the last finite iterate, so a model that overflows only in part
+of the ball costs the example the steps after, not the whole attack.
+
 Examples never interact: attacks see the model in inference mode, so the gradient of the summed
 loss w.r.t. the batch holds every example's own gradient (the block-diagonal assumption of
 :mod:`krylov_adv.hvp`).
@@ -20,6 +29,7 @@ loss w.r.t. the batch holds every example's own gradient (the block-diagonal ass
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -35,6 +45,9 @@ LogitsFn = Callable[[Array], Array]
 LossFn = Callable[[Array], Array]
 
 LOSSES = ("ce", "dlr")
+# Attacked in float32 and returned in their own dtype: JAX's loop carries and the attacks'
+# step arithmetic (eps / steps, FD steps) are not meaningful in 8-10 bits of mantissa.
+HALF_PRECISION = (jnp.float16, jnp.bfloat16)
 
 bcast = projections.bcast
 
@@ -69,8 +82,6 @@ def validate_inputs(logits_fn: LogitsFn, x, y, eps, norm: str, *, loss: str | No
   """
   x = jnp.asarray(x)
   y = jnp.asarray(y)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"x must be a floating-point array, got dtype {x.dtype}")
   if loss is not None:
     checks.check_choice("loss", loss, LOSSES)
   k = checks.check_attack_inputs(x, y, eps, norm, logits_fn=logits_fn)
@@ -100,6 +111,79 @@ def default_step_size(eps, steps: int):
   """Madry et al.'s rule of thumb ``a = 2.5 eps / steps``: enough to cross the ball and still
   move along its boundary. The default ``step_size`` of PGD, S-O and TRADES."""
   return 2.5 * eps / steps
+
+
+# ----------------------------------------------------------------------------------------------
+# The contract every public entry keeps: working precision, empty batches, finite output.
+
+
+def all_finite(a: Array) -> Array:
+  """``(B,)`` bool: every entry of example ``i`` of ``a (B, ...)`` is finite."""
+  return jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1)
+
+
+def finite_or(x_adv: Array, fallback: Array) -> Array:
+  """``x_adv`` where an example is finite, ``fallback`` (e.g. the clean ``x``, or the previous
+  iterate) elsewhere; both ``(B, ...)``. The guard behind the ``[0, 1]`` promise for models
+  that return NaN or inf."""
+  return select(all_finite(x_adv), x_adv, fallback)
+
+
+def _working_precision(x):
+  """``(x in the dtype the attack computes in, x's own dtype)``: half precision -> float32."""
+  x = jnp.asarray(x)
+  checks.check_x_dtype(x)
+  if x.dtype in HALF_PRECISION:
+    return x.astype(jnp.float32), x.dtype
+  return x, x.dtype
+
+
+def _is_empty(x: Array) -> bool:
+  return x.ndim >= 1 and x.shape[0] == 0
+
+
+def attack_entry(attack: Callable[..., Array]) -> Callable[..., Array]:
+  """Decorates a public attack ``NAME(logits_fn, x, y, key, **hyperparameters) -> x_adv`` with
+  the contract shared by every attack (module docstring):
+
+  * ``x`` in float16 / bfloat16 is attacked in float32; ``x_adv`` has ``x``'s dtype;
+  * an empty batch (``B = 0``) is checked (dtype, shapes, labels, ``eps``, ``norm``) and
+    returned unchanged, without calling the model (``x.reshape(B, -1)`` cannot run at ``B = 0``);
+  * an example whose ``x_adv`` is not finite gets its clean ``x`` (:func:`finite_or`).
+
+  Everything else (input and hyperparameter checks) stays in the attack, through
+  :func:`validate_inputs`.
+  """
+
+  @functools.wraps(attack)
+  def entry(logits_fn, x, y, key, **hyperparameters):
+    x, dtype = _working_precision(x)
+    if _is_empty(x):
+      kw = keyword_arguments(attack, hyperparameters)
+      checks.check_attack_inputs(x, jnp.asarray(y), kw["eps"], kw["norm"])
+      return x.astype(dtype)
+    x_adv = attack(logits_fn, x, y, key, **hyperparameters)
+    return finite_or(x_adv, x).astype(dtype)
+
+  return entry
+
+
+def report_entry(attack_with_report: Callable[..., "WithReport"]) -> Callable[..., "WithReport"]:
+  """:func:`attack_entry` for ``NAME_with_report`` entries (returning :class:`WithReport`): the
+  same precision and finiteness rules on ``x_adv``; an empty batch raises ``ValueError`` (a
+  report of nothing has no shape to give; ``NAME`` returns the empty ``x`` unchanged)."""
+
+  @functools.wraps(attack_with_report)
+  def entry(logits_fn, x, y, key, **hyperparameters):
+    x, dtype = _working_precision(x)
+    if _is_empty(x):
+      raise ValueError(f"{attack_with_report.__name__} needs at least one example, got an empty "
+                       f"batch x of shape {x.shape} (the attack without report returns it "
+                       f"unchanged)")
+    out = attack_with_report(logits_fn, x, y, key, **hyperparameters)
+    return WithReport(finite_or(out.x_adv, x).astype(dtype), out.report)
+
+  return entry
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,12 +246,16 @@ def sphere_start(keys: Array, x: Array, radius, norm: str) -> Array:
 
 def ascent_step(xt: Array, direction: Array, x: Array, eps, step_size, norm: str) -> Array:
   """``Proj(x_t + a * step(d))``: a steepest-ascent step of length ``a`` (``step_size``, a scalar
-  or ``(B,)``) in the norm's geometry, projected onto the eps-ball around ``x`` and the box."""
+  or ``(B,)``) in the norm's geometry, projected onto the eps-ball around ``x`` and the box.
+
+  An example whose step is not finite (a model returning NaN or inf, so ``d`` is NaN) stays at
+  ``x_t``: the iterates are always the last finite one."""
   step_size = jnp.asarray(step_size)
   if step_size.ndim:
     step_size = bcast(step_size, xt)
-  return projections.project(xt + step_size * projections.normalize_step(direction, norm), x,
-                             eps, norm)
+  x_next = projections.project(xt + step_size * projections.normalize_step(direction, norm), x,
+                               eps, norm)
+  return finite_or(x_next, xt)
 
 
 def ascend(direction_fn: Callable[[Array, Array], Array], x: Array, x0: Array, eps, step_size, *,
