@@ -15,7 +15,8 @@ Schema (all fields always present so that command-line overrides such as
   data.name/root/...       source options (see krylov_adv.data.load); data.augment: crop+flip
   model.name/activation    krylov_adv.models registry name and activation name
   model.options            architecture keyword arguments (width, depth, widen)
-  train.method             standard | pgd | trades | soat | mixed | second_order | soar | scorpio, or several
+  train.method             standard | pgd | trades | soat | mixed | second_order | soar |
+                           scorpio, or several
                            separated by commas (each trained in workdir/<method>)
   train.eps/norm           training threat model (all methods but mixed and standard)
   train.<method>           that method's attack hyperparameters

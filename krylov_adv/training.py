@@ -422,7 +422,7 @@ def _validate_trades(cfg) -> None:
 
 @register("trades", validate=_validate_trades)
 def trades(cfg, model: StepModel, batch: Batch) -> MethodLoss:
-  """``CE(f(x), y) + beta KL(f(x) || f(x_adv))`` with ``x_adv`` from :func:`krylov_adv.attacks.trades`.
+  """``CE(f(x), y) + beta KL(f(x) || f(x_adv))``, ``x_adv`` from :func:`krylov_adv.attacks.trades`.
 
   Two training-mode passes (clean then adversarial), each updating the running statistics, as
   in the reference TRADES implementation.
