@@ -44,8 +44,11 @@ from krylov_adv import evaluation, models, parallel, training
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ``ValueError`` for a bad config: unknown data source, model, activation, method or
-  attack, ``eps < 0``, an unknown norm, non-positive sizes."""
+  """Raises ``ValueError`` for a bad config before anything runs: unknown data source, model,
+  activation, method or attack, ``eps < 0`` (``eval.eps_*`` too), an unknown norm, non-positive
+  sizes, and every selected method's and every entry of both evaluation suites' hyperparameters
+  (``training.check_attack_config``), with messages naming the field
+  (``eval.attacks.pgd_linf.steps must be an integer >= 1, got 0``)."""
   if config.data.source not in data_lib.SOURCES:
     raise ValueError(f"unknown data source {config.data.source!r}; use one of "
                      f"{data_lib.SOURCES}")
@@ -71,7 +74,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       training.check_eps_norm(where, 0.0 if cfg.get("eps") is None else cfg.eps,
                               cfg.get("norm"))
       if cfg.name != "clean":
-        training.check_attack_config(where, cfg.name, _hyperparameters(cfg))
+        hyper = _hyperparameters(cfg)
+        training.check_attack_config(where, cfg.name, hyper)
+      if cfg.name == "autoattack":
+        # The ensemble's plan (version, custom components, their hyperparameters) is checked
+        # by the function AutoAttack builds it with, before any attack runs.
+        from krylov_adv.attacks import _autoattack
+        try:
+          _autoattack.version_components(hyper.get("version", "standard"),
+                                         hyper.get("attacks"), hyper.get("hyperparameters"))
+        except ValueError as e:
+          raise ValueError(f"{where}: {e}") from None
   if int(config.eval.num_examples) < 1 or int(config.eval.batch_size) < 1:
     raise ValueError("eval.num_examples and eval.batch_size must be >= 1")
 
