@@ -149,6 +149,10 @@ def write_analysis(out_dir: str, config, results: dict, markdown: str, *,
 
 
 _NORM_NAMES = {"linf": "Linf", "l2": "L2"}
+# krylov_adv.data's sources, as the header names them.
+_SOURCES = {"digits": "scikit-learn's bundled 8x8 digits", "synthetic": "synthetic images",
+            "tfds": "tensorflow-datasets", "idx": "IDX files", "cifar10_python":
+            "CIFAR-10 python batches"}
 
 
 def _num(v) -> str:
@@ -195,7 +199,8 @@ def metadata_markdown(meta: Mapping[str, Any]) -> str:
   m, d, ev = meta["model"], meta["data"], meta["evaluation"]
   opts = f", {_kwargs_text(m['options'])}" if m["options"] else ""
   lines = [f"- **Model**: {m['name']} ({m['activation']}{opts}), {m['parameters']:,} parameters",
-           f"- **Data**: {d['name']} (source `{d['source']}`), {d['train_examples']} training / "
+           f"- **Data**: {d['name']} ({_SOURCES.get(d['source'], d['source'])}"
+           f"{' in ' + d['root'] if d.get('root') else ''}), {d['train_examples']} training / "
            f"{d['test_examples']} test images{', crop+flip' if d['augment'] else ''}",
            "- **Training**:"]
   for method, t in meta["training"].items():

@@ -248,7 +248,7 @@ def test_results_header_says_what_was_measured(resumed_run):
   assert f"the first {c.eval.num_examples} test points" in header
   assert "`pgd`: Linf eps=0.1, pgd (random_start=True, step_size=0.05, steps=2); 2 epochs, " \
       "batch 16, SGD lr 0.05 (cosine)" in header
-  assert "(source `synthetic`), 64 training / 32 test images" in header
+  assert "synthetic (synthetic images), 64 training / 32 test images" in header
   assert meta["model"]["name"] == c.model.name and meta["model"]["parameters"] > 0
   assert meta["data"] == dict(source="synthetic", name="synthetic", train_examples=64,
                               test_examples=32, augment=False)
