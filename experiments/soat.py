@@ -8,10 +8,10 @@ Writes into the workdir (one subfolder per method when ``train.method`` lists se
 ``config.json``, ``metrics.jsonl`` (one line per epoch), ``checkpoints/`` (orbax, the last
 ``checkpoint.max_to_keep``), ``results.json`` and ``results.md`` (a header saying what was
 measured, the robust-accuracy table of the suite ``eval.attacks``, SOAE's and AutoAttack's
-diagnostics). Rerunning with the same
-workdir resumes from the last checkpoint: the batches of an epoch depend only on ``(seed,
-epoch)`` and the attack noise only on ``(seed, step)``, so a resumed run reproduces the
-uninterrupted one and a run killed mid-way loses at most the current epoch.
+diagnostics). Rerunning with the same workdir resumes from the last checkpoint: the batches of
+an epoch depend only on ``(seed, epoch)`` and the attack noise only on ``(seed, step)``, so a
+resumed run reproduces the uninterrupted one and a run killed mid-way loses at most the current
+epoch.
 """
 
 from __future__ import annotations
