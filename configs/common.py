@@ -20,7 +20,17 @@ Schema (all fields always present so that command-line overrides such as
                            separated by commas (each trained in workdir/<method>)
   train.eps/norm           training threat model (all methods but mixed and standard)
   train.<method>           that method's attack hyperparameters
-  eval.attacks             {entry: {label, name, norm, eps, hyperparameters}}
+  eval.eps_linf/eps_l2     the evaluation budgets: every suite entry whose eps is None (all
+                           the suites built here) attacks with eval.eps_<its norm>, read at
+                           evaluation time, so one override (--config.eval.eps_linf=0.05)
+                           moves the whole suite; so do step sizes and SOAE's alpha left at
+                           None (the attack's default, 2.5 eps / steps and eps)
+  eval.attacks             {entry: {label, name, norm, eps, hyperparameters}}: the suite
+                           experiments.soat runs after training
+  eval.table               the same for experiments.evaluate: the papers' full table (clean,
+                           FGSM, PGD-20, S-O, SOAE, AutoAttack standard, Linf and L2)
+  eval.skip                comma-separated entries, attack names or norms left out of both
+                           suites (e.g. "autoattack" or "l2" or "soae_l2")
   eval.num_examples        test points attacked; eval.batch_size: per attack call
   parallel.mesh_shape      device mesh over the "data" axis ((-1,) = all devices);
   parallel.distributed     multi-host start-up via jax.distributed (coordinator fields or env)
@@ -29,6 +39,7 @@ Schema (all fields always present so that command-line overrides such as
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -75,8 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.scorpio = ml_collections.ConfigDict(dict(lam=1.0, steps=5, step_rule="line_search",
                                              hvp="exact", eta=1e-3))
 
-  c.eval = ml_collections.ConfigDict(dict(num_examples=1000, batch_size=256))
-  c.eval.attacks = attack_suite(eps_linf=8 / 255, eps_l2=0.5)
+  c.eval = ml_collections.ConfigDict(dict(num_examples=1000, batch_size=256, eps_linf=8 / 255,
+                                          eps_l2=0.5, skip=""))
+  c.eval.attacks = attack_suite()
+  c.eval.table = attack_suite()
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2))
   # Data parallelism (krylov_adv.parallel): mesh_shape (-1,) puts every visible device on the
   # "data" axis; train.batch_size must divide by the device count. Multi-host: set
@@ -87,18 +100,20 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def attack_suite(*, eps_linf: float, eps_l2: float, pgd_steps: int = 20,
-                 step_linf: float | None = None, step_l2: float | None = None,
-                 soae: dict | None = None, second_order: dict | None = None,
-                 autoattack: dict | None = None,
+def attack_suite(*, pgd_steps: int = 20, step_linf: float | None = None,
+                 step_l2: float | None = None, soae: dict | None = None,
+                 second_order: dict | None = None, autoattack: dict | None = None,
                  include=("clean", "fgsm", "pgd", "second_order", "soae", "autoattack"),
                  norms=("linf", "l2")) -> ml_collections.ConfigDict:
   """The papers' table: clean, FGSM, PGD-``pgd_steps``, S-O, SOAE, AutoAttack under each norm.
 
-  PGD step sizes default to ``eps / 4`` (2/255 for 8/255, the SOAE paper's setting).
+  Every entry's ``eps`` is a ``None`` placeholder: the evaluation reads ``eval.eps_<norm>``
+  when it runs (so ``--config.eval.eps_linf=...`` moves every Linf entry, and
+  ``--config.eval.attacks.pgd_linf.eps=...`` still sets one entry). PGD's and S-O's step sizes
+  are ``step_linf`` / ``step_l2`` when given, else ``None``: the attack's default ``2.5 eps /
+  steps``, which follows eps. SOAE's ``alpha`` is ``None`` (the attack's default ``eps``).
   """
-  eps = {"linf": eps_linf, "l2": eps_l2}
-  step = {"linf": step_linf or eps_linf / 4, "l2": step_l2 or eps_l2 / 4}
+  step = {"linf": step_linf, "l2": step_l2}
   # Evaluation uses the exact HVP: in float32 the paper's forward difference with eta = 1e-5 is
   # mostly rounding noise and makes SOAE far weaker (e.g. 84% vs 6% robust accuracy on the
   # digits test model, Linf 0.3), which would overstate robustness. N, m, tau are the paper's.
@@ -107,19 +122,25 @@ def attack_suite(*, eps_linf: float, eps_l2: float, pgd_steps: int = 20,
   aa = dict(version="standard") if autoattack is None else autoattack
   suite = ml_collections.ConfigDict()
   for norm in norms:
-    e = eps[norm]
     entries = {
         "clean": dict(label="clean", name="clean"),
         "fgsm": dict(label="FGSM", name="fgsm"),
-        "pgd": dict(label=f"PGD-{pgd_steps}", name="pgd", steps=pgd_steps, step_size=step[norm],
-                    random_start=True),
-        "second_order": dict(label="S-O", name="second_order", step_size=step[norm], **so),
-        "soae": dict(label="SOAE", name="soae", alpha=e, **soae),
+        "pgd": dict(label=f"PGD-{pgd_steps}", name="pgd", steps=pgd_steps,
+                    step_size=_float_or_placeholder(step[norm]), random_start=True),
+        "second_order": dict(label="S-O", name="second_order",
+                             step_size=_float_or_placeholder(step[norm]), **so),
+        "soae": dict(label="SOAE", name="soae", alpha=config_dict.placeholder(float), **soae),
         "autoattack": dict(label="AutoAttack", name="autoattack", **aa),
     }
     for key in include:
-      suite[f"{key}_{norm}"] = ml_collections.ConfigDict(dict(entries[key], norm=norm, eps=e))
+      suite[f"{key}_{norm}"] = ml_collections.ConfigDict(
+          dict(entries[key], norm=norm, eps=config_dict.placeholder(float)))
   return suite
+
+
+def _float_or_placeholder(value: float | None):
+  """``value``, or a ``None`` placeholder that a float override can fill."""
+  return config_dict.placeholder(float) if value is None else value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,10 +172,10 @@ def mnist_like(data: dict, model: str, method: str, **model_options) -> ml_colle
   if model == "madry_cnn":
     # No BatchNorm: lr 0.1 with momentum 0.9 diverges on this CNN; 0.01 is the stable choice.
     t.learning_rate = 0.01
-  c.eval.attacks = attack_suite(
-      eps_linf=MNIST_EPS_LINF, eps_l2=MNIST_EPS_L2, step_linf=2.5 * MNIST_EPS_LINF / 20,
-      step_l2=2.5 * MNIST_EPS_L2 / 20,
-      second_order=dict(steps=20, samples=8, sigma=0.1))
+  # PGD-20 and S-O with the default step 2.5 eps / 20 (it follows an eval.eps_* override).
+  c.eval.eps_linf, c.eval.eps_l2 = MNIST_EPS_LINF, MNIST_EPS_L2
+  c.eval.attacks = attack_suite(second_order=dict(steps=20, samples=8, sigma=0.1))
+  c.eval.table = attack_suite(second_order=dict(steps=20, samples=8, sigma=0.1))
   return c
 
 
@@ -167,8 +188,11 @@ def cifar10(model: str, method: str, *, source: str = "tfds", root: str = "",
   c.model.name = model
   c.model.options.update(model_options)
   c.train.method = method
-  c.eval.attacks = attack_suite(eps_linf=CIFAR_EPS_LINF, eps_l2=CIFAR_EPS_L2,
-                                       step_linf=2 / 255, step_l2=CIFAR_EPS_L2 / 4)
+  # PGD-20 with the paper's fixed step 2/255 (and 0.5 / 4 for L2): an eval.eps_* override
+  # leaves these steps as they are (override eval.table.pgd_linf.step_size too).
+  c.eval.eps_linf, c.eval.eps_l2 = CIFAR_EPS_LINF, CIFAR_EPS_L2
+  c.eval.attacks = attack_suite(step_linf=2 / 255, step_l2=CIFAR_EPS_L2 / 4)
+  c.eval.table = attack_suite(step_linf=2 / 255, step_l2=CIFAR_EPS_L2 / 4)
   return c
 
 
@@ -208,7 +232,9 @@ def analysis_config(scale: str) -> ml_collections.ConfigDict:
     t.trades.update(dict(steps=5 if scale == "small" else 3, step_size=0.03, beta=6.0))
   c.train.method = "standard"
   # The analysis experiments do not use the evaluation table; keep it valid and cheap.
-  c.eval.attacks = attack_suite(eps_linf=c.train.eps, eps_l2=0.5, include=("clean",))
+  c.eval.eps_linf, c.eval.eps_l2 = c.train.eps, 0.5
+  c.eval.attacks = attack_suite(include=("clean",))
+  c.eval.table = attack_suite(include=("clean",))
   c.eval.num_examples = 64
   c.models_dir = ""
   c.data.test_split = 0
@@ -240,15 +266,18 @@ def tiny_config(method: str = "standard") -> ml_collections.ConfigDict:
   t.second_order.update(dict(steps=2, samples=2, sigma=0.05, step_size=0.05))
   c.eval.num_examples = 16
   c.eval.batch_size = 16
+  c.eval.eps_linf, c.eval.eps_l2 = 0.1, 0.5
   c.eval.attacks = tiny_eval_attacks(include=("clean", "fgsm", "pgd"))
+  c.eval.table = tiny_eval_attacks()
   return c
 
 
 def tiny_eval_attacks(include=("clean", "fgsm", "pgd", "second_order", "soae", "autoattack")
                       ) -> ml_collections.ConfigDict:
-  """The papers' attack table at test size (2 PGD steps, 1 SOAE iteration, APGD-CE only)."""
+  """The papers' attack table at test size (2 PGD steps, 1 SOAE iteration, APGD-CE only),
+  eps from ``eval.eps_*`` (0.1 and 0.5 in :func:`tiny_config`)."""
   return attack_suite(
-      eps_linf=0.1, eps_l2=0.5, pgd_steps=2, soae=dict(steps=1, m=3, tau=1e-2, hvp="exact"),
+      pgd_steps=2, soae=dict(steps=1, m=3, tau=1e-2, hvp="exact"),
       second_order=dict(steps=2, samples=2, sigma=0.05),
       autoattack=dict(version="custom", attacks=("apgd_ce",),
                       hyperparameters=dict(apgd_ce=dict(steps=2))),

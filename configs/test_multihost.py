@@ -20,10 +20,15 @@ def get_config(method: str = "pgd"):
   c.train.learning_rate = 0.1
   c.eval.num_examples = 32
   c.eval.batch_size = 16
-  c.eval.attacks = common.attack_suite(
-      eps_linf=0.1, eps_l2=0.5, pgd_steps=3, soae=dict(steps=1, m=3, tau=1e-2, hvp="exact"),
+  c.eval.attacks = _suite()
+  c.eval.table = _suite()
+  return c
+
+
+def _suite():
+  return common.attack_suite(
+      pgd_steps=3, soae=dict(steps=1, m=3, tau=1e-2, hvp="exact"),
       autoattack=dict(version="custom", attacks=("apgd_ce", "apgd_t"),
                       hyperparameters=dict(apgd_ce=dict(steps=3),
                                            apgd_t=dict(steps=3, n_target_classes=2))),
       include=("clean", "pgd", "soae", "autoattack"), norms=("linf",))
-  return c

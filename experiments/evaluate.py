@@ -1,14 +1,17 @@
 """Evaluate a trained checkpoint with the papers' attack table (clean, FGSM, PGD-20, S-O, SOAE,
-AutoAttack under Linf and L2).
+AutoAttack standard under Linf and L2).
 
   python -m experiments.evaluate --config configs/quickstart.py --workdir /tmp/quickstart
   python -m experiments.evaluate --config configs/mnist_madry_cnn.py:pgd --workdir DIR \
-      --config.eval.num_examples=10000
+      --config.eval.num_examples=10000 --config.eval.eps_linf=0.2 --config.eval.skip=l2
 
-Reads the latest checkpoint written by ``experiments.soat`` in the workdir (``workdir/<method>``
-for each method when ``train.method`` lists several), prints the table and writes
-``evaluation.json`` and ``evaluation.md`` next to it. Robustness in one norm says little about
-the other (the S-O paper's point), so both norms sit side by side.
+Runs the suite ``config.eval.table`` (every config has the full table there, whatever its
+training-time suite ``eval.attacks`` is); ``eval.eps_linf`` / ``eval.eps_l2`` set the budgets of
+all its entries, ``eval.skip`` leaves entries, attacks or norms out. Reads the newest checkpoint
+written by ``experiments.soat`` in the workdir (``workdir/<method>`` for each method when
+``train.method`` lists several), prints the table and writes ``evaluation.json`` and
+``evaluation.md`` (header, table, diagnostics) next to it. Robustness in one norm says little
+about the other (the S-O paper's point), so both norms sit side by side.
 """
 
 from __future__ import annotations
@@ -32,15 +35,18 @@ def evaluate_workdir(config, workdir: str, *, progress: bool = True
     workdir_lib.check_run_config(sub, cfg, record=False)
   with workdir_lib.config_errors():
     dataset = data_lib.load(config.data)
-  results = {}
+  results, workdirs = {}, {}
   for method, cfg, sub in pipeline.method_runs(config, workdir):
     exp, state, epochs = pipeline.load_trained(cfg, sub, dataset)
+    workdirs[method] = sub
     if progress:
       print(f"[{method}] checkpoint after epoch {epochs}; attacking "
-            f"{min(cfg.eval.num_examples, len(dataset.y_test))} test points", flush=True)
-    results[method] = pipeline.evaluate(exp, state, cfg)
-  table = pipeline.write_robustness(workdir, results, f"{dataset.name}: {', '.join(methods)}",
-                                    name="evaluation")
+            f"{min(cfg.eval.num_examples, len(dataset.y_test))} test points with eval.table",
+            flush=True)
+    results[method] = pipeline.evaluate(exp, state, cfg, "table")
+  table = pipeline.write_robustness(
+      workdir, results, f"{dataset.name}: {', '.join(methods)}", name="evaluation",
+      metadata=pipeline.run_metadata(config, exp, state, workdirs, "table"))
   if progress:
     print(table, flush=True)
   return results

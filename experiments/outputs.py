@@ -221,3 +221,131 @@ def write_analysis(out_dir: str, config, results: dict, markdown: str, *,
   if progress and results.get("conclusions"):
     print("\n".join(results["conclusions"]), flush=True)
   return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The header above a robustness table and the diagnostics under it
+
+
+_NORM_NAMES = {"linf": "Linf", "l2": "L2"}
+# krylov_adv.data's sources, as the header names them.
+_SOURCES = {"digits": "scikit-learn's bundled 8x8 digits", "synthetic": "synthetic images",
+            "tfds": "tensorflow-datasets", "idx": "IDX files", "cifar10_python":
+            "CIFAR-10 python batches"}
+
+
+def _num(v) -> str:
+  """A hyperparameter for prose: floats with 4 significant digits, the rest with ``str``."""
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)
+
+
+def _kwargs_text(d: Mapping[str, Any]) -> str:
+  return ", ".join(f"{k}={_num(v)}" for k, v in d.items())
+
+
+def attack_settings_text(name: str, s: Mapping[str, Any]) -> str:
+  """One sentence on what an attack with settings ``s`` (its full keyword arguments) does."""
+  if name == "clean":
+    return "no attack (clean accuracy)"
+  if name == "fgsm":
+    return (f"one gradient step of size {_num(s['step_size'])} (sign of the gradient for Linf, "
+            f"unit L2 gradient for L2)")
+  if name == "pgd":
+    return (f"PGD (Madry et al.): {s['steps']} steps of size {_num(s['step_size'])}, "
+            f"{'random start, ' if s.get('random_start') else ''}{s.get('restarts', 1)} "
+            f"restart(s), {s.get('loss', 'ce')} loss")
+  if name == "second_order":
+    return (f"the S-O attack (paper 004, Li et al.'s second-order attack): PGD whose gradient "
+            f"is averaged over {s['samples']} Gaussian-perturbed inputs (sigma="
+            f"{_num(s['sigma'])}), {s['steps']} steps of size {_num(s['step_size'])}")
+  if name == "soae":
+    return (f"SOAE (paper 000, Algorithm 1): N={s['steps']} Krylov-Newton steps (GMRES on "
+            f"H d = g, at most m={s['m']} Krylov vectors, tau={_num(s['tau'])}, HVP "
+            f"{s['hvp']}{'' if str(s['hvp']).startswith('exact') else ' eta=' + _num(s['eta'])}"
+            f"), total distance alpha={_num(s['alpha'])}, {s.get('step')} steps")
+  if name == "autoattack":
+    extra = {k: v for k, v in s.items() if k != "version" and v is not None}
+    return (f"AutoAttack (Croce and Hein 2020), version {s['version']}"
+            + (f" ({_kwargs_text(extra)})" if extra else ""))
+  return f"{name}: {_kwargs_text(s)}"
+
+
+def metadata_markdown(meta: Mapping[str, Any]) -> str:
+  """The header of a results file from ``experiments.pipeline.run_metadata``: model, data,
+  each method's training, the test points, each attack's settings, the code version."""
+  m, d, ev = meta["model"], meta["data"], meta["evaluation"]
+  opts = f", {_kwargs_text(m['options'])}" if m["options"] else ""
+  lines = [f"- **Model**: {m['name']} ({m['activation']}{opts}), {m['parameters']:,} parameters",
+           f"- **Data**: {d['name']} ({_SOURCES.get(d['source'], d['source'])}"
+           f"{' in ' + d['root'] if d.get('root') else ''}), {d['train_examples']} training / "
+           f"{d['test_examples']} test images{', crop+flip' if d['augment'] else ''}",
+           "- **Training**:"]
+  for method, t in meta["training"].items():
+    tm = t.get("threat_model")
+    threat = (f"{_NORM_NAMES.get(tm['norm'], tm['norm'])} eps={_num(tm['eps'])}, "
+              if tm else "")
+    hyper = f" ({_kwargs_text(t['hyperparameters'])})" if t.get("hyperparameters") else ""
+    o = t["optimizer"]
+    lines.append(
+        f"  - `{method}`: {threat}{t.get('attack', method)}{hyper}; {t['epochs']} epochs, batch "
+        f"{t['batch_size']}, SGD lr {_num(o['learning_rate'])} ({o['lr_schedule']}), momentum "
+        f"{_num(o['momentum'])}, weight decay {_num(o['weight_decay'])}; trained in "
+        f"{t['seconds']:.1f} s over {t['epochs_recorded']} recorded epochs")
+  lines.append(f"- **Evaluation** (`{ev['suite']}`): the first {ev['test_points']} test points, "
+               f"batches of {ev['batch_size']}, attack seed {ev['seed']}; attacks:")
+  seen = set()
+  for a in sorted(ev["attacks"].values(), key=lambda a: (
+      ROW_ORDER.index(a["name"]) if a["name"] in ROW_ORDER else len(ROW_ORDER),
+      _NORM_ORDER.get(a["norm"], 2))):
+    text = attack_settings_text(a["name"], a["settings"])
+    key = (a["label"], a["norm"], text)
+    if key in seen:
+      continue
+    seen.add(key)
+    lines.append(f"  - {a['label']}, {_NORM_NAMES.get(a['norm'], a['norm'])} "
+                 f"eps={_num(a['eps'])}: {text}")
+  lines.append(f"- **Code**: {'git ' + meta['code_version'] if meta.get('code_version') else 'unknown (no git checkout)'}")
+  return "\n".join(lines) + "\n\n"
+
+
+def diagnostics_markdown(diagnostics: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+  """The attacks' diagnostics under the table (``evaluation.summarize_reports`` per result):
+  SOAE's Krylov dimension, fallback and convergence rates; AutoAttack's accuracy after each
+  component. Empty when no attack reported any."""
+  soae_rows, aa_rows = [], []
+  single = len(diagnostics) == 1
+  for method, rows in diagnostics.items():
+    for r in sorted(rows, key=lambda r: (_NORM_ORDER.get(r["norm"], 2), r["eps"])):
+      where = ("" if single else f"{method} ") + \
+          f"{_NORM_NAMES.get(r['norm'], r['norm'])} eps={_eps_text(r['eps'])}"
+      if "krylov_dim_mean" in r:
+        soae_rows.append([where, f"{r['krylov_dim_mean']:.2f}", r["krylov_dim_max"],
+                          f"{100 * r['fallback_rate']:.1f}%", f"{100 * r['converged_rate']:.1f}%",
+                          r["solves"]])
+      elif "components" in r:
+        aa_rows.append((where, r))
+  out = ""
+  if soae_rows:
+    out += ("\nSOAE diagnostics (per GMRES solve, over examples and outer iterations): Krylov "
+            "dimension reached (mean, max), share of solves whose Newton direction was replaced "
+            "by the gradient (fallback), share meeting tau (converged).\n\n"
+            + markdown_table(["threat model", "Krylov dim mean", "max", "fallback",
+                              "converged", "solves"], soae_rows))
+  if aa_rows:
+    comps = list(aa_rows[0][1]["components"])
+    same = all(list(r["components"]) == comps for _, r in aa_rows)
+    body = [[where] + [f"{100 * r['clean_accuracy']:.2f}%"]
+            + [f"{100 * a:.2f}%" for a in r["accuracy_after"]] for where, r in aa_rows]
+    if same:
+      out += ("\nAutoAttack: robust accuracy after each component (cumulative, each one runs on "
+              "the points still robust)" + (" (approximate: the last batch was padded)" if any(
+                  r.get("padded") for _, r in aa_rows) else "") + ".\n\n"
+              + markdown_table(["threat model", "clean"] + [f"+{c}" for c in comps], body))
+    else:
+      out += "\nAutoAttack: robust accuracy after each component.\n\n" + "".join(
+          f"- {where}: " + ", ".join(f"{c} {100 * a:.2f}%" for c, a in
+                                     zip(r["components"], r["accuracy_after"])) + "\n"
+          for where, r in aa_rows)
+  return out

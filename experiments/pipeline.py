@@ -44,8 +44,11 @@ from krylov_adv import evaluation, models, parallel, training
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ``ValueError`` for a bad config: unknown data source, model, activation, method or
-  attack, ``eps < 0``, an unknown norm, non-positive sizes."""
+  """Raises ``ValueError`` for a bad config before anything runs: unknown data source, model,
+  activation, method or attack, ``eps < 0`` (``eval.eps_*`` too), an unknown norm, non-positive
+  sizes, and every selected method's and every entry of both evaluation suites' hyperparameters
+  (``training.check_attack_config``), with messages naming the field
+  (``eval.attacks.pgd_linf.steps must be an integer >= 1, got 0``)."""
   if config.data.source not in data_lib.SOURCES:
     raise ValueError(f"unknown data source {config.data.source!r}; use one of "
                      f"{data_lib.SOURCES}")
@@ -59,16 +62,62 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   models.get_activation(config.model.activation)
   for method in methods_of(config):
     training.validate_train_config(with_method(config, method).train)
+  for field in ("eps_linf", "eps_l2"):
+    if not float(config.eval[field]) >= 0:
+      raise ValueError(f"eval.{field} must be >= 0, got {config.eval[field]}")
   from krylov_adv import attacks
-  for entry, cfg in config.eval.attacks.items():
-    if cfg.name != "clean":
-      attacks.get(cfg.name)
-    if cfg.norm not in ("linf", "l2"):
-      raise ValueError(f"eval.attacks.{entry}: unknown norm {cfg.norm!r}; use 'linf' or 'l2'")
-    if not float(cfg.eps) >= 0:
-      raise ValueError(f"eval.attacks.{entry}: eps must be >= 0, got {cfg.eps}")
+  for suite in SUITES:
+    for entry, cfg in config.eval[suite].items():
+      where = f"eval.{suite}.{entry}"
+      if cfg.get("name") != "clean":
+        attacks.get(cfg.get("name"))
+      training.check_eps_norm(where, 0.0 if cfg.get("eps") is None else cfg.eps,
+                              cfg.get("norm"))
+      if cfg.name != "clean":
+        hyper = _hyperparameters(cfg)
+        training.check_attack_config(where, cfg.name, hyper)
+      if cfg.name == "autoattack":
+        # The ensemble's plan (version, custom components, their hyperparameters) is checked
+        # by the function AutoAttack builds it with, before any attack runs.
+        from krylov_adv.attacks import _autoattack
+        try:
+          _autoattack.version_components(hyper.get("version", "standard"),
+                                         hyper.get("attacks"), hyper.get("hyperparameters"))
+        except ValueError as e:
+          raise ValueError(f"{where}: {e}") from None
   if int(config.eval.num_examples) < 1 or int(config.eval.batch_size) < 1:
     raise ValueError("eval.num_examples and eval.batch_size must be >= 1")
+
+
+# The two evaluation suites of a config: eval.attacks after training (experiments.soat),
+# eval.table for experiments.evaluate (the papers' full table in every config).
+SUITES = ("attacks", "table")
+# Fields of a suite entry that are not keyword arguments of its attack.
+_ENTRY_FIELDS = ("label", "name", "norm", "eps")
+
+
+def _hyperparameters(cfg) -> dict[str, Any]:
+  return {k: v for k, v in cfg.to_dict().items() if k not in _ENTRY_FIELDS}
+
+
+def eval_suite(config, suite: str = "attacks") -> dict[str, dict[str, Any]]:
+  """The entries of ``config.eval.<suite>`` as plain dicts, ready to run.
+
+  An entry whose ``eps`` is ``None`` (every suite ``configs.common.attack_suite`` builds) takes
+  ``config.eval.eps_<norm>``, read here at evaluation time so that one override moves the whole
+  suite; entries named in ``config.eval.skip`` (comma-separated entry names, attack names or
+  norms) are left out.
+  """
+  skip = {t.strip() for t in str(config.eval.get("skip", "")).split(",") if t.strip()}
+  out = {}
+  for entry, cfg in config.eval[suite].items():
+    c = cfg.to_dict()
+    if skip & {entry, c["name"], c["norm"]}:
+      continue
+    if c.get("eps") is None:
+      c["eps"] = float(config.eval[f"eps_{c['norm']}"])
+    out[entry] = c
+  return out
 
 
 def methods_of(config) -> list[str]:
@@ -345,25 +394,136 @@ def load_trained(config, workdir: str, dataset: data_lib.Dataset | None = None):
 # Evaluation and its files
 
 
-def evaluate(exp: Experiment, state, config) -> list[evaluation.AttackResult]:
-  """Runs ``config.eval.attacks`` on the first ``eval.num_examples`` test points."""
+def evaluate(exp: Experiment, state, config, suite: str = "attacks"
+             ) -> list[evaluation.AttackResult]:
+  """Runs the suite ``config.eval.<suite>`` (:func:`eval_suite`) on the first
+  ``eval.num_examples`` test points; SOAE and AutoAttack through their ``NAME_with_report``
+  entry, so that each result's ``extras`` hold their diagnostics at no extra cost."""
   n = min(int(config.eval.num_examples), len(exp.dataset.y_test))
   # One jitted function object per evaluation: attacks take it as a static argument.
   logits_fn = jax.jit(training.inference_logits_fn(exp.model, state.params, state.batch_stats))
   # Data parallel like training: each attack batch is sharded over the mesh's "data" axis.
   return evaluation.evaluate_attacks(logits_fn, exp.dataset.x_test[:n], exp.dataset.y_test[:n],
-                                     config.eval.attacks, jax.random.PRNGKey(config.seed + 2),
+                                     eval_suite(config, suite),
+                                     jax.random.PRNGKey(config.seed + 2),
                                      batch_size=int(config.eval.batch_size),
-                                     mesh=make_mesh(config))
+                                     mesh=make_mesh(config), reports=evaluation.FREE_REPORTS)
+
+
+def git_commit() -> str | None:
+  """``git rev-parse HEAD`` of the code's checkout (``+dirty`` when tracked files changed),
+  or ``None`` outside a git checkout or without git."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                            text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return commit + ("+dirty" if dirty else "") if commit else None
+
+
+def _training_seconds(workdir: str) -> tuple[float, int]:
+  """``(sum of the epochs' seconds, epochs)`` from ``workdir/metrics.jsonl``."""
+  total, epochs = 0.0, 0
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      for line in f:
+        try:
+          rec = json.loads(line)
+        except ValueError:
+          continue
+        total += float(rec.get("seconds", 0.0))
+        epochs += 1
+  except OSError:
+    pass
+  return total, epochs
+
+
+_METHOD_ATTACK = {"pgd": "pgd", "trades": "trades", "soat": "soae",
+                  "second_order": "second_order", "mixed": "pgd"}
+
+
+def run_metadata(config, exp: Experiment, state, workdirs: dict[str, str],
+                 suite: str = "attacks") -> dict[str, Any]:
+  """What a results file measured: model, data, each method's training (threat model,
+  hyperparameters, time from ``metrics.jsonl``), the test points, each attack's settings (the
+  config's hyperparameters over the attack's signature defaults) and the code version.
+
+  Args:
+    workdirs: ``{method: its workdir}`` (:func:`method_runs`).
+  """
+  import inspect
+  from krylov_adv import attacks
+  ds = exp.dataset
+  n = min(int(config.eval.num_examples), len(ds.y_test))
+  params = int(sum(np.size(p) for p in jax.tree_util.tree_leaves(state.params)))
+  training_md = {}
+  for method, wd in workdirs.items():
+    t = with_method(config, method).train
+    seconds, epochs = _training_seconds(wd)
+    entry = dict(epochs=int(t.epochs), batch_size=int(t.batch_size),
+                 optimizer=dict(name="sgd", learning_rate=float(t.learning_rate),
+                                lr_schedule=t.lr_schedule, momentum=float(t.momentum),
+                                weight_decay=float(t.weight_decay)),
+                 seconds=seconds, epochs_recorded=epochs)
+    if method == "mixed":
+      entry["hyperparameters"] = t.mixed.to_dict()
+    elif method != "standard":
+      entry["threat_model"] = dict(norm=t.norm, eps=float(t.eps))
+      entry["hyperparameters"] = t[method].to_dict() if method in t else {}
+      entry["attack"] = _METHOD_ATTACK.get(method, method)
+    training_md[method] = entry
+  suite_md = {}
+  for entry, c in eval_suite(config, suite).items():
+    settings = {}
+    if c["name"] != "clean":
+      sig = inspect.signature(attacks.get(c["name"]))
+      settings = {k: p.default for k, p in sig.parameters.items()
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in ("eps", "norm")
+                  and p.default is not inspect.Parameter.empty}
+      settings.update({k: v for k, v in c.items() if k not in _ENTRY_FIELDS})
+      if "step_size" in settings and settings["step_size"] is None and "steps" in settings:
+        settings["step_size"] = 2.5 * c["eps"] / settings["steps"]  # the attacks' default
+      if c["name"] == "fgsm" and settings.get("step_size") is None:
+        settings["step_size"] = c["eps"]
+      if c["name"] == "soae" and settings.get("alpha") is None:
+        settings["alpha"] = c["eps"]
+    suite_md[entry] = dict(label=c["label"], name=c["name"], norm=c["norm"], eps=c["eps"],
+                           settings=settings)
+  return dict(
+      code_version=git_commit(),
+      data=dict(source=config.data.source, name=ds.name, train_examples=int(len(ds.y_train)),
+                test_examples=int(len(ds.y_test)), augment=bool(config.data.augment),
+                **({"root": config.data.root} if config.data.root else {})),
+      model=dict(name=config.model.name, activation=config.model.activation,
+                 options=config.model.options.to_dict(), parameters=params),
+      training=training_md,
+      evaluation=dict(suite=f"eval.{suite}", test_points=n,
+                      batch_size=int(config.eval.batch_size), seed=int(config.seed) + 2,
+                      attacks=suite_md))
 
 
 def write_robustness(workdir: str, results_by_method: dict[str, list[evaluation.AttackResult]],
-                     title: str, name: str = "results") -> str:
-  """Writes ``<name>.json`` and ``<name>.md`` (the robust-accuracy table) through
-  ``outputs.write_results`` (process 0 only); returns the markdown table."""
+                     title: str, name: str = "results", metadata: dict | None = None) -> str:
+  """Writes ``<name>.json`` and ``<name>.md`` through ``outputs.write_results`` (process 0
+  only): the header of ``metadata`` (:func:`run_metadata`), the robust-accuracy table and the
+  attacks' diagnostics (SOAE's Krylov dimensions, AutoAttack's components). The JSON holds
+  ``{"metadata", "results": {method: [result, ...]}, "diagnostics"}``. Returns the markdown
+  table."""
   table = outputs.robustness_table(results_by_method)
-  outputs.write_results(
-      workdir, {m: [r._asdict() for r in rs] for m, rs in results_by_method.items()},
-      f"# {title}\n\nRobust accuracy (higher is better).\n\n{table}",
-      json_name=f"{name}.json", markdown_name=f"{name}.md")
+  diagnostics = {m: [dict(label=r.label, norm=r.norm, eps=r.eps, attack=r.attack,
+                          **evaluation.summarize_reports(r.extras))
+                     for r in rs if evaluation.summarize_reports(r.extras)]
+                 for m, rs in results_by_method.items()}
+  results = {m: [{k: v for k, v in r._asdict().items() if k != "extras"} for r in rs]
+             for m, rs in results_by_method.items()}
+  markdown = (f"# {title}\n\n" + (outputs.metadata_markdown(metadata) if metadata else "")
+              + f"Robust accuracy (higher is better).\n\n{table}"
+              + outputs.diagnostics_markdown(diagnostics))
+  outputs.write_results(workdir, dict(metadata=metadata, results=results,
+                                      diagnostics=diagnostics), markdown,
+                        json_name=f"{name}.json", markdown_name=f"{name}.md")
   return table

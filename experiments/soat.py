@@ -5,11 +5,13 @@
       --config.train.epochs=3
 
 Writes into the workdir (one subfolder per method when ``train.method`` lists several):
-``config.json``, ``metrics.jsonl`` (one line per epoch), ``checkpoints/`` (orbax, one per
-epoch), ``results.json`` and ``results.md`` (robust-accuracy table). Rerunning with the same
-workdir resumes from the last checkpoint: the batches of an epoch depend only on ``(seed,
-epoch)`` and the attack noise only on ``(seed, step)``, so a resumed run reproduces the
-uninterrupted one and a run killed mid-way loses at most the current epoch.
+``config.json``, ``metrics.jsonl`` (one line per epoch), ``checkpoints/`` (orbax, the last
+``checkpoint.max_to_keep``), ``results.json`` and ``results.md`` (a header saying what was
+measured, the robust-accuracy table of the suite ``eval.attacks``, SOAE's and AutoAttack's
+diagnostics). Rerunning with the same workdir resumes from the last checkpoint: the batches of
+an epoch depend only on ``(seed, epoch)`` and the attack noise only on ``(seed, step)``, so a
+resumed run reproduces the uninterrupted one and a run killed mid-way loses at most the current
+epoch.
 """
 
 from __future__ import annotations
@@ -44,17 +46,22 @@ def _train_and_evaluate(config, workdir: str, *, stop_after_epoch: int | None,
     workdir_lib.check_data_root(config.data)
     dataset = data_lib.load(config.data)
   results: dict[str, list[evaluation.AttackResult]] = {}
+  workdirs = {}
   for method, cfg, sub in pipeline.method_runs(config, workdir):
     exp, state = pipeline.train(cfg, sub, dataset=dataset, stop_after_epoch=stop_after_epoch,
                                 progress=progress)
+    workdirs[method] = sub
     if stop_after_epoch is not None and stop_after_epoch < cfg.train.epochs:
       results[method] = []
       continue
-    results[method] = pipeline.evaluate(exp, state, cfg)
+    results[method] = pipeline.evaluate(exp, state, cfg, "attacks")
     if len(methods) > 1:
-      pipeline.write_robustness(sub, {method: results[method]}, f"{dataset.name}, {method}")
+      pipeline.write_robustness(sub, {method: results[method]}, f"{dataset.name}, {method}",
+                                metadata=pipeline.run_metadata(cfg, exp, state, {method: sub}))
   if all(results.values()):
-    table = pipeline.write_robustness(workdir, results, f"{dataset.name}: {', '.join(methods)}")
+    table = pipeline.write_robustness(workdir, results, f"{dataset.name}: {', '.join(methods)}",
+                                      metadata=pipeline.run_metadata(config, exp, state,
+                                                                     workdirs))
     if progress and parallel.is_primary():
       print(table, flush=True)
   return results

@@ -31,7 +31,10 @@ class AttackResult(NamedTuple):
 
   label: the row (``"PGD-20"``); attack: the registry name (``"clean"`` for no attack);
   norm / eps: the threat model; accuracy: fraction of examples still classified correctly;
-  num_examples: how many were evaluated; seconds: wall time of the attack.
+  num_examples: how many were evaluated; seconds: wall time of the attack; extras: for an
+  attack run through its ``NAME_with_report`` entry (``evaluate_attacks(reports=...)``), one
+  ``(report, valid)`` per batch as in :class:`AttackRun` (summarised by
+  :func:`summarize_reports`), else ``()``.
   """
   label: str
   attack: str
@@ -40,6 +43,7 @@ class AttackResult(NamedTuple):
   accuracy: float
   num_examples: int
   seconds: float
+  extras: tuple = ()
 
 
 def _padded_batches(n: int, batch_size: int):
@@ -211,15 +215,24 @@ def robust_accuracy(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.nd
   return int(run.correct.sum()) / len(x)
 
 
+# Attacks whose NAME_with_report entry costs nothing over NAME (PGD's and S-O's traces cost a
+# gradient per iterate, so they are not here).
+FREE_REPORTS = ("soae", "autoattack")
+
+
 def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
                      attack_cfgs: Mapping[str, Any], key: Array, *,
-                     batch_size: int = 256, mesh=None) -> list[AttackResult]:
+                     batch_size: int = 256, mesh=None,
+                     reports: tuple[str, ...] = ()) -> list[AttackResult]:
   """Runs every configured attack and returns one :class:`AttackResult` per entry.
 
   Args:
     attack_cfgs: ``{entry: cfg}`` where ``cfg`` has ``label`` (the table row), ``name`` (a
       registered attack, or ``"clean"``), ``norm``, ``eps`` and the attack's hyperparameters.
     mesh: optional device mesh for data-parallel evaluation (see :func:`robust_accuracy`).
+    reports: attack names to run through their ``attacks.NAME_with_report`` entry (the same
+      ``x_adv``); their per-batch reports land in ``AttackResult.extras``. E.g.
+      :data:`FREE_REPORTS`.
   """
   results = []
   for i, (entry, cfg) in enumerate(attack_cfgs.items()):
@@ -227,12 +240,55 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
     label = c.pop("label", entry)
     name, norm, eps = c["name"], c["norm"], float(c["eps"])
     start = time.perf_counter()
+    extras: tuple = ()
     if name == "clean":
       acc = accuracy(logits_fn, x, y, batch_size=batch_size, mesh=mesh)
     else:
       attack = attacks.from_config(c)
-      acc = robust_accuracy(logits_fn, attack, x, y, jax.random.fold_in(key, i), eps=eps,
-                            norm=norm, batch_size=batch_size, mesh=mesh)
+      if name in reports:
+        attack = functools.partial(getattr(attacks, f"{name}_with_report"), **attack.keywords)
+      run = run_attack(logits_fn, attack, x, y, jax.random.fold_in(key, i), eps=eps, norm=norm,
+                       batch_size=batch_size, mesh=mesh)
+      acc = int(run.correct.sum()) / len(x)
+      extras = tuple(run.extras)
     results.append(AttackResult(label, name, norm, eps, acc, len(x),
-                                time.perf_counter() - start))
+                                time.perf_counter() - start, extras))
   return results
+
+
+def summarize_reports(extras) -> dict[str, Any] | None:
+  """Plain numbers from the per-batch reports of one attack (``AttackResult.extras``), over the
+  real examples of each batch; ``None`` when there are none or their type is not known.
+
+  SOAE (:class:`attacks.SOAEDiagnostics`): ``krylov_dim_mean`` / ``krylov_dim_max`` (Krylov
+  dimension per GMRES solve, over examples and outer iterations), ``fallback_rate`` (solves
+  whose Newton direction was replaced by the gradient), ``converged_rate`` (solves meeting
+  tau), ``solves``. AutoAttack (:class:`attacks.AutoAttackReport`): ``components`` and
+  ``accuracy_after`` (robust accuracy after each component, cumulative) and ``clean_accuracy``;
+  these are the batches' fractions weighted by their real examples, exact unless the last batch
+  was padded (``padded`` True: its padding copies of example 0 count in its fractions).
+  """
+  if not extras:
+    return None
+  first = extras[0][0]
+  if isinstance(first, attacks.SOAEDiagnostics):
+    dims, fallback, converged = [], [], []
+    for diag, valid in extras:
+      dims.append(np.asarray(parallel.to_host(diag.num_iters))[:, :valid].reshape(-1))
+      fallback.append(np.asarray(parallel.to_host(diag.fallback))[:, :valid].reshape(-1))
+      converged.append(np.asarray(parallel.to_host(diag.converged))[:, :valid].reshape(-1))
+    dims, fallback, converged = (np.concatenate(a) for a in (dims, fallback, converged))
+    return dict(krylov_dim_mean=float(dims.mean()), krylov_dim_max=int(dims.max()),
+                fallback_rate=float(fallback.mean()), converged_rate=float(converged.mean()),
+                solves=int(dims.size))
+  if isinstance(first, attacks.AutoAttackReport):
+    n = sum(valid for _, valid in extras)
+    after = np.zeros(len(first.components))
+    clean = 0.0
+    for report, valid in extras:
+      after += np.asarray(report.robust_accuracy_after, float) * valid
+      clean += report.clean_accuracy * valid
+    return dict(components=list(first.components), accuracy_after=(after / n).tolist(),
+                clean_accuracy=clean / n,
+                padded=any(len(r.robust) != valid for r, valid in extras))
+  return None

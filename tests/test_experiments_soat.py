@@ -70,7 +70,9 @@ def test_paper_configs_follow_the_papers():
   assert t.trades.beta == 6.0 and cifar.data.augment
   mnist = _load(os.path.join(ROOT, "configs", "mnist_madry_cnn.py")).get_config()
   assert mnist.train.eps == 0.3 and mnist.model.name == "madry_cnn"
-  assert {(a.norm, a.eps) for a in mnist.eval.attacks.values()} == {("linf", 0.3), ("l2", 4.0)}
+  for suite in pipeline.SUITES:
+    assert {(a["norm"], a["eps"]) for a in pipeline.eval_suite(mnist, suite).values()} == {
+        ("linf", 0.3), ("l2", 4.0)}
   fm = _load(os.path.join(ROOT, "configs", "fashion_mnist_madry_cnn.py")).get_config()
   assert (fm.data.source, fm.data.root) == ("idx", "/usr/share/datasets/fashion-mnist")
 
@@ -84,6 +86,24 @@ def test_paper_configs_follow_the_papers():
     ("model.activation", "sine", "unknown activation 'sine'"),
     ("eval.attacks.clean_linf.eps", -1.0, "eps must be >= 0"),
     ("eval.attacks.clean_l2.name", "deepfool", "unknown attack 'deepfool'"),
+    # Every eval attack's hyperparameters, in both suites, before anything runs (issue 15.4).
+    ("eval.attacks.pgd_linf.steps", 0,
+     r"^eval\.attacks\.pgd_linf\.steps must be an integer >= 1, got 0$"),
+    ("eval.attacks.pgd_l2.step_size", -0.1,
+     r"^eval\.attacks\.pgd_l2\.step_size must be >= 0, got -0\.1$"),
+    ("eval.table.soae_linf.tau", 0.0, r"^eval\.table\.soae_linf\.tau must be > 0, got 0\.0$"),
+    ("eval.table.soae_l2.m", 0, r"^eval\.table\.soae_l2\.m must be an integer >= 1, got 0$"),
+    ("eval.table.soae_l2.hvp", "fd", r"^eval\.table\.soae_l2\.hvp: unknown HVP method 'fd'"),
+    ("eval.table.second_order_linf.samples", 0,
+     r"^eval\.table\.second_order_linf\.samples must be an integer >= 1, got 0$"),
+    ("eval.table.second_order_l2.sigma", -1.0,
+     r"^eval\.table\.second_order_l2\.sigma must be >= 0, got -1\.0$"),
+    ("eval.table.pgd_linf.eps", -0.2, r"^eval\.table\.pgd_linf\.eps must be >= 0, got -0\.2$"),
+    ("eval.table.fgsm_l2.norm", "l1", r"^eval\.table\.fgsm_l2\.norm: unknown norm 'l1'"),
+    ("eval.table.autoattack_linf.version", "strong",
+     r"^eval\.table\.autoattack_linf: unknown AutoAttack version 'strong'"),
+    ("eval.eps_linf", -0.1, r"^eval\.eps_linf must be >= 0, got -0\.1$"),
+    ("eval.eps_l2", -1.0, r"^eval\.eps_l2 must be >= 0, got -1\.0$"),
 ])
 def test_bad_configs_give_clear_errors(field, value, match):
   c = test_tiny.get_config("pgd")
@@ -105,7 +125,7 @@ def test_bad_tfds_dataset_name():
 
 def _results_ok(workdir, methods, labels):
   with open(os.path.join(workdir, "results.json")) as f:
-    res = json.load(f)
+    res = json.load(f)["results"]
   assert sorted(res) == sorted(methods)
   for rows in res.values():
     assert {r["label"] for r in rows} == set(labels)
@@ -179,14 +199,19 @@ def test_resume_reproduces_uninterrupted_run(resumed_run):
   assert not np.allclose(_leaves(s2)[0], _leaves(sa)[0])
 
 
-def test_evaluate_full_attack_table(resumed_run, capsys):
+def test_evaluate_runs_the_full_table_with_autoattack_by_default(resumed_run, capsys):
+  """evaluate's default suite is eval.table, the papers' full table with AutoAttack, whatever
+  the training-time suite eval.attacks is (here clean, FGSM, PGD-2 only)."""
   _require("fgsm", "pgd", "soae", "second_order", "autoattack")
   c, a, _ = resumed_run
   c = test_tiny.get_config("pgd")
-  c.eval.attacks = test_tiny.full_eval_attacks()
+  assert {v.name for v in c.eval.attacks.values()} == {"clean", "fgsm", "pgd"}
   results = evaluate_lib.evaluate_workdir(c, a)
   labels = [r.label for r in results["pgd"]]
-  assert set(labels) == {"clean", "FGSM", "PGD-2", "S-O", "SOAE", "AutoAttack"}
+  assert {(r.label, r.norm) for r in results["pgd"]} == {
+      (lbl, n) for lbl in ("clean", "FGSM", "PGD-2", "S-O", "SOAE", "AutoAttack")
+      for n in ("linf", "l2")}
+  assert len(labels) == 12
   table = capsys.readouterr().out
   rows = [ln for ln in table.splitlines() if ln.startswith("| ")][1:]
   assert [r.split("|")[1].strip() for r in rows] == ["clean", "FGSM", "PGD-2", "S-O", "SOAE",
@@ -194,7 +219,116 @@ def test_evaluate_full_attack_table(resumed_run, capsys):
   acc = {(r.label, r.norm): r.accuracy for r in results["pgd"]}
   for norm in ("linf", "l2"):
     assert acc[("AutoAttack", norm)] <= acc[("clean", norm)]
-  assert os.path.exists(os.path.join(a, "evaluation.md"))
+  md = open(os.path.join(a, "evaluation.md")).read()
+  assert "(`eval.table`)" in md and "AutoAttack (Croce and Hein 2020), version custom" in md
+  # Diagnostics under the table, from the _with_report entries of the same run.
+  assert md.index("| attack |") < md.index("SOAE diagnostics") < md.index("AutoAttack: robust")
+  with open(os.path.join(a, "evaluation.json")) as f:
+    saved = json.load(f)
+  diag = {(d["attack"], d["norm"]): d for d in saved["diagnostics"]["pgd"]}
+  assert diag[("soae", "linf")]["krylov_dim_max"] <= c.eval.table.soae_linf.m
+  assert 0 <= diag[("soae", "l2")]["fallback_rate"] <= 1 and diag[("soae", "l2")]["solves"] == 16
+  aa = diag[("autoattack", "linf")]
+  assert aa["components"] == ["apgd_ce"]
+  assert aa["accuracy_after"][-1] == pytest.approx(acc[("AutoAttack", "linf")])
+  assert saved["metadata"]["evaluation"]["suite"] == "eval.table"
+
+
+def test_results_header_says_what_was_measured(resumed_run):
+  """results.md's header and results.json's metadata: model, data, training, test points, each
+  attack's settings, code version, with the config's values."""
+  c, a, _ = resumed_run
+  md = open(os.path.join(a, "results.md")).read()
+  with open(os.path.join(a, "results.json")) as f:
+    meta = json.load(f)["metadata"]
+  header = md[:md.index("| attack |")]
+  for field in ("**Model**", "**Data**", "**Training**", "**Evaluation**", "**Code**"):
+    assert field in header
+  assert f"{c.model.name} ({c.model.activation})" in header
+  assert f"the first {c.eval.num_examples} test points" in header
+  assert "`pgd`: Linf eps=0.1, pgd (random_start=True, step_size=0.05, steps=2); 2 epochs, " \
+      "batch 16, SGD lr 0.05 (cosine)" in header
+  assert "synthetic (synthetic images), 64 training / 32 test images" in header
+  assert meta["model"]["name"] == c.model.name and meta["model"]["parameters"] > 0
+  assert meta["data"] == dict(source="synthetic", name="synthetic", train_examples=64,
+                              test_examples=32, augment=False)
+  t = meta["training"]["pgd"]
+  assert t["threat_model"] == {"norm": "linf", "eps": 0.1}
+  assert t["hyperparameters"] == c.train.pgd.to_dict()
+  assert t["epochs"] == 2 and t["epochs_recorded"] == 2 and t["seconds"] > 0
+  assert meta["evaluation"]["test_points"] == 16 and meta["evaluation"]["suite"] == "eval.attacks"
+  assert meta["evaluation"]["attacks"]["clean_linf"]["eps"] == 0.1
+  commit = pipeline.git_commit()
+  if commit:
+    assert meta["code_version"] == commit and f"git {commit}" in header
+
+
+def test_attack_settings_in_the_header():
+  """Each attack's line: PGD steps and step size, S-O samples and sigma (explained), SOAE's N,
+  m, tau, HVP, AutoAttack's version."""
+  from experiments import outputs
+  pgd = outputs.attack_settings_text("pgd", dict(steps=20, step_size=0.0125, random_start=True,
+                                                 restarts=1, loss="ce"))
+  assert "20 steps of size 0.0125" in pgd
+  so = outputs.attack_settings_text("second_order", dict(steps=20, step_size=0.0125,
+                                                         samples=8, sigma=0.05))
+  assert "S-O attack" in so and "averaged over 8 Gaussian-perturbed inputs (sigma=0.05)" in so
+  soae = outputs.attack_settings_text("soae", dict(steps=4, m=15, tau=1e-3, hvp="exact",
+                                                   eta=1e-5, alpha=0.1, step="normalized"))
+  assert "N=4" in soae and "m=15" in soae and "tau=0.001" in soae and "HVP exact" in soae
+  aa = outputs.attack_settings_text("autoattack", dict(version="standard", attacks=None,
+                                                       hyperparameters=None))
+  assert aa == "AutoAttack (Croce and Hein 2020), version standard"
+
+
+def _parse(config_file: str, *overrides: str):
+  """The config as the command line builds it (ml_collections config_flags, locked)."""
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  argv = ["prog", f"--config={config_file}", *overrides]
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_one_override_moves_every_eps_of_a_norm():
+  path = os.path.join(ROOT, "configs", "quickstart.py")
+  base = _parse(path)
+  moved = _parse(path, "--config.eval.eps_linf=0.05")
+  for suite in pipeline.SUITES:
+    before, after = pipeline.eval_suite(base, suite), pipeline.eval_suite(moved, suite)
+    assert before.keys() == after.keys()
+    assert {e["eps"] for e in before.values() if e["norm"] == "linf"} == {0.1}
+    assert {e["eps"] for e in after.values() if e["norm"] == "linf"} == {0.05}
+    assert {e["eps"] for e in after.values() if e["norm"] == "l2"} == {1.0}
+    # Step sizes and SOAE's alpha are the attacks' eps-relative defaults, so they follow.
+    assert after["pgd_linf"]["step_size"] is None and after["soae_linf"]["alpha"] is None
+  # One entry can still be set on its own; the other entries keep eval.eps_linf.
+  one = _parse(path, "--config.eval.eps_l2=2.0", "--config.eval.table.soae_linf.eps=0.2",
+               "--config.eval.table.pgd_linf.step_size=0.01")
+  table = pipeline.eval_suite(one, "table")
+  assert table["soae_linf"]["eps"] == 0.2 and table["pgd_linf"]["eps"] == 0.1
+  assert table["pgd_linf"]["step_size"] == 0.01
+  assert {e["eps"] for e in table.values() if e["norm"] == "l2"} == {2.0}
+  assert pipeline.eval_suite(one, "attacks")["soae_linf"]["eps"] == 0.1
+  # eval.skip leaves entries, attacks or norms out.
+  skip = pipeline.eval_suite(_parse(path, "--config.eval.skip=autoattack,l2"), "table")
+  assert sorted(skip) == ["clean_linf", "fgsm_linf", "pgd_linf", "second_order_linf",
+                          "soae_linf"]
+
+
+def test_quickstart_table_is_the_papers_and_training_suite_unchanged():
+  c = _parse(os.path.join(ROOT, "configs", "quickstart.py"))
+  table = pipeline.eval_suite(c, "table")
+  assert {(e["label"], e["norm"]) for e in table.values()} == {
+      (lbl, n) for lbl in ("clean", "FGSM", "PGD-20", "S-O", "SOAE", "AutoAttack")
+      for n in ("linf", "l2")}
+  assert table["autoattack_linf"]["version"] == "standard"
+  after_training = pipeline.eval_suite(c, "attacks")
+  assert {e["label"] for e in after_training.values()} == {"clean", "FGSM", "PGD-10", "S-O",
+                                                            "SOAE"}
 
 
 def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):

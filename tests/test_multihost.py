@@ -80,7 +80,7 @@ def _wait(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
 
 def _accuracies(path: str) -> dict[str, float]:
   with open(path) as f:
-    (rows,) = json.load(f).values()
+    (rows,) = json.load(f)["results"].values()
   return {f"{r['label']} {r['norm']}": r["accuracy"] for r in rows}
 
 

@@ -421,7 +421,10 @@ def _error_line(out):
      "soat: error: flag --config.train.epochs=many: invalid literal for int() with base 10: "
      "'many'"),
     (["--config.eval.attacks.pgd_linf.eps=-0.1"],
-     "soat: error: eval.attacks.pgd_linf: eps must be >= 0, got -0.1"),
+     "soat: error: eval.attacks.pgd_linf.eps must be >= 0, got -0.1"),
+    (["--config.eval.eps_linf=-0.1"], "soat: error: eval.eps_linf must be >= 0, got -0.1"),
+    (["--config.eval.table.pgd_linf.steps=0"],
+     "soat: error: eval.table.pgd_linf.steps must be an integer >= 1, got 0"),
     (["--config.data.source=idx", "--config.data.root=/nonexistent/mnist"],
      "soat: error: data.root=/nonexistent/mnist: no such folder"),
 ])

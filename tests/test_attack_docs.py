@@ -1,0 +1,56 @@
+"""docs/attacks.md against the attack registry: every attack has its line and the listed
+defaults are its signature's, so the page cannot drift from the code."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+
+from experiments import attack_docs
+from krylov_adv import attacks
+
+
+def _page_lines() -> dict[str, str]:
+  with open(attack_docs.PATH) as f:
+    text = f.read()
+  return {m.group(1): line for line in text.splitlines()
+          if (m := re.match(r"- \*\*`(\w+)`\*\*", line))}
+
+
+def test_committed_page_is_the_generated_one():
+  with open(attack_docs.PATH) as f:
+    assert f.read() == attack_docs.page(), "run python -m experiments.attack_docs"
+
+
+def test_every_registered_attack_has_one_line():
+  assert sorted(_page_lines()) == attacks.available()
+
+
+def test_listed_defaults_are_the_signature_defaults():
+  for name, line in _page_lines().items():
+    listed = dict(re.findall(r"`(\w+)=([^`]+)`", line.split("Hyperparameters (defaults):")[1]
+                             .split("Cost")[0]))
+    params = inspect.signature(attacks.get(name)).parameters
+    want = {k: p.default for k, p in params.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not p.empty
+            and k != "example_index"}
+    assert {k: ast.literal_eval(v) for k, v in listed.items()} == want, name
+
+
+def test_unregistered_entry_is_an_error(monkeypatch):
+  monkeypatch.setitem(attacks._REGISTRY, "new_attack", attacks.pgd)
+  try:
+    attack_docs.page()
+  except KeyError as e:
+    assert "new_attack" in str(e)
+  else:
+    raise AssertionError("an attack without a docs entry must fail")
+
+
+def test_check_flag(tmp_path, monkeypatch):
+  path = tmp_path / "attacks.md"
+  path.write_text("stale\n")
+  monkeypatch.setattr(attack_docs, "PATH", str(path))
+  assert attack_docs.main(["--check"]) == 1
+  assert attack_docs.main([]) == 0 and attack_docs.main(["--check"]) == 0
