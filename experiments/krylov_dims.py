@@ -242,7 +242,7 @@ def make_figures(results: dict) -> dict:
       ax.loglog(taus, [max(r["m_max"], 0.5) for r in sel], **outputs.series_style(i, 1))
     ax.axhline(results["ranks"]["num_classes"] - 1, color="k", ls=":", lw=1, label="K - 1")
     ax.invert_xaxis()
-    ax.set_title(f"{act} model")
+    ax.set_title(f"{act} model", fontsize=10)
     ax.set_xlabel("GMRES threshold tau (smaller to the right)")
     ax.set_ylabel("Krylov dimension m (log)")
     outputs.plain_log_ticks(ax.yaxis)
@@ -274,7 +274,7 @@ def make_figures(results: dict) -> dict:
       ax.set_xlabel("GMRES threshold tau (smaller to the right)")
       ax.grid(True, which="both", alpha=0.3)
     acc_ax.set_ylabel("robust accuracy (%)")
-    acc_ax.set_title("robust accuracy under SOAE")
+    acc_ax.set_title("robust accuracy under SOAE", fontsize=10)
     repeats = {r.get("timing_repeats") for r in soae["rows"]}
     time_ax.set_ylabel("seconds per attack run")
     time_ax.set_title(f"wall time (median, min-max of {'/'.join(map(str, repeats))} runs)",
