@@ -4,8 +4,9 @@
 
 Reads ``workdir/<experiment>/results.json`` for each experiment that has run (ablation_hvp,
 krylov_dims, iterations, perceptual, grad_norms, soae_direction), re-renders its section from the
-JSON with the experiment's own ``markdown`` function (so the report always matches the numbers on disk), points
-the figure links at ``<experiment>/<figure>.png`` and writes ``workdir/report.md``.
+JSON with the experiment's own ``markdown`` function (so the report always matches the numbers
+on disk), points the figure links at ``<experiment>/<figure>.png`` and writes
+``workdir/report.md``.
 """
 
 from __future__ import annotations
