@@ -266,6 +266,9 @@ def test_rolled_and_unrolled_givens_loops_agree(monkeypatch):
   rolled = solve()
   assert 10 < int(np.max(rolled.num_iters)) <= 24
   for got, want in zip(rolled, unrolled, strict=True):
+    if want is None:   # basis and hessenberg without return_basis
+      assert got is None
+      continue
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
