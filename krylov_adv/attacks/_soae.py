@@ -142,7 +142,8 @@ class SOAEDiagnostics(NamedTuple):
     num_iters: ``(N, B)`` int32, Krylov dimension reached at each outer iteration (HVPs spent
       on the example after the one for ``r_0``).
     residual_norm: ``(N, B)`` final ``||g - H d||_2`` of each solve.
-    initial_residual_norm: ``(N, B)`` ``||r_0|| = ||g - H g||_2`` (the paper's ``beta``).
+    initial_residual_norm: ``(N, B)`` ``||r_0|| = ||g - H g||_2`` (the paper's ``beta``;
+      ``||g||_2`` with ``direction="trust_region"``, whose GMRES starts at 0).
     converged: ``(N, B)`` bool, ``residual_norm <= tau * initial_residual_norm``.
     fallback: ``(N, B)`` bool, the gradient replaced the Newton direction (``<g, d> <= 0`` with
       ``fallback=True``, or ``d`` not finite).
