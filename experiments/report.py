@@ -3,9 +3,10 @@
   python -m experiments.report --workdir /tmp/analysis
 
 Reads ``workdir/<experiment>/results.json`` for each experiment that has run (ablation_hvp,
-krylov_dims, iterations, perceptual, grad_norms), re-renders its section from the JSON with the
-experiment's own ``markdown`` function (so the report always matches the numbers on disk), points
-the figure links at ``<experiment>/<figure>.png`` and writes ``workdir/report.md``.
+krylov_dims, iterations, perceptual, grad_norms, soae_direction), re-renders its section from the
+JSON with the experiment's own ``markdown`` function (so the report always matches the numbers
+on disk), points the figure links at ``<experiment>/<figure>.png`` and writes
+``workdir/report.md``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import json
 import os
 import re
 
-EXPERIMENTS = ("ablation_hvp", "krylov_dims", "iterations", "perceptual", "grad_norms")
+EXPERIMENTS = ("ablation_hvp", "krylov_dims", "iterations", "perceptual", "grad_norms",
+               "soae_direction")
 
 
 def _figures(out_dir: str) -> list[str]:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from krylov_adv import attacks, krylov, losses
+from krylov_adv import attacks, hvp, krylov, losses
 
 B, N_IN, K = 16, 16, 3
 
@@ -249,3 +249,172 @@ def test_nonfinite_solves_report_nonfinite_status():
                                      norm="l2", steps=2, m=3)
   np.testing.assert_array_equal(np.asarray(diag.status), int(krylov.Status.NONFINITE))
   assert not np.any(np.asarray(diag.converged))
+
+
+# ---------------------------------------------------------------------------------------------
+# The proposition of _soae's module docstring: on a ReLU network the Newton direction is H^+ g
+# and moves the logits by -e_y / p_y + c 1.
+
+N_RELU, K_RELU = 6, 3
+
+
+def _relu_mlp():
+  rng = np.random.default_rng(3)
+  w1 = rng.normal(size=(N_RELU, 16))
+  b1 = rng.normal(size=16) * 0.5
+  w2 = rng.normal(size=(16, K_RELU)) / 4  # moderate probabilities: S well conditioned
+
+  def logits_fn(x):
+    return jax.nn.relu(x @ w1.astype(x.dtype) + b1.astype(x.dtype)) @ w2.astype(x.dtype)
+
+  return logits_fn
+
+
+RELU_FN = _relu_mlp()
+
+
+@pytest.mark.parametrize("start", ["newton", "zero"])
+def test_newton_direction_closed_form_on_relu_network(x64, start):
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(5, N_RELU))
+  y = np.array([0, 1, 2, 0, 1], np.int32)
+  loss_fn = lambda z: losses.cross_entropy(RELU_FN(z), y)
+  for i in range(len(y)):
+    xi = jnp.asarray(x[i])
+    jac = np.asarray(jax.jacobian(lambda v: RELU_FN(v[None])[0])(xi))      # (K, n)
+    assert np.linalg.matrix_rank(jac) == K_RELU
+    p = np.asarray(jax.nn.softmax(RELU_FN(xi[None])[0]))
+    s = np.diag(p) - np.outer(p, p)
+    # (a) the exact Hessian (jax.hessian, and hvp's products of the basis) is J^T S J.
+    h_ref = jac.T @ s @ jac
+    h = np.asarray(jax.hessian(lambda v: losses.cross_entropy(RELU_FN(v[None]), y[i:i + 1])[0])(
+        xi))
+    np.testing.assert_allclose(h, h_ref, atol=1e-12)
+    op = hvp.make_hvp(lambda z: losses.cross_entropy(RELU_FN(z), np.repeat(y[i:i + 1], N_RELU)),
+                      jnp.repeat(xi[None], N_RELU, 0), method="exact")
+    np.testing.assert_allclose(np.asarray(op.matvec(jnp.eye(N_RELU))), h_ref, atol=1e-12)
+  # (b) GMRES's solution is pinv(H) g, after at most K - 1 Krylov steps.
+  if start == "newton":
+    sol = attacks.soae_direction(loss_fn, jnp.asarray(x), tau=1e-10, m=N_RELU, hvp="exact")
+    d, res = np.asarray(sol.direction), sol.gmres
+  else:
+    op = hvp.make_hvp(loss_fn, jnp.asarray(x), method="exact")
+    res = krylov.gmres(op.matvec, op.grad, tol=1e-10, max_dim=N_RELU)
+    d = np.asarray(res.x)
+  assert np.all(np.asarray(res.num_iters) <= K_RELU - 1)
+  assert np.all(np.asarray(res.converged))
+  for i in range(len(y)):
+    xi = jnp.asarray(x[i])
+    jac = np.asarray(jax.jacobian(lambda v: RELU_FN(v[None])[0])(xi))
+    p = np.asarray(jax.nn.softmax(RELU_FN(xi[None])[0]))
+    s = np.diag(p) - np.outer(p, p)
+    e_y = np.eye(K_RELU)[y[i]]
+    g = jac.T @ (p - e_y)
+    np.testing.assert_allclose(d[i], np.linalg.pinv(jac.T @ s @ jac) @ g, rtol=1e-8, atol=1e-10)
+    # (c) J d + e_y / p_y is a constant vector (its value depends on J, not only on p).
+    shift = jac @ d[i] + e_y / p[y[i]]
+    np.testing.assert_allclose(shift, np.full(K_RELU, shift.mean()), rtol=0,
+                               atol=1e-9 * np.abs(shift).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# The trust-region direction against a dense solve (full Krylov dimension: the projected problem
+# is the whole problem).
+
+
+def _quadratic_problem(seed, psd):
+  rng = np.random.default_rng(seed)
+  n = 6
+  a = rng.normal(size=(n, n))
+  a = (a + a.T) / 2
+  if psd:
+    a = a @ a.T / n
+  c = rng.normal(size=n)
+  loss_fn = lambda z: jnp.sum(z * c, axis=1) + 0.5 * jnp.einsum("bi,ij,bj->b", z, a, z)
+  x = rng.normal(size=(3, n))
+  return loss_fn, x, a, c
+
+
+def _dense_trust_region_l2(a, g, r):
+  """max g^T d + 1/2 d^T A d on ||d|| = r: eigendecomposition and scipy's brentq on the secular
+  equation (no hard case for random data)."""
+  from scipy import optimize
+  lam, q = np.linalg.eigh(a)
+  gh = q.T @ g
+  f = lambda mu: np.sum((gh / (mu - lam)) ** 2) - r ** 2
+  mu = optimize.brentq(f, lam[-1] + 1e-12, lam[-1] + np.linalg.norm(g) / r + 1)
+  return q @ (gh / (mu - lam))
+
+
+def _dense_frank_wolfe_linf(a, g, r, steps):
+  d = np.zeros_like(g)
+  for _ in range(steps):
+    grad = g + a @ d
+    e = r * np.sign(grad) - d
+    a_, b_ = grad @ e, e @ a @ e
+    gamma = min(1.0, a_ / -b_) if b_ < 0 else 1.0
+    d = d + max(gamma, 0.0) * e
+  return d
+
+
+@pytest.mark.parametrize("psd", [True, False])
+@pytest.mark.parametrize("radius", [0.1, 3.0])
+def test_trust_region_l2_matches_dense_solve(x64, psd, radius):
+  loss_fn, x, a, c = _quadratic_problem(5, psd)
+  sol = attacks.soae_direction(loss_fn, jnp.asarray(x), tau=1e-12, m=6, hvp="exact",
+                               direction="trust_region", radius=radius, norm="l2")
+  assert np.all(np.asarray(sol.gmres.num_iters) == 6)
+  for i in range(len(x)):
+    g = c + a @ x[i]
+    ref = _dense_trust_region_l2(a, g, radius)
+    np.testing.assert_allclose(np.asarray(sol.direction[i]), ref, rtol=1e-7, atol=1e-9)
+    assert abs(np.linalg.norm(np.asarray(sol.direction[i])) - radius) < 1e-9
+
+
+@pytest.mark.parametrize("psd", [True, False])
+def test_trust_region_linf_matches_dense_frank_wolfe(x64, psd):
+  from krylov_adv.attacks import _soae
+  loss_fn, x, a, c = _quadratic_problem(6, psd)
+  r = 0.5
+  sol = attacks.soae_direction(loss_fn, jnp.asarray(x), tau=1e-12, m=6, hvp="exact",
+                               direction="trust_region", radius=r, norm="linf")
+  for i in range(len(x)):
+    g = c + a @ x[i]
+    ref = _dense_frank_wolfe_linf(a, g, r, _soae._FRANK_WOLFE_STEPS)
+    np.testing.assert_allclose(np.asarray(sol.direction[i]), ref, atol=1e-9)
+    assert np.max(np.abs(ref)) <= r + 1e-12
+    q = lambda d: g @ d + 0.5 * d @ a @ d
+    assert q(ref) >= q(r * np.sign(g)) - 1e-12   # no worse than FGSM's vertex
+
+
+def test_trust_region_l2_hard_case(x64):
+  from krylov_adv.attacks import _soae
+  # T = diag(1, 3), gradient only on the first eigenvector: the solution needs the second.
+  t = jnp.asarray(np.diag([1.0, 3.0]))[None]
+  y = np.asarray(_soae._trust_region_l2(t, jnp.asarray([1.0]), jnp.asarray([2.0])))[0]
+  # mu = lambda_max = 3: y_1 = 1 / (3 - 1) = 0.5, y_2 = +-sqrt(4 - 0.25).
+  np.testing.assert_allclose(abs(y), [0.5, np.sqrt(3.75)], atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_trust_region_attack_stays_in_threat_model_and_beats_newton_on_relu(x64, norm):
+  rng = np.random.default_rng(7)
+  x = rng.uniform(size=(32, N_RELU))
+  logits = np.asarray(RELU_FN(jnp.asarray(x)))
+  y = np.argmax(logits, 1).astype(np.int32)
+  eps = 0.3 if norm == "linf" else 0.6
+  loss = lambda xa: np.asarray(losses.cross_entropy(RELU_FN(jnp.asarray(xa)), y))
+  out = {}
+  for direction in ("newton", "trust_region"):
+    xa = np.asarray(attacks.soae(RELU_FN, x, y, jax.random.PRNGKey(0), eps=eps, norm=norm,
+                                 steps=1, m=K_RELU, direction=direction))
+    dist = np.abs(xa - x).max(1) if norm == "linf" else np.linalg.norm(xa - x, axis=1)
+    assert np.all(dist <= eps + 1e-9) and xa.min() >= 0 and xa.max() <= 1
+    out[direction] = loss(xa).mean()
+  assert out["trust_region"] >= out["newton"]
+
+
+def test_unknown_direction_is_a_clear_error():
+  with pytest.raises(ValueError, match="direction"):
+    attacks.soae(LOGITS_FN, np.zeros((2, 4, 4, 1), np.float32), np.zeros(2, np.int32),
+                 jax.random.PRNGKey(0), eps=0.1, norm="linf", direction="cauchy")

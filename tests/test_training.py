@@ -334,3 +334,22 @@ def test_scorpio_step_loss_is_clean_loss_plus_the_frank_wolfe_quadratic_max(batc
   kw = dict(cfg.scorpio.to_dict())
   want = regularizers.scorpio_loss(f, x, y, eps=cfg.eps, norm=cfg.norm, **kw)
   np.testing.assert_allclose(float(m.loss), float(want), rtol=1e-5)
+
+
+def test_soat_defaults_exact_hvp_and_paper_variant_and_trust_region(batch):
+  """SOAT's default Hessian product is the exact one; ``soat_paper`` is the paper-literal forward
+  difference; ``train.soat.direction="trust_region"`` validates and trains."""
+  from configs import common, mnist_madry_cnn
+  assert common.base_config().train.soat.hvp == "exact"
+  paper = mnist_madry_cnn.get_config("soat_paper").train
+  assert paper.method == "soat" and (paper.soat.hvp, paper.soat.eta) == ("fd_forward", 1e-5)
+  cfg = _cfg("soat")
+  cfg.soat.direction = "trust_region"
+  training.validate_train_config(cfg)
+  x, y = batch
+  model = models.get("tiny_cnn", num_classes=10)
+  tx = training.make_optimizer(cfg, 4)
+  state = training.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1))
+  _, m = training.make_train_step(model, tx, cfg)(state, x, y, jax.random.PRNGKey(0))
+  clean = losses.cross_entropy(model.apply({"params": state.params}, x), y).mean()
+  assert np.isfinite(float(m.loss)) and float(m.loss) > float(clean) + 1e-4
