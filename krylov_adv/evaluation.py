@@ -193,7 +193,7 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
     # A NAME_with_report entry returns WithReport(x_adv, report); a plain attack x_adv alone.
     x_adv, aux = out if isinstance(out, attacks.WithReport) else (out, None)
     check_admissible(x_adv, xb, eps=eps, norm=norm)
-    pred = parallel.to_host(jnp.argmax(logits_fn(x_adv), axis=1))
+    pred = parallel.to_host(predicted_labels(logits_fn(x_adv)))  # a NaN row is -1: wrong
     correct.append((pred == y[idx])[:valid])
     if keep_examples:
       kept.append(parallel.to_host(x_adv)[:valid])

@@ -91,3 +91,9 @@ def test_nonfinite_predictions_are_wrong_and_counted():
   all_nan = lambda z: _linear_or_nan(z) * jnp.nan
   assert evaluation.accuracy(all_nan, x, y) == 0.0
   assert evaluation.accuracy_report(all_nan, x, y).nonfinite == 10
+  # Robust accuracy too: an attack that leaves x as it is, on the NaN model, scores every NaN
+  # row as wrong (it used to be argmax'ed to class 0, i.e. right when the label is 0).
+  identity = lambda f, xb, yb, key: xb
+  robust = evaluation.robust_accuracy(_linear_or_nan, identity, x, y, jax.random.PRNGKey(0),
+                                      eps=0.1, norm="linf", batch_size=4)
+  assert robust == pytest.approx(want)
