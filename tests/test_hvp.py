@@ -189,7 +189,7 @@ def test_one_default_for_the_hvp_method_and_eta():
   for fn in (regularizers.scorpio_maximizer, regularizers.quadratic_model,
              regularizers.scorpio_regularizer, regularizers.scorpio_loss):
     params = inspect.signature(fn).parameters
-    assert params["hvp_method"].default == hvp.DEFAULT_METHOD, fn
+    assert params["hvp"].default == hvp.DEFAULT_METHOD, fn
     assert params["eta"].default == hvp.DEFAULT_ETA, fn
 
 
