@@ -171,7 +171,7 @@ def augmented_hessian_product(loss_fn: LossFn, x: Array, z_x: Array, z_t: Array,
   """
   if method == "exact":
     _, g = _value_and_input_grad(loss_fn, x)
-    hz = hvp.exact_hvp(loss_fn, x, z_x)
+    hz = hvp_lib.exact_hvp(loss_fn, x, z_x)
     return hz + projections.bcast(z_t, g) * g, _dot(g, z_x) + z_t
   if method != "fd":
     raise ValueError(f"unknown SOAR product {method!r}; use one of {SOAR_HVPS}")
