@@ -22,6 +22,16 @@ import pytest
 from krylov_adv.models.cnn import TinyCNN
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code_after_each_module():
+  """Drops JAX's compilation caches after each test module. Every compiled executable keeps
+  memory mappings alive; over the whole suite (about 600 tests, thousands of compilations) one
+  process reaches Linux's default ``vm.max_map_count`` (65530), and XLA then crashes with a
+  segmentation fault while compiling. Within a module compiled functions are still shared."""
+  yield
+  jax.clear_caches()
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
   """A small classifier trained briefly on scikit-learn digits (8x8x1, 10 classes).
