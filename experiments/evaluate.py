@@ -31,7 +31,7 @@ def evaluate_workdir(config, workdir: str, *, progress: bool = True
   progress = progress and parallel.is_primary()
   methods = pipeline.methods_of(config)
   for _, cfg, sub in pipeline.method_runs(config, workdir):  # before the data loads
-    workdir_lib.require_trained_workdir(sub)
+    workdir_lib.require_trained_workdir(sub, workdir)
     workdir_lib.check_run_config(sub, cfg, record=False)
   with workdir_lib.config_errors():
     dataset = data_lib.load(config.data)

@@ -698,14 +698,16 @@ def check_data_root(data_cfg) -> None:
 # 5. Readers of a workdir
 
 
-def require_trained_workdir(path: str) -> str:
+def require_trained_workdir(path: str, train_workdir: str | None = None) -> str:
   """``path`` when it holds finished checkpoints (``path/checkpoints/<step>``); otherwise raises
   :class:`ConfigError` with one line. Touches nothing (``evaluate`` must not create folders in a
-  mistyped workdir)."""
+  mistyped workdir). ``train_workdir`` (default ``path``) is the ``--workdir`` the message tells
+  the user to train in: the top workdir when ``path`` is one method's ``workdir/<method>``."""
+  train_workdir = path if train_workdir is None else train_workdir
   if not os.path.isdir(path):
     raise ConfigError(f"workdir {path} does not exist; train first with "
-                      f"python -m experiments.soat --workdir {path}")
+                      f"python -m experiments.soat --workdir {train_workdir}")
   if not saved_steps(path):
     raise ConfigError(f"no checkpoint in {os.path.join(path, CHECKPOINT_DIR)}; train first with "
-                      f"python -m experiments.soat")
+                      f"python -m experiments.soat --workdir {train_workdir}")
   return path

@@ -533,6 +533,15 @@ def test_require_trained_workdir_creates_nothing(tmp_path):
   assert wd.require_trained_workdir(str(tmp_path)) == str(tmp_path)
 
 
+def test_require_trained_workdir_points_at_the_workdir_to_train(tmp_path):
+  # One method's folder of a multi-method run: the hint is the top workdir, which soat takes.
+  top = str(tmp_path / "run")
+  with pytest.raises(wd.ConfigError, match=re.escape(
+      f"workdir {top}/soat does not exist; train first with python -m experiments.soat "
+      f"--workdir {top}")):
+    wd.require_trained_workdir(f"{top}/soat", top)
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: experiments.soat and experiments.evaluate on configs/test_tiny.py
 
