@@ -111,12 +111,24 @@ def base_config() -> ml_collections.ConfigDict:
 PAPER_SOAT_HVP = dict(hvp="fd_forward", eta=1e-5)
 
 
+# Named variants of a training method: ``name -> (registered method, {train block: fields})``.
+# soat_paper: SOAT with the paper's forward-difference HVP (:data:`PAPER_SOAT_HVP`); soat_tr:
+# SOAT on the trust-region direction (the maximiser of the quadratic model in the Krylov
+# subspace, krylov_adv.attacks.soae's direction="trust_region") instead of the Newton one.
+METHOD_VARIANTS = {
+    "soat_paper": ("soat", {"soat": PAPER_SOAT_HVP}),
+    "soat_tr": ("soat", {"soat": dict(direction="trust_region")}),
+}
+
+
 def set_method(c: ml_collections.ConfigDict, method: str) -> None:
-  """Sets ``c.train.method``; ``"soat_paper"`` is SOAT with :data:`PAPER_SOAT_HVP` (the
-  paper-literal variant of the exact-HVP default)."""
-  if method == "soat_paper":
-    method = "soat"
-    c.train.soat.update(PAPER_SOAT_HVP)
+  """Sets ``c.train.method``; a name of :data:`METHOD_VARIANTS` (``"soat_paper"``: SOAT with
+  :data:`PAPER_SOAT_HVP`, the paper-literal variant of the exact-HVP default; ``"soat_tr"``:
+  SOAT with the trust-region direction) sets its method and overrides its fields."""
+  if method in METHOD_VARIANTS:
+    method, fields = METHOD_VARIANTS[method]
+    for block, values in fields.items():
+      c.train[block].update(values)
   c.train.method = method
 
 
@@ -302,3 +314,60 @@ def tiny_eval_attacks(include=("clean", "fgsm", "pgd", "second_order", "soae", "
       autoattack=dict(version="custom", attacks=("apgd_ce",),
                       hyperparameters=dict(apgd_ce=dict(steps=2))),
       include=include)
+
+
+# ---------------------------------------------------------------------------------------------
+# The papers' Table I matrix (experiments.table; configs/table_*.py)
+
+# The SOAE paper's Table I rows in its order (STD, PGD, TRADES, SOAR, STN = second_order,
+# SCORPIO, SOAT), then issue 14's SOAT variants and PGD-AT at SOAT's training cost.
+TABLE_METHODS = ("standard", "pgd", "trades", "soar", "second_order", "scorpio", "soat",
+                 "soat_paper", "soat_tr", "pgd_eqcost")
+# Gradient-equivalents of one exact HVP (jvp over grad): krylov_adv.hvp.make_hvp's "about 1.4
+# gradients each on CPU and GPU". experiments.table measures it on the table's model when
+# table.hvp_cost is 0 and uses this value for the equal-training-cost row.
+HVP_COST = 1.4
+
+
+def soat_gradient_equivalents(soat, num_classes: int, hvp_cost: float = HVP_COST) -> float:
+  """Gradient-equivalents per example of SOAT's inner attack (one training step).
+
+  Each of the ``steps`` outer iterations pays one gradient and, per batch, the slowest
+  example's Krylov dimension ``k`` plus one product for the true residual, plus step 3's
+  ``H g`` for the Newton direction (the trust-region direction starts GMRES at 0). ``k`` is the
+  cap ``m`` for a finite-difference HVP (the solve runs to the cap on rounding noise) and
+  ``min(m, K - 1)`` for the exact one: ``H = J^T (diag(p) - p p^T) J`` has rank ``<= K - 1``
+  (the proposition in krylov_adv/attacks/_soae.py). An exact HVP costs ``hvp_cost``
+  gradients, a forward difference one, a central difference two.
+  """
+  exact = soat["hvp"] == "exact"
+  k = min(int(soat["m"]), int(num_classes) - 1) if exact else int(soat["m"])
+  product = hvp_cost if exact else (2.0 if soat["hvp"] == "fd_central" else 1.0)
+  newton = soat.get("direction", "newton") == "newton"
+  return float(soat["steps"]) * (1.0 + product * (k + 1 + int(newton)))
+
+
+def add_table(c: ml_collections.ConfigDict, *, methods=TABLE_METHODS,
+              paper=("mnist_resnet18",), hvp_cost: float = 0.0) -> ml_collections.ConfigDict:
+  """Adds the ``table`` block of experiments.table to ``c`` (after its train settings are
+  final) and returns ``c``.
+
+  ``table.methods``: the rows (comma-separated; a name of :data:`METHOD_VARIANTS` or
+  ``pgd_eqcost`` is a variant of a registered method, ``table.variants`` says which and with
+  which ``train`` fields). ``pgd_eqcost`` is PGD-AT with as many steps (of ``2.5 eps / steps``)
+  as SOAT's inner attack costs gradients (:func:`soat_gradient_equivalents` at
+  :data:`HVP_COST`). ``table.hvp_cost``: gradient-equivalents of an exact HVP in the
+  evaluation's cost column; 0 measures it on the table's model. ``table.equal_cost``: add PGD
+  at SOAE's measured cost per norm. ``table.paper``: the paper tables printed beside ours
+  (keys of ``experiments.table.PAPER_TABLES``).
+  """
+  t = c.train
+  variants = {name: dict(method=base, train=fields)
+              for name, (base, fields) in METHOD_VARIANTS.items()}
+  steps = max(1, int(round(soat_gradient_equivalents(t.soat.to_dict(), c.data.num_classes))))
+  variants["pgd_eqcost"] = dict(method="pgd", train=dict(pgd=dict(
+      steps=steps, step_size=2.5 * float(t.eps) / steps, random_start=True)))
+  c.table = ml_collections.ConfigDict(dict(
+      methods=",".join(methods), variants=variants, hvp_cost=float(hvp_cost),
+      equal_cost=True, paper=tuple(paper)))
+  return c

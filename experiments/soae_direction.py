@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli, datasets, outputs, trained_models
+from experiments import costs as costs_lib
 from krylov_adv import attacks, evaluation, hvp
 
 NAME = "soae_direction"
@@ -116,13 +117,6 @@ def directions_part(config, dataset, models_by_act) -> list[dict]:
   return rows
 
 
-def _cost(diag, hvp_cost: float, newton: bool) -> float:
-  """Gradient-equivalents of one SOAE batch from its diagnostics (module docstring)."""
-  k_max = np.asarray(diag.num_iters).max(axis=1)          # (N,) the batch's slowest example
-  products = k_max + 1 + (1 if newton else 0)
-  return float(np.sum(1.0 + hvp_cost * products))
-
-
 def attack_part(config, dataset, models_by_method) -> list[dict]:
   e = config.experiment
   x, y = datasets.first_examples(dataset, e.attack_examples)
@@ -138,7 +132,8 @@ def attack_part(config, dataset, models_by_method) -> list[dict]:
         attack = functools.partial(attacks.soae_with_report, eps=eps, norm=norm,
                                    direction=direction, **e.soae.to_dict())
         res = run(attack)
-        costs = [_cost(d, float(e.hvp_cost), direction == "newton") for d, _ in res.extras]
+        costs = [costs_lib.soae_batch_cost(d, float(e.hvp_cost), newton=direction == "newton",
+                                           valid=v) for d, v in res.extras]
         cost = float(np.mean(costs))
         steps = max(1, int(round(cost)))
         pgd = functools.partial(attacks.pgd, eps=eps, norm=norm, steps=steps,

@@ -1,0 +1,477 @@
+"""The SOAE paper's Table I matrix in one command: every training method, every attack, both
+norms, the paper's numbers beside ours.
+
+  python -m experiments.table --config configs/table_fashion_mnist.py --workdir /tmp/table_fm
+  python -m experiments.table --config configs/table_digits.py --workdir /tmp/table_digits
+  python -m experiments.table --config configs/table_mnist.py --workdir DIR        # accelerator
+  python -m experiments.table --config configs/table_cifar10.py:wrn28_10 --workdir DIR
+
+Trains every row of ``table.methods`` (STD, PGD, TRADES, SOAR, STN = ``second_order``,
+SCORPIO, SOAT, and issue 14's SOAT variants: ``soat_paper`` with the paper's forward-difference
+HVP, ``soat_tr`` with the trust-region direction, ``pgd_eqcost`` PGD-AT at SOAT's training
+cost) into ``workdir/<row>`` with ``experiments.pipeline.train`` (orbax checkpoints, resumable,
+the run fingerprint of ``experiments.workdir``), then attacks each with the papers' columns
+(``eval.table``: clean, FGSM, PGD-20, AutoAttack, ASOD = S-O, SOAE; Linf and L2) and, with
+``table.equal_cost``, PGD run at SOAE's measured cost. Every attack's result is saved in
+``workdir/<row>/table_eval.json`` as soon as it is done, so an interrupted run resumes
+attack by attack: a finished row is neither retrained nor re-attacked.
+
+Writes (after every row, so a partial run shows what it has):
+  ``table.md``    the metadata header (``pipeline.run_metadata``), our table per norm in the
+                  paper's layout (rows = training methods, columns = attacks), the paper's own
+                  numbers beside it (labelled as the paper's, with its dataset and model), the
+                  cost of each attack in gradient-equivalents (``experiments.costs``) and the
+                  wall time of each row's training and evaluation.
+  ``table.json``  ``{"metadata", "hvp_cost", "rows": {row: {label, train, results: {entry:
+                  {label, attack, norm, eps, accuracy, num_examples, seconds, cost,
+                  diagnostics}}}}, "paper"}``.
+  ``hvp_cost.json``  the measured exact-HVP / gradient wall-time ratio (when ``table.hvp_cost``
+                  is 0), measured once on the first row's model and reused on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from experiments import cli, costs, outputs, pipeline
+from experiments import workdir as workdir_lib
+from krylov_adv import data as data_lib
+from krylov_adv import evaluation, parallel
+
+# ---------------------------------------------------------------------------------------------
+# The paper's numbers (SOAE paper, Tables I-III; robust accuracy in %, Linf eps = 8/255 for
+# every attack, PGD-20 step 2/255; training 300 epochs, see its Sec. IV-A). Table III has no
+# FGSM and no ASOD column.
+
+_PAPER_COLUMNS = ("clean", "fgsm", "pgd", "autoattack", "second_order", "soae")
+_PAPER_ROWS = ("standard", "pgd", "trades", "soar", "second_order", "scorpio", "soat")
+
+
+def _paper(rows: list[tuple], columns=_PAPER_COLUMNS) -> dict[str, dict[str, float]]:
+  return {method: dict(zip(columns, values)) for method, values in zip(_PAPER_ROWS, rows)
+          if values is not None}
+
+
+PAPER_TABLES: dict[str, dict[str, Any]] = {
+    "mnist_resnet18": dict(title="paper (MNIST, ResNet-18; SOAE paper Table I)", rows=_paper([
+        (97.78, 0.07, 0.06, 0.01, 0.01, 0.01),
+        (86.34, 63.40, 55.89, 49.10, 20.20, 30.85),
+        (85.98, 65.05, 53.87, 40.27, 39.76, 38.32),
+        (87.95, 67.15, 56.06, 18.25, 29.12, 20.14),
+        (86.26, 66.77, 54.90, 29.81, 48.74, 25.25),
+        (87.92, 68.18, 58.44, 41.01, 47.62, 39.03),
+        (87.62, 70.89, 60.13, 39.10, 49.45, 47.53)])),
+    "mnist_wrn": dict(title="paper (MNIST, WideResNet; SOAE paper Table I)", rows=_paper([
+        (99.90, 0.08, 0.05, 0.01, 0.02, 0.01),
+        (84.55, 66.50, 57.12, 44.51, 21.76, 29.84),
+        (80.56, 68.32, 56.49, 42.79, 41.37, 32.15),
+        (86.99, 68.64, 57.80, 19.13, 33.90, 27.60),
+        (87.42, 66.81, 53.21, 33.91, 46.25, 30.45),
+        (89.01, 67.43, 55.02, 39.88, 43.69, 38.24),
+        (85.23, 69.98, 57.73, 45.22, 45.96, 43.47)])),
+    "cifar10_resnet18": dict(title="paper (CIFAR-10, ResNet-18; SOAE paper Table II)",
+                             rows=_paper([
+        (92.54, 30.59, 0.14, 0.05, 0.12, 0.08),
+        (80.64, 50.96, 42.86, 40.59, 40.32, 38.19),
+        (85.61, 53.06, 45.38, 41.34, 43.49, 40.26),
+        (87.95, 55.70, 56.06, 19.66, 45.08, 35.45),
+        (83.03, 54.83, 52.34, 38.00, 48.15, 37.98),
+        (86.58, 55.07, 49.56, 39.27, 46.82, 38.75),
+        (85.47, 56.24, 54.72, 45.98, 47.73, 49.27)])),
+    "cifar10_wrn": dict(title="paper (CIFAR-10, WideResNet; SOAE paper Table II)", rows=_paper([
+        (93.79, 44.77, 0.03, 0.01, 0.13, 0.09),
+        (81.83, 51.15, 43.66, 42.62, 41.86, 39.14),
+        (86.54, 54.66, 45.70, 43.70, 44.22, 41.21),
+        (88.02, 67.15, 57.92, 20.41, 47.31, 39.35),
+        (84.11, 58.59, 53.16, 38.95, 49.27, 38.02),
+        (86.99, 61.37, 50.50, 41.28, 47.33, 40.11),
+        (86.38, 62.33, 57.67, 47.53, 50.50, 51.46)])),
+    "imagenet100_resnet18": dict(
+        title="paper (ImageNet-100, ResNet-18; SOAE paper Table III)",
+        rows=_paper([(91.33, 0.02, 0.0, 0.0), (78.26, 55.37, 48.66, 40.31),
+                     (82.91, 56.09, 47.25, 40.05), (80.80, 61.68, 45.12, 42.35), None, None,
+                     (84.50, 62.84, 52.99, 47.90)],
+                    columns=("clean", "pgd", "autoattack", "soae"))),
+}
+
+# Row labels in the paper's words (STN is the S-O paper's training with its attack, ASOD).
+ROW_LABELS = {"standard": "STD", "pgd": "PGD", "trades": "TRADES", "soar": "SOAR",
+              "second_order": "STN", "scorpio": "SCORPIO", "soat": "SOAT (exact HVP)",
+              "soat_paper": "SOAT (paper-literal FD HVP)", "soat_tr": "SOAT (trust region)",
+              "pgd_eqcost": "PGD-AT at SOAT's cost", "mixed": "mixed"}
+# Columns in the paper's order: Clean, FGSM, PGD, AutoAttack, ASOD (= S-O), SOAE.
+COLUMN_ORDER = ("clean", "fgsm", "pgd", "autoattack", "second_order", "soae")
+COLUMN_LABELS = {"second_order": "ASOD (S-O)", "autoattack": "AutoAttack"}
+EVAL_FILE = "table_eval.json"
+EQUAL_COST = "pgd_at_soae_cost"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+def rows_of(config) -> list[str]:
+  """The rows of ``config.table.methods`` (comma-separated)."""
+  rows = [m.strip() for m in str(config.table.methods).split(",") if m.strip()]
+  if not rows:
+    raise ValueError("table.methods is empty")
+  if len(set(rows)) != len(rows):
+    raise ValueError(f"table.methods repeats a row: {config.table.methods}")
+  return rows
+
+
+def row_config(config, row: str) -> ml_collections.ConfigDict:
+  """The single-method config of ``row``: ``config`` without its ``table`` block (so that a row's
+  run fingerprint does not depend on the other rows), ``train.method`` the row's registered
+  method and, for a variant of ``table.variants``, its ``train`` fields overridden."""
+  d = config.to_dict()
+  table = d.pop("table")
+  c = ml_collections.ConfigDict(d)
+  variant = table.get("variants", {}).get(row)
+  if variant is None:
+    c.train.method = row
+    return c
+  c.train.method = variant["method"]
+  for block, fields in variant.get("train", {}).items():
+    c.train[block].update(fields)
+  return c
+
+
+def validate(config) -> None:
+  """``pipeline.validate_config`` of every row's config; ``ValueError`` naming the row."""
+  if "table" not in config:
+    raise ValueError("the config has no table block (configs.common.add_table); use a "
+                     "configs/table_*.py config")
+  for row in rows_of(config):
+    try:
+      pipeline.validate_config(row_config(config, row))
+    except ValueError as e:
+      raise ValueError(f"table row {row!r}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, resumable attack by attack
+
+
+def _read_json(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _write_json(path: str, payload) -> None:
+  if parallel.is_primary():
+    workdir_lib.atomic_write_text(path, json.dumps(outputs.to_jsonable(payload), indent=1))
+
+
+def _setting(entry_cfg: dict, n: int, epochs: int, seed: int) -> dict:
+  """What a stored result was measured with: a stored result is reused only when it matches."""
+  return outputs.to_jsonable(dict(entry_cfg, num_examples=n, epochs=epochs, seed=seed))
+
+
+def evaluate_row(exp, state, cfg, row_dir: str, *, epochs: int, hvp_cost: float,
+                 equal_cost: bool, progress: bool = True, label: str = "") -> dict[str, dict]:
+  """Attacks one trained row with ``eval.table`` (and PGD at SOAE's cost per norm), skipping
+  the attacks whose results ``row_dir/table_eval.json`` already holds for the same settings;
+  saves that file after every attack. Returns ``{entry: result record}``.
+
+  The attack key of entry ``i`` is ``fold_in(PRNGKey(seed + 2), i)``, the same whether the
+  run is resumed or not.
+  """
+  path = os.path.join(row_dir, EVAL_FILE)
+  stored = (_read_json(path) or {}).get("results", {})
+  n = min(int(cfg.eval.num_examples), len(exp.dataset.y_test))
+  x, y = exp.dataset.x_test[:n], exp.dataset.y_test[:n]
+  suite = pipeline.eval_suite(cfg, "table")
+  logits_fn = None
+  results: dict[str, dict] = {}
+  mesh = pipeline.make_mesh(cfg)
+  base_key = jax.random.PRNGKey(int(cfg.seed) + 2)
+
+  def run(i: int, entry: str, c: dict) -> dict:
+    nonlocal logits_fn
+    setting = _setting(c, n, epochs, int(cfg.seed))
+    old = stored.get(entry)
+    if old is not None and old.get("setting") == setting:
+      return old
+    if logits_fn is None:  # one jitted function for the row: attacks take it as static
+      from krylov_adv import training
+      logits_fn = jax.jit(training.inference_logits_fn(exp.model, state.params,
+                                                       state.batch_stats))
+    [r] = evaluation.evaluate_attacks(
+        logits_fn, x, y, {entry: c}, jax.random.fold_in(base_key, i),
+        batch_size=int(cfg.eval.batch_size), mesh=mesh, reports=evaluation.FREE_REPORTS)
+    record = dict(label=r.label, attack=r.attack, norm=r.norm, eps=r.eps, accuracy=r.accuracy,
+                  num_examples=r.num_examples, seconds=r.seconds,
+                  cost=costs.attack_cost(c, r.extras, hvp_cost),
+                  diagnostics=evaluation.summarize_reports(r.extras), setting=setting)
+    if progress:
+      cost = "" if record["cost"] is None else f", {record['cost']:.1f} grad-eq."
+      print(f"[{label}] {r.label} {r.norm} eps={r.eps:g}: {100 * r.accuracy:.2f}% "
+            f"({r.seconds:.1f} s{cost})", flush=True)
+    return record
+
+  def save():
+    _write_json(path, dict(results={**stored, **results}))
+
+  for i, (entry, c) in enumerate(suite.items()):
+    results[entry] = run(i, entry, c)
+    save()
+  if equal_cost:
+    for j, (entry, c) in enumerate(list(suite.items())):
+      if c["name"] != "soae" or results[entry]["cost"] is None:
+        continue
+      steps = max(1, int(round(results[entry]["cost"])))
+      eq = dict(label=f"PGD at SOAE's cost", name="pgd", norm=c["norm"], eps=c["eps"],
+                steps=steps, step_size=2.5 * c["eps"] / steps, random_start=True)
+      results[f"{EQUAL_COST}_{c['norm']}"] = run(len(suite) + j, f"{EQUAL_COST}_{c['norm']}", eq)
+      save()
+  return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The HVP's cost
+
+
+def hvp_cost_of(config, workdir: str, exp, state, progress: bool = True) -> dict:
+  """``table.hvp_cost`` when positive, else the ratio measured once on ``exp``'s model
+  (``costs.measure_hvp_cost`` on the first ``eval.batch_size`` test points) and stored in
+  ``workdir/hvp_cost.json`` (reused on resume)."""
+  fixed = float(config.table.hvp_cost)
+  if fixed > 0:
+    return dict(hvp_cost=fixed, source="config (table.hvp_cost)")
+  path = os.path.join(workdir, "hvp_cost.json")
+  stored = _read_json(path)
+  if stored is not None and "hvp_cost" in stored:
+    return stored
+  from krylov_adv import training
+  logits_fn = training.inference_logits_fn(exp.model, state.params, state.batch_stats)
+  b = min(int(config.eval.batch_size), len(exp.dataset.y_test))
+  m = costs.measure_hvp_cost(logits_fn, exp.dataset.x_test[:b], exp.dataset.y_test[:b])
+  m["source"] = (f"measured on the {config.train.method} model (batch {b}, "
+                 f"{jax.devices()[0].platform})")
+  _write_json(path, m)
+  if progress:
+    print(f"exact HVP = {m['hvp_cost']:.2f} gradients ({m['source']})", flush=True)
+  return m
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def run_table(config, workdir: str, *, progress: bool = True) -> dict:
+  """Trains and evaluates every row (module docstring), holding the workdir's lock
+  (``experiments.workdir.workdir_lock``); returns the ``table.json`` payload."""
+  with workdir_lib.config_errors():
+    validate(config)
+  pipeline.start_distributed(config)
+  progress = progress and parallel.is_primary()
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.workdir_lock(workdir, process_index=jax.process_index()):
+    return _run_table(config, workdir, progress)
+
+
+def _run_table(config, workdir: str, progress: bool) -> dict:
+  rows = rows_of(config)
+  with workdir_lib.config_errors():
+    workdir_lib.check_data_root(config.data)
+    dataset = data_lib.load(config.data)
+  payload: dict[str, Any] = dict(rows={})
+  meta_state = None
+  hvp = None
+  for k, row in enumerate(rows):
+    cfg = row_config(config, row)
+    sub = os.path.join(workdir, row)
+    label = ROW_LABELS.get(row, row)
+    if progress:
+      print(f"== [{k + 1}/{len(rows)}] {label} ({row}): training {cfg.train.epochs} epochs "
+            f"into {sub}", flush=True)
+    start = time.perf_counter()
+    exp, state = pipeline.train(cfg, sub, dataset=dataset, progress=progress)
+    train_seconds, epochs = pipeline._training_seconds(sub)
+    if hvp is None:
+      hvp = hvp_cost_of(config, workdir, exp, state, progress)
+    eval_start = time.perf_counter()
+    results = evaluate_row(exp, state, cfg, sub, epochs=int(cfg.train.epochs),
+                           hvp_cost=float(hvp["hvp_cost"]),
+                           equal_cost=bool(config.table.equal_cost), progress=progress,
+                           label=label)
+    eval_seconds = sum(float(r["seconds"]) for r in results.values())
+    meta = pipeline.run_metadata(cfg, exp, state, {cfg.train.method: sub}, "table")
+    train_md = meta["training"][cfg.train.method]
+    payload["rows"][row] = dict(
+        label=label, method=cfg.train.method, train=dict(
+            train_md, seconds=train_seconds, epochs_recorded=epochs,
+            seconds_per_epoch=train_seconds / epochs if epochs else None),
+        eval_seconds=eval_seconds, results=results,
+        this_run_seconds=time.perf_counter() - start,
+        eval_this_run_seconds=time.perf_counter() - eval_start)
+    if meta_state is None:
+      meta_state = meta
+    payload["metadata"] = dict(meta_state, training={
+        ROW_LABELS.get(r, r): v["train"] for r, v in payload["rows"].items()})
+    payload["hvp_cost"] = hvp
+    payload["paper"] = {key: PAPER_TABLES[key] for key in config.table.paper}
+    write_table(workdir, payload, f"{dataset.name}: {config.model.name}")
+    if progress:
+      print(f"== {label}: trained in {train_seconds:.1f} s ({epochs} epochs), attacks "
+            f"{eval_seconds:.1f} s; {os.path.join(workdir, 'table.md')} updated", flush=True)
+  if progress:
+    print(table_markdown(payload, ""), flush=True)
+  return payload
+
+
+# ---------------------------------------------------------------------------------------------
+# The files
+
+
+def _pct(v) -> str:
+  return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _norm_columns(rows: dict, norm: str) -> list[str]:
+  """The entries of one norm present in any row, in the paper's column order."""
+  entries: list[tuple[int, str]] = []
+  for r in rows.values():
+    for entry, res in r["results"].items():
+      if res["norm"] != norm or entry.startswith(EQUAL_COST):
+        continue
+      rank = COLUMN_ORDER.index(res["attack"]) if res["attack"] in COLUMN_ORDER else 99
+      if (rank, entry) not in entries:
+        entries.append((rank, entry))
+  return [e for _, e in sorted(entries)]
+
+
+def _column_label(rows: dict, entry: str) -> str:
+  for r in rows.values():
+    if entry in r["results"]:
+      res = r["results"][entry]
+      return COLUMN_LABELS.get(res["attack"], res["label"])
+  return entry
+
+
+def accuracy_table(payload: dict, norm: str) -> str:
+  """Our robust accuracy (%) for one norm: rows = training methods, columns = attacks in the
+  paper's order, then PGD at SOAE's cost (its steps in brackets)."""
+  rows = payload["rows"]
+  entries = _norm_columns(rows, norm)
+  eq = f"{EQUAL_COST}_{norm}"
+  has_eq = any(eq in r["results"] for r in rows.values())
+  header = ["training"] + [_column_label(rows, e) for e in entries]
+  if has_eq:
+    header.append("PGD at SOAE's cost (steps)")
+  body = []
+  for r in rows.values():
+    res = r["results"]
+    line = [r["label"]] + [_pct(res[e]["accuracy"]) if e in res else "-" for e in entries]
+    if has_eq:
+      line.append(f"{_pct(res[eq]['accuracy'])} ({res[eq]['setting']['steps']})"
+                  if eq in res else "-")
+    body.append(line)
+  return outputs.markdown_table(header, body)
+
+
+def paper_table(paper: dict, row_names: list[str]) -> str:
+  """The paper's numbers (%) for our rows (``-`` for rows the paper does not have)."""
+  columns = [c for c in COLUMN_ORDER if any(c in v for v in paper["rows"].values())]
+  names = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD-20", "soae": "SOAE", **COLUMN_LABELS}
+  header = [paper["title"]] + [names[c] for c in columns]
+  body = []
+  for row in row_names:
+    v = paper["rows"].get(row)
+    body.append([ROW_LABELS.get(row, row)] + [f"{v[c]:.2f}" if v and c in v else "-"
+                                              for c in columns])
+  return outputs.markdown_table(header, body)
+
+
+def cost_table(payload: dict) -> str:
+  """Per row: training time, SOAE's measured cost and Krylov dimension per norm, each
+  attack's wall time."""
+  rows = payload["rows"]
+  norms = [n for n in ("linf", "l2") if any(res["norm"] == n for r in rows.values()
+                                            for res in r["results"].values())]
+  header = ["training", "train s (s/epoch)", "attacks s"]
+  for n in norms:
+    header += [f"SOAE {n} grad-eq. (Krylov mean/max)", f"AutoAttack {n} s"]
+  body = []
+  for r in rows.values():
+    t = r["train"]
+    per = "-" if t["seconds_per_epoch"] is None else f"{t['seconds_per_epoch']:.1f}"
+    line = [r["label"], f"{t['seconds']:.0f} ({per})", f"{r['eval_seconds']:.0f}"]
+    for n in norms:
+      soae = [res for e, res in r["results"].items() if res["attack"] == "soae"
+              and res["norm"] == n]
+      aa = [res for res in r["results"].values() if res["attack"] == "autoattack"
+            and res["norm"] == n]
+      if soae and soae[0]["cost"] is not None:
+        d = soae[0]["diagnostics"] or {}
+        line.append(f"{soae[0]['cost']:.1f} ({d.get('krylov_dim_mean', float('nan')):.1f}/"
+                    f"{d.get('krylov_dim_max', '-')})")
+      else:
+        line.append("-")
+      line.append(f"{aa[0]['seconds']:.0f}" if aa else "-")
+    body.append(line)
+  return outputs.markdown_table(header, body)
+
+
+def _fixed_costs(payload: dict) -> str:
+  seen = {}
+  for r in payload["rows"].values():
+    for res in r["results"].values():
+      if res["attack"] in ("fgsm", "pgd", "second_order") and res["cost"] is not None and \
+          not res["setting"].get("label", "").startswith("PGD at"):
+        seen.setdefault(res["label"], res["cost"])
+  return ", ".join(f"{k} {v:g}" for k, v in seen.items())
+
+
+def table_markdown(payload: dict, title: str) -> str:
+  """``table.md``: header, our table per norm, the paper's beside, costs and wall times."""
+  rows = payload["rows"]
+  first = next(iter(rows.values()))
+  eps = {res["norm"]: res["eps"] for res in first["results"].values()}
+  hvp = payload["hvp_cost"]
+  names = {"linf": "Linf", "l2": "L2"}
+  parts = [f"# Table I matrix: {title}\n" if title else "",
+           outputs.metadata_markdown(payload["metadata"]) if payload.get("metadata") else "",
+           "Robust accuracy (%, higher is better) on our data and model. The paper's numbers "
+           "below are for ITS datasets and models (MNIST / CIFAR-10 / ImageNet-100, ResNet-18 "
+           "and WideResNet, Linf 8/255, 300 epochs), not for this run: they sit beside ours "
+           "for the ranking, not for the values.\n"]
+  for norm in ("linf", "l2"):
+    if norm in eps:
+      parts.append(f"\n## Ours: {names[norm]} eps={eps[norm]:g}\n\n"
+                   + accuracy_table(payload, norm))
+  for key, paper in payload.get("paper", {}).items():
+    parts.append(f"\n## {paper['title']}: the paper's numbers, Linf 8/255 (not ours)\n\n"
+                 + paper_table(paper, list(rows)))
+  parts.append(
+      "\n## Cost\n\nGradient-equivalents per example (experiments.costs): one input gradient = "
+      f"1, one exact HVP = {hvp['hvp_cost']:.2f} ({hvp['source']}); {_fixed_costs(payload)}; "
+      "SOAE: per batch, each outer iteration pays a gradient plus (slowest example's Krylov "
+      "dimension + 1 + Newton's H g) products; AutoAttack stops on fooled points, so its wall "
+      "time is given instead. 'PGD at SOAE's cost' runs round(SOAE's cost) PGD steps of "
+      "2.5 eps / steps from a random start. Wall times on this machine, compilation included.\n\n"
+      + cost_table(payload))
+  return "\n".join(p for p in parts if p)
+
+
+def write_table(workdir: str, payload: dict, title: str) -> str:
+  """Writes ``table.json`` and ``table.md`` (process 0); returns the markdown."""
+  md = table_markdown(payload, title)
+  outputs.write_results(workdir, payload, md, json_name="table.json", markdown_name="table.md")
+  return md
+
+
+if __name__ == "__main__":
+  cli.main(run_table, "folder for every row's checkpoints and the table")
