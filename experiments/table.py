@@ -109,7 +109,7 @@ ROW_LABELS = {"standard": "STD", "pgd": "PGD", "trades": "TRADES", "soar": "SOAR
               "pgd_eqcost": "PGD-AT at SOAT's cost", "mixed": "mixed"}
 # Columns in the paper's order: Clean, FGSM, PGD, AutoAttack, ASOD (= S-O), SOAE.
 COLUMN_ORDER = ("clean", "fgsm", "pgd", "autoattack", "second_order", "soae")
-COLUMN_LABELS = {"second_order": "ASOD (S-O)", "autoattack": "AutoAttack"}
+COLUMN_LABELS = {"second_order": "ASOD (S-O)"}
 EVAL_FILE = "table_eval.json"
 EQUAL_COST = "pgd_at_soae_cost"
 
@@ -243,10 +243,10 @@ def evaluate_row(exp, state, cfg, row_dir: str, *, epochs: int, hvp_cost: float,
 # The HVP's cost
 
 
-def hvp_cost_of(config, workdir: str, exp, state, progress: bool = True) -> dict:
-  """``table.hvp_cost`` when positive, else the ratio measured once on ``exp``'s model
-  (``costs.measure_hvp_cost`` on the first ``eval.batch_size`` test points) and stored in
-  ``workdir/hvp_cost.json`` (reused on resume)."""
+def hvp_cost_of(config, workdir: str, exp, state, row: str, progress: bool = True) -> dict:
+  """``table.hvp_cost`` when positive, else the ratio measured once on ``exp``'s model (the
+  row ``row``; ``costs.measure_hvp_cost`` on the first ``eval.batch_size`` test points) and
+  stored in ``workdir/hvp_cost.json`` (reused on resume)."""
   fixed = float(config.table.hvp_cost)
   if fixed > 0:
     return dict(hvp_cost=fixed, source="config (table.hvp_cost)")
@@ -258,7 +258,7 @@ def hvp_cost_of(config, workdir: str, exp, state, progress: bool = True) -> dict
   logits_fn = training.inference_logits_fn(exp.model, state.params, state.batch_stats)
   b = min(int(config.eval.batch_size), len(exp.dataset.y_test))
   m = costs.measure_hvp_cost(logits_fn, exp.dataset.x_test[:b], exp.dataset.y_test[:b])
-  m["source"] = (f"measured on the {config.train.method} model (batch {b}, "
+  m["source"] = (f"measured on the {row} model (batch {b}, "
                  f"{jax.devices()[0].platform})")
   _write_json(path, m)
   if progress:
@@ -301,7 +301,7 @@ def _run_table(config, workdir: str, progress: bool) -> dict:
     exp, state = pipeline.train(cfg, sub, dataset=dataset, progress=progress)
     train_seconds, epochs = pipeline._training_seconds(sub)
     if hvp is None:
-      hvp = hvp_cost_of(config, workdir, exp, state, progress)
+      hvp = hvp_cost_of(config, workdir, exp, state, row, progress)
     eval_start = time.perf_counter()
     results = evaluate_row(exp, state, cfg, sub, epochs=int(cfg.train.epochs),
                            hvp_cost=float(hvp["hvp_cost"]),
@@ -385,7 +385,8 @@ def accuracy_table(payload: dict, norm: str) -> str:
 def paper_table(paper: dict, row_names: list[str]) -> str:
   """The paper's numbers (%) for our rows (``-`` for rows the paper does not have)."""
   columns = [c for c in COLUMN_ORDER if any(c in v for v in paper["rows"].values())]
-  names = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD-20", "soae": "SOAE", **COLUMN_LABELS}
+  names = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD-20", "soae": "SOAE",
+           "autoattack": "AutoAttack", **COLUMN_LABELS}
   header = [paper["title"]] + [names[c] for c in columns]
   body = []
   for row in row_names:
