@@ -22,6 +22,7 @@ Writes (after every row, so a partial run shows what it has):
                   numbers beside it (labelled as the paper's, with its dataset and model), the
                   cost of each attack in gradient-equivalents (``experiments.costs``) and the
                   wall time of each row's training and evaluation.
+  ``table.png``   robust accuracy per row and attack, one panel per norm (at the end).
   ``table.json``  ``{"metadata", "hvp_cost", "rows": {row: {label, train, results: {entry:
                   {label, attack, norm, eps, accuracy, num_examples, seconds, cost,
                   diagnostics}}}}, "paper"}``.
@@ -327,6 +328,8 @@ def _run_table(config, workdir: str, progress: bool) -> dict:
     if progress:
       print(f"== {label}: trained in {train_seconds:.1f} s ({epochs} epochs), attacks "
             f"{eval_seconds:.1f} s; {os.path.join(workdir, 'table.md')} updated", flush=True)
+  if parallel.is_primary():
+    plot_table(payload, workdir)
   if progress:
     print(table_markdown(payload, ""), flush=True)
   return payload
@@ -465,6 +468,33 @@ def table_markdown(payload: dict, title: str) -> str:
       "2.5 eps / steps from a random start. Wall times on this machine, compilation included.\n\n"
       + cost_table(payload))
   return "\n".join(p for p in parts if p)
+
+
+def plot_table(payload: dict, out_dir: str) -> str:
+  """``table.png``: robust accuracy per row under each attack (one panel per norm)."""
+  plt = outputs.pyplot()
+  rows = payload["rows"]
+  norms = [n for n in ("linf", "l2") if _norm_columns(rows, n)]
+  fig, axes = plt.subplots(1, len(norms), figsize=(6.5 * len(norms), 4.2), squeeze=False)
+  for ax, norm in zip(axes[0], norms):
+    entries = _norm_columns(rows, norm) + [f"{EQUAL_COST}_{norm}"]
+    width = 0.8 / len(entries)
+    for j, entry in enumerate(entries):
+      vals = [100 * r["results"][entry]["accuracy"] if entry in r["results"] else np.nan
+              for r in rows.values()]
+      name = ("PGD at SOAE's cost" if entry.startswith(EQUAL_COST)
+              else _column_label(rows, entry))
+      ax.bar(np.arange(len(rows)) + j * width, vals, width, label=name)
+    ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2)
+    ax.set_xticklabels([r["label"] for r in rows.values()], rotation=35, ha="right",
+                       fontsize=7)
+    eps = next(res["eps"] for r in rows.values() for res in r["results"].values()
+               if res["norm"] == norm)
+    ax.set_title(f"{'Linf' if norm == 'linf' else 'L2'} eps={eps:g}", fontsize=9)
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=6)
+  fig.tight_layout()
+  return outputs.save_figure(fig, os.path.join(out_dir, "table.png"))
 
 
 def write_table(workdir: str, payload: dict, title: str) -> str:

@@ -18,7 +18,7 @@ from experiments import costs
 from experiments import table as table_lib
 from krylov_adv import attacks, evaluation
 
-ROWS = "standard,soat_tr"
+ROWS = "standard,pgd_eqcost"
 
 
 def _tiny_config(rows: str = ROWS):
@@ -42,7 +42,7 @@ def run(tmp_path_factory):
 
 def test_command_trains_every_row_and_attacks_both_norms(run):
   config, workdir, payload = run
-  assert list(payload["rows"]) == ["standard", "soat_tr"]
+  assert list(payload["rows"]) == ["standard", "pgd_eqcost"]
   for row, r in payload["rows"].items():
     assert os.path.isdir(os.path.join(workdir, row, "checkpoints"))
     assert r["train"]["epochs_recorded"] == config.train.epochs
@@ -55,11 +55,12 @@ def test_command_trains_every_row_and_attacks_both_norms(run):
       assert eq["setting"]["steps"] == max(1, round(res[f"soae_{norm}"]["cost"]))
       assert eq["cost"] == eq["setting"]["steps"]
     assert not any(e.startswith(("fgsm", "second_order", "autoattack")) for e in res)
-  # The row's config: soat_tr trains SOAT on the trust-region direction.
-  tr = json.load(open(os.path.join(workdir, "soat_tr", "config.json")))
-  assert tr["train"]["method"] == "soat"
-  assert tr["train"]["soat"]["direction"] == "trust_region"
-  assert "table" not in tr
+  # A variant row's config: pgd_eqcost trains PGD-AT with SOAT's cost in steps.
+  eq = json.load(open(os.path.join(workdir, "pgd_eqcost", "config.json")))
+  steps = round(config_common.soat_gradient_equivalents(config.train.soat.to_dict(), 10))
+  assert eq["train"]["method"] == "pgd" and eq["train"]["pgd"]["steps"] == steps
+  assert "table" not in eq
+  assert os.path.getsize(os.path.join(workdir, "table.png")) > 0
   on_disk = json.load(open(os.path.join(workdir, "table.json")))
   assert set(on_disk["rows"]) == set(payload["rows"])
 
@@ -114,9 +115,9 @@ def test_table_layout_has_both_norms_and_the_papers_labelled_numbers(run):
   paper_part = md[paper:md.index("## Cost")]
   # The paper's SOAT row (its Table I, ResNet-18) and no paper numbers for our variant rows.
   assert "| STD | 97.78 | 0.07 | 0.06 | 0.01 | 0.01 | 0.01 |" in paper_part
-  assert "| SOAT (trust region) | - | - | - | - | - | - |" in paper_part
+  assert "| PGD-AT at SOAT's cost | - | - | - | - | - | - |" in paper_part
   assert "87.62" not in md[:paper]  # the paper's numbers only under the paper's label
-  for row in ("STD", "SOAT (trust region)"):
+  for row in ("STD", "PGD-AT at SOAT's cost"):
     assert md[ours_linf:ours_l2].count(f"| {row} |") == 1
   std = payload["rows"]["standard"]["results"]
   assert f"| STD | {100 * std['clean_linf']['accuracy']:.1f} |" in md[ours_linf:ours_l2]
@@ -188,6 +189,8 @@ def test_row_configs_and_validation():
       "soat", "fd_forward", 1e-5)
   assert "table" not in paper
   assert table_lib.row_config(c, "soat").train.soat.hvp == "exact"
+  tr = table_lib.row_config(c, "soat_tr").train
+  assert (tr.method, tr.soat.direction, tr.soat.hvp) == ("soat", "trust_region", "exact")
   assert table_lib.row_config(c, "second_order").train.method == "second_order"
   table_lib.validate(c)
   c.table.methods = "standard,nonsense"
