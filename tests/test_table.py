@@ -170,15 +170,17 @@ def test_fixed_attack_costs_by_hand():
 def test_equal_training_cost_row_by_hand():
   c = table_fashion_mnist.get_config()
   soat = c.train.soat
-  assert (soat.steps, soat.m, soat.hvp, soat.direction) == (2, 10, "exact", "newton")
-  # 2 outer iterations x (1 gradient + 1.4 x (min(m, K - 1) = 9 + 1 + 1) products) = 32.8.
-  assert config_common.soat_gradient_equivalents(soat.to_dict(), 10) == pytest.approx(32.8)
+  assert (soat.steps, soat.m, soat.hvp, soat.direction) == (1, 10, "exact", "newton")
+  # 1 outer iteration x (1 gradient + 1.4 x (min(m, K - 1) = 9 + 1 + 1) products) = 16.4.
+  assert config_common.soat_gradient_equivalents(soat.to_dict(), 10) == pytest.approx(16.4)
   eq = c.table.variants.pgd_eqcost.train.pgd
-  assert eq.steps == 33 and eq.step_size == pytest.approx(2.5 * 0.1 / 33)
-  fd = dict(soat.to_dict(), hvp="fd_forward")
-  assert config_common.soat_gradient_equivalents(fd, 10) == pytest.approx(2 * (1 + 12))
-  tr = dict(soat.to_dict(), direction="trust_region")
-  assert config_common.soat_gradient_equivalents(tr, 10) == pytest.approx(2 * (1 + 1.4 * 10))
+  assert eq.steps == 16 and eq.step_size == pytest.approx(2.5 * 0.1 / 16)
+  four = dict(soat.to_dict(), steps=4, m=15)
+  assert config_common.soat_gradient_equivalents(four, 10) == pytest.approx(4 * (1 + 1.4 * 11))
+  fd = dict(four, hvp="fd_forward")
+  assert config_common.soat_gradient_equivalents(fd, 10) == pytest.approx(4 * (1 + 17))
+  tr = dict(four, direction="trust_region")
+  assert config_common.soat_gradient_equivalents(tr, 10) == pytest.approx(4 * (1 + 1.4 * 10))
 
 
 def test_row_configs_and_validation():
