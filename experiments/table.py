@@ -492,8 +492,10 @@ def plot_table(payload: dict, out_dir: str) -> str:
                if res["norm"] == norm)
     ax.set_title(f"{'Linf' if norm == 'linf' else 'L2'} eps={eps:g}", fontsize=9)
     ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=6)
-  fig.tight_layout()
+  # One legend beside the panels (inside, it would hide bars).
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="center right", fontsize=7)
+  fig.tight_layout(rect=(0, 0, 0.8, 1))
   return outputs.save_figure(fig, os.path.join(out_dir, "table.png"))
 
 
