@@ -16,8 +16,8 @@ of rank at most ``K - 1``; with ``g = J^T (p - e_y)`` in its range, exact-arithm
 after at most ``rank(H) <= K - 1`` steps. The experiment also computes the full per-example
 Hessians of a few examples (``jax.hessian``) and reports their numerical rank.
 
-Fig. 2: robust accuracy under SOAE and its wall time per tau (median of ``timing_repeats`` runs
-after a compiling one, with min and max).
+Fig. 2: robust accuracy under SOAE and its wall time per tau of ``attack_taus`` (median of
+``timing_repeats`` runs after a compiling one, with min and max).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def soae_part(config, dataset, models_by_act) -> dict:
   rows = []
   for act, model in models_by_act.items():
     for method in e.attack_hvp_methods:
-      for tau in sorted((float(t) for t in e.taus), reverse=True):
+      for tau in sorted((float(t) for t in e.attack_taus), reverse=True):
         kw = dict(e.soae.to_dict(), hvp=method, tau=tau, m=int(e.max_dim))
         if not method.startswith("exact"):
           kw["eta"] = float(e.eta)

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from krylov_adv import parallel
+from krylov_adv import krylov, parallel
 from krylov_adv.evaluation import AttackResult
 
 
@@ -310,10 +310,15 @@ def metadata_markdown(meta: Mapping[str, Any]) -> str:
   return "\n".join(lines) + "\n\n"
 
 
+# One column per GMRES exit code, in krylov.Status order (read from the enum so it cannot drift).
+_STATUS_COLUMNS = tuple(s.name for s in krylov.Status)
+
+
 def diagnostics_markdown(diagnostics: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
   """The attacks' diagnostics under the table (``evaluation.summarize_reports`` per result):
-  SOAE's Krylov dimension, fallback and convergence rates; AutoAttack's accuracy after each
-  component. Empty when no attack reported any."""
+  SOAE's Krylov dimension, fallback and convergence rates and the count of solves per GMRES
+  exit status (``-`` for a summary written before ``status_counts`` existed); AutoAttack's
+  accuracy after each component. Empty when no attack reported any."""
   soae_rows, aa_rows = [], []
   single = len(diagnostics) == 1
   for method, rows in diagnostics.items():
@@ -321,18 +326,22 @@ def diagnostics_markdown(diagnostics: Mapping[str, Sequence[Mapping[str, Any]]])
       where = ("" if single else f"{method} ") + \
           f"{_NORM_NAMES.get(r['norm'], r['norm'])} eps={_eps_text(r['eps'])}"
       if "krylov_dim_mean" in r:
+        counts = r.get("status_counts", {})
         soae_rows.append([where, f"{r['krylov_dim_mean']:.2f}", r["krylov_dim_max"],
                           f"{100 * r['fallback_rate']:.1f}%", f"{100 * r['converged_rate']:.1f}%",
-                          r["solves"]])
+                          r["solves"]] + [counts.get(name, "-") for name in _STATUS_COLUMNS])
       elif "components" in r:
         aa_rows.append((where, r))
   out = ""
   if soae_rows:
     out += ("\nSOAE diagnostics (per GMRES solve, over examples and outer iterations): Krylov "
             "dimension reached (mean, max), share of solves whose Newton direction was replaced "
-            "by the gradient (fallback), share meeting tau (converged).\n\n"
+            "by the gradient (fallback), share meeting tau (converged), and the number of "
+            "solves per GMRES exit status (`krylov.Status`: CONVERGED meets tau, MAX_DIM_REACHED "
+            "used all m Krylov steps, BREAKDOWN stopped early without meeting tau, NONFINITE saw "
+            "NaN/inf).\n\n"
             + markdown_table(["threat model", "Krylov dim mean", "max", "fallback",
-                              "converged", "solves"], soae_rows))
+                              "converged", "solves"] + list(_STATUS_COLUMNS), soae_rows))
   if aa_rows:
     comps = list(aa_rows[0][1]["components"])
     same = all(list(r["components"]) == comps for _, r in aa_rows)

@@ -120,6 +120,14 @@ def eval_suite(config, suite: str = "attacks") -> dict[str, dict[str, Any]]:
   return out
 
 
+def suite_key_indices(config, suite: str = "attacks") -> dict[str, int]:
+  """``{entry: i}``, each entry's position in the whole ``config.eval.<suite>`` before
+  ``eval.skip``: the ``fold_in`` index of its attack key (``evaluation.evaluate_attacks``), so
+  that skipping an entry changes no other entry's key, and with nothing skipped every key is the
+  positional one it always was."""
+  return {entry: i for i, entry in enumerate(config.eval[suite].keys())}
+
+
 def methods_of(config) -> list[str]:
   """The training methods of ``config.train.method`` (comma-separated)."""
   methods = [m.strip() for m in str(config.train.method).split(",") if m.strip()]
@@ -407,7 +415,8 @@ def evaluate(exp: Experiment, state, config, suite: str = "attacks"
                                      eval_suite(config, suite),
                                      jax.random.PRNGKey(config.seed + 2),
                                      batch_size=int(config.eval.batch_size),
-                                     mesh=make_mesh(config), reports=evaluation.FREE_REPORTS)
+                                     mesh=make_mesh(config), reports=evaluation.FREE_REPORTS,
+                                     key_indices=suite_key_indices(config, suite))
 
 
 def git_commit() -> str | None:

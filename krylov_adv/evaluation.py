@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylov_adv import attacks, parallel, projections
+from krylov_adv import attacks, krylov, parallel, projections
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -223,7 +223,8 @@ FREE_REPORTS = ("soae", "autoattack")
 def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
                      attack_cfgs: Mapping[str, Any], key: Array, *,
                      batch_size: int = 256, mesh=None,
-                     reports: tuple[str, ...] = ()) -> list[AttackResult]:
+                     reports: tuple[str, ...] = (),
+                     key_indices: Mapping[str, int] | None = None) -> list[AttackResult]:
   """Runs every configured attack and returns one :class:`AttackResult` per entry.
 
   Args:
@@ -233,9 +234,14 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
     reports: attack names to run through their ``attacks.NAME_with_report`` entry (the same
       ``x_adv``); their per-batch reports land in ``AttackResult.extras``. E.g.
       :data:`FREE_REPORTS`.
+    key_indices: ``{entry: i}``; the entry's attack runs with ``jax.random.fold_in(key, i)``.
+      Default: its position in ``attack_cfgs``. Pass the positions in the full suite when some
+      entries are left out, so that an entry's randomness (and result) does not depend on which
+      others run.
   """
   results = []
-  for i, (entry, cfg) in enumerate(attack_cfgs.items()):
+  for position, (entry, cfg) in enumerate(attack_cfgs.items()):
+    i = position if key_indices is None else int(key_indices[entry])
     c = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     label = c.pop("label", entry)
     name, norm, eps = c["name"], c["norm"], float(c["eps"])
@@ -263,7 +269,10 @@ def summarize_reports(extras) -> dict[str, Any] | None:
   SOAE (:class:`attacks.SOAEDiagnostics`): ``krylov_dim_mean`` / ``krylov_dim_max`` (Krylov
   dimension per GMRES solve, over examples and outer iterations), ``fallback_rate`` (solves
   whose Newton direction was replaced by the gradient), ``converged_rate`` (solves meeting
-  tau), ``solves``. AutoAttack (:class:`attacks.AutoAttackReport`): ``components`` and
+  tau), ``solves``, and ``status_counts``: ``{name: count}`` of the solves' exit codes, one
+  key per :class:`krylov_adv.krylov.Status` name (``CONVERGED``, ``MAX_DIM_REACHED``,
+  ``BREAKDOWN``, ``NONFINITE``; zero counts included), summing to ``solves``.
+  AutoAttack (:class:`attacks.AutoAttackReport`): ``components`` and
   ``accuracy_after`` (robust accuracy after each component, cumulative) and ``clean_accuracy``;
   these are the batches' fractions weighted by their real examples, exact unless the last batch
   was padded (``padded`` True: its padding copies of example 0 count in its fractions).
@@ -272,15 +281,19 @@ def summarize_reports(extras) -> dict[str, Any] | None:
     return None
   first = extras[0][0]
   if isinstance(first, attacks.SOAEDiagnostics):
-    dims, fallback, converged = [], [], []
+    dims, fallback, converged, status = [], [], [], []
     for diag, valid in extras:
+      # Fields are (N, B): columns past ``valid`` are the padding of the last batch.
       dims.append(np.asarray(parallel.to_host(diag.num_iters))[:, :valid].reshape(-1))
       fallback.append(np.asarray(parallel.to_host(diag.fallback))[:, :valid].reshape(-1))
       converged.append(np.asarray(parallel.to_host(diag.converged))[:, :valid].reshape(-1))
-    dims, fallback, converged = (np.concatenate(a) for a in (dims, fallback, converged))
+      status.append(np.asarray(parallel.to_host(diag.status))[:, :valid].reshape(-1))
+    dims, fallback, converged, status = (np.concatenate(a)
+                                         for a in (dims, fallback, converged, status))
     return dict(krylov_dim_mean=float(dims.mean()), krylov_dim_max=int(dims.max()),
                 fallback_rate=float(fallback.mean()), converged_rate=float(converged.mean()),
-                solves=int(dims.size))
+                solves=int(dims.size),
+                status_counts={s.name: int(np.sum(status == s.value)) for s in krylov.Status})
   if isinstance(first, attacks.AutoAttackReport):
     n = sum(valid for _, valid in extras)
     after = np.zeros(len(first.components))

@@ -97,3 +97,44 @@ def test_nonfinite_predictions_are_wrong_and_counted():
   robust = evaluation.robust_accuracy(_linear_or_nan, identity, x, y, jax.random.PRNGKey(0),
                                       eps=0.1, norm="linf", batch_size=4)
   assert robust == pytest.approx(want)
+
+
+def test_soae_summary_counts_gmres_statuses_over_real_examples():
+  """summarize_reports on a hand-made SOAE report: per-status counts over every outer iteration
+  and the real examples only (the last batch's padding columns carry a status that must not be
+  counted), and the same counts in the diagnostics block under the table."""
+  from experiments import outputs
+  from krylov_adv import krylov
+  S = krylov.Status
+
+  def report(status, num_iters):
+    status = np.asarray(status, np.int32)
+    converged = status == S.CONVERGED
+    zeros = np.zeros(status.shape[1], np.int32)
+    return attacks.SOAEDiagnostics(
+        num_iters=np.asarray(num_iters, np.int32), residual_norm=np.ones(status.shape),
+        initial_residual_norm=np.ones(status.shape), converged=converged, status=status,
+        fallback=np.zeros(status.shape, bool), num_iters_total=zeros, fallback_count=zeros)
+
+  # Batch 1: N = 2 outer iterations, 3 real examples. Batch 2: 2 real + 2 padding columns,
+  # whose NONFINITE / BREAKDOWN codes would change the counts if they were read.
+  b1 = report([[S.CONVERGED, S.MAX_DIM_REACHED, S.CONVERGED],
+               [S.BREAKDOWN, S.CONVERGED, S.MAX_DIM_REACHED]], [[2, 5, 3], [4, 1, 5]])
+  b2 = report([[S.MAX_DIM_REACHED, S.CONVERGED, S.NONFINITE, S.NONFINITE],
+               [S.MAX_DIM_REACHED, S.MAX_DIM_REACHED, S.BREAKDOWN, S.NONFINITE]],
+              [[5, 2, 9, 9], [5, 5, 9, 9]])
+  s = evaluation.summarize_reports([(b1, 3), (b2, 2)])
+  assert s["solves"] == 10
+  assert s["status_counts"] == dict(CONVERGED=4, MAX_DIM_REACHED=5, BREAKDOWN=1, NONFINITE=0)
+  assert sum(s["status_counts"].values()) == s["solves"]
+  assert s["converged_rate"] == pytest.approx(0.4)
+  assert s["krylov_dim_max"] == 5  # the padding's 9 is not read either
+  md = outputs.diagnostics_markdown(
+      {"soat": [dict(label="SOAE", norm="linf", eps=0.1, attack="soae", **s)]})
+  header = next(l for l in md.splitlines() if l.startswith("| threat model"))
+  row = next(l for l in md.splitlines() if l.startswith("| Linf"))
+  cells = dict(zip([c.strip() for c in header.strip("|").split("|")],
+                   [c.strip() for c in row.strip("|").split("|")]))
+  assert (cells["CONVERGED"], cells["MAX_DIM_REACHED"], cells["BREAKDOWN"],
+          cells["NONFINITE"]) == ("4", "5", "1", "0")
+  assert cells["solves"] == "10" and cells["converged"] == "40.0%"

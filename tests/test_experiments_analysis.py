@@ -62,6 +62,17 @@ def test_configs_build_at_every_scale(name, scale):
   assert c.experiment and c.data.source
   if scale == "paper":
     assert c.model.name == "madry_cnn" and c.data.name == "mnist"
+  # The reduced sweeps are subsets of the full ones (Fig. 1's etas, Table IV's taus), with
+  # both ends kept; the paper scale runs them all.
+  e = c.experiment
+  if name == "krylov_dims":
+    assert set(e.attack_taus) <= set(e.taus) and max(e.attack_taus) == max(e.taus)
+    assert min(e.attack_taus) == min(e.taus) and (scale != "paper" or e.attack_taus == e.taus)
+  if name == "ablation_hvp" and scale != "tiny":
+    assert set(e.effect_etas) <= set(e.etas)
+    assert (min(e.effect_etas), max(e.effect_etas)) == (min(e.etas), max(e.etas))
+    if scale == "paper":
+      assert tuple(e.effect_etas) == tuple(e.etas)
 
 
 def test_unknown_scale_is_a_clear_error():

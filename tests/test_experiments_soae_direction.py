@@ -59,3 +59,22 @@ def test_tiny_run_writes_results_and_the_proposition_holds(tmp_path):
     assert 0 <= r["soae_robust_accuracy"] <= 1 and r["pgd_steps"] >= 1
   assert "margin_gain.png" in os.listdir(os.path.join(workdir, "soae_direction"))
   assert report.section(workdir, "soae_direction").startswith("## SOAE's direction")
+
+
+def test_margin_gain_figure_has_a_title_and_the_legend_outside():
+  """margin_gain.png follows the analyses' figure rules: a title, no legend inside the panel,
+  one figure legend whose box overlaps no panel (hand-made results, no model needed)."""
+  from experiments import outputs
+  rows = [dict(activation=a, norm=n, eps=e, num_examples=8, newton_gain_mean=0.5,
+               gradient_gain_mean=0.9, trust_region_gain_mean=0.95)
+          for a in ("relu", "softplus") for n, e in (("linf", 0.1), ("l2", 1.0))]
+  fig = soae_direction.make_figure({"directions": rows})
+  assert fig._suptitle is not None and "8 clean test points" in fig._suptitle.get_text()
+  assert all(ax.get_legend() is None for ax in fig.axes)
+  assert len(fig.legends) == 1
+  assert {t.get_text() for t in fig.legends[0].get_texts()} >= {
+      "newton direction", "gradient direction", "trust_region direction"}
+  fig.canvas.draw()
+  box = fig.legends[0].get_window_extent()
+  assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+  outputs.pyplot().close(fig)
