@@ -101,10 +101,18 @@ class StepModel(NamedTuple):
     (BatchNorm on batch statistics, running averages updated), differentiable w.r.t. the
     parameters being trained. Thread ``batch_stats`` from one call to the next.
   batch_stats: the running statistics at the start of the step (``{}`` without BatchNorm).
+  params: the parameter pytree being differentiated (the one ``forward`` closes over), or
+    ``None`` when the caller does not expose it.
+  apply: ``apply(params, x, batch_stats) -> (logits, batch_stats)``, the training-mode pass of
+    ``forward`` with explicit parameters (``forward(x, s) == apply(params, x, s)``), or
+    ``None``. A method passes transformed parameters through it to treat one term's gradient
+    differently (SOAR clips its regulariser's gradient, :func:`soar`).
   """
   logits_fn: Callable[[Array], Array]
   forward: Callable[[Array, Any], tuple[Array, Any]]
   batch_stats: Any
+  params: Any = None
+  apply: Callable[[Any, Array, Any], tuple[Array, Any]] | None = None
 
 
 class MethodLoss(NamedTuple):
@@ -464,7 +472,7 @@ def mixed(cfg, model: StepModel, batch: Batch) -> MethodLoss:
   return cross_entropy_at(model, jax.lax.stop_gradient(x_adv), batch.y)
 
 
-_SOAR_FIELDS = ("lam", "h", "method", "num_samples", "init", "init_step_size")
+_SOAR_FIELDS = ("lam", "h", "method", "num_samples", "init", "init_step_size", "grad_clip")
 _SCORPIO_FIELDS = ("lam", "steps", "step_rule", "hvp", "eta")
 
 
@@ -486,6 +494,9 @@ def _validate_soar(cfg) -> None:
     raise ValueError(f"train.soar.num_samples must be an integer >= 1, got {n}")
   if s.get("init_step_size") is not None and not float(s["init_step_size"]) >= 0:
     raise ValueError(f"train.soar.init_step_size must be >= 0, got {s['init_step_size']}")
+  if s.get("grad_clip") is not None and not float(s["grad_clip"]) >= 0:
+    raise ValueError(f"train.soar.grad_clip must be >= 0 (0 or None: off), got "
+                     f"{s['grad_clip']}")
   _check_choice("train.soar.method", s["method"], regularizers.SOAR_HVPS)
   _check_choice("train.soar.init", s["init"], regularizers.SOAR_INITS)
 
@@ -512,18 +523,41 @@ def _param_logits_fn(model: StepModel) -> Callable[[Array], Array]:
 def soar(cfg, model: StepModel, batch: Batch) -> MethodLoss:
   """SOAR (Ma et al., arXiv:2004.01832): ``CE(f(x'), y) + lam R_SOAR(x')`` at the one-step PGD
   point ``x'`` (:func:`krylov_adv.regularizers.soar_regularizer`; hyperparameters
-  ``cfg.soar``: lam, h, method, num_samples, init, init_step_size)."""
+  ``cfg.soar``: lam, h, method, num_samples, init, init_step_size, grad_clip).
+
+  ``grad_clip = c > 0`` (following the authors' training code, which norm-clips the
+  regulariser's own parameter gradient before adding the cross-entropy's; the value is ours):
+  the parameter gradient of the loss is
+
+      grad_theta CE + clip_c(grad_theta (lam mean_i R_SOAR(x'_i))),
+      clip_c(v) = v min(1, c / ||v||_2)      (global L2 norm over the whole parameter pytree),
+
+  obtained by evaluating the regulariser with the parameters routed through
+  :func:`krylov_adv.regularizers.clip_gradient_norm` (an identity whose backward pass clips)
+  and the cross-entropy with the plain ones. The loss value is unchanged. Needs
+  ``model.params`` and ``model.apply`` (:func:`make_train_step` sets them). ``0`` or ``None``:
+  no clipping. Weight decay is added by the optimiser, outside the clip.
+  """
   kw = _attack_kwargs(cfg.soar)
   lam = float(kw.pop("lam"))
+  grad_clip = kw.pop("grad_clip", None)
   k_init, k_z = jax.random.split(batch.key)
   x_exp = regularizers.soar_expansion_point(
       model.logits_fn, batch.x, batch.y, k_init, eps=cfg.eps, norm=cfg.norm,
       init=kw.pop("init"), init_step_size=kw.pop("init_step_size", None))
   logits, stats = model.forward(x_exp, model.batch_stats)
   ce = jnp.mean(losses.cross_entropy(logits, batch.y))
-  param_logits = _param_logits_fn(model)
+  if grad_clip:
+    if model.params is None or model.apply is None:
+      raise ValueError("train.soar.grad_clip needs StepModel.params and StepModel.apply")
+    clipped = regularizers.clip_gradient_norm(model.params, float(grad_clip))
+    # Same discarded-statistics convention as _param_logits_fn, through the clipped params.
+    param_logits = lambda z: model.apply(clipped, z, model.batch_stats)[0]
+  else:
+    param_logits = _param_logits_fn(model)
   r = regularizers.soar_regularizer(lambda z: losses.cross_entropy(param_logits(z), batch.y),
                                     x_exp, k_z, eps=cfg.eps, norm=cfg.norm, **kw)
+  # The clip acts on the cotangent reaching ``clipped``, i.e. on grad(lam * mean R).
   return MethodLoss(ce + lam * jnp.mean(r), logits, None, stats)
 
 
@@ -568,9 +602,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg):
     # differentiated argument, so the outer gradient does not flow through them.
     logits_fn = inference_logits_fn(model, state.params, state.batch_stats)
 
+    apply = lambda p, xb, stats: _train_forward(model, p, stats, xb)
+
     def loss_fn(params):
-      forward = lambda xb, stats: _train_forward(model, params, stats, xb)
-      out = method(cfg, StepModel(logits_fn, forward, state.batch_stats), batch)
+      forward = lambda xb, stats: apply(params, xb, stats)
+      out = method(cfg, StepModel(logits_fn, forward, state.batch_stats, params, apply), batch)
       return out.loss, out
 
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

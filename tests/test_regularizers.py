@@ -255,6 +255,28 @@ def test_clip_gradient_norm_clips_only_the_routed_term():
                              rtol=1e-6)
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_gradient_norm_backward_is_the_clipped_cotangent(x64, max_norm):
+  """Below ``max_norm`` the backward pass is the identity; above it, the cotangent pytree keeps
+  its direction and has global L2 norm exactly ``max_norm``."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  params = {"w": jax.random.normal(k1, (3, 4), jnp.float64),
+            "b": jax.random.normal(k2, (4,), jnp.float64)}
+  f = lambda p: jnp.sum(jnp.sin(p["w"]) * p["b"]) + jnp.sum(p["b"] ** 3)
+  assert float(f(reg.clip_gradient_norm(params, max_norm))) == float(f(params))
+  plain = jax.grad(f)(params)
+  clipped = jax.grad(lambda p: f(reg.clip_gradient_norm(p, max_norm)))(params)
+  norm = float(optax.global_norm(plain))
+  assert 0.5 < norm < 100.0  # one case of each
+  if norm <= max_norm:
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), clipped,
+                           plain)
+  else:
+    np.testing.assert_allclose(float(optax.global_norm(clipped)), max_norm, rtol=1e-10)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+        np.asarray(a), np.asarray(b) * max_norm / norm, rtol=1e-10), clipped, plain)
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses: differentiable in the parameters, jit-compatible, and they train.
 

@@ -312,6 +312,7 @@ def test_a_registered_method_trains_by_name(batch):
     ("soar", "h", 0.0, r"train\.soar\.h must be > 0"),
     ("soar", "init", "pgd7", r"train\.soar\.init: unknown 'pgd7'"),
     ("soar", "lamda", 1.0, r"train\.soar\.lamda is not a hyperparameter"),
+    ("soar", "grad_clip", -1.0, r"train\.soar\.grad_clip must be >= 0"),
     ("scorpio", "steps", 0, r"train\.scorpio\.steps must be an integer >= 1"),
     ("scorpio", "hvp", "fd", r"train\.scorpio\.hvp: unknown HVP method 'fd'"),
     ("scorpio", "step_rule", "armijo", r"train\.scorpio\.step_rule: unknown 'armijo'"),
@@ -334,6 +335,45 @@ def test_scorpio_step_loss_is_clean_loss_plus_the_frank_wolfe_quadratic_max(batc
   kw = dict(cfg.scorpio.to_dict())
   want = regularizers.scorpio_loss(f, x, y, eps=cfg.eps, norm=cfg.norm, **kw)
   np.testing.assert_allclose(float(m.loss), float(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad_clip", [1e-3, 0.0])
+def test_soar_step_clips_the_regulariser_gradient_alone(batch, grad_clip):
+  """One SOAR step's update is the optimiser applied to ``grad CE + clip_c(grad lam mean R)``
+  computed by hand (no BatchNorm: train mode = inference mode), and ``grad_clip = 0`` is the
+  plain sum."""
+  from krylov_adv import regularizers  # pylint: disable=import-outside-toplevel
+  x, y = batch
+  cfg = _cfg("soar")
+  cfg.soar.grad_clip = grad_clip
+  model = models.get("tiny_cnn", num_classes=10)
+  tx = training.make_optimizer(cfg, 4)
+  state = training.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1))
+  key = jax.random.PRNGKey(7)
+  new, m = training.make_train_step(model, tx, cfg)(state, x, y, key)
+
+  s = cfg.soar
+  k_init, k_z = jax.random.split(jax.random.fold_in(key, 0))
+  f0 = lambda z: model.apply({"params": state.params}, z)
+  x_exp = regularizers.soar_expansion_point(f0, x, y, k_init, eps=cfg.eps, norm=cfg.norm,
+                                            init=s.init, init_step_size=s.init_step_size)
+  logits = lambda p, z: model.apply({"params": p}, z)
+  ce = lambda p: losses.cross_entropy(logits(p, x_exp), y).mean()
+  reg = lambda p: s.lam * regularizers.soar_regularizer(
+      lambda z: losses.cross_entropy(logits(p, z), y), x_exp, k_z, eps=cfg.eps, norm=cfg.norm,
+      h=s.h, method=s.method, num_samples=s.num_samples).mean()
+  v_ce, g_ce = jax.value_and_grad(ce)(state.params)
+  v_r, g_r = jax.value_and_grad(reg)(state.params)
+  norm = float(optax.global_norm(g_r))
+  scale = min(1.0, grad_clip / norm) if grad_clip else 1.0
+  if grad_clip:
+    assert norm > 10 * grad_clip  # the clip is active
+  g = jax.tree_util.tree_map(lambda a, b: a + scale * b, g_ce, g_r)
+  upd, _ = tx.update(g, state.opt_state, state.params)
+  want = optax.apply_updates(state.params, upd)
+  np.testing.assert_allclose(float(m.loss), float(v_ce + v_r), rtol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), new.params, want)
 
 
 def test_soat_defaults_exact_hvp_and_paper_variant_and_trust_region(batch):
