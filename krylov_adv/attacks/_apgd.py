@@ -345,7 +345,8 @@ def apgd_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, nor
     target, c = _apgd_start(logits_fn, x, y, keys, order, jnp.int32(run), eps, **static,
                             restarts=restarts)
     for i in range(steps):
-      c = _apgd_step(logits_fn, c, jnp.int32(i), x, y, target, eps, **static, rho=rho)
+      # i as a Python int: traced as a (weak) int32 scalar, so one compile serves every i.
+      c = _apgd_step(logits_fn, c, i, x, y, target, eps, **static, rho=rho)
     fooled, x_out, loss_best = _keep_run(fooled, x_out, loss_best, c)
   return x_out, fooled
 

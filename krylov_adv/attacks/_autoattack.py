@@ -15,9 +15,13 @@ implementation (fra31/auto-attack, ``set_version``):
 Components run in order, each only on the points still classified correctly, and an example keeps
 the first adversarial point found. Each component is ``jit``-compiled on its own (the ensemble is
 a short Python loop over components with concrete bookkeeping in between). The still-robust
-subset is padded to the next power of two (at most the batch size) so that shrinking subsets
-reuse a handful of compiled shapes; randomness is keyed by each example's index in the full
-batch, so a component gives an example the same result inside the ensemble as alone.
+subset is padded to a bucket size (:func:`_bucket`: the next power of two up to 8, above that
+the next number with at most 3 significant bits, e.g. 710 -> 768, at most the batch size), so
+that shrinking subsets reuse a bounded set of compiled shapes (4 per factor of two, so a batched
+evaluation compiles each component a few times, not once per batch) while under 1/4 of a
+subset's work is padding (the next power of two padded 710 points to 1024); randomness is keyed
+by each example's index in the full batch, so a component gives an example the same result
+inside the ensemble as alone.
 
 Data parallel: for a batch sharded over a device mesh (``krylov_adv.parallel.shard_batch``,
 several hosts included) the subsets are padded to a multiple of the number of shards and laid
@@ -127,9 +131,17 @@ def _component(name: str) -> Callable[..., Array]:
 
 
 def _bucket(n: int, batch: int, multiple: int = 1) -> int:
-  """Size of the padded subset for ``n`` still-robust points: the next power of two (at most
-  ``batch``), rounded up to a multiple of the number of batch shards so it splits evenly."""
-  b = min(1 << (n - 1).bit_length(), batch)
+  """Size of the padded subset for ``n >= 1`` still-robust points: the next power of two for
+  ``n <= 8``, above that ``n`` rounded up to its 3 leading binary digits (``ceil(n / 2^k) 2^k``,
+  ``k = bitlength(n) - 3``: padding is under 1/4 of ``n``, and there are 4 sizes per factor of
+  two); at most ``batch``, and rounded up to a multiple of the number of batch shards so it
+  splits evenly."""
+  if n <= 8:
+    b = 1 << (n - 1).bit_length()
+  else:
+    k = n.bit_length() - 3
+    b = -(-n >> k) << k
+  b = min(b, batch)
   return min(-(-b // multiple) * multiple, batch)
 
 
