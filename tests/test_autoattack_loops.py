@@ -76,14 +76,19 @@ def test_host_driven_fab_matches_the_in_graph_run():
 
 
 def test_subset_buckets_bound_padding_and_shapes():
-  sizes = set()
-  for n in range(1, 2049):
-    b = aa._bucket(n, 2048)
-    assert n <= b <= 2048
-    assert n <= 8 or b - n < n / 4, (n, b)  # under a quarter of the work is padding
-    sizes.add(b)
-    s = aa._bucket(n, 2048, 8)
-    assert s % 8 == 0 and s >= b
-  # 1, 2, 4, 8, then 4 sizes per factor of two up to 2048.
-  assert len(sizes) == 4 + 4 * 8
-  assert aa._bucket(710, 1000) == 768 and aa._bucket(968, 1000) == 1000
+  for batch in (16, 64, 1000, 2048):
+    sizes = set()
+    for n in range(1, batch + 1):
+      b = aa._bucket(n, batch)
+      assert n <= b <= batch
+      assert b - n < min(n, -(-batch // 8)), (batch, n, b)  # padding < min(n, batch / 8)
+      sizes.add(b)
+      s = aa._bucket(n, batch, 8)
+      assert s >= b and (s % 8 == 0 or s == batch)
+    # Some powers of two and the 8 multiples of ceil(batch / 8): few shapes (at most
+    # log2(batch) + 9), the same for every batch of that size.
+    g = -(-batch // 8)
+    assert sizes <= {1 << k for k in range(batch.bit_length())} | {
+        min(g * j, batch) for j in range(1, 9)}, batch
+    assert len(sizes) <= batch.bit_length() + 9
+  assert aa._bucket(710, 1000) == 750 and aa._bucket(968, 1000) == 1000
