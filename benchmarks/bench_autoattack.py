@@ -191,10 +191,10 @@ def torch_model(params):
   with torch.no_grad():
     for name, layer in (("Conv_0", net.c1), ("Conv_1", net.c2)):
       layer.weight.copy_(torch.from_numpy(p[name]["kernel"].transpose(3, 2, 0, 1).copy()))
-      layer.bias.copy_(torch.from_numpy(p[name]["bias"]))
+      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
     for name, layer in (("Dense_0", net.f1), ("Dense_1", net.f2)):
       layer.weight.copy_(torch.from_numpy(p[name]["kernel"].T.copy()))
-      layer.bias.copy_(torch.from_numpy(p[name]["bias"]))
+      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
   return net.eval()
 
 
