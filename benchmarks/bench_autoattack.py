@@ -2,6 +2,11 @@
 
   python -m benchmarks.bench_autoattack [--points 256] [--steps 300]
                                         [--out benchmarks/results/autoattack.json]
+  python -m benchmarks.bench_autoattack --side-by-side [--points 1000] [--eps 0.1]
+                                        [--mnist /work/shared/data/mnist]
+
+``--side-by-side``: ours against a PyTorch AutoAttack on the same weights and points (see
+:func:`side_by_side`; needs the optional ``bench`` extra: CPU ``torch`` and ``torchattacks``).
 
 A TinyCNN is trained for ``--steps`` Adam steps on scikit-learn digits (8x8, no defence); the
 attacks run on the first ``--points`` test images it classifies correctly, with the published
@@ -29,6 +34,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import optax
 
@@ -116,14 +122,210 @@ def run(points: int = 256, steps: int = 300, seed: int = 0) -> dict:
   }
 
 
+# ----------------------------------------------------------------------------------------------
+# Side by side with a PyTorch AutoAttack (torchattacks, a port of fra31/auto-attack).
+
+
+class SmallCNN(nn.Module):
+  """conv 16 5x5, max-pool 2, conv 32 5x5, max-pool 2, dense 128, dense 10 (ReLU, SAME
+  padding): the issue's MNIST CNN. NHWC ``(B, 28, 28, 1)`` in ``[0, 1]`` -> logits ``(B, 10)``."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.max_pool(nn.relu(nn.Conv(16, (5, 5), padding="SAME")(x)), (2, 2), strides=(2, 2))
+    x = nn.max_pool(nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x)), (2, 2), strides=(2, 2))
+    x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(10)(x)
+
+
+def train_mnist_model(root: str, epochs: int, seed: int = 0):
+  """SmallCNN trained with Adam(1e-3), batch 128, on the first 9000 MNIST test images (the
+  attacked points are taken from the last 1000). Returns ``(params, x (10000, 28, 28, 1), y)``."""
+  x, y = data.load_idx_split(root, "t10k")
+  x = np.asarray(x, np.float32).reshape(-1, 28, 28, 1)
+  y = np.asarray(y, np.int32)
+  model = SmallCNN()
+  params = model.init(jax.random.PRNGKey(seed), x[:1])
+  opt = optax.adam(1e-3)
+  opt_state = opt.init(params)
+
+  @jax.jit
+  def step(params, opt_state, xb, yb):
+    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply(p, xb), yb).mean())(params)
+    updates, opt_state = opt.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  rng = np.random.default_rng(seed)
+  for _ in range(epochs):
+    perm = rng.permutation(9000)
+    for i in range(0, 9000 - 127, 128):
+      b = perm[i:i + 128]
+      params, opt_state = step(params, opt_state, x[b], y[b])
+  return params, x, y
+
+
+def torch_model(params):
+  """The same network in PyTorch (NCHW input), holding ``params``' weights: conv kernels
+  ``(kh, kw, in, out) -> (out, in, kh, kw)``, dense ``(in, out) -> (out, in)``, and the
+  features flattened in Flax's NHWC order."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  class Net(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.c1 = torch.nn.Conv2d(1, 16, 5, padding=2)
+      self.c2 = torch.nn.Conv2d(16, 32, 5, padding=2)
+      self.f1 = torch.nn.Linear(32 * 7 * 7, 128)
+      self.f2 = torch.nn.Linear(128, 10)
+
+    def forward(self, x):
+      x = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+      x = torch.nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
+      x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+      return self.f2(torch.relu(self.f1(x)))
+
+  p = jax.tree_util.tree_map(np.asarray, params)["params"]
+  net = Net()
+  with torch.no_grad():
+    for name, layer in (("Conv_0", net.c1), ("Conv_1", net.c2)):
+      layer.weight.copy_(torch.from_numpy(p[name]["kernel"].transpose(3, 2, 0, 1).copy()))
+      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
+    for name, layer in (("Dense_0", net.f1), ("Dense_1", net.f2)):
+      layer.weight.copy_(torch.from_numpy(p[name]["kernel"].T.copy()))
+      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
+  return net.eval()
+
+
+def _torch_autoattack(net, x: np.ndarray, y: np.ndarray, eps: float, *, apgd_steps: int,
+                      fab_steps: int, square_queries: int, n_targets: int) -> dict:
+  """The standard ensemble with torchattacks' components at the reference's settings
+  (fra31/auto-attack ``version='standard'``: APGD-CE 100 iterations, APGD-T and FAB-T over 9
+  targets, Square 5000 queries, 1 restart each), each component on the still-robust points as
+  torchattacks' ``MultiAttack`` does, timed one by one. (torchattacks' own ``AutoAttack``
+  wrapper keeps the components' default 10 iterations, so it is not the same work.)"""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torchattacks  # pylint: disable=import-outside-toplevel
+
+  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  yt = torch.from_numpy(y.astype(np.int64))
+  with torch.no_grad():
+    robust = (net(xt).argmax(1) == yt).numpy()
+  clean = float(robust.mean())
+  comps = [
+      ("apgd_ce", torchattacks.APGD(net, norm="Linf", eps=eps, steps=apgd_steps, n_restarts=1,
+                                    loss="ce", seed=0)),
+      ("apgd_t", torchattacks.APGDT(net, norm="Linf", eps=eps, steps=apgd_steps, n_restarts=1,
+                                    n_classes=n_targets + 1, seed=0)),
+      ("fab_t", torchattacks.FAB(net, norm="Linf", eps=eps, steps=fab_steps, n_restarts=1,
+                                 multi_targeted=True, n_classes=n_targets + 1, seed=0)),
+      ("square", torchattacks.Square(net, norm="Linf", eps=eps, n_queries=square_queries,
+                                     n_restarts=1, resc_schedule=False, seed=0)),
+  ]
+  seconds, points, after = {}, {}, {}
+  for name, attack in comps:
+    idx = np.nonzero(robust)[0]
+    points[name] = int(idx.size)
+    start = time.perf_counter()
+    if idx.size:
+      adv = attack(xt[idx], yt[idx])
+      with torch.no_grad():
+        robust[idx[(net(adv).argmax(1) != yt[idx]).numpy()]] = False
+    seconds[name] = time.perf_counter() - start
+    after[name] = float(robust.mean())
+  return {"clean_accuracy": clean, "robust_accuracy": float(robust.mean()),
+          "robust_accuracy_after": after, "points": points, "seconds": seconds,
+          "total_seconds": float(sum(seconds.values())), "threads": torch.get_num_threads(),
+          "torch": torch.__version__, "torchattacks": torchattacks.__version__}
+
+
+def side_by_side(root: str, points: int = 1000, eps: float = 0.1, epochs: int = 2,
+                 apgd_steps: int = 100, fab_steps: int = 100, square_queries: int = 5000,
+                 n_targets: int = 9, reference: bool = True) -> dict:
+  """Ours and a PyTorch AutoAttack (torchattacks) on the same SmallCNN weights and points.
+
+  The model is trained in JAX (:func:`train_mnist_model`), copied into PyTorch
+  (:func:`torch_model`; the logits must agree to 1e-4), and both libraries attack the last
+  ``points`` MNIST test images, one batch, Linf ``eps``, standard version. Ours runs twice
+  (``first_call``: compilation included, then ``warm``); the reference once. For each component
+  the JSON gives seconds, the points it ran on and the robust accuracy after it, for both, and
+  ``ratio`` = ours / reference (per component and in total).
+  """
+  params, x_all, y_all = train_mnist_model(root, epochs)
+  model = SmallCNN()
+  logits_fn = jax.jit(lambda z: model.apply(params, z))
+  x, y = x_all[-points:], y_all[-points:]
+  out = {"benchmark": "autoattack_side_by_side", "device": str(jax.devices()[0]),
+         "platform": platform.platform(), "jax": jax.__version__, "points": points, "eps": eps,
+         "model": f"SmallCNN, {epochs} Adam epochs on MNIST t10k[:9000]",
+         "clean_accuracy_test_tail": _accuracy(logits_fn, x, y),
+         "settings": dict(apgd_steps=apgd_steps, fab_steps=fab_steps,
+                          square_queries=square_queries, n_targets=n_targets)}
+  hyper = {"apgd_ce": dict(steps=apgd_steps), "apgd_t": dict(steps=apgd_steps,
+                                                                n_target_classes=n_targets),
+           "fab_t": dict(steps=fab_steps, n_target_classes=n_targets),
+           "square": dict(steps=square_queries)}
+  for label in ("first_call", "warm"):
+    start = time.perf_counter()
+    _, report = attacks.autoattack_with_report(logits_fn, x, y, jax.random.PRNGKey(0), eps=eps,
+                                               norm="linf", hyperparameters=hyper)
+    total = time.perf_counter() - start
+    after = dict(zip(report.components, report.robust_accuracy_after))
+    before = [report.clean_accuracy, *report.robust_accuracy_after[:-1]]
+    out[f"ours_{label}"] = {
+        "clean_accuracy": report.clean_accuracy, "robust_accuracy": report.robust_accuracy,
+        "robust_accuracy_after": after,
+        "points": {n: int(round(b * points)) for n, b in zip(report.components, before)},
+        "seconds": dict(zip(report.components, report.seconds)), "total_seconds": total}
+    print(json.dumps({label: out[f"ours_{label}"]}), flush=True)
+  if reference:
+    import torch  # pylint: disable=import-outside-toplevel
+    net = torch_model(params)
+    with torch.no_grad():
+      tl = net(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+    diff = float(np.max(np.abs(tl - np.asarray(logits_fn(x)))))
+    out["max_logit_difference"] = diff
+    if diff > 1e-4:
+      raise AssertionError(f"the PyTorch copy's logits differ by {diff}")
+    ref = _torch_autoattack(net, x, y, eps, apgd_steps=apgd_steps, fab_steps=fab_steps,
+                            square_queries=square_queries, n_targets=n_targets)
+    out["reference"] = ref
+    for label in ("first_call", "warm"):
+      ours = out[f"ours_{label}"]
+      out[f"ratio_{label}"] = {
+          **{n: ours["seconds"][n] / max(ref["seconds"][n], 1e-9) for n in ref["seconds"]},
+          "total": sum(ours["seconds"].values()) / max(ref["total_seconds"], 1e-9)}
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description="AutoAttack per-component accuracy and time.")
-  parser.add_argument("--points", type=int, default=256)
+  parser.add_argument("--points", type=int, default=None,
+                      help="default 256 (digits), 1000 with --side-by-side")
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default="benchmarks/results/autoattack.json")
+  parser.add_argument("--out", default=None)
+  parser.add_argument("--side-by-side", action="store_true",
+                      help="ours vs torchattacks on an MNIST CNN (needs the 'bench' extra)")
+  parser.add_argument("--mnist", default="/work/shared/data/mnist",
+                      help="folder with the t10k idx files (side by side)")
+  parser.add_argument("--eps", type=float, default=0.1)
+  parser.add_argument("--epochs", type=int, default=2)
+  parser.add_argument("--apgd-steps", type=int, default=100)
+  parser.add_argument("--fab-steps", type=int, default=100)
+  parser.add_argument("--square-queries", type=int, default=5000)
+  parser.add_argument("--no-reference", action="store_true",
+                      help="side by side without the PyTorch run (ours alone)")
   args = parser.parse_args(argv)
-  result = run(args.points, args.steps, args.seed)
+  if args.side_by_side:
+    result = side_by_side(args.mnist, args.points or 1000, args.eps, args.epochs,
+                          args.apgd_steps, args.fab_steps, args.square_queries,
+                          reference=not args.no_reference)
+    args.out = args.out or "benchmarks/results/autoattack_side_by_side.json"
+  else:
+    result = run(args.points or 256, args.steps, args.seed)
+    args.out = args.out or "benchmarks/results/autoattack.json"
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)

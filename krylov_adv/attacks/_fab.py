@@ -93,24 +93,10 @@ def hyperplane_box_projection(t: Array, w: Array, b: Array, norm: str) -> Array:
   return jnp.sign(w) * amount
 
 
-def fab_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_start: Array, *,
-            norm: str, targeted: bool, steps: int, alpha_max: float, overshoot: float,
-            beta: float) -> tuple[Array, Array]:
-  """One FAB run (FAB paper, Algorithm 1) from ``x_start``; traceable.
-
-  Per iteration, at ``x1`` with the linearised boundary ``f(x1) + <grad f(x1), z - x1> = 0``
-  (``f = z_t - z_y`` for FAB-T; untargeted: the class ``s != y`` minimising
-  ``|f_s| / ||grad f_s||_q``, ``q`` the dual norm, Eq. 4):
-    ``d1 = proj(x1)``, ``d2 = proj(x)`` (:func:`hyperplane_box_projection`),
-    ``alpha = min(||d1|| / (||d1|| + ||d2||), alpha_max)``,
-    ``x1 <- clip((1 - alpha)(x1 + overshoot d1) + alpha (x + overshoot d2), 0, 1)``;
-  if ``x1`` is misclassified it is recorded when closer to ``x`` than the best so far, and
-  ``x1 <- x + beta (x1 - x)``.
-
-  Returns:
-    ``(x_adv (B, ...), dist (B,))``: the closest misclassified iterate and its distance to ``x``
-    (``inf`` where none was found).
-  """
+def _fab_body(logits_fn: LogitsFn, x: Array, y: Array, target: Array, *, norm: str,
+              targeted: bool, alpha_max: float, overshoot: float, beta: float):
+  """``body(i, (x1, adv, dist)) -> (x1, adv, dist)``: one FAB iteration (one gradient, or the
+  ``K`` gradients of the untargeted boundary, and one forward pass); flat ``(B, n)`` points."""
   bsz = x.shape[0]
   x0 = x.reshape(bsz, -1)
 
@@ -157,7 +143,34 @@ def fab_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_start: Arr
     x1 = select(is_adv, x0 + beta * (x1 - x0), x1)
     return x1, adv, res
 
-  init = (x_start.reshape(bsz, -1), x0, jnp.full((bsz,), jnp.inf, x.dtype))
+  return body
+
+
+def fab_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_start: Array, *,
+            norm: str, targeted: bool, steps: int, alpha_max: float, overshoot: float,
+            beta: float) -> tuple[Array, Array]:
+  """One FAB run (FAB paper, Algorithm 1) from ``x_start``; traceable.
+
+  Per iteration, at ``x1`` with the linearised boundary ``f(x1) + <grad f(x1), z - x1> = 0``
+  (``f = z_t - z_y`` for FAB-T; untargeted: the class ``s != y`` minimising
+  ``|f_s| / ||grad f_s||_q``, ``q`` the dual norm, Eq. 4):
+    ``d1 = proj(x1)``, ``d2 = proj(x)`` (:func:`hyperplane_box_projection`),
+    ``alpha = min(||d1|| / (||d1|| + ||d2||), alpha_max)``,
+    ``x1 <- clip((1 - alpha)(x1 + overshoot d1) + alpha (x + overshoot d2), 0, 1)``;
+  if ``x1`` is misclassified it is recorded when closer to ``x`` than the best so far, and
+  ``x1 <- x + beta (x1 - x)``.
+
+  :func:`fab_batch` runs the same iteration (``_fab_body``) from the host, one jitted call per
+  iteration (see :func:`krylov_adv.attacks._apgd.apgd_batch` for why).
+
+  Returns:
+    ``(x_adv (B, ...), dist (B,))``: the closest misclassified iterate and its distance to ``x``
+    (``inf`` where none was found).
+  """
+  bsz = x.shape[0]
+  body = _fab_body(logits_fn, x, y, target, norm=norm, targeted=targeted, alpha_max=alpha_max,
+                   overshoot=overshoot, beta=beta)
+  init = (x_start.reshape(bsz, -1), x.reshape(bsz, -1), jnp.full((bsz,), jnp.inf, x.dtype))
   _, adv, res = jax.lax.fori_loop(0, steps, body, init)
   return adv.reshape(x.shape), res
 
@@ -168,43 +181,79 @@ def random_start(keys: Array, x: Array, eps, norm: str) -> Array:
   return toolkit.sphere_start(keys, x, 0.5 * jnp.asarray(eps, x.dtype), norm)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "targeted", "steps",
-                                             "restarts", "n_target_classes", "alpha_max",
+@functools.partial(jax.jit, static_argnames="logits_fn")
+def _target_order(logits_fn: LogitsFn, x: Array, y: Array) -> Array:
+  return toolkit.target_order(logits_fn(x), y)
+
+
+@functools.partial(jax.jit, static_argnames=("norm", "restarts"))
+def _fab_start(x: Array, keys: Array, order: Array, run: Array, eps, *, norm: str,
+               restarts: int) -> tuple[Array, tuple[Array, Array, Array]]:
+  """Run ``run``'s target ``(B,)`` and the loop state ``(x1, adv, dist)`` before iteration 0."""
+  bsz = x.shape[0]
+  eps = jnp.asarray(eps, x.dtype)
+  target = jax.lax.dynamic_index_in_dim(order, run // restarts, axis=1, keepdims=False)
+  start = jnp.where(run % restarts == 0, x,
+                    random_start(toolkit.fold_keys(keys, run), x, eps, norm))
+  return target, (start.reshape(bsz, -1), x.reshape(bsz, -1), jnp.full((bsz,), jnp.inf, x.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "targeted", "alpha_max",
                                              "overshoot", "beta"))
+def _fab_step(logits_fn: LogitsFn, c: tuple[Array, Array, Array], x: Array, y: Array,
+              target: Array, *, norm: str, targeted: bool, alpha_max: float, overshoot: float,
+              beta: float) -> tuple[Array, Array, Array]:
+  """One iteration of :func:`fab_run`, jitted on its own."""
+  return _fab_body(logits_fn, x, y, target, norm=norm, targeted=targeted, alpha_max=alpha_max,
+                   overshoot=overshoot, beta=beta)(0, c)
+
+
+@jax.jit
+def _keep_run(fooled: Array, x_out: Array, c: tuple[Array, Array, Array], x: Array,
+              eps) -> tuple[Array, Array]:
+  """Folds one finished run in: an example not yet fooled is fooled when the run's closest
+  adversarial point lies within ``eps``."""
+  newly = (c[2] <= jnp.asarray(eps, x.dtype)) & ~fooled
+  return fooled | newly, select(newly, c[1].reshape(x.shape), x_out)
+
+
+@functools.partial(jax.jit, static_argnames="norm")
+def _finish(x_out: Array, x: Array, eps, *, norm: str) -> Array:
+  # A no-op for the recorded points (their distance is <= eps); absorbs float rounding.
+  return projections.project(x_out, x, jnp.asarray(eps, x.dtype), norm)
+
+
 def fab_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm: str,
               targeted: bool, steps: int, restarts: int, n_target_classes: int,
               alpha_max: float, overshoot: float, beta: float) -> tuple[Array, Array]:
-  """Jitted FAB over targets (if ``targeted``) and restarts with per-example keys.
+  """FAB over targets (if ``targeted``) and restarts with per-example keys.
 
   Run ``t * restarts + r`` attacks target :func:`target_order` column ``t`` and starts from
   ``x`` when ``r = 0``, else from :func:`random_start` with keys ``fold_in(keys_i, run)``. An
   example is fooled by the first run whose closest adversarial point is within ``eps``; the
   loop stops once every example is fooled.
 
+  The iterations are driven from the host, one jitted call each (compiled once per shape; the
+  arrays stay on the device, the host reads one bool per run): inside an XLA ``while`` loop the
+  CPU backend runs the input gradient's transposed convolutions several times slower (see
+  :func:`krylov_adv.attacks._apgd.apgd_batch`).
+
   Returns:
     ``(x_adv (B, ...), fooled (B,) bool)``; ``x_adv = x`` where not fooled.
   """
   n_runs = restarts * (n_target_classes if targeted else 1)
-  order = toolkit.target_order(logits_fn(x), y)
-  eps = jnp.asarray(eps, x.dtype)
-
-  def cond(s):
-    return (s["run"] < n_runs) & ~jnp.all(s["fooled"])
-
-  def body(s):
-    run = s["run"]
-    target = jax.lax.dynamic_index_in_dim(order, run // restarts, axis=1, keepdims=False)
-    start = jnp.where(run % restarts == 0, x,
-                      random_start(toolkit.fold_keys(keys, run), x, eps, norm))
-    adv, res = fab_run(logits_fn, x, y, target, start, norm=norm, targeted=targeted,
-                       steps=steps, alpha_max=alpha_max, overshoot=overshoot, beta=beta)
-    newly = (res <= eps) & ~s["fooled"]
-    return dict(run=run + 1, fooled=s["fooled"] | newly, x_out=select(newly, adv, s["x_out"]))
-
-  s = jax.lax.while_loop(cond, body, dict(run=jnp.asarray(0, jnp.int32),
-                                          fooled=jnp.zeros(y.shape, bool), x_out=x))
-  # A no-op for the recorded points (their distance is <= eps); absorbs float rounding.
-  return projections.project(s["x_out"], x, eps, norm), s["fooled"]
+  order = _target_order(logits_fn, x, y)
+  fooled = jnp.zeros(y.shape, bool)
+  x_out = x
+  for run in range(n_runs):
+    if bool(jnp.all(fooled)):
+      break
+    target, c = _fab_start(x, keys, order, jnp.int32(run), eps, norm=norm, restarts=restarts)
+    for _ in range(steps):
+      c = _fab_step(logits_fn, c, x, y, target, norm=norm, targeted=targeted,
+                    alpha_max=alpha_max, overshoot=overshoot, beta=beta)
+    fooled, x_out = _keep_run(fooled, x_out, c, x, eps)
+  return _finish(x_out, x, eps, norm=norm), fooled
 
 
 def fab_attack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, targeted: bool,
