@@ -92,3 +92,22 @@ def test_subset_buckets_bound_padding_and_shapes():
         min(g * j, batch) for j in range(1, 9)}, batch
     assert len(sizes) <= batch.bit_length() + 9
   assert aa._bucket(710, 1000) == 750 and aa._bucket(968, 1000) == 1000
+
+
+@pytest.mark.parametrize("name", ["apgd_t", "fab_t"])
+def test_attacks_run_under_the_callers_jit_like_the_host_driven_loop(name):
+  # Under a caller's jit the host cannot steer the loop (the arrays are tracers): the in-graph
+  # loop over every run takes over and must give what the host-driven loop gives, so that every
+  # attack stays usable inside the user's own jit-compiled code. Several runs (2 targets,
+  # 2 restarts) cover the run selection, not just one run.
+  from krylov_adv import attacks
+  attack = attacks.get(name)
+  kw = dict(eps=0.05, norm="linf", steps=4, restarts=2, n_target_classes=2)
+  key = jax.random.PRNGKey(5)
+  eager = attack(_conv_model, _X, _Y, key, **kw)
+  jitted = jax.jit(lambda x, y, k: attack(_conv_model, x, y, k, **kw))(_X, _Y, key)
+  assert toolkit.is_traced(jnp.zeros(1)) is False
+  np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=2e-3)
+  fooled = lambda a: np.asarray(jnp.argmax(_conv_model(a), 1) != _Y)
+  np.testing.assert_array_equal(fooled(jitted), fooled(eager))
+  assert fooled(eager).any() and not fooled(eager).all()

@@ -307,6 +307,36 @@ def _keep_run(fooled: Array, x_out: Array, loss_best: Array,
   return fooled | res.fooled, x_out, jnp.where(better, res.loss_best, loss_best)
 
 
+def _apgd_batch_in_graph(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *,
+                         norm: str, loss: str, targeted: bool, steps: int, restarts: int,
+                         n_target_classes: int, rho: float) -> tuple[Array, Array]:
+  """:func:`apgd_batch` as one traceable ``while`` loop over runs of :func:`apgd_run` (the same
+  runs, keys and selection), for calls under the caller's ``jit`` or ``vmap``. Bit-identical
+  to the host-driven loop (``tests/test_autoattack_loops.py``), slower on the CPU backend."""
+  n_runs = restarts * (n_target_classes if targeted else 1)
+  order = toolkit.target_order(logits_fn(x), y)
+
+  def cond(s):
+    return (s["run"] < n_runs) & ~jnp.all(s["fooled"])
+
+  def body(s):
+    run = s["run"]
+    target = jax.lax.dynamic_index_in_dim(order, run // restarts, axis=1, keepdims=False)
+    x0 = initial_point(toolkit.fold_keys(keys, run), x, eps, norm)
+    res = apgd_run(logits_fn, x, y, target, x0, eps, norm=norm, loss=loss, targeted=targeted,
+                   steps=steps, rho=rho)
+    newly = res.fooled & ~s["fooled"]
+    better = ~s["fooled"] & ~res.fooled & (res.loss_best > s["loss_best"])
+    x_out = select(newly, res.x_adv, select(better, res.x_best, s["x_out"]))
+    return dict(run=run + 1, fooled=s["fooled"] | res.fooled, x_out=x_out,
+                loss_best=jnp.where(better, res.loss_best, s["loss_best"]))
+
+  init = dict(run=jnp.asarray(0, jnp.int32), fooled=jnp.zeros(y.shape, bool), x_out=x,
+              loss_best=jnp.full(y.shape, -jnp.inf, x.dtype))
+  s = jax.lax.while_loop(cond, body, init)
+  return s["x_out"], s["fooled"]
+
+
 def apgd_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm: str,
                loss: str, targeted: bool, steps: int, restarts: int, n_target_classes: int,
                rho: float) -> tuple[Array, Array]:
@@ -333,6 +363,11 @@ def apgd_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, nor
   Returns:
     ``(x_adv (B, ...), fooled (B,) bool)``.
   """
+  if toolkit.is_traced(x, y, keys, eps):
+    # Inside a caller's jit / vmap the host cannot drive the loop: the in-graph loop runs.
+    return _apgd_batch_in_graph(logits_fn, x, y, keys, eps, norm=norm, loss=loss,
+                                targeted=targeted, steps=steps, restarts=restarts,
+                                n_target_classes=n_target_classes, rho=rho)
   n_runs = restarts * (n_target_classes if targeted else 1)
   order = _target_order(logits_fn, x, y)
   fooled = jnp.zeros(y.shape, bool)

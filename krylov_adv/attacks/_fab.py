@@ -223,6 +223,34 @@ def _finish(x_out: Array, x: Array, eps, *, norm: str) -> Array:
   return projections.project(x_out, x, jnp.asarray(eps, x.dtype), norm)
 
 
+def _fab_batch_in_graph(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *,
+                        norm: str, targeted: bool, steps: int, restarts: int,
+                        n_target_classes: int, alpha_max: float, overshoot: float,
+                        beta: float) -> tuple[Array, Array]:
+  """:func:`fab_batch` as one traceable ``while`` loop over runs of :func:`fab_run` (the same
+  runs, keys and selection), for calls under the caller's ``jit`` or ``vmap``."""
+  n_runs = restarts * (n_target_classes if targeted else 1)
+  order = toolkit.target_order(logits_fn(x), y)
+  eps = jnp.asarray(eps, x.dtype)
+
+  def cond(s):
+    return (s["run"] < n_runs) & ~jnp.all(s["fooled"])
+
+  def body(s):
+    run = s["run"]
+    target = jax.lax.dynamic_index_in_dim(order, run // restarts, axis=1, keepdims=False)
+    start = jnp.where(run % restarts == 0, x,
+                      random_start(toolkit.fold_keys(keys, run), x, eps, norm))
+    adv, res = fab_run(logits_fn, x, y, target, start, norm=norm, targeted=targeted,
+                       steps=steps, alpha_max=alpha_max, overshoot=overshoot, beta=beta)
+    newly = (res <= eps) & ~s["fooled"]
+    return dict(run=run + 1, fooled=s["fooled"] | newly, x_out=select(newly, adv, s["x_out"]))
+
+  s = jax.lax.while_loop(cond, body, dict(run=jnp.asarray(0, jnp.int32),
+                                          fooled=jnp.zeros(y.shape, bool), x_out=x))
+  return projections.project(s["x_out"], x, eps, norm), s["fooled"]
+
+
 def fab_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm: str,
               targeted: bool, steps: int, restarts: int, n_target_classes: int,
               alpha_max: float, overshoot: float, beta: float) -> tuple[Array, Array]:
@@ -241,6 +269,12 @@ def fab_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm
   Returns:
     ``(x_adv (B, ...), fooled (B,) bool)``; ``x_adv = x`` where not fooled.
   """
+  if toolkit.is_traced(x, y, keys, eps):
+    # Inside a caller's jit / vmap the host cannot drive the loop: the in-graph loop runs.
+    return _fab_batch_in_graph(logits_fn, x, y, keys, eps, norm=norm, targeted=targeted,
+                               steps=steps, restarts=restarts,
+                               n_target_classes=n_target_classes, alpha_max=alpha_max,
+                               overshoot=overshoot, beta=beta)
   n_runs = restarts * (n_target_classes if targeted else 1)
   order = _target_order(logits_fn, x, y)
   fooled = jnp.zeros(y.shape, bool)

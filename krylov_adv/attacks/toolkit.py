@@ -204,6 +204,13 @@ def fold_keys(keys: Array, data) -> Array:
   return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
 
 
+def is_traced(*values) -> bool:
+  """Whether any of ``values`` is a JAX tracer (the call runs under a caller's ``jit``,
+  ``vmap`` or ``grad``): host-driven loops (APGD, FAB) then fall back to their in-graph form,
+  since a traced value cannot steer Python control flow."""
+  return any(isinstance(v, jax.core.Tracer) for v in values)
+
+
 def select(mask: Array, a: Array, b: Array) -> Array:
   """Per-example ``where``: ``mask (B,)`` picks rows of ``a`` over ``b``."""
   return jnp.where(bcast(mask, a), a, b)
