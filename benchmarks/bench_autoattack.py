@@ -3,7 +3,7 @@
   python -m benchmarks.bench_autoattack [--points 256] [--steps 300]
                                         [--out benchmarks/results/autoattack.json]
   python -m benchmarks.bench_autoattack --side-by-side [--points 1000] [--eps 0.1]
-                                        [--mnist /work/shared/data/mnist]
+                                        [--mnist ../shared/data/mnist]
 
 ``--side-by-side``: ours against a PyTorch AutoAttack on the same weights and points (see
 :func:`side_by_side`; needs the optional ``bench`` extra: CPU ``torch`` and ``torchattacks``).
@@ -45,13 +45,10 @@ from krylov_adv.models.cnn import TinyCNN
 BUDGETS = (("linf", 0.3), ("linf", 0.1), ("l2", 1.5), ("l2", 0.5))
 
 
-def train_digits_model(steps: int, seed: int = 0):
-  """TinyCNN trained with Adam(3e-3), batch 64, on digits; returns (logits_fn, dataset, acc)."""
-  ds = data.load_digits(seed=seed)
-  model = TinyCNN(num_classes=10)
-  params = model.init(jax.random.PRNGKey(seed), ds.x_train[:1])
-  opt = optax.adam(3e-3)
-  opt_state = opt.init(params)
+def adam_trainer(model, params, learning_rate: float):
+  """``(opt_state, step)``: Adam on the mean cross-entropy, ``step(params, opt_state, xb, yb)
+  -> (params, opt_state)`` jitted; the benchmarks' models are trained with it."""
+  opt = optax.adam(learning_rate)
 
   @jax.jit
   def step(params, opt_state, xb, yb):
@@ -59,6 +56,16 @@ def train_digits_model(steps: int, seed: int = 0):
         model.apply(p, xb), yb).mean())(params)
     updates, opt_state = opt.update(grads, opt_state)
     return optax.apply_updates(params, updates), opt_state
+
+  return opt.init(params), step
+
+
+def train_digits_model(steps: int, seed: int = 0):
+  """TinyCNN trained with Adam(3e-3), batch 64, on digits; returns (logits_fn, dataset, acc)."""
+  ds = data.load_digits(seed=seed)
+  model = TinyCNN(num_classes=10)
+  params = model.init(jax.random.PRNGKey(seed), ds.x_train[:1])
+  opt_state, step = adam_trainer(model, params, 3e-3)
 
   rng = np.random.default_rng(seed)
   for _ in range(steps):
@@ -146,15 +153,7 @@ def train_mnist_model(root: str, epochs: int, seed: int = 0):
   y = np.asarray(y, np.int32)
   model = SmallCNN()
   params = model.init(jax.random.PRNGKey(seed), x[:1])
-  opt = optax.adam(1e-3)
-  opt_state = opt.init(params)
-
-  @jax.jit
-  def step(params, opt_state, xb, yb):
-    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply(p, xb), yb).mean())(params)
-    updates, opt_state = opt.update(grads, opt_state)
-    return optax.apply_updates(params, updates), opt_state
+  opt_state, step = adam_trainer(model, params, 1e-3)
 
   rng = np.random.default_rng(seed)
   for _ in range(epochs):
@@ -308,7 +307,7 @@ def main(argv=None):
   parser.add_argument("--out", default=None)
   parser.add_argument("--side-by-side", action="store_true",
                       help="ours vs torchattacks on an MNIST CNN (needs the 'bench' extra)")
-  parser.add_argument("--mnist", default="/work/shared/data/mnist",
+  parser.add_argument("--mnist", default="../shared/data/mnist",
                       help="folder with the t10k idx files (side by side)")
   parser.add_argument("--eps", type=float, default=0.1)
   parser.add_argument("--epochs", type=int, default=2)
