@@ -8,6 +8,7 @@ several; the lock sits in the top workdir):
   run_config.json   the config the run was started with (flattened, dotted keys) and the history
                     of allowed changes. A rerun compares its config with it
                     (:func:`check_run_config`): fields in :data:`CHANGEABLE_ON_RESUME` may change,
+                    and other methods' blocks (``train.<other method>.*``) are not compared;
                     any other difference is refused with one line naming the fields.
   checksums.json    ``{step: sha256}`` of every saved checkpoint's arrays
                     (:func:`state_checksum`), written atomically *before* orbax starts the save,
@@ -202,6 +203,16 @@ def saved_steps(workdir: str) -> list[int]:
                 if n.isdigit() and os.path.isdir(os.path.join(path, n)))
 
 
+def other_method_blocks(config) -> tuple[str, ...]:
+  """``("train.<m>.", ...)`` for every registered training method ``m`` other than the run's
+  own: each method reads only its own ``train.<method>`` block (``krylov_adv.training``), so
+  those fields do not define the run, and a schema change in another method's block (a new
+  field such as ``train.soar.grad_clip``) does not refuse the resume of, say, a PGD workdir."""
+  from krylov_adv import training  # here, not at the top: the CLI helpers stay light to import
+  method = str(config.train.method)
+  return tuple(f"train.{m}." for m in training.available() if m != method)
+
+
 def check_run_config(workdir: str, config, *, record: bool = True) -> list[ConfigChange]:
   """Refuses to resume ``workdir`` with a config that differs from the one it was trained with.
 
@@ -240,7 +251,10 @@ def check_run_config(workdir: str, config, *, record: bool = True) -> list[Confi
       os.makedirs(workdir, exist_ok=True)
       atomic_write_text(path, json.dumps({"config": current, "history": []}, indent=1) + "\n")
     return []
-  refused, allowed = config_changes(stored, current)
+  ignored = other_method_blocks(config)
+  refused, allowed = config_changes(
+      {k: v for k, v in stored.items() if not k.startswith(ignored)},
+      {k: v for k, v in current.items() if not k.startswith(ignored)})
   if refused:
     raise ConfigError(mismatch_message(workdir, refused))
   if record and (allowed or not os.path.exists(path)):  # (a legacy workdir gets its record)

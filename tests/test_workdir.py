@@ -651,3 +651,23 @@ def test_soat_resumes_past_a_bit_flipped_checkpoint_and_a_cut_metrics_line(tmp_p
   assert [json.loads(ln)["epoch"] for ln in open(os.path.join(w, "metrics.jsonl"))] == [1, 2]
   _, state, epochs = pipeline.load_trained(c, w)
   assert epochs == 2 and capsys.readouterr().err == ""
+
+
+def test_other_methods_blocks_do_not_define_the_run(tmp_path):
+  # A PGD workdir resumes when only another method's block differs (e.g. a field added to
+  # train.soar by a newer version), and is still refused when its own block differs.
+  w = str(tmp_path)
+  c = test_tiny.get_config("pgd")
+  wd.check_run_config(w, c)
+  _fake_checkpoint(w)
+  record = json.load(open(tmp_path / "run_config.json"))
+  del record["config"]["train.soar.grad_clip"]  # as written before the field existed
+  record["config"]["train.trades.beta"] = 1.0
+  (tmp_path / "run_config.json").write_text(json.dumps(record))
+  assert wd.check_run_config(w, c) == []
+  c2 = ml_collections.ConfigDict(c.to_dict())
+  c2.train.pgd.step_size = 0.5
+  with pytest.raises(wd.ConfigError, match="train.pgd.step_size="):
+    wd.check_run_config(w, c2)
+  assert "train.soar." in wd.other_method_blocks(c) and "train.pgd." not in \
+      wd.other_method_blocks(c)
