@@ -295,16 +295,21 @@ def _apgd_step(logits_fn: LogitsFn, c: APGDState, i: Array, x: Array, y: Array, 
   return body(i, c)
 
 
-@jax.jit
-def _keep_run(fooled: Array, x_out: Array, loss_best: Array,
-              c: APGDState) -> tuple[Array, Array, Array]:
+def _fold_run(fooled: Array, x_out: Array, loss_best: Array,
+              res: APGDRun) -> tuple[Array, Array, Array]:
   """Folds one finished run into the per-example result: the first misclassified point, else
-  the highest-loss point over the runs."""
-  res = _result(c)
+  the highest-loss point over the runs (both loops, host-driven and in-graph)."""
   newly = res.fooled & ~fooled
   better = ~fooled & ~res.fooled & (res.loss_best > loss_best)
   x_out = select(newly, res.x_adv, select(better, res.x_best, x_out))
   return fooled | res.fooled, x_out, jnp.where(better, res.loss_best, loss_best)
+
+
+@jax.jit
+def _keep_run(fooled: Array, x_out: Array, loss_best: Array,
+              c: APGDState) -> tuple[Array, Array, Array]:
+  """:func:`_fold_run` of the host-driven loop's finished state ``c``."""
+  return _fold_run(fooled, x_out, loss_best, _result(c))
 
 
 def _apgd_batch_in_graph(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *,
@@ -325,11 +330,8 @@ def _apgd_batch_in_graph(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, e
     x0 = initial_point(toolkit.fold_keys(keys, run), x, eps, norm)
     res = apgd_run(logits_fn, x, y, target, x0, eps, norm=norm, loss=loss, targeted=targeted,
                    steps=steps, rho=rho)
-    newly = res.fooled & ~s["fooled"]
-    better = ~s["fooled"] & ~res.fooled & (res.loss_best > s["loss_best"])
-    x_out = select(newly, res.x_adv, select(better, res.x_best, s["x_out"]))
-    return dict(run=run + 1, fooled=s["fooled"] | res.fooled, x_out=x_out,
-                loss_best=jnp.where(better, res.loss_best, s["loss_best"]))
+    fooled, x_out, loss_best = _fold_run(s["fooled"], s["x_out"], s["loss_best"], res)
+    return dict(run=run + 1, fooled=fooled, x_out=x_out, loss_best=loss_best)
 
   init = dict(run=jnp.asarray(0, jnp.int32), fooled=jnp.zeros(y.shape, bool), x_out=x,
               loss_best=jnp.full(y.shape, -jnp.inf, x.dtype))

@@ -208,13 +208,18 @@ def _fab_step(logits_fn: LogitsFn, c: tuple[Array, Array, Array], x: Array, y: A
                    overshoot=overshoot, beta=beta)(0, c)
 
 
+def _fold_run(fooled: Array, x_out: Array, adv: Array, dist: Array, eps) -> tuple[Array, Array]:
+  """Folds one finished run in (both loops, host-driven and in-graph): an example not yet
+  fooled is fooled when the run's closest adversarial point ``adv`` lies within ``eps``."""
+  newly = (dist <= jnp.asarray(eps, adv.dtype)) & ~fooled
+  return fooled | newly, select(newly, adv, x_out)
+
+
 @jax.jit
 def _keep_run(fooled: Array, x_out: Array, c: tuple[Array, Array, Array], x: Array,
               eps) -> tuple[Array, Array]:
-  """Folds one finished run in: an example not yet fooled is fooled when the run's closest
-  adversarial point lies within ``eps``."""
-  newly = (c[2] <= jnp.asarray(eps, x.dtype)) & ~fooled
-  return fooled | newly, select(newly, c[1].reshape(x.shape), x_out)
+  """:func:`_fold_run` of the host-driven loop's finished state ``c = (x1, adv, dist)``."""
+  return _fold_run(fooled, x_out, c[1].reshape(x.shape), c[2], eps)
 
 
 @functools.partial(jax.jit, static_argnames="norm")
@@ -241,10 +246,10 @@ def _fab_batch_in_graph(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, ep
     target = jax.lax.dynamic_index_in_dim(order, run // restarts, axis=1, keepdims=False)
     start = jnp.where(run % restarts == 0, x,
                       random_start(toolkit.fold_keys(keys, run), x, eps, norm))
-    adv, res = fab_run(logits_fn, x, y, target, start, norm=norm, targeted=targeted,
-                       steps=steps, alpha_max=alpha_max, overshoot=overshoot, beta=beta)
-    newly = (res <= eps) & ~s["fooled"]
-    return dict(run=run + 1, fooled=s["fooled"] | newly, x_out=select(newly, adv, s["x_out"]))
+    adv, dist = fab_run(logits_fn, x, y, target, start, norm=norm, targeted=targeted,
+                        steps=steps, alpha_max=alpha_max, overshoot=overshoot, beta=beta)
+    fooled, x_out = _fold_run(s["fooled"], s["x_out"], adv, dist, eps)
+    return dict(run=run + 1, fooled=fooled, x_out=x_out)
 
   s = jax.lax.while_loop(cond, body, dict(run=jnp.asarray(0, jnp.int32),
                                           fooled=jnp.zeros(y.shape, bool), x_out=x))
