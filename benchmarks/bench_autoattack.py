@@ -40,6 +40,7 @@ import optax
 
 from krylov_adv import attacks, data, projections
 from krylov_adv.attacks import _autoattack as aa
+from krylov_adv.models import layers
 from krylov_adv.models.cnn import TinyCNN
 
 BUDGETS = (("linf", 0.3), ("linf", 0.1), ("l2", 1.5), ("l2", 0.5))
@@ -135,12 +136,19 @@ def run(points: int = 256, steps: int = 300, seed: int = 0) -> dict:
 
 class SmallCNN(nn.Module):
   """conv 16 5x5, max-pool 2, conv 32 5x5, max-pool 2, dense 128, dense 10 (ReLU, SAME
-  padding): the issue's MNIST CNN. NHWC ``(B, 28, 28, 1)`` in ``[0, 1]`` -> logits ``(B, 10)``."""
+  padding): the issue's MNIST CNN. NHWC ``(B, 28, 28, 1)`` in ``[0, 1]`` -> logits ``(B, 10)``.
+
+  ``flax_pool=False`` pools with :func:`krylov_adv.models.layers.max_pool` (as the library's
+  models do), ``True`` with ``nn.max_pool``: the same function and the same gradient, ties
+  included; only the cost of the pool's backward pass on the CPU backend differs."""
+  flax_pool: bool = False
 
   @nn.compact
   def __call__(self, x):
-    x = nn.max_pool(nn.relu(nn.Conv(16, (5, 5), padding="SAME")(x)), (2, 2), strides=(2, 2))
-    x = nn.max_pool(nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x)), (2, 2), strides=(2, 2))
+    pool = ((lambda z: nn.max_pool(z, (2, 2), strides=(2, 2))) if self.flax_pool
+            else (lambda z: layers.max_pool(z, (2, 2))))
+    x = pool(nn.relu(nn.Conv(16, (5, 5), padding="SAME")(x)))
+    x = pool(nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x)))
     x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
     return nn.Dense(10)(x)
 
@@ -207,25 +215,42 @@ def _torch_autoattack(net, x: np.ndarray, y: np.ndarray, eps: float, *, apgd_ste
   import torch  # pylint: disable=import-outside-toplevel
   import torchattacks  # pylint: disable=import-outside-toplevel
 
+  class Counting(torch.nn.Module):
+    """``net``, counting the examples of every forward pass whose input requires a gradient
+    (the passes a gradient evaluation starts from)."""
+
+    def __init__(self):
+      super().__init__()
+      self.net, self.examples = net, 0
+
+    def forward(self, z):
+      if z.requires_grad:
+        self.examples += z.shape[0]
+      return self.net(z)
+
+  counting = Counting().eval()
   xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
   yt = torch.from_numpy(y.astype(np.int64))
   with torch.no_grad():
     robust = (net(xt).argmax(1) == yt).numpy()
   clean = float(robust.mean())
   comps = [
-      ("apgd_ce", torchattacks.APGD(net, norm="Linf", eps=eps, steps=apgd_steps, n_restarts=1,
-                                    loss="ce", seed=0)),
-      ("apgd_t", torchattacks.APGDT(net, norm="Linf", eps=eps, steps=apgd_steps, n_restarts=1,
-                                    n_classes=n_targets + 1, seed=0)),
-      ("fab_t", torchattacks.FAB(net, norm="Linf", eps=eps, steps=fab_steps, n_restarts=1,
-                                 multi_targeted=True, n_classes=n_targets + 1, seed=0)),
-      ("square", torchattacks.Square(net, norm="Linf", eps=eps, n_queries=square_queries,
-                                     n_restarts=1, resc_schedule=False, seed=0)),
+      ("apgd_ce", torchattacks.APGD(counting, norm="Linf", eps=eps, steps=apgd_steps,
+                                    n_restarts=1, loss="ce", seed=0)),
+      ("apgd_t", torchattacks.APGDT(counting, norm="Linf", eps=eps, steps=apgd_steps,
+                                    n_restarts=1, n_classes=n_targets + 1, seed=0)),
+      ("fab_t", torchattacks.FAB(counting, norm="Linf", eps=eps, steps=fab_steps,
+                                 n_restarts=1, multi_targeted=True, n_classes=n_targets + 1,
+                                 seed=0)),
+      ("square", torchattacks.Square(counting, norm="Linf", eps=eps,
+                                     n_queries=square_queries, n_restarts=1,
+                                     resc_schedule=False, seed=0)),
   ]
-  seconds, points, after = {}, {}, {}
+  seconds, points, after, grads = {}, {}, {}, {}
   for name, attack in comps:
     idx = np.nonzero(robust)[0]
     points[name] = int(idx.size)
+    counting.examples = 0
     start = time.perf_counter()
     if idx.size:
       adv = attack(xt[idx], yt[idx])
@@ -233,15 +258,17 @@ def _torch_autoattack(net, x: np.ndarray, y: np.ndarray, eps: float, *, apgd_ste
         robust[idx[(net(adv).argmax(1) != yt[idx]).numpy()]] = False
     seconds[name] = time.perf_counter() - start
     after[name] = float(robust.mean())
+    grads[name] = counting.examples
   return {"clean_accuracy": clean, "robust_accuracy": float(robust.mean()),
           "robust_accuracy_after": after, "points": points, "seconds": seconds,
+          "example_gradients": grads,
           "total_seconds": float(sum(seconds.values())), "threads": torch.get_num_threads(),
           "torch": torch.__version__, "torchattacks": torchattacks.__version__}
 
 
 def side_by_side(root: str, points: int = 1000, eps: float = 0.1, epochs: int = 2,
                  apgd_steps: int = 100, fab_steps: int = 100, square_queries: int = 5000,
-                 n_targets: int = 9, reference: bool = True) -> dict:
+                 n_targets: int = 9, reference: bool = True, flax_pool: bool = False) -> dict:
   """Ours and a PyTorch AutoAttack (torchattacks) on the same SmallCNN weights and points.
 
   The model is trained in JAX (:func:`train_mnist_model`), copied into PyTorch
@@ -250,14 +277,24 @@ def side_by_side(root: str, points: int = 1000, eps: float = 0.1, epochs: int = 
   (``first_call``: compilation included, then ``warm``); the reference once. For each component
   the JSON gives seconds, the points it ran on and the robust accuracy after it, for both, and
   ``ratio`` = ours / reference (per component and in total).
+
+  Per gradient evaluation: ``example_gradients`` counts, per component, the examples that went
+  through a gradient (ours: the padded subset size times the iterations of every run, by
+  construction of the host-driven loops; the reference's: counted by wrapping its model, every
+  forward pass whose input requires a gradient), and ``ratio_per_gradient`` compares seconds
+  per example-gradient. ``one_gradient_seconds`` is one bare input gradient of the summed
+  cross-entropy on the whole batch in each library (warm, median of 5), the floor both pay.
+  ``flax_pool``: the JAX model pools with ``nn.max_pool`` instead of the library's
+  :func:`krylov_adv.models.layers.max_pool` (same function and gradient, slower backward).
   """
   params, x_all, y_all = train_mnist_model(root, epochs)
-  model = SmallCNN()
+  model = SmallCNN(flax_pool=flax_pool)
   logits_fn = jax.jit(lambda z: model.apply(params, z))
   x, y = x_all[-points:], y_all[-points:]
   out = {"benchmark": "autoattack_side_by_side", "device": str(jax.devices()[0]),
          "platform": platform.platform(), "jax": jax.__version__, "points": points, "eps": eps,
-         "model": f"SmallCNN, {epochs} Adam epochs on MNIST t10k[:9000]",
+         "model": f"SmallCNN ({'nn.max_pool' if flax_pool else 'layers.max_pool'}), {epochs} "
+                  f"Adam epochs on MNIST t10k[:9000]",
          "clean_accuracy_test_tail": _accuracy(logits_fn, x, y),
          "settings": dict(apgd_steps=apgd_steps, fab_steps=fab_steps,
                           square_queries=square_queries, n_targets=n_targets)}
@@ -277,7 +314,13 @@ def side_by_side(root: str, points: int = 1000, eps: float = 0.1, epochs: int = 
         "robust_accuracy_after": after,
         "points": {n: int(round(b * points)) for n, b in zip(report.components, before)},
         "seconds": dict(zip(report.components, report.seconds)), "total_seconds": total}
+    out[f"ours_{label}"]["example_gradients"] = _our_example_gradients(
+        out[f"ours_{label}"]["points"], points, apgd_steps, fab_steps, n_targets)
     print(json.dumps({label: out[f"ours_{label}"]}), flush=True)
+  grad = jax.jit(jax.grad(lambda z: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+      logits_fn(z), jnp.asarray(y)))))
+  out["one_gradient_seconds"] = {"jax": _median_seconds(
+      lambda: jax.block_until_ready(grad(jnp.asarray(x))))}
   if reference:
     import torch  # pylint: disable=import-outside-toplevel
     net = torch_model(params)
@@ -290,12 +333,48 @@ def side_by_side(root: str, points: int = 1000, eps: float = 0.1, epochs: int = 
     ref = _torch_autoattack(net, x, y, eps, apgd_steps=apgd_steps, fab_steps=fab_steps,
                             square_queries=square_queries, n_targets=n_targets)
     out["reference"] = ref
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    yt = torch.from_numpy(y.astype(np.int64))
+
+    def torch_grad():
+      xx = xt.clone().requires_grad_()
+      loss = torch.nn.functional.cross_entropy(net(xx), yt, reduction="sum")
+      return torch.autograd.grad(loss, [xx])[0]
+
+    out["one_gradient_seconds"]["torch"] = _median_seconds(torch_grad)
     for label in ("first_call", "warm"):
       ours = out[f"ours_{label}"]
       out[f"ratio_{label}"] = {
           **{n: ours["seconds"][n] / max(ref["seconds"][n], 1e-9) for n in ref["seconds"]},
           "total": sum(ours["seconds"].values()) / max(ref["total_seconds"], 1e-9)}
+      out[f"ratio_per_gradient_{label}"] = {
+          n: (ours["seconds"][n] / ours["example_gradients"][n]) /
+             (ref["seconds"][n] / ref["example_gradients"][n])
+          for n in ref["seconds"]
+          if ours["example_gradients"].get(n) and ref["example_gradients"].get(n)}
   return out
+
+
+def _median_seconds(fn, repeats: int = 5) -> float:
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def _our_example_gradients(points: dict, batch: int, apgd_steps: int, fab_steps: int,
+                           n_targets: int) -> dict:
+  """Examples through a gradient per component of our standard ensemble: each runs on the
+  still-robust subset padded to ``_bucket``; APGD takes ``steps + 1`` gradients per run (the
+  start and each iteration), FAB-T one per iteration, over ``n_targets`` runs; Square none.
+  An upper bound where a component stopped early because every point was fooled."""
+  size = {n: aa._bucket(p, batch) if p else 0 for n, p in points.items()}
+  return {"apgd_ce": size["apgd_ce"] * (apgd_steps + 1),
+          "apgd_t": size["apgd_t"] * (apgd_steps + 1) * n_targets,
+          "fab_t": size["fab_t"] * fab_steps * n_targets, "square": 0}
 
 
 def main(argv=None):
@@ -316,11 +395,13 @@ def main(argv=None):
   parser.add_argument("--square-queries", type=int, default=5000)
   parser.add_argument("--no-reference", action="store_true",
                       help="side by side without the PyTorch run (ours alone)")
+  parser.add_argument("--flax-pool", action="store_true",
+                      help="side by side: the JAX model pools with nn.max_pool")
   args = parser.parse_args(argv)
   if args.side_by_side:
     result = side_by_side(args.mnist, args.points or 1000, args.eps, args.epochs,
                           args.apgd_steps, args.fab_steps, args.square_queries,
-                          reference=not args.no_reference)
+                          reference=not args.no_reference, flax_pool=args.flax_pool)
     args.out = args.out or "benchmarks/results/autoattack_side_by_side.json"
   else:
     result = run(args.points or 256, args.steps, args.seed)

@@ -6,12 +6,14 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from krylov_adv import models
+from krylov_adv import losses, models
+from krylov_adv.models import layers
 
 
 def _num_params(model, shape):
@@ -126,3 +128,63 @@ def test_batchnorm_train_mode_mixes_examples_inference_mode_does_not():
   moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
                                  upd["batch_stats"], variables["batch_stats"])
   assert max(jax.tree_util.tree_leaves(moved)) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# layers.max_pool: nn.max_pool's values and gradient (ties included) without select_and_scatter.
+
+
+def _tied_activations(seed: int, shape) -> jax.Array:
+  # Few distinct values (and ReLU zeros), so most tiles hold ties: the case where the gradient
+  # rule (first maximum takes everything, not a split) shows.
+  r = np.random.default_rng(seed)
+  return jnp.asarray(np.maximum(r.integers(-2, 3, shape), 0).astype(np.float32))
+
+
+@pytest.mark.parametrize("window,shape", [((2, 2), (3, 8, 8, 4)), ((2, 3), (2, 6, 9, 3)),
+                                          ((3, 3), (2, 9, 6, 2)),
+                                          ((2, 2), (2, 5, 7, 3))])  # not divisible: fallback
+def test_max_pool_matches_flax_values_and_gradient_with_ties(window, shape):
+  x = _tied_activations(0, shape)
+  ours, flax_pool = layers.max_pool, lambda z: nn.max_pool(z, window, strides=window)
+  np.testing.assert_array_equal(ours(x, window), flax_pool(x))
+  ct = jnp.asarray(np.random.default_rng(1).normal(size=flax_pool(x).shape).astype(np.float32))
+  g_ours = jax.vjp(lambda z: ours(z, window), x)[1](ct)[0]
+  g_flax = jax.vjp(flax_pool, x)[1](ct)[0]
+  np.testing.assert_array_equal(g_ours, g_flax)
+  # The ties are there, and a rule that split the cotangent among them would differ.
+  split = jax.vjp(lambda z: jnp.max(
+      z[..., :z.shape[-3] // window[0] * window[0], :z.shape[-2] // window[1] * window[1], :]
+      .reshape(z.shape[0], z.shape[1] // window[0], window[0], z.shape[2] // window[1],
+               window[1], z.shape[3]), axis=(2, 4)), x)[1](ct)[0]
+  assert np.max(np.abs(np.asarray(split) - np.asarray(g_flax))) > 0.1
+
+
+def test_madry_cnn_input_gradient_and_hvp_match_flax_max_pool():
+  class FlaxPoolMadry(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.max_pool(nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x)), (2, 2), strides=(2, 2))
+      x = nn.max_pool(nn.relu(nn.Conv(64, (5, 5), padding="SAME")(x)), (2, 2), strides=(2, 2))
+      x = nn.relu(nn.Dense(1024)(x.reshape((x.shape[0], -1))))
+      return nn.Dense(10)(x)
+
+  x = jnp.asarray(np.random.default_rng(2).uniform(size=(2, 28, 28, 1)).astype(np.float32))
+  # MNIST-like: a blank band of rows.
+  x = x.at[:, :6].set(0.0)
+  y = jnp.array([3, 7])
+  ours = models.MadryCNN()
+  # Positive biases: the blank region's conv outputs tie at relu(bias) > 0 inside a pool tile.
+  params = jax.tree_util.tree_map(lambda p: p + 0.05, ours.init(jax.random.PRNGKey(0), x))
+  loss = lambda m: lambda z: jnp.sum(losses.cross_entropy(m.apply(params, z), y))
+  np.testing.assert_array_equal(ours.apply(params, x), FlaxPoolMadry().apply(params, x))
+  g_ours, g_flax = jax.grad(loss(ours))(x), jax.grad(loss(FlaxPoolMadry()))(x)
+  np.testing.assert_allclose(g_ours, g_flax, rtol=1e-5, atol=1e-6)
+  v = jnp.asarray(np.random.default_rng(3).normal(size=x.shape).astype(np.float32))
+  hvp = lambda m: jax.jvp(jax.grad(loss(m)), (x,), (v,))[1]
+  np.testing.assert_allclose(hvp(ours), hvp(FlaxPoolMadry()), rtol=1e-4, atol=1e-5)
+
+
+def test_max_pool_rejects_nonpositive_window():
+  with pytest.raises(ValueError, match="positive"):
+    layers.max_pool(jnp.zeros((1, 4, 4, 1)), (0, 2))

@@ -11,10 +11,14 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
+from krylov_adv.models.layers import max_pool
+
 
 class MadryCNN(nn.Module):
   """Madry et al. (2018) MNIST CNN: conv32-5x5, 2x2 max-pool, conv64-5x5, 2x2 max-pool,
-  dense 1024, dense ``num_classes``. ``activation`` defaults to ReLU (softplus for smooth HVPs)."""
+  dense 1024, dense ``num_classes``. ``activation`` defaults to ReLU (softplus for smooth HVPs).
+  The pools are :func:`krylov_adv.models.layers.max_pool` (``nn.max_pool``'s values and
+  gradient, without ``select_and_scatter``'s cost on the CPU backend)."""
   num_classes: int = 10
   activation: Callable[[jax.Array], jax.Array] = nn.relu
 
@@ -23,9 +27,9 @@ class MadryCNN(nn.Module):
     del train  # no BatchNorm/dropout: identical in training and inference
     act = self.activation
     x = act(nn.Conv(32, (5, 5), padding="SAME")(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = max_pool(x, (2, 2))
     x = act(nn.Conv(64, (5, 5), padding="SAME")(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = max_pool(x, (2, 2))
     x = x.reshape((x.shape[0], -1))
     x = act(nn.Dense(1024)(x))
     return nn.Dense(self.num_classes)(x)
