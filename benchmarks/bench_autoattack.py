@@ -138,16 +138,20 @@ class SmallCNN(nn.Module):
   """conv 16 5x5, max-pool 2, conv 32 5x5, max-pool 2, dense 128, dense 10 (ReLU, SAME
   padding): the issue's MNIST CNN. NHWC ``(B, 28, 28, 1)`` in ``[0, 1]`` -> logits ``(B, 10)``.
 
-  ``flax_pool=False`` pools with :func:`krylov_adv.models.layers.max_pool` (as the library's
-  models do), ``True`` with ``nn.max_pool``: the same function and the same gradient, ties
-  included; only the cost of the pool's backward pass on the CPU backend differs."""
-  flax_pool: bool = False
+  ``flax_layers=False`` builds it from the layers the library's MNIST CNN uses
+  (:mod:`krylov_adv.models.layers`: ``max_pool``, and the first convolution through
+  ``layers.conv_general_dilated``), ``True`` from plain ``nn.max_pool`` and ``nn.Conv``. Same
+  parameters, same function (the first convolution to float rounding) and the same gradient;
+  only their cost on the CPU backend differs."""
+  flax_layers: bool = False
 
   @nn.compact
   def __call__(self, x):
-    pool = ((lambda z: nn.max_pool(z, (2, 2), strides=(2, 2))) if self.flax_pool
-            else (lambda z: layers.max_pool(z, (2, 2))))
-    x = pool(nn.relu(nn.Conv(16, (5, 5), padding="SAME")(x)))
+    if self.flax_layers:
+      pool, conv = (lambda z: nn.max_pool(z, (2, 2), strides=(2, 2))), None
+    else:
+      pool, conv = (lambda z: layers.max_pool(z, (2, 2))), layers.conv_general_dilated
+    x = pool(nn.relu(nn.Conv(16, (5, 5), padding="SAME", conv_general_dilated=conv)(x)))
     x = pool(nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x)))
     x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
     return nn.Dense(10)(x)
@@ -268,7 +272,7 @@ def _torch_autoattack(net, x: np.ndarray, y: np.ndarray, eps: float, *, apgd_ste
 
 def side_by_side(root: str, points: int = 1000, eps: float = 0.1, epochs: int = 2,
                  apgd_steps: int = 100, fab_steps: int = 100, square_queries: int = 5000,
-                 n_targets: int = 9, reference: bool = True, flax_pool: bool = False) -> dict:
+                 n_targets: int = 9, reference: bool = True, flax_layers: bool = False) -> dict:
   """Ours and a PyTorch AutoAttack (torchattacks) on the same SmallCNN weights and points.
 
   The model is trained in JAX (:func:`train_mnist_model`), copied into PyTorch
@@ -284,16 +288,16 @@ def side_by_side(root: str, points: int = 1000, eps: float = 0.1, epochs: int = 
   forward pass whose input requires a gradient), and ``ratio_per_gradient`` compares seconds
   per example-gradient. ``one_gradient_seconds`` is one bare input gradient of the summed
   cross-entropy on the whole batch in each library (warm, median of 5), the floor both pay.
-  ``flax_pool``: the JAX model pools with ``nn.max_pool`` instead of the library's
-  :func:`krylov_adv.models.layers.max_pool` (same function and gradient, slower backward).
+  ``flax_layers``: the JAX model is built from plain ``nn.max_pool`` / ``nn.Conv`` instead of
+  :mod:`krylov_adv.models.layers` (see :class:`SmallCNN`).
   """
   params, x_all, y_all = train_mnist_model(root, epochs)
-  model = SmallCNN(flax_pool=flax_pool)
+  model = SmallCNN(flax_layers=flax_layers)
   logits_fn = jax.jit(lambda z: model.apply(params, z))
   x, y = x_all[-points:], y_all[-points:]
   out = {"benchmark": "autoattack_side_by_side", "device": str(jax.devices()[0]),
          "platform": platform.platform(), "jax": jax.__version__, "points": points, "eps": eps,
-         "model": f"SmallCNN ({'nn.max_pool' if flax_pool else 'layers.max_pool'}), {epochs} "
+         "model": f"SmallCNN ({'flax' if flax_layers else 'krylov_adv.models.layers'} layers), {epochs} "
                   f"Adam epochs on MNIST t10k[:9000]",
          "clean_accuracy_test_tail": _accuracy(logits_fn, x, y),
          "settings": dict(apgd_steps=apgd_steps, fab_steps=fab_steps,
@@ -395,13 +399,13 @@ def main(argv=None):
   parser.add_argument("--square-queries", type=int, default=5000)
   parser.add_argument("--no-reference", action="store_true",
                       help="side by side without the PyTorch run (ours alone)")
-  parser.add_argument("--flax-pool", action="store_true",
-                      help="side by side: the JAX model pools with nn.max_pool")
+  parser.add_argument("--flax-layers", action="store_true",
+                      help="side by side: the JAX model uses nn.max_pool and nn.Conv")
   args = parser.parse_args(argv)
   if args.side_by_side:
     result = side_by_side(args.mnist, args.points or 1000, args.eps, args.epochs,
                           args.apgd_steps, args.fab_steps, args.square_queries,
-                          reference=not args.no_reference, flax_pool=args.flax_pool)
+                          reference=not args.no_reference, flax_layers=args.flax_layers)
     args.out = args.out or "benchmarks/results/autoattack_side_by_side.json"
   else:
     result = run(args.points or 256, args.steps, args.seed)

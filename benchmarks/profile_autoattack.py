@@ -1,6 +1,6 @@
 """Profile: what one iteration of each AutoAttack component costs, by sub-step (JSON out).
 
-  python -m benchmarks.profile_autoattack [--batch 1000 500 128] [--flax-pool] [--no-torch]
+  python -m benchmarks.profile_autoattack [--batch 1000 500 128] [--flax-layers] [--no-torch]
                                           [--out benchmarks/results/autoattack_profile.json]
 
 On the side-by-side benchmark's MNIST CNN (:class:`benchmarks.bench_autoattack.SmallCNN`, random
@@ -56,10 +56,10 @@ def _compile_seconds(jitted, *args, **kwargs) -> float:
   return time.perf_counter() - start
 
 
-def profile(batch: int, eps: float = 0.1, flax_pool: bool = False, use_torch: bool = True,
+def profile(batch: int, eps: float = 0.1, flax_layers: bool = False, use_torch: bool = True,
             repeats: int = 5, seed: int = 0) -> dict:
   """The sub-step costs of one batch size (see the module docstring)."""
-  model = SmallCNN(flax_pool=flax_pool)
+  model = SmallCNN(flax_layers=flax_layers)
   rng = np.random.default_rng(seed)
   x_np = rng.uniform(size=(batch, 28, 28, 1)).astype(np.float32)
   y_np = rng.integers(0, 10, batch).astype(np.int32)
@@ -137,18 +137,18 @@ def profile(batch: int, eps: float = 0.1, flax_pool: bool = False, use_torch: bo
 def main(argv=None):
   parser = argparse.ArgumentParser(description="AutoAttack sub-step profile.")
   parser.add_argument("--batch", type=int, nargs="+", default=[1000, 500, 128])
-  parser.add_argument("--flax-pool", action="store_true",
-                      help="the CNN pools with nn.max_pool instead of layers.max_pool")
+  parser.add_argument("--flax-layers", action="store_true",
+                      help="the CNN uses nn.max_pool and nn.Conv, not krylov_adv.models.layers")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch floor")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default="benchmarks/results/autoattack_profile.json")
   args = parser.parse_args(argv)
   result = {"benchmark": "autoattack_profile", "device": str(jax.devices()[0]),
             "platform": platform.platform(), "jax": jax.__version__,
-            "pool": "nn.max_pool" if args.flax_pool else "layers.max_pool", "unit": "ms",
+            "layers": "flax" if args.flax_layers else "krylov_adv.models.layers", "unit": "ms",
             "batches": []}
   for batch in args.batch:
-    result["batches"].append(profile(batch, flax_pool=args.flax_pool,
+    result["batches"].append(profile(batch, flax_layers=args.flax_layers,
                                      use_torch=not args.no_torch, repeats=args.repeats))
     print(json.dumps(result["batches"][-1]), flush=True)
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

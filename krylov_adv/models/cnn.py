@@ -11,14 +11,16 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
-from krylov_adv.models.layers import max_pool
+from krylov_adv.models import layers
 
 
 class MadryCNN(nn.Module):
   """Madry et al. (2018) MNIST CNN: conv32-5x5, 2x2 max-pool, conv64-5x5, 2x2 max-pool,
   dense 1024, dense ``num_classes``. ``activation`` defaults to ReLU (softplus for smooth HVPs).
   The pools are :func:`krylov_adv.models.layers.max_pool` (``nn.max_pool``'s values and
-  gradient, without ``select_and_scatter``'s cost on the CPU backend)."""
+  gradient, without ``select_and_scatter``'s cost on the CPU backend) and the first convolution
+  goes through :func:`krylov_adv.models.layers.conv_general_dilated` (a fast forward pass for
+  one input channel; the convolution's value to float rounding, and its derivatives)."""
   num_classes: int = 10
   activation: Callable[[jax.Array], jax.Array] = nn.relu
 
@@ -26,10 +28,11 @@ class MadryCNN(nn.Module):
   def __call__(self, x, train: bool = False):
     del train  # no BatchNorm/dropout: identical in training and inference
     act = self.activation
-    x = act(nn.Conv(32, (5, 5), padding="SAME")(x))
-    x = max_pool(x, (2, 2))
+    x = act(nn.Conv(32, (5, 5), padding="SAME",
+                    conv_general_dilated=layers.conv_general_dilated)(x))
+    x = layers.max_pool(x, (2, 2))
     x = act(nn.Conv(64, (5, 5), padding="SAME")(x))
-    x = max_pool(x, (2, 2))
+    x = layers.max_pool(x, (2, 2))
     x = x.reshape((x.shape[0], -1))
     x = act(nn.Dense(1024)(x))
     return nn.Dense(self.num_classes)(x)
