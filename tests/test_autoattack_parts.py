@@ -231,6 +231,112 @@ def test_infeasible_projection_goes_to_the_closest_box_corner(norm):
   np.testing.assert_allclose(t + d, corner, atol=1e-6)
 
 
+def _sorted_projection(t, w, b, norm):
+  """The former sort-based solver of FAB's Eq. 5, kept as an independent reference: sort the
+  breakpoints, take ``F`` at each by cumulative sums, interpolate in the first segment reaching
+  ``c``."""
+  c = b - jnp.sum(w * t, axis=1)
+  sgn = jnp.where(c >= 0, 1.0, -1.0).astype(t.dtype)
+  w = w * sgn[:, None]
+  c = jnp.abs(c)
+  aw = jnp.abs(w)
+  cap = jnp.where(w > 0, 1.0 - t, jnp.where(w < 0, t, 0.0))
+  if norm == "linf":
+    breaks, slope = cap, aw
+  else:
+    breaks = jnp.where(aw > 0, cap / jnp.where(aw > 0, aw, 1.0), 1e30)
+    slope = aw * aw
+  saturated = aw * cap
+  order = jnp.argsort(breaks, axis=1)
+  br = jnp.take_along_axis(breaks, order, axis=1)
+  sat = jnp.take_along_axis(saturated, order, axis=1)
+  sl = jnp.take_along_axis(slope, order, axis=1)
+  sat_upto = jnp.cumsum(sat, axis=1)
+  slope_after = jnp.flip(jnp.cumsum(jnp.flip(sl, 1), axis=1), 1) - sl
+  reaches = sat_upto + br * slope_after >= c[:, None]
+  feasible = jnp.any(reaches, axis=1)
+  k = jnp.argmax(reaches, axis=1)[:, None]
+  sat_before = jnp.take_along_axis(sat_upto - sat, k, axis=1)[:, 0]
+  slope_from = jnp.take_along_axis(slope_after + sl, k, axis=1)[:, 0]
+  param = jnp.maximum((c - sat_before) / jnp.maximum(slope_from, 1e-30), 0.0)[:, None]
+  amount = jnp.minimum(param, cap) if norm == "linf" else jnp.minimum(param * aw, cap)
+  amount = jnp.where(feasible[:, None], amount, cap)
+  return jnp.sign(w) * amount
+
+
+def _hard_batch(rng, rows, n):
+  """Rows that stress the segment search: the first half on a dyadic grid (``t`` in multiples of
+  1/8, ``|w|`` in {1/2, 1, 2}), so breakpoints repeat within a row, ``<w, t>`` is exact and the
+  root often falls exactly on a breakpoint; the rest continuous. A fifth of ``w`` is zero; per
+  row type, some rows have ``c = 0`` (``b = <w, t>``, exact on the grid; or ``w = 0``), some have
+  no box point on the hyperplane, the rest ``b = <w, z>`` for a random box point ``z``."""
+  grid = np.arange(rows) < rows // 2
+  t = np.where(grid[:, None], rng.integers(0, 9, (rows, n)) / 8, rng.uniform(size=(rows, n)))
+  w = np.where(grid[:, None], rng.choice([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0], (rows, n)),
+               rng.normal(size=(rows, n)))
+  w[rng.uniform(size=(rows, n)) < 0.2] = 0.0
+  z = np.where(grid[:, None], rng.integers(0, 9, (rows, n)) / 8, rng.uniform(size=(rows, n)))
+  b = np.sum(w * z, axis=1)
+  kind = rng.integers(0, 5, rows)
+  b = np.where(kind == 0, np.sum(w * t, axis=1), b)                         # c = 0 on the grid
+  top = np.sum(np.maximum(w, 0.0), axis=1)                                  # max <w, z> on box
+  b = np.where(kind == 1, top + 0.5 + rng.uniform(size=rows), b)            # infeasible
+  w[kind == 2] = 0.0                                                        # c = b = 0
+  b = np.where(kind == 2, 0.0, b)
+  return t, w, b, kind, grid
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_projection_matches_the_sort_based_solver(norm, dtype):
+  rng = np.random.default_rng(11)
+  t, w, b, kind, grid = _hard_batch(rng, 200, 60)
+  with jax.enable_x64(dtype == "float64"):
+    args = [jnp.asarray(a, dtype) for a in (t, w, b)]
+    got = np.asarray(jax.jit(fab.hyperplane_box_projection, static_argnums=3)(*args, norm))
+    want = np.asarray(jax.jit(_sorted_projection, static_argnums=3)(*args, norm))
+  assert got.dtype == np.dtype(dtype)
+  assert np.all(got[w == 0] == 0)
+  assert np.all(got[kind == 2] == 0)
+  # c = 0 on the grid: the point already lies on the hyperplane.
+  assert np.all(got[(kind == 0) & grid] == 0) and np.all(want[(kind == 0) & grid] == 0)
+  # Infeasible: every coordinate to the face maximising <w, z>.
+  corner = np.where(w > 0, 1.0, np.where(w < 0, 0.0, t))
+  np.testing.assert_allclose((t + got)[kind == 1], corner[kind == 1], atol=1e-6)
+  scale = np.abs(want).max(axis=1, keepdims=True)
+  tol = 1e-5 if dtype == "float32" else 1e-12
+  assert np.all(np.abs(got - want) <= tol * scale), np.max(np.abs(got - want) / scale)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_projection_resolves_a_root_just_above_a_cluster_of_breakpoints(norm):
+  # 100 coordinates of slope ~1 with breakpoints in [r (1 - 1e-7), r], many tied, and 2 of slope
+  # 0.01 with breakpoints far above; the root is r (1 + 1e-9). Counting a cluster coordinate as
+  # active moves the root by ~r 1e-9, so the bisection must resolve the root to that precision
+  # (about 40 of its 63 float64 passes). float64: in float32 the cancellation in c - sum_S is
+  # larger than the effect.
+  rng = np.random.default_rng(5)
+  rows, r = 32, 0.3
+  root = r * (1 + 1e-9)
+  aw = np.concatenate([rng.uniform(0.5, 2.0, (rows, 100)), np.full((rows, 2), 0.1)], 1)
+  if norm == "linf":
+    aw[:, 100:] = 0.01
+  w = aw * rng.choice([-1.0, 1.0], aw.shape)
+  breaks = np.concatenate([r * (1 - 1e-9 * rng.integers(0, 100, (rows, 100))),
+                           np.full((rows, 2), 0.9 if norm == "linf" else 5.0)], 1)
+  cap = breaks if norm == "linf" else breaks * aw
+  t = np.where(w > 0, 1.0 - cap, cap)
+  amount = np.minimum(root if norm == "linf" else root * aw, cap)
+  b = np.sum(w * t, axis=1) + np.sum(aw * amount, axis=1)  # F(root) = c
+  with jax.enable_x64(True):
+    args = [jnp.asarray(a, jnp.float64) for a in (t, w, b)]
+    got = np.asarray(jax.jit(fab.hyperplane_box_projection, static_argnums=3)(*args, norm))
+    want = np.asarray(jax.jit(_sorted_projection, static_argnums=3)(*args, norm))
+  exact = np.sign(w) * amount
+  np.testing.assert_allclose(want, exact, rtol=1e-10)
+  np.testing.assert_allclose(got, exact, rtol=1e-10)
+
+
 # ----------------------------------------------------------------------------------------------
 # FAB on a linear model: the minimal distance to the decision boundary has a closed form.
 

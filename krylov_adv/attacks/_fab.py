@@ -37,7 +37,7 @@ _BIG = 1e30
 
 
 def hyperplane_box_projection(t: Array, w: Array, b: Array, norm: str) -> Array:
-  """Minimal-norm step onto a hyperplane inside the box (FAB paper, Eq. 5), exact, by sorting.
+  """Minimal-norm step onto a hyperplane inside the box (FAB paper, Eq. 5), exact, by bisection.
 
   Solves per example ``d* = argmin ||d||_p  s.t.  <w, t + d> = b,  0 <= t + d <= 1`` for
   ``p = inf`` or ``2``. With ``c = b - <w, t>`` and, after flipping signs so that ``c >= 0``,
@@ -47,19 +47,31 @@ def hyperplane_box_projection(t: Array, w: Array, b: Array, norm: str) -> Array:
     = c``;
     l2:   ``d_i = sign(w_i) min(lambda |w_i|, cap_i)`` with ``g(lambda) = sum_i |w_i|
     min(lambda |w_i|, cap_i) = c`` (KKT of the box-constrained least-norm problem).
-  ``h`` and ``g`` are nondecreasing and piecewise linear with one breakpoint per coordinate
-  (``cap_i`` resp. ``cap_i / |w_i|``): sorting the breakpoints and taking cumulative sums gives
-  them at every breakpoint, and the root is found exactly by linear interpolation in the first
-  segment that reaches ``c``. When no point of the box lies on the hyperplane, ``d`` moves every
-  coordinate to its box face (``d_i = sign(w_i) cap_i``), the box point closest to the
-  hyperplane, as in the paper.
+  ``h`` and ``g`` (``F`` below) are nondecreasing and piecewise linear with one breakpoint per
+  coordinate (``beta_i = cap_i`` resp. ``cap_i / |w_i|``). The root's segment is found by
+  bisection on the IEEE bit pattern of the nonnegative float parameter (the integer view of
+  nonnegative floats is monotone): ``lo, hi`` start at ``0`` and the largest breakpoint and keep
+  ``F(lo) < c <= F(hi)`` until they are adjacent floats, one ``(B, n)`` elementwise-and-reduce
+  pass per bit (31 for float32, 63 for float64). No breakpoint then lies strictly between
+  ``lo`` and ``hi``, so ``S = {i: beta_i <= lo}`` is the set of coordinates saturated at the
+  root (up to the rounding of ``F``; a breakpoint at ``hi`` counted either way moves the root by
+  at most one ulp), and on that linear segment the root is exact:
+  ``param = (c - sum_{i in S} |w_i| cap_i) / sum_{i not in S} slope_i`` (slope ``|w_i|`` resp.
+  ``|w_i|^2``), clamped at ``>= 0``, as the former solver computed it after sorting the
+  breakpoints and taking cumulative sums. The sort is gone because XLA:CPU's sort of the
+  ``(2B, n)`` breakpoints was 7x slower than torch's (149 ms vs 20 ms at ``(1000, 784)``) and
+  dominated FAB's iteration; the fused passes take a small fraction of that. ``c = 0`` gives
+  ``d = 0``. When no point of the box lies on the hyperplane
+  (``F(max beta) = sum_i |w_i| cap_i < c``), ``d`` moves every coordinate to its box face
+  (``d_i = sign(w_i) cap_i``), the box point closest to the hyperplane, as in the paper.
 
   Args:
-    t: ``(B, n)`` points in ``[0, 1]``; w: ``(B, n)`` normals; b: ``(B,)`` offsets.
+    t: ``(B, n)`` points in ``[0, 1]``; w: ``(B, n)`` normals; b: ``(B,)`` offsets; one float
+      dtype (float32 or float64).
     norm: ``"linf" | "l2"``.
 
   Returns:
-    ``d`` ``(B, n)``.
+    ``d`` ``(B, n)``, ``t``'s dtype.
   """
   c = b - jnp.sum(w * t, axis=1)
   sgn = jnp.where(c >= 0, 1.0, -1.0).astype(t.dtype)
@@ -74,20 +86,30 @@ def hyperplane_box_projection(t: Array, w: Array, b: Array, norm: str) -> Array:
     slope = aw * aw
   saturated = aw * cap  # w_i d_i once coordinate i sits on its box face
 
-  order = jnp.argsort(breaks, axis=1)
-  br = jnp.take_along_axis(breaks, order, axis=1)
-  sat = jnp.take_along_axis(saturated, order, axis=1)
-  sl = jnp.take_along_axis(slope, order, axis=1)
-  sat_upto = jnp.cumsum(sat, axis=1)                       # sum_{j <= k}
-  # sum_{j > k} by a reversed cumsum, not total - cumsum, to avoid cancellation.
-  slope_after = jnp.flip(jnp.cumsum(jnp.flip(sl, 1), axis=1), 1) - sl
-  value_at_break = sat_upto + br * slope_after
-  reaches = value_at_break >= c[:, None]
-  feasible = jnp.any(reaches, axis=1)
-  k = jnp.argmax(reaches, axis=1)[:, None]
-  sat_before = jnp.take_along_axis(sat_upto - sat, k, axis=1)[:, 0]
-  slope_from = jnp.take_along_axis(slope_after + sl, k, axis=1)[:, 0]
-  param = jnp.maximum((c - sat_before) / jnp.maximum(slope_from, 1e-30), 0.0)[:, None]
+  def value(p):
+    """``F(p)`` ``(B,)`` at ``p`` ``(B, 1)``."""
+    return jnp.sum(aw * jnp.minimum(p if norm == "linf" else p * aw, cap), axis=1)
+
+  itype = {4: jnp.int32, 8: jnp.int64}[jnp.dtype(t.dtype).itemsize]
+  as_bits = lambda p: jax.lax.bitcast_convert_type(p, itype)
+  as_float = lambda i: jax.lax.bitcast_convert_type(i, t.dtype)
+  top = jnp.maximum(jnp.max(breaks, axis=1), 0.0)
+  feasible = value(top[:, None]) >= c  # F(max beta) is the largest <w, d> over the box
+
+  def bisect(_, lohi):
+    lo, hi = lohi
+    mid = lo + (hi - lo) // 2  # no overflow: both are nonnegative bit patterns
+    up = value(as_float(mid)[:, None]) >= c
+    return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
+
+  # Invariant F(lo) < c <= F(hi) (for c > 0; F(0) = 0). Each pass halves hi - lo, which starts
+  # below 2^(bits - 1), so bits - 1 passes leave adjacent or equal floats.
+  nbits = 8 * jnp.dtype(t.dtype).itemsize
+  lo, _ = jax.lax.fori_loop(0, nbits - 1, bisect, (jnp.zeros_like(as_bits(top)), as_bits(top)))
+  in_s = breaks <= as_float(lo)[:, None]
+  sat_s = jnp.sum(jnp.where(in_s, saturated, 0.0), axis=1)
+  slope_rest = jnp.sum(jnp.where(in_s, 0.0, slope), axis=1)
+  param = jnp.maximum((c - sat_s) / jnp.maximum(slope_rest, 1e-30), 0.0)[:, None]
   amount = jnp.minimum(param, cap) if norm == "linf" else jnp.minimum(param * aw, cap)
   amount = jnp.where(feasible[:, None], amount, cap)
   return jnp.sign(w) * amount
