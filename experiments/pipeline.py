@@ -189,6 +189,17 @@ def initial_state(exp: Experiment) -> training.TrainState:
                                      exp.dataset.x_train.shape[1:])
 
 
+def abstract_state(exp: Experiment, mesh) -> training.TrainState:
+  """The train state's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves, replicated over
+  ``mesh``): a restore template that costs no initialisation. Running ``model.init`` eagerly
+  compiles each of its random initialisers and ops one by one (seconds on a CPU, paid by every
+  evaluation before its first attack); the restored values replace the template anyway."""
+  sharding = parallel.replicated_sharding(mesh)
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      jax.eval_shape(lambda: initial_state(exp)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Devices and hosts
 
@@ -391,8 +402,8 @@ def load_trained(config, workdir: str, dataset: data_lib.Dataset | None = None):
   workdir_lib.check_run_config(workdir, config, record=False)
   exp = build(config, dataset)
   mngr = checkpoint_manager(workdir)
-  template = parallel.replicate(initial_state(exp), make_mesh(config))
-  restored = workdir_lib.restore_newest(mngr, template, workdir, allow_none=False)
+  restored = workdir_lib.restore_newest(mngr, abstract_state(exp, make_mesh(config)), workdir,
+                                        allow_none=False)
   mngr.close()
   if parallel.is_primary():
     for line in restored.messages(workdir):
@@ -406,7 +417,8 @@ def load_trained(config, workdir: str, dataset: data_lib.Dataset | None = None):
 
 # inference_logits' cache: {(model, sha256 of the variables): jitted logits_fn}, newest last.
 _LOGITS_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
-_LOGITS_CACHE_SIZE = 4
+# Two models (a two-method workdir evaluated twice) without holding a table's every row alive.
+_LOGITS_CACHE_SIZE = 2
 
 
 def _variables_digest(params, batch_stats) -> str:

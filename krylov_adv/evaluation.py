@@ -168,6 +168,13 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
   compiles once; batch ``b`` gets ``fold_in(key, b)``; every adversarial batch must pass
   :func:`check_admissible` (a robust accuracy from an inadmissible point would be meaningless).
 
+  AutoAttack (``attacks.autoattack`` or ``autoattack_with_report`` with bound hyperparameters,
+  as ``attacks.from_config`` gives them) on one device runs through
+  ``attacks.autoattack_batched`` instead: the same per-example keys as batch by batch, but each
+  component on the still-robust points of all batches at once, so it compiles one shape per
+  component (each batch's own subset sizes would each compile) and never attacks the padding;
+  its one report covers all ``N`` points (``extras = [(report, N)]``).
+
   Args:
     logits_fn: ``(B, H, W, C) -> (B, K)`` in inference mode; reuse one function object across
       calls (attacks jit with ``logits_fn`` static, so a new closure means a recompile).

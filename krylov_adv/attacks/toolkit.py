@@ -201,7 +201,13 @@ def example_keys(key: Array, example_index: Array) -> Array:
   ``index`` of a batch attacked with ``fold_in(key, batch)`` (``evaluation.run_attack``'s
   scheme), so that points of several batches can be attacked together with their own keys.
   """
-  example_index = jnp.asarray(example_index)
+  return _example_keys(key, jnp.asarray(example_index))
+
+
+@jax.jit
+def _example_keys(key: Array, example_index: Array) -> Array:
+  # One compiled function per shape: run eagerly, each fold_in (and each index of a pair) would
+  # compile on its own for every subset size AutoAttack gives its components.
   if example_index.ndim == 2:
     return jax.vmap(lambda e: jax.random.fold_in(jax.random.fold_in(key, e[0]), e[1]))(
         example_index)
