@@ -224,11 +224,15 @@ def autoattack_batched(logits_fn: LogitsFn, x, y, key, *, batch_size: int,
   if int(batch_size) < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   n = int(np.shape(x)[0])
+  kw = toolkit.keyword_arguments(autoattack, hyperparameters)
+  if n <= int(batch_size):
+    # One batch: exactly the API call on batch 0's key (positions as example indices, whose
+    # keys cost one fold_in each instead of two).
+    return _autoattack(logits_fn, x, y, jax.random.fold_in(key, 0), **kw)
   pos = np.arange(n)
   example_index = np.stack([pos // int(batch_size), pos % int(batch_size)], 1).astype(np.int32)
-  return _autoattack(logits_fn, x, y, key, **toolkit.keyword_arguments(autoattack,
-                                                                       hyperparameters),
-                     chunk=min(int(batch_size), n), example_index=example_index)
+  return _autoattack(logits_fn, x, y, key, **kw, chunk=int(batch_size),
+                     example_index=example_index)
 
 
 def _chunks(index: np.ndarray, chunk: int, multiple: int):
