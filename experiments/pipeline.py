@@ -19,8 +19,10 @@ The flow follows the Flax examples: a step is a pure function jitted once (in
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -185,6 +187,17 @@ def initial_state(exp: Experiment) -> training.TrainState:
   """The freshly initialised train state (seed ``config.seed``), on the default device."""
   return training.create_train_state(exp.model, exp.tx, jax.random.PRNGKey(exp.config.seed),
                                      exp.dataset.x_train.shape[1:])
+
+
+def abstract_state(exp: Experiment, mesh) -> training.TrainState:
+  """The train state's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves, replicated over
+  ``mesh``): a restore template that costs no initialisation. Running ``model.init`` eagerly
+  compiles each of its random initialisers and ops one by one (seconds on a CPU, paid by every
+  evaluation before its first attack); the restored values replace the template anyway."""
+  sharding = parallel.replicated_sharding(mesh)
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      jax.eval_shape(lambda: initial_state(exp)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,8 +402,8 @@ def load_trained(config, workdir: str, dataset: data_lib.Dataset | None = None):
   workdir_lib.check_run_config(workdir, config, record=False)
   exp = build(config, dataset)
   mngr = checkpoint_manager(workdir)
-  template = parallel.replicate(initial_state(exp), make_mesh(config))
-  restored = workdir_lib.restore_newest(mngr, template, workdir, allow_none=False)
+  restored = workdir_lib.restore_newest(mngr, abstract_state(exp, make_mesh(config)), workdir,
+                                        allow_none=False)
   mngr.close()
   if parallel.is_primary():
     for line in restored.messages(workdir):
@@ -402,14 +415,50 @@ def load_trained(config, workdir: str, dataset: data_lib.Dataset | None = None):
 # Evaluation and its files
 
 
+# inference_logits' cache: {(model, sha256 of the variables): jitted logits_fn}, newest last.
+_LOGITS_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+# Two models (a two-method workdir evaluated twice) without holding a table's every row alive.
+_LOGITS_CACHE_SIZE = 2
+
+
+def _variables_digest(params, batch_stats) -> str:
+  """sha256 over every leaf's dtype, shape and bytes (parameters, then BatchNorm statistics)."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves((params, batch_stats)):
+    a = np.ascontiguousarray(parallel.to_host(leaf))
+    digest.update(f"{a.dtype}{a.shape}".encode())
+    digest.update(a.tobytes())
+  return digest.hexdigest()
+
+
+def inference_logits(model, state):
+  """The jitted inference-mode ``logits_fn`` (``training.inference_logits_fn``, ``(B, H, W, C)
+  -> (B, K)``) of ``state``, one function object per model and parameter values.
+
+  Attacks take ``logits_fn`` as a static argument of their jitted steps, so a new function
+  object recompiles every one of them. The object is cached by the model and a hash of the
+  parameter values (not the arrays' identity: a checkpoint restored twice gives new arrays with
+  the same values), so evaluating the same model again (another suite, ``evaluate_workdir``
+  called again in one process) reuses every compiled attack.
+  """
+  key = (model, _variables_digest(state.params, state.batch_stats))
+  if key in _LOGITS_CACHE:
+    _LOGITS_CACHE.move_to_end(key)
+    return _LOGITS_CACHE[key]
+  fn = jax.jit(training.inference_logits_fn(model, state.params, state.batch_stats))
+  _LOGITS_CACHE[key] = fn
+  while len(_LOGITS_CACHE) > _LOGITS_CACHE_SIZE:
+    _LOGITS_CACHE.popitem(last=False)
+  return fn
+
+
 def evaluate(exp: Experiment, state, config, suite: str = "attacks"
              ) -> list[evaluation.AttackResult]:
   """Runs the suite ``config.eval.<suite>`` (:func:`eval_suite`) on the first
   ``eval.num_examples`` test points; SOAE and AutoAttack through their ``NAME_with_report``
   entry, so that each result's ``extras`` hold their diagnostics at no extra cost."""
   n = min(int(config.eval.num_examples), len(exp.dataset.y_test))
-  # One jitted function object per evaluation: attacks take it as a static argument.
-  logits_fn = jax.jit(training.inference_logits_fn(exp.model, state.params, state.batch_stats))
+  logits_fn = inference_logits(exp.model, state)
   # Data parallel like training: each attack batch is sharded over the mesh's "data" axis.
   return evaluation.evaluate_attacks(logits_fn, exp.dataset.x_test[:n], exp.dataset.y_test[:n],
                                      eval_suite(config, suite),

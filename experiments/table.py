@@ -205,10 +205,8 @@ def evaluate_row(exp, state, cfg, row_dir: str, *, epochs: int, hvp_cost: float,
     old = stored.get(entry)
     if old is not None and old.get("setting") == setting:
       return old
-    if logits_fn is None:  # one jitted function for the row: attacks take it as static
-      from krylov_adv import training
-      logits_fn = jax.jit(training.inference_logits_fn(exp.model, state.params,
-                                                       state.batch_stats))
+    if logits_fn is None:  # one jitted function per model: attacks take it as static
+      logits_fn = pipeline.inference_logits(exp.model, state)
     [r] = evaluation.evaluate_attacks(
         logits_fn, x, y, {entry: c}, jax.random.fold_in(base_key, i),
         batch_size=int(cfg.eval.batch_size), mesh=mesh, reports=evaluation.FREE_REPORTS)

@@ -168,6 +168,13 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
   compiles once; batch ``b`` gets ``fold_in(key, b)``; every adversarial batch must pass
   :func:`check_admissible` (a robust accuracy from an inadmissible point would be meaningless).
 
+  AutoAttack (``attacks.autoattack`` or ``autoattack_with_report`` with bound hyperparameters,
+  as ``attacks.from_config`` gives them) on one device runs through
+  ``attacks.autoattack_batched`` instead: the same per-example keys as batch by batch, but each
+  component on the still-robust points of all batches at once, so it compiles one shape per
+  component (each batch's own subset sizes would each compile) and never attacks the padding;
+  its one report covers all ``N`` points (``extras = [(report, N)]``).
+
   Args:
     logits_fn: ``(B, H, W, C) -> (B, K)`` in inference mode; reuse one function object across
       calls (attacks jit with ``logits_fn`` static, so a new closure means a recompile).
@@ -185,6 +192,11 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
   Returns:
     An :class:`AttackRun`.
   """
+  autoattack = _autoattack_call(attack_fn)
+  if autoattack is not None and len(x) and (mesh is None or mesh.devices.size == 1):
+    return _run_autoattack(logits_fn, *autoattack, x, y, key, eps=eps, norm=norm,
+                           batch_size=_batch_size(batch_size, len(x), None),
+                           keep_examples=keep_examples)
   correct, kept, extras = [], [], []
   for b, (idx, valid) in enumerate(_padded_batches(len(x), _batch_size(batch_size, len(x),
                                                                          mesh))):
@@ -201,6 +213,43 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
       extras.append((aux, valid))
   return AttackRun(np.concatenate(correct) if correct else np.zeros((0,), bool),
                    np.concatenate(kept) if keep_examples and kept else None, extras)
+
+
+def _autoattack_call(attack_fn) -> tuple[bool, dict] | None:
+  """``(with_report, keyword arguments)`` when ``attack_fn`` is ``attacks.autoattack`` or
+  ``attacks.autoattack_with_report`` with its hyperparameters bound (``attacks.from_config``),
+  else ``None``."""
+  if not isinstance(attack_fn, functools.partial) or attack_fn.args:
+    return None
+  if attack_fn.func is attacks.autoattack:
+    return False, dict(attack_fn.keywords)
+  if attack_fn.func is attacks.autoattack_with_report:
+    return True, dict(attack_fn.keywords)
+  return None
+
+
+def _run_autoattack(logits_fn: LogitsFn, with_report: bool, keywords: dict, x: np.ndarray,
+                    y: np.ndarray, key: Array, *, eps: float, norm: str, batch_size: int,
+                    keep_examples: bool) -> AttackRun:
+  """:func:`run_attack` for AutoAttack on one device: ``attacks.autoattack_batched`` runs each
+  component on the still-robust points of every batch together (the same per-example keys as
+  batch ``b`` attacked with ``fold_in(key, b)``), so a batched evaluation compiles the shapes of
+  one ``batch_size`` call instead of each batch's subset sizes, and never attacks the padding of
+  the last batch. The check and the predictions then run per padded batch, like every attack's.
+  ``extras`` holds one ``(report, N)`` for the whole set when ``with_report``."""
+  out = attacks.autoattack_batched(logits_fn, jnp.asarray(x), jnp.asarray(y), key,
+                                   batch_size=batch_size, **keywords)
+  correct, kept = [], []
+  for idx, valid in _padded_batches(len(x), batch_size):
+    # The padded indices keep every batch at one shape (one compile of each check).
+    xb, xa = jnp.asarray(x[idx]), jnp.take(out.x_adv, jnp.asarray(idx), axis=0)
+    check_admissible(xa, xb, eps=eps, norm=norm)
+    pred = parallel.to_host(predicted_labels(logits_fn(xa)))
+    correct.append((pred == y[idx])[:valid])
+    if keep_examples:
+      kept.append(parallel.to_host(xa)[:valid])
+  return AttackRun(np.concatenate(correct), np.concatenate(kept) if keep_examples else None,
+                   [(out.report, len(x))] if with_report else [])
 
 
 def robust_accuracy(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray,

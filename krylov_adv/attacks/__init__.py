@@ -15,7 +15,8 @@ returning
 ``WithReport(x_adv, report)`` (:class:`krylov_adv.attacks.toolkit.WithReport`, ``x_adv`` the
 same array ``NAME`` returns): ``pgd_with_report`` and ``second_order_with_report`` (per-iterate
 trace), ``soae_with_report`` (:class:`SOAEDiagnostics`), ``autoattack_with_report``
-(:class:`AutoAttackReport`).
+(:class:`AutoAttackReport`); ``autoattack_batched`` is ``autoattack_with_report`` over a test
+set in batches, component by component over the whole set (what a batched evaluation runs).
 
 Registered attacks: ``fgsm``, ``pgd``, ``second_order`` (S-O), ``soae``, ``trades``, ``apgd_ce``,
 ``apgd_dlr``, ``apgd_t``, ``fab``, ``fab_t``, ``square``, ``autoattack``.
@@ -105,5 +106,5 @@ from krylov_adv.attacks._soae import (SOAEDiagnostics, SOAEDirection, soae,  # n
                                       soae_direction, soae_with_report)
 from krylov_adv.attacks._trades import trades  # noqa: E402
 from krylov_adv.attacks._autoattack import (AutoAttackReport, autoattack,  # noqa: E402
-                                            autoattack_with_report)
+                                            autoattack_batched, autoattack_with_report)
 from krylov_adv.attacks.toolkit import WithReport  # noqa: E402

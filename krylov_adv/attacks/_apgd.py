@@ -405,7 +405,8 @@ def apgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, loss: str = "ce",
     targeted: run over target classes. steps: iterations per run (paper: 100).
     restarts: random restarts (per target). n_target_classes: targets (paper: 9).
     rho: checkpoint condition-1 fraction (paper: 0.75).
-    example_index: ``(B,)`` ints keying each example's randomness (default ``arange(B)``).
+    example_index: ``(B,)`` ints (or ``(B, 2)`` pairs, :func:`toolkit.example_keys`) keying each
+      example's randomness (default ``arange(B)``).
 
   Returns:
     ``x_adv`` ``(B, H, W, C)``: the first misclassified point found per example, else the

@@ -196,13 +196,74 @@ def autoattack_with_report(logits_fn: LogitsFn, x, y, key,
                      **toolkit.keyword_arguments(autoattack, hyperparameters))
 
 
+@toolkit.report_entry
+def autoattack_batched(logits_fn: LogitsFn, x, y, key, *, batch_size: int,
+                       **hyperparameters) -> toolkit.WithReport:
+  """:func:`autoattack_with_report` over a test set attacked in batches of ``batch_size``,
+  component by component over the whole set: THE way a batched evaluation runs AutoAttack
+  (``krylov_adv.evaluation.run_attack``).
+
+  Example ``i`` gets the randomness it would get as example ``i % batch_size`` of batch
+  ``b = i // batch_size`` attacked alone with key ``fold_in(key, b)`` (per-example keys
+  ``fold_in(fold_in(key, b), i % batch_size)``, :func:`toolkit.example_keys`), but each
+  component runs on the still-robust points of all batches together, split evenly into as few
+  calls of at most ``batch_size`` points as it takes, all padded to one :func:`_bucket` size
+  (:func:`_chunks`). So each component compiles one shape, from the bucket sizes of
+  ``batch_size``, whatever the number of batches (instead of each batch's own subset bucket),
+  and the padding of a last partial batch is never attacked.
+  With ``len(x) <= batch_size`` it is :func:`autoattack_with_report` on ``fold_in(key, 0)``.
+
+  Args:
+    x: ``(N, H, W, C)``; y: ``(N,)``; key: the key of the whole set (batch ``b`` folds in ``b``).
+    batch_size: points per attack call (``>= 1``), the memory bound.
+    **hyperparameters: :func:`autoattack`'s keyword arguments (``eps``, ``norm``, ...).
+
+  Returns:
+    ``WithReport(x_adv (N, ...), AutoAttackReport)`` over the ``N`` points.
+  """
+  if int(batch_size) < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  n = int(np.shape(x)[0])
+  kw = toolkit.keyword_arguments(autoattack, hyperparameters)
+  if n <= int(batch_size):
+    # One batch: exactly the API call on batch 0's key (positions as example indices, whose
+    # keys cost one fold_in each instead of two).
+    return _autoattack(logits_fn, x, y, jax.random.fold_in(key, 0), **kw)
+  pos = np.arange(n)
+  example_index = np.stack([pos // int(batch_size), pos % int(batch_size)], 1).astype(np.int32)
+  return _autoattack(logits_fn, x, y, key, **kw, chunk=int(batch_size),
+                     example_index=example_index)
+
+
+def _chunks(index: np.ndarray, chunk: int, multiple: int):
+  """``(part, padded)``: ``index`` (``n >= 1`` points) in ``k = ceil(n / chunk)`` consecutive
+  parts of ``ceil(n / k)`` points (the last one possibly fewer), each padded by repeating its
+  first point to the one size ``_bucket(ceil(n / k), chunk, multiple)``: a still-robust set
+  larger than ``chunk`` runs as ``k`` calls of a single shape (one compile), not as full chunks
+  plus a tail of another shape. ``n <= chunk`` is one part padded to ``_bucket(n, ...)``."""
+  k = -(-index.size // chunk)
+  per = -(-index.size // k)
+  size = _bucket(per, chunk, multiple)
+  for lo in range(0, index.size, per):
+    part = index[lo:lo + per]
+    yield part, np.concatenate([part, np.full(size - part.size, part[0])]).astype(np.int32)
+
+
 def _autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str,
                 attacks: Sequence | None,
-                hyperparameters: Mapping[str, Mapping[str, Any]] | None) -> toolkit.WithReport:
-  """The ensemble behind :func:`autoattack` and :func:`autoattack_with_report`."""
-  x, y, _, _ = toolkit.validate_inputs(logits_fn, x, y, eps, norm)
+                hyperparameters: Mapping[str, Mapping[str, Any]] | None,
+                chunk: int | None = None,
+                example_index: np.ndarray | None = None) -> toolkit.WithReport:
+  """The ensemble behind :func:`autoattack`, :func:`autoattack_with_report` and
+  :func:`autoattack_batched`: ``chunk`` points per component call (default: all of ``x``);
+  ``example_index`` ``(B,)`` or ``(B, 2)`` keys each example's randomness (default
+  ``arange(B)``, its position)."""
+  x, y, _, _ = toolkit.validate_inputs(logits_fn, x, y, eps, norm, example_index=example_index)
   plan = version_components(version, attacks, hyperparameters)
   bsz = x.shape[0]
+  chunk = bsz if chunk is None else int(chunk)
+  index_np = np.arange(bsz, dtype=np.int32) if example_index is None else np.asarray(
+      example_index, np.int32)
   # A batch sharded over a mesh stays sharded: subsets are padded to a multiple of the number
   # of shards and laid out like x, and x_adv is assembled on the devices. Only the per-example
   # predictions (B ints) travel to the host for the bookkeeping.
@@ -210,7 +271,13 @@ def _autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str,
   index_sharding = None if sharding is None else jax.sharding.NamedSharding(
       sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
   y_np = parallel.to_host(y)
-  robust = parallel.to_host(_predict(logits_fn, x)) == y_np
+  if chunk >= bsz:
+    robust = parallel.to_host(_predict(logits_fn, x)) == y_np
+  else:  # in chunks, the shape every component call starts with
+    robust = np.zeros(bsz, bool)
+    for part, padded in _chunks(np.arange(bsz), chunk, shards):
+      pred = parallel.to_host(_predict(logits_fn, _take(x, padded, sharding=sharding)))
+      robust[part] = pred[:part.size] == y_np[part]
   clean_accuracy = float(robust.mean()) if bsz else 0.0
   x_adv = x
   after, seconds = [], []
@@ -220,20 +287,20 @@ def _autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str,
       after.append(0.0)
       seconds.append(0.0)
       continue
-    size = _bucket(idx.size, bsz, shards)
-    padded = np.concatenate([idx, np.full(size - idx.size, idx[0])]).astype(np.int32)
     start = time.perf_counter()
-    example_index = jnp.asarray(padded) if index_sharding is None else jax.device_put(
-        padded, index_sharding)
-    xa = get(name)(logits_fn, _take(x, padded, sharding=sharding),
-                   _take(y, padded, sharding=index_sharding), key, eps=eps, norm=norm,
-                   example_index=example_index, **kw)
-    pred = parallel.to_host(_predict(logits_fn, xa))
+    for part, padded in _chunks(idx, chunk, shards):
+      keys_of = index_np[padded]
+      sub_index = jnp.asarray(keys_of) if index_sharding is None else jax.device_put(
+          keys_of, index_sharding)
+      xa = get(name)(logits_fn, _take(x, padded, sharding=sharding),
+                     _take(y, padded, sharding=index_sharding), key, eps=eps, norm=norm,
+                     example_index=sub_index, **kw)
+      pred = parallel.to_host(_predict(logits_fn, xa))
+      fooled = np.zeros(padded.size, bool)
+      fooled[:part.size] = pred[:part.size] != y_np[part]
+      x_adv = _put(x_adv, xa, np.where(fooled, padded, bsz).astype(np.int32))
+      robust[part[fooled[:part.size]]] = False
     seconds.append(time.perf_counter() - start)
-    fooled = np.zeros(size, bool)
-    fooled[:idx.size] = pred[:idx.size] != y_np[idx]
-    x_adv = _put(x_adv, xa, np.where(fooled, padded, bsz).astype(np.int32))
-    robust[idx[fooled[:idx.size]]] = False
     after.append(float(robust.mean()))
   report = AutoAttackReport(
       components=tuple(name for name, _ in plan), clean_accuracy=clean_accuracy,

@@ -329,7 +329,8 @@ def fab_attack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, targeted: bool
     eps: budget ``>= 0`` (a point counts as fooled when its FAB distance is ``<= eps``).
     norm: ``"linf" | "l2"``. targeted: FAB-T over ``min(n_target_classes, K - 1)`` targets.
     steps, restarts, alpha_max, overshoot, beta: FAB hyperparameters (paper/reference defaults).
-    example_index: ``(B,)`` ints keying each example's randomness (default ``arange(B)``).
+    example_index: ``(B,)`` ints (or ``(B, 2)`` pairs, :func:`toolkit.example_keys`) keying each
+      example's randomness (default ``arange(B)``).
 
   Returns:
     ``x_adv`` ``(B, H, W, C)`` within the eps-ball and box.

@@ -252,7 +252,8 @@ def square(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 5000,
     steps: iterations (one model query each after the initial one; AutoAttack: 5000).
     p_init: initial fraction of pixels per window (0.8). rescale_schedule: stretch the
       :func:`p_schedule` to ``steps`` (``False`` in AutoAttack).
-    example_index: ``(B,)`` ints keying each example's randomness (default ``arange(B)``).
+    example_index: ``(B,)`` ints (or ``(B, 2)`` pairs, :func:`toolkit.example_keys`) keying each
+      example's randomness (default ``arange(B)``).
 
   Returns:
     ``x_adv`` ``(B, H, W, C)`` within the eps-ball and ``[0, 1]``.

@@ -78,7 +78,8 @@ def validate_inputs(logits_fn: LogitsFn, x, y, eps, norm: str, *, loss: str | No
     logits_fn: ``(B, ...) -> (B, K)``; only its abstract output shape is evaluated.
     x: ``(B, H, W, C)`` float images. y: ``(B,)`` int labels. eps: budget. norm: ``"linf" |
       "l2"``. loss: ``"ce" | "dlr"``, or ``None`` for attacks without a loss choice.
-    example_index: ``(B,)`` ints keying each example's randomness, or ``None``.
+    example_index: ``(B,)`` ints keying each example's randomness, ``(B, 2)`` ``(batch,
+      index)`` pairs (:func:`example_keys`), or ``None``.
   """
   x = jnp.asarray(x)
   y = jnp.asarray(y)
@@ -90,8 +91,9 @@ def validate_inputs(logits_fn: LogitsFn, x, y, eps, norm: str, *, loss: str | No
   if example_index is None:
     example_index = jnp.arange(x.shape[0], dtype=jnp.int32)
   example_index = jnp.asarray(example_index)
-  if example_index.shape != (x.shape[0],):
-    raise ValueError(f"example_index must have shape ({x.shape[0]},), got {example_index.shape}")
+  if example_index.shape not in ((x.shape[0],), (x.shape[0], 2)):
+    raise ValueError(f"example_index must have shape ({x.shape[0]},) or ({x.shape[0]}, 2), got "
+                     f"{example_index.shape}")
   return AttackInputs(x, y, k, example_index)
 
 
@@ -194,9 +196,22 @@ def example_keys(key: Array, example_index: Array) -> Array:
   """One PRNG key per example, ``fold_in(key, example_index[i])``; ``(B,)`` ints -> ``(B, ...)``.
 
   Keying randomness by the example's index (not its position in the batch) gives an example the
-  same result whatever else is in the batch (AutoAttack relies on it).
+  same result whatever else is in the batch (AutoAttack relies on it). A ``(B, 2)`` index holds
+  ``(batch, index)`` pairs and gives ``fold_in(fold_in(key, batch), index)``: the key of example
+  ``index`` of a batch attacked with ``fold_in(key, batch)`` (``evaluation.run_attack``'s
+  scheme), so that points of several batches can be attacked together with their own keys.
   """
-  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(example_index))
+  return _example_keys(key, jnp.asarray(example_index))
+
+
+@jax.jit
+def _example_keys(key: Array, example_index: Array) -> Array:
+  # One compiled function per shape: run eagerly, each fold_in (and each index of a pair) would
+  # compile on its own for every subset size AutoAttack gives its components.
+  if example_index.ndim == 2:
+    return jax.vmap(lambda e: jax.random.fold_in(jax.random.fold_in(key, e[0]), e[1]))(
+        example_index)
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, example_index)
 
 
 def fold_keys(keys: Array, data) -> Array:
