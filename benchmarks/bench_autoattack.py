@@ -138,20 +138,18 @@ class SmallCNN(nn.Module):
   """conv 16 5x5, max-pool 2, conv 32 5x5, max-pool 2, dense 128, dense 10 (ReLU, SAME
   padding): the issue's MNIST CNN. NHWC ``(B, 28, 28, 1)`` in ``[0, 1]`` -> logits ``(B, 10)``.
 
-  ``flax_layers=False`` builds it from the layers the library's MNIST CNN uses
-  (:mod:`krylov_adv.models.layers`: ``max_pool``, and the first convolution through
-  ``layers.conv_general_dilated``), ``True`` from plain ``nn.max_pool`` and ``nn.Conv``. Same
-  parameters, same function (the first convolution to float rounding) and the same gradient;
-  only their cost on the CPU backend differs."""
+  ``flax_layers=False`` pools with :func:`krylov_adv.models.layers.max_pool`, as the library's
+  Madry CNN does, ``True`` with plain ``nn.max_pool``: the same function and the same
+  gradient, ties included; only the cost of the gradient on the CPU backend differs."""
   flax_layers: bool = False
 
   @nn.compact
   def __call__(self, x):
     if self.flax_layers:
-      pool, conv = (lambda z: nn.max_pool(z, (2, 2), strides=(2, 2))), None
+      pool = lambda z: nn.max_pool(z, (2, 2), strides=(2, 2))
     else:
-      pool, conv = (lambda z: layers.max_pool(z, (2, 2))), layers.conv_general_dilated
-    x = pool(nn.relu(nn.Conv(16, (5, 5), padding="SAME", conv_general_dilated=conv)(x)))
+      pool = lambda z: layers.max_pool(z, (2, 2))
+    x = pool(nn.relu(nn.Conv(16, (5, 5), padding="SAME")(x)))
     x = pool(nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x)))
     x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
     return nn.Dense(10)(x)
@@ -288,8 +286,8 @@ def side_by_side(root: str, points: int = 1000, eps: float = 0.1, epochs: int = 
   forward pass whose input requires a gradient), and ``ratio_per_gradient`` compares seconds
   per example-gradient. ``one_gradient_seconds`` is one bare input gradient of the summed
   cross-entropy on the whole batch in each library (warm, median of 5), the floor both pay.
-  ``flax_layers``: the JAX model is built from plain ``nn.max_pool`` / ``nn.Conv`` instead of
-  :mod:`krylov_adv.models.layers` (see :class:`SmallCNN`).
+  ``flax_layers``: the JAX model pools with plain ``nn.max_pool`` instead of
+  :func:`krylov_adv.models.layers.max_pool` (see :class:`SmallCNN`).
   """
   params, x_all, y_all = train_mnist_model(root, epochs)
   model = SmallCNN(flax_layers=flax_layers)
@@ -400,7 +398,7 @@ def main(argv=None):
   parser.add_argument("--no-reference", action="store_true",
                       help="side by side without the PyTorch run (ours alone)")
   parser.add_argument("--flax-layers", action="store_true",
-                      help="side by side: the JAX model uses nn.max_pool and nn.Conv")
+                      help="side by side: the JAX model pools with nn.max_pool")
   args = parser.parse_args(argv)
   if args.side_by_side:
     result = side_by_side(args.mnist, args.points or 1000, args.eps, args.epochs,

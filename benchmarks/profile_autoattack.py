@@ -138,7 +138,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description="AutoAttack sub-step profile.")
   parser.add_argument("--batch", type=int, nargs="+", default=[1000, 500, 128])
   parser.add_argument("--flax-layers", action="store_true",
-                      help="the CNN uses nn.max_pool and nn.Conv, not krylov_adv.models.layers")
+                      help="the CNN pools with nn.max_pool, not krylov_adv.models.layers.max_pool")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch floor")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default="benchmarks/results/autoattack_profile.json")

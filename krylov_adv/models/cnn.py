@@ -18,9 +18,7 @@ class MadryCNN(nn.Module):
   """Madry et al. (2018) MNIST CNN: conv32-5x5, 2x2 max-pool, conv64-5x5, 2x2 max-pool,
   dense 1024, dense ``num_classes``. ``activation`` defaults to ReLU (softplus for smooth HVPs).
   The pools are :func:`krylov_adv.models.layers.max_pool` (``nn.max_pool``'s values and
-  gradient, without ``select_and_scatter``'s cost on the CPU backend) and the first convolution
-  goes through :func:`krylov_adv.models.layers.conv_general_dilated` (a fast forward pass for
-  one input channel; the convolution's value to float rounding, and its derivatives)."""
+  derivatives, without ``select_and_scatter``'s cost on the CPU backend)."""
   num_classes: int = 10
   activation: Callable[[jax.Array], jax.Array] = nn.relu
 
@@ -28,8 +26,7 @@ class MadryCNN(nn.Module):
   def __call__(self, x, train: bool = False):
     del train  # no BatchNorm/dropout: identical in training and inference
     act = self.activation
-    x = act(nn.Conv(32, (5, 5), padding="SAME",
-                    conv_general_dilated=layers.conv_general_dilated)(x))
+    x = act(nn.Conv(32, (5, 5), padding="SAME")(x))
     x = layers.max_pool(x, (2, 2))
     x = act(nn.Conv(64, (5, 5), padding="SAME")(x))
     x = layers.max_pool(x, (2, 2))
