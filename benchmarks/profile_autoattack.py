@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.bench_autoattack import SmallCNN, torch_model
+from benchmarks.bench_autoattack import SmallCNN, torch_input_gradient, torch_model
 from krylov_adv.attacks import _apgd, _fab, get, toolkit
 
 
@@ -118,16 +118,9 @@ def profile(batch: int, eps: float = 0.1, flax_layers: bool = False, use_torch: 
     import torch  # pylint: disable=import-outside-toplevel
     net = torch_model(params)
     xt = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 3, 1, 2)))
-    yt = torch.from_numpy(y_np.astype(np.int64))
-
-    def torch_grad():
-      xx = xt.clone().requires_grad_()
-      loss = torch.nn.functional.cross_entropy(net(xx), yt, reduction="sum")
-      return torch.autograd.grad(loss, [xx])[0]
-
     with torch.no_grad():
       out["floor"]["torch_forward"] = _ms(lambda: net(xt), repeats)
-    out["floor"]["torch_gradient"] = _ms(torch_grad, repeats)
+    out["floor"]["torch_gradient"] = _ms(torch_input_gradient(net, x_np, y_np), repeats)
     t2_torch = torch.from_numpy(np.array(t2))
     out["fab_t_parts"]["torch_sort_2B"] = _ms(lambda: torch.sort(t2_torch, dim=1), repeats)
     out["torch_threads"] = torch.get_num_threads()
