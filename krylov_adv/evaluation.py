@@ -204,15 +204,24 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
     out = attack_fn(logits_fn, xb, yb, jax.random.fold_in(key, b))
     # A NAME_with_report entry returns WithReport(x_adv, report); a plain attack x_adv alone.
     x_adv, aux = out if isinstance(out, attacks.WithReport) else (out, None)
-    check_admissible(x_adv, xb, eps=eps, norm=norm)
-    pred = parallel.to_host(predicted_labels(logits_fn(x_adv)))  # a NaN row is -1: wrong
-    correct.append((pred == y[idx])[:valid])
-    if keep_examples:
-      kept.append(parallel.to_host(x_adv)[:valid])
+    _judge_batch(logits_fn, x_adv, xb, y[idx], valid, eps=eps, norm=norm, correct=correct,
+                 kept=kept if keep_examples else None)
     if aux is not None:
       extras.append((aux, valid))
   return AttackRun(np.concatenate(correct) if correct else np.zeros((0,), bool),
                    np.concatenate(kept) if keep_examples and kept else None, extras)
+
+
+def _judge_batch(logits_fn: LogitsFn, x_adv: Array, xb: Array, yb: np.ndarray, valid: int, *,
+                 eps: float, norm: str, correct: list, kept: list | None) -> None:
+  """Judges one padded batch's adversarial points (both runners): :func:`check_admissible`,
+  then appends the first ``valid`` rows' correctness (``x_adv`` ``(B, ...)`` against labels
+  ``yb`` ``(B,)``) to ``correct`` and, when ``kept`` is a list, the points themselves."""
+  check_admissible(x_adv, xb, eps=eps, norm=norm)
+  pred = parallel.to_host(predicted_labels(logits_fn(x_adv)))  # a NaN row is -1: wrong
+  correct.append((pred == yb)[:valid])
+  if kept is not None:
+    kept.append(parallel.to_host(x_adv)[:valid])
 
 
 def _autoattack_call(attack_fn) -> tuple[bool, dict] | None:
@@ -243,11 +252,8 @@ def _run_autoattack(logits_fn: LogitsFn, with_report: bool, keywords: dict, x: n
   for idx, valid in _padded_batches(len(x), batch_size):
     # The padded indices keep every batch at one shape (one compile of each check).
     xb, xa = jnp.asarray(x[idx]), jnp.take(out.x_adv, jnp.asarray(idx), axis=0)
-    check_admissible(xa, xb, eps=eps, norm=norm)
-    pred = parallel.to_host(predicted_labels(logits_fn(xa)))
-    correct.append((pred == y[idx])[:valid])
-    if keep_examples:
-      kept.append(parallel.to_host(xa)[:valid])
+    _judge_batch(logits_fn, xa, xb, y[idx], valid, eps=eps, norm=norm, correct=correct,
+                 kept=kept if keep_examples else None)
   return AttackRun(np.concatenate(correct), np.concatenate(kept) if keep_examples else None,
                    [(out.report, len(x))] if with_report else [])
 
