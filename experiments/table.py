@@ -109,7 +109,7 @@ ROW_LABELS = {"standard": "STD", "pgd": "PGD", "trades": "TRADES", "soar": "SOAR
               "soat_paper": "SOAT (paper-literal FD HVP)", "soat_tr": "SOAT (trust region)",
               "pgd_eqcost": "PGD-AT at SOAT's cost", "mixed": "mixed"}
 # Columns in the paper's order: Clean, FGSM, PGD, AutoAttack, ASOD (= S-O), SOAE.
-COLUMN_ORDER = ("clean", "fgsm", "pgd", "autoattack", "second_order", "soae")
+COLUMN_ORDER = _PAPER_COLUMNS
 COLUMN_LABELS = {"second_order": "ASOD (S-O)"}
 EVAL_FILE = "table_eval.json"
 EQUAL_COST = "pgd_at_soae_cost"
