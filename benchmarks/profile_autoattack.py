@@ -73,7 +73,7 @@ def profile(batch: int, eps: float = 0.1, flax_layers: bool = False, use_torch: 
   keys = toolkit.example_keys(jax.random.PRNGKey(seed), jnp.arange(batch))
   compile_s = {}
 
-  order = _apgd._target_order(logits_fn, x, y)
+  order = toolkit.model_target_order(logits_fn, x, y)
   for name, loss, targeted in (("apgd_ce", "ce", False), ("apgd_t", "dlr", True)):
     static = dict(norm="linf", loss=loss, targeted=targeted, steps=100)
     start_args = (logits_fn, x, y, keys, order, jnp.int32(0), eps)

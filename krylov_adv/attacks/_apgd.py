@@ -268,11 +268,6 @@ def apgd_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_init: Arr
 _RUN_STATIC = ("logits_fn", "norm", "loss", "targeted", "steps", "rho")
 
 
-@functools.partial(jax.jit, static_argnames="logits_fn")
-def _target_order(logits_fn: LogitsFn, x: Array, y: Array) -> Array:
-  return toolkit.target_order(logits_fn(x), y)
-
-
 @functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "loss", "targeted", "steps",
                                              "restarts"))
 def _apgd_start(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, order: Array, run: Array,
@@ -371,7 +366,7 @@ def apgd_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, nor
                                 targeted=targeted, steps=steps, restarts=restarts,
                                 n_target_classes=n_target_classes, rho=rho)
   n_runs = restarts * (n_target_classes if targeted else 1)
-  order = _target_order(logits_fn, x, y)
+  order = toolkit.model_target_order(logits_fn, x, y)
   fooled = jnp.zeros(y.shape, bool)
   x_out = x
   loss_best = jnp.full(y.shape, -jnp.inf, x.dtype)

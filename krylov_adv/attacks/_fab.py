@@ -203,11 +203,6 @@ def random_start(keys: Array, x: Array, eps, norm: str) -> Array:
   return toolkit.sphere_start(keys, x, 0.5 * jnp.asarray(eps, x.dtype), norm)
 
 
-@functools.partial(jax.jit, static_argnames="logits_fn")
-def _target_order(logits_fn: LogitsFn, x: Array, y: Array) -> Array:
-  return toolkit.target_order(logits_fn(x), y)
-
-
 @functools.partial(jax.jit, static_argnames=("norm", "restarts"))
 def _fab_start(x: Array, keys: Array, order: Array, run: Array, eps, *, norm: str,
                restarts: int) -> tuple[Array, tuple[Array, Array, Array]]:
@@ -303,7 +298,7 @@ def fab_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm
                                n_target_classes=n_target_classes, alpha_max=alpha_max,
                                overshoot=overshoot, beta=beta)
   n_runs = restarts * (n_target_classes if targeted else 1)
-  order = _target_order(logits_fn, x, y)
+  order = toolkit.model_target_order(logits_fn, x, y)
   fooled = jnp.zeros(y.shape, bool)
   x_out = x
   for run in range(n_runs):

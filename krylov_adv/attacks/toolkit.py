@@ -239,6 +239,13 @@ def target_order(logits: Array, y: Array) -> Array:
   return jnp.argsort(-masked, axis=1)[:, :-1]
 
 
+@functools.partial(jax.jit, static_argnames="logits_fn")
+def model_target_order(logits_fn: LogitsFn, x: Array, y: Array) -> Array:
+  """:func:`target_order` of the clean logits ``logits_fn(x)``, jitted (``logits_fn`` static):
+  the targets of APGD-T's and FAB-T's runs, ``(B, K - 1)``."""
+  return target_order(logits_fn(x), y)
+
+
 # ----------------------------------------------------------------------------------------------
 # Random starts.
 
