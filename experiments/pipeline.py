@@ -19,10 +19,7 @@ The flow follows the Flax examples: a step is a pure function jitted once (in
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import functools
-import hashlib
 import json
 import os
 import sys
@@ -273,15 +270,9 @@ def train_in_memory(config, dataset: data_lib.Dataset):
   return exp.model, state
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(model, params, batch_stats, x: jax.Array) -> jax.Array:
-  """Inference-mode logits with the parameters as arguments (one compile for every epoch)."""
-  return training.inference_logits_fn(model, params, batch_stats)(x)
-
-
 def clean_test_accuracy(exp: Experiment, state) -> float:
   """Accuracy of ``state`` on the whole test split (``evaluation.accuracy``, batches of 512)."""
-  logits_fn = functools.partial(_logits, exp.model, state.params, state.batch_stats)
+  logits_fn = training.inference_logits_fn(exp.model, state.params, state.batch_stats)
   return evaluation.accuracy(logits_fn, exp.dataset.x_test, exp.dataset.y_test, batch_size=512)
 
 
@@ -415,50 +406,15 @@ def load_trained(config, workdir: str, dataset: data_lib.Dataset | None = None):
 # Evaluation and its files
 
 
-# inference_logits' cache: {(model, sha256 of the variables): jitted logits_fn}, newest last.
-_LOGITS_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
-# Two models (a two-method workdir evaluated twice) without holding a table's every row alive.
-_LOGITS_CACHE_SIZE = 2
-
-
-def _variables_digest(params, batch_stats) -> str:
-  """sha256 over every leaf's dtype, shape and bytes (parameters, then BatchNorm statistics)."""
-  digest = hashlib.sha256()
-  for leaf in jax.tree_util.tree_leaves((params, batch_stats)):
-    a = np.ascontiguousarray(parallel.to_host(leaf))
-    digest.update(f"{a.dtype}{a.shape}".encode())
-    digest.update(a.tobytes())
-  return digest.hexdigest()
-
-
-def inference_logits(model, state):
-  """The jitted inference-mode ``logits_fn`` (``training.inference_logits_fn``, ``(B, H, W, C)
-  -> (B, K)``) of ``state``, one function object per model and parameter values.
-
-  Attacks take ``logits_fn`` as a static argument of their jitted steps, so a new function
-  object recompiles every one of them. The object is cached by the model and a hash of the
-  parameter values (not the arrays' identity: a checkpoint restored twice gives new arrays with
-  the same values), so evaluating the same model again (another suite, ``evaluate_workdir``
-  called again in one process) reuses every compiled attack.
-  """
-  key = (model, _variables_digest(state.params, state.batch_stats))
-  if key in _LOGITS_CACHE:
-    _LOGITS_CACHE.move_to_end(key)
-    return _LOGITS_CACHE[key]
-  fn = jax.jit(training.inference_logits_fn(model, state.params, state.batch_stats))
-  _LOGITS_CACHE[key] = fn
-  while len(_LOGITS_CACHE) > _LOGITS_CACHE_SIZE:
-    _LOGITS_CACHE.popitem(last=False)
-  return fn
-
-
 def evaluate(exp: Experiment, state, config, suite: str = "attacks"
              ) -> list[evaluation.AttackResult]:
   """Runs the suite ``config.eval.<suite>`` (:func:`eval_suite`) on the first
   ``eval.num_examples`` test points; SOAE and AutoAttack through their ``NAME_with_report``
   entry, so that each result's ``extras`` hold their diagnostics at no extra cost."""
   n = min(int(config.eval.num_examples), len(exp.dataset.y_test))
-  logits_fn = inference_logits(exp.model, state)
+  # Parameters are traced by the attacks: every state of this architecture (each checkpoint,
+  # each table row) shares their compiled code.
+  logits_fn = training.inference_logits_fn(exp.model, state.params, state.batch_stats)
   # Data parallel like training: each attack batch is sharded over the mesh's "data" axis.
   return evaluation.evaluate_attacks(logits_fn, exp.dataset.x_test[:n], exp.dataset.y_test[:n],
                                      eval_suite(config, suite),

@@ -45,7 +45,7 @@ import numpy as np
 from experiments import cli, costs, outputs, pipeline
 from experiments import workdir as workdir_lib
 from krylov_adv import data as data_lib
-from krylov_adv import evaluation, parallel
+from krylov_adv import evaluation, parallel, training
 
 # ---------------------------------------------------------------------------------------------
 # The paper's numbers (SOAE paper, Tables I-III; robust accuracy in %, Linf eps = 8/255 for
@@ -205,8 +205,8 @@ def evaluate_row(exp, state, cfg, row_dir: str, *, epochs: int, hvp_cost: float,
     old = stored.get(entry)
     if old is not None and old.get("setting") == setting:
       return old
-    if logits_fn is None:  # one jitted function per model: attacks take it as static
-      logits_fn = pipeline.inference_logits(exp.model, state)
+    if logits_fn is None:  # parameters traced: every row of one architecture shares compiles
+      logits_fn = training.inference_logits_fn(exp.model, state.params, state.batch_stats)
     [r] = evaluation.evaluate_attacks(
         logits_fn, x, y, {entry: c}, jax.random.fold_in(base_key, i),
         batch_size=int(cfg.eval.batch_size), mesh=mesh, reports=evaluation.FREE_REPORTS)
@@ -253,7 +253,6 @@ def hvp_cost_of(config, workdir: str, exp, state, row: str, progress: bool = Tru
   stored = _read_json(path)
   if stored is not None and "hvp_cost" in stored:
     return stored
-  from krylov_adv import training
   logits_fn = training.inference_logits_fn(exp.model, state.params, state.batch_stats)
   b = min(int(config.eval.batch_size), len(exp.dataset.y_test))
   m = costs.measure_hvp_cost(logits_fn, exp.dataset.x_test[:b], exp.dataset.y_test[:b])

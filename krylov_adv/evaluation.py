@@ -96,6 +96,18 @@ def predicted_labels(logits: Array) -> Array:
   return jnp.where(finite, jnp.argmax(logits, axis=1), NONFINITE_PREDICTION).astype(jnp.int32)
 
 
+@jax.jit
+def _model_predictions(model: attacks.TracedModel, x: Array) -> Array:
+  # The model is traced like every attack's: one compile per architecture and batch shape.
+  return predicted_labels(model(x))
+
+
+def model_predictions(logits_fn: LogitsFn, x: Array) -> Array:
+  """:func:`predicted_labels` of ``logits_fn(x)``, jitted with ``logits_fn``'s arrays traced
+  (:func:`krylov_adv.attacks.toolkit.as_model`). ``(B, ...)`` -> ``(B,)`` int32."""
+  return _model_predictions(attacks.as_model(logits_fn), x)
+
+
 def predictions(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 256,
                 mesh=None) -> np.ndarray:
   """:func:`predicted_labels` of every example, in batches. x ``(N, ...)`` -> ``(N,)`` int32:
@@ -105,9 +117,10 @@ def predictions(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 256,
   With ``mesh`` every batch is sharded over its ``"data"`` axis (padding rule in
   ``_batch_size``)."""
   out = []
+  model = attacks.as_model(logits_fn)
   for idx, valid in _padded_batches(len(x), _batch_size(batch_size, len(x), mesh)):
     (xb,) = _place((x[idx],), mesh)
-    out.append(parallel.to_host(predicted_labels(logits_fn(xb)))[:valid])
+    out.append(parallel.to_host(_model_predictions(model, xb))[:valid])
   return np.concatenate(out) if out else np.zeros((0,), np.int32)
 
 
@@ -168,19 +181,21 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
   compiles once; batch ``b`` gets ``fold_in(key, b)``; every adversarial batch must pass
   :func:`check_admissible` (a robust accuracy from an inadmissible point would be meaningless).
 
-  AutoAttack (``attacks.autoattack`` or ``autoattack_with_report`` with bound hyperparameters,
-  as ``attacks.from_config`` gives them) on one device runs through
-  ``attacks.autoattack_batched`` instead: the same per-example keys as batch by batch, but each
-  component on the still-robust points of all batches at once, so it compiles one shape per
-  component (each batch's own subset sizes would each compile) and never attacks the padding;
-  its one report covers all ``N`` points (``extras = [(report, N)]``).
+  An attack with a whole-test-set form (a :class:`krylov_adv.attacks.BoundAttack` whose
+  ``test_set_runner`` is registered: AutoAttack, ``attacks.autoattack_batched``) runs through
+  it on one device instead: the same per-example keys as batch by batch, but each component on
+  the still-robust points of all batches at once, so it compiles one shape per component (each
+  batch's own subset sizes would each compile) and never attacks the padding; its one report
+  covers all ``N`` points (``extras = [(report, N)]``).
 
   Args:
-    logits_fn: ``(B, H, W, C) -> (B, K)`` in inference mode; reuse one function object across
-      calls (attacks jit with ``logits_fn`` static, so a new closure means a recompile).
-    attack_fn: ``f(logits_fn, x, y, key) -> x_adv`` (a registered attack) or a
-      ``NAME_with_report`` entry returning ``WithReport(x_adv, report)`` (the reports are
-      returned in ``extras``).
+    logits_fn: ``(B, H, W, C) -> (B, K)`` in inference mode; a pytree callable such as
+      ``krylov_adv.models.as_logits_fn(model, variables, train=False)`` has its parameters
+      traced, so another parameter set of the same architecture compiles nothing (a plain
+      closure compiles once per function object).
+    attack_fn: ``f(logits_fn, x, y, key) -> x_adv`` (a registered attack, or a
+      :class:`krylov_adv.attacks.BoundAttack`) or a ``NAME_with_report`` entry returning
+      ``WithReport(x_adv, report)`` (the reports are returned in ``extras``).
     x: ``(N, H, W, C)`` float32 in ``[0, 1]``; y: ``(N,)`` int32.
     key: PRNG key, folded with the batch number.
     eps, norm: the threat model every ``x_adv`` is checked against.
@@ -192,11 +207,11 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
   Returns:
     An :class:`AttackRun`.
   """
-  autoattack = _autoattack_call(attack_fn)
-  if autoattack is not None and len(x) and (mesh is None or mesh.devices.size == 1):
-    return _run_autoattack(logits_fn, *autoattack, x, y, key, eps=eps, norm=norm,
-                           batch_size=_batch_size(batch_size, len(x), None),
-                           keep_examples=keep_examples)
+  runner = getattr(attack_fn, "test_set_runner", None)
+  if runner is not None and len(x) and (mesh is None or mesh.devices.size == 1):
+    return _run_test_set(logits_fn, runner, bool(attack_fn.report), x, y, key, eps=eps,
+                         norm=norm, batch_size=_batch_size(batch_size, len(x), None),
+                         keep_examples=keep_examples)
   correct, kept, extras = [], [], []
   for b, (idx, valid) in enumerate(_padded_batches(len(x), _batch_size(batch_size, len(x),
                                                                          mesh))):
@@ -218,36 +233,21 @@ def _judge_batch(logits_fn: LogitsFn, x_adv: Array, xb: Array, yb: np.ndarray, v
   then appends the first ``valid`` rows' correctness (``x_adv`` ``(B, ...)`` against labels
   ``yb`` ``(B,)``) to ``correct`` and, when ``kept`` is a list, the points themselves."""
   check_admissible(x_adv, xb, eps=eps, norm=norm)
-  pred = parallel.to_host(predicted_labels(logits_fn(x_adv)))  # a NaN row is -1: wrong
+  pred = parallel.to_host(model_predictions(logits_fn, x_adv))  # a NaN row is -1: wrong
   correct.append((pred == yb)[:valid])
   if kept is not None:
     kept.append(parallel.to_host(x_adv)[:valid])
 
 
-def _autoattack_call(attack_fn) -> tuple[bool, dict] | None:
-  """``(with_report, keyword arguments)`` when ``attack_fn`` is ``attacks.autoattack`` or
-  ``attacks.autoattack_with_report`` with its hyperparameters bound (``attacks.from_config``),
-  else ``None``."""
-  if not isinstance(attack_fn, functools.partial) or attack_fn.args:
-    return None
-  if attack_fn.func is attacks.autoattack:
-    return False, dict(attack_fn.keywords)
-  if attack_fn.func is attacks.autoattack_with_report:
-    return True, dict(attack_fn.keywords)
-  return None
-
-
-def _run_autoattack(logits_fn: LogitsFn, with_report: bool, keywords: dict, x: np.ndarray,
-                    y: np.ndarray, key: Array, *, eps: float, norm: str, batch_size: int,
-                    keep_examples: bool) -> AttackRun:
-  """:func:`run_attack` for AutoAttack on one device: ``attacks.autoattack_batched`` runs each
-  component on the still-robust points of every batch together (the same per-example keys as
-  batch ``b`` attacked with ``fold_in(key, b)``), so a batched evaluation compiles the shapes of
-  one ``batch_size`` call instead of each batch's subset sizes, and never attacks the padding of
-  the last batch. The check and the predictions then run per padded batch, like every attack's.
-  ``extras`` holds one ``(report, N)`` for the whole set when ``with_report``."""
-  out = attacks.autoattack_batched(logits_fn, jnp.asarray(x), jnp.asarray(y), key,
-                                   batch_size=batch_size, **keywords)
+def _run_test_set(logits_fn: LogitsFn, runner: Callable[..., Any], with_report: bool,
+                  x: np.ndarray, y: np.ndarray, key: Array, *, eps: float, norm: str,
+                  batch_size: int, keep_examples: bool) -> AttackRun:
+  """:func:`run_attack` for an attack with a whole-test-set form (``runner``, e.g.
+  ``attacks.autoattack_batched`` with its hyperparameters bound) on one device: the runner
+  gives every example what batch ``b`` attacked with ``fold_in(key, b)`` gives it, grouping the
+  work across batches. The check and the predictions then run per padded batch, like every
+  attack's. ``extras`` holds one ``(report, N)`` for the whole set when ``with_report``."""
+  out = runner(logits_fn, jnp.asarray(x), jnp.asarray(y), key, batch_size=batch_size)
   correct, kept = [], []
   for idx, valid in _padded_batches(len(x), batch_size):
     # The padded indices keep every batch at one shape (one compile of each check).
@@ -307,7 +307,7 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
     else:
       attack = attacks.from_config(c)
       if name in reports:
-        attack = functools.partial(getattr(attacks, f"{name}_with_report"), **attack.keywords)
+        attack = attack.with_report()
       run = run_attack(logits_fn, attack, x, y, jax.random.fold_in(key, i), eps=eps, norm=norm,
                        batch_size=batch_size, mesh=mesh)
       acc = int(run.correct.sum()) / len(x)

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from krylov_adv import attacks, losses, projections, regularizers
+from krylov_adv import attacks, losses, models, projections, regularizers
 from krylov_adv import hvp as hvp_lib
 from krylov_adv.registry import Registry
 
@@ -340,12 +340,15 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
 def inference_logits_fn(model: nn.Module, params, batch_stats) -> Callable[[Array], Array]:
   """``x (B, H, W, C) -> logits (B, K)`` with BatchNorm in inference mode (running averages).
 
-  This is how every attack sees the model, in training steps and in evaluation.
+  This is how every attack sees the model, in training steps and in evaluation: a pytree
+  callable (:func:`krylov_adv.models.as_logits_fn`) whose parameters the attacks trace, so
+  every parameter set of one architecture (each epoch's, each checkpoint's, each table row's)
+  shares their compiled code.
   """
   variables = {"params": params}
   if batch_stats:
     variables["batch_stats"] = batch_stats
-  return lambda x: model.apply(variables, x, train=False)
+  return models.as_logits_fn(model, variables, train=False)
 
 
 def _train_forward(model: nn.Module, params, batch_stats, x: Array):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -86,8 +85,9 @@ def test_batched_autoattack_gives_each_batch_its_own_keys():
   x, y = _points(15, logits_fn)
   key, eps = jax.random.PRNGKey(7), 0.03
   kw = dict(eps=eps, norm="linf", version="standard", hyperparameters=HYPER)
-  run = evaluation.run_attack(logits_fn, functools.partial(attacks.autoattack_with_report, **kw),
-                              x, y, key, eps=eps, norm="linf", batch_size=6, keep_examples=True)
+  attack = attacks.from_config(dict(name="autoattack", **kw)).with_report()
+  run = evaluation.run_attack(logits_fn, attack, x, y, key, eps=eps, norm="linf", batch_size=6,
+                              keep_examples=True)
   expected, x_expected = [], []
   for b, lo in enumerate(range(0, 15, 6)):
     x_adv, report = attacks.autoattack_with_report(

@@ -43,7 +43,9 @@ files use these names as keys.
 
 Registry: ``get("pgd")`` returns the attack function (the same object as ``attacks.pgd``);
 ``from_config(cfg)`` binds the hyperparameters of an ``ml_collections.ConfigDict`` (``cfg.name``
-plus keyword arguments) and returns ``f(logits_fn, x, y, key) -> x_adv``. The parts attacks are
+plus keyword arguments) and returns a :class:`BoundAttack`, ``f(logits_fn, x, y, key) -> x_adv``;
+an attack that can take a whole test set at once (AutoAttack) registers that form with
+:func:`register_test_set_runner`, and ``BoundAttack.test_set_runner`` gives it. The parts attacks are
 built from are in :mod:`krylov_adv.attacks.toolkit`; the implementations in the private modules
 ``_first_order``, ``_second_order``, ``_soae``, ``_trades``, ``_apgd``, ``_fab``, ``_square``,
 ``_autoattack``.
@@ -51,8 +53,9 @@ built from are in :mod:`krylov_adv.attacks.toolkit`; the implementations in the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from krylov_adv.registry import Registry
 
@@ -79,7 +82,58 @@ def available() -> list[str]:
   return _REGISTRY.names()
 
 
-def from_config(cfg) -> Callable[..., Any]:
+# Attacks that can take a whole test set at once, batched inside: {name: runner}, each runner
+# ``runner(logits_fn, x (N, ...), y, key, *, batch_size, **keywords) -> WithReport``.
+_TEST_SET_RUNNERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_test_set_runner(name: str):
+  """Decorator recording ``runner`` as the whole-test-set form of the attack ``name``: given
+  ``N`` points and a ``batch_size`` it returns what attacking batch ``b`` (points
+  ``b * batch_size ...``) with ``fold_in(key, b)`` returns, per example, but is free to group
+  the work across batches (AutoAttack runs each component on the still-robust points of every
+  batch at once). :func:`krylov_adv.evaluation.run_attack` uses it for a :class:`BoundAttack`
+  of ``name``."""
+
+  def wrap(runner):
+    _TEST_SET_RUNNERS[name] = runner
+    return runner
+
+  return wrap
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundAttack:
+  """A registered attack with its hyperparameters bound: ``f(logits_fn, x, y, key) -> x_adv``
+  (what :func:`from_config` returns).
+
+  name: the registry name; keywords: the bound keyword arguments; report: call the
+  ``NAME_with_report`` entry instead (returns ``WithReport(x_adv, report)``).
+  """
+  name: str
+  keywords: Mapping[str, Any]
+  report: bool = False
+
+  def __call__(self, logits_fn, x, y, key):
+    fn = globals()[f"{self.name}_with_report"] if self.report else get(self.name)
+    return fn(logits_fn, x, y, key, **self.keywords)
+
+  def with_report(self) -> "BoundAttack":
+    """The same attack through its ``NAME_with_report`` entry (``AttributeError`` where the
+    attack has none)."""
+    if f"{self.name}_with_report" not in globals():
+      raise AttributeError(f"attack {self.name!r} has no {self.name}_with_report entry")
+    return dataclasses.replace(self, report=True)
+
+  @property
+  def test_set_runner(self) -> Callable[..., Any] | None:
+    """``runner(logits_fn, x, y, key, *, batch_size) -> WithReport`` with the hyperparameters
+    bound, for an attack registered with :func:`register_test_set_runner`; else ``None``."""
+    runner = _TEST_SET_RUNNERS.get(self.name)
+    return None if runner is None else functools.partial(runner, **self.keywords)
+
+
+def from_config(cfg) -> BoundAttack:
   """Binds an attack's hyperparameters from a config.
 
   Args:
@@ -87,11 +141,12 @@ def from_config(cfg) -> Callable[..., Any]:
       ``norm``, ...).
 
   Returns:
-    ``f(logits_fn, x, y, key) -> x_adv``.
+    A :class:`BoundAttack`, ``f(logits_fn, x, y, key) -> x_adv``.
   """
   params = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
   name = params.pop("name")
-  return functools.partial(get(name), **params)
+  get(name)
+  return BoundAttack(name, params)
 
 
 # Attack modules register themselves on import; keep this list at the bottom.
@@ -107,4 +162,4 @@ from krylov_adv.attacks._soae import (SOAEDiagnostics, SOAEDirection, soae,  # n
 from krylov_adv.attacks._trades import trades  # noqa: E402
 from krylov_adv.attacks._autoattack import (AutoAttackReport, autoattack,  # noqa: E402
                                             autoattack_batched, autoattack_with_report)
-from krylov_adv.attacks.toolkit import WithReport  # noqa: E402
+from krylov_adv.attacks.toolkit import TracedModel, WithReport, as_model  # noqa: E402

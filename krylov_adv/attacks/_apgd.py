@@ -265,10 +265,10 @@ def apgd_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_init: Arr
 # Restarts and target classes.
 
 
-_RUN_STATIC = ("logits_fn", "norm", "loss", "targeted", "steps", "rho")
+_RUN_STATIC = ("norm", "loss", "targeted", "steps", "rho")
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "loss", "targeted", "steps",
+@functools.partial(jax.jit, static_argnames=("norm", "loss", "targeted", "steps",
                                              "restarts"))
 def _apgd_start(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, order: Array, run: Array,
                 eps, *, norm: str, loss: str, targeted: bool, steps: int,
@@ -353,14 +353,15 @@ def apgd_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, nor
   one (measured on the AutoAttack benchmark's CNN, see benchmarks/bench_autoattack.py).
 
   Args:
-    logits_fn: ``(B, ...) -> (B, K)`` (static; a hashable function).
+    logits_fn: ``(B, ...) -> (B, K)``, a :class:`toolkit.TracedModel` (traced).
     x: ``(B, ...)`` in ``[0, 1]``; y: ``(B,)`` int; keys: ``(B, ...)`` per-example PRNG keys.
     eps: scalar budget (traced: changing it does not recompile).
 
   Returns:
     ``(x_adv (B, ...), fooled (B,) bool)``.
   """
-  if toolkit.is_traced(x, y, keys, eps):
+  logits_fn = toolkit.as_model(logits_fn)
+  if toolkit.is_traced(x, y, keys, eps, *jax.tree_util.tree_leaves(logits_fn)):
     # Inside a caller's jit / vmap the host cannot drive the loop: the in-graph loop runs.
     return _apgd_batch_in_graph(logits_fn, x, y, keys, eps, norm=norm, loss=loss,
                                 targeted=targeted, steps=steps, restarts=restarts,
@@ -412,6 +413,8 @@ def apgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, loss: str = "ce",
   checks.check_at_least("steps", steps, 1)
   checks.check_at_least("restarts", restarts, 1)
   checks.check_at_least("n_target_classes", n_target_classes, 1)
+  if targeted:
+    checks.warn_target_classes(int(n_target_classes), k)
   if not 0.0 < rho <= 1.0:
     raise ValueError(f"rho must lie in (0, 1], got {rho}")
   if loss == "dlr" and targeted and k < 4:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from krylov_adv import parallel
-from krylov_adv.attacks import available, get, register, toolkit
+from krylov_adv.attacks import available, get, register, register_test_set_runner, toolkit
 from krylov_adv.attacks.toolkit import Array, LogitsFn
 
 VERSIONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
@@ -143,7 +143,7 @@ def _bucket(n: int, batch: int, multiple: int = 1) -> int:
   return min(-(-b // multiple) * multiple, batch)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jax.jit
 def _predict(logits_fn: LogitsFn, x: Array) -> Array:
   return jnp.argmax(logits_fn(x), axis=1)
 
@@ -196,6 +196,7 @@ def autoattack_with_report(logits_fn: LogitsFn, x, y, key,
                      **toolkit.keyword_arguments(autoattack, hyperparameters))
 
 
+@register_test_set_runner("autoattack")
 @toolkit.report_entry
 def autoattack_batched(logits_fn: LogitsFn, x, y, key, *, batch_size: int,
                        **hyperparameters) -> toolkit.WithReport:

@@ -215,7 +215,7 @@ def _fab_start(x: Array, keys: Array, order: Array, run: Array, eps, *, norm: st
   return target, (start.reshape(bsz, -1), x.reshape(bsz, -1), jnp.full((bsz,), jnp.inf, x.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "targeted", "alpha_max",
+@functools.partial(jax.jit, static_argnames=("norm", "targeted", "alpha_max",
                                              "overshoot", "beta"))
 def _fab_step(logits_fn: LogitsFn, c: tuple[Array, Array, Array], x: Array, y: Array,
               target: Array, *, norm: str, targeted: bool, alpha_max: float, overshoot: float,
@@ -291,7 +291,8 @@ def fab_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm
   Returns:
     ``(x_adv (B, ...), fooled (B,) bool)``; ``x_adv = x`` where not fooled.
   """
-  if toolkit.is_traced(x, y, keys, eps):
+  logits_fn = toolkit.as_model(logits_fn)
+  if toolkit.is_traced(x, y, keys, eps, *jax.tree_util.tree_leaves(logits_fn)):
     # Inside a caller's jit / vmap the host cannot drive the loop: the in-graph loop runs.
     return _fab_batch_in_graph(logits_fn, x, y, keys, eps, norm=norm, targeted=targeted,
                                steps=steps, restarts=restarts,
@@ -335,6 +336,8 @@ def fab_attack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, targeted: bool
   checks.check_at_least("steps", steps, 1)
   checks.check_at_least("restarts", restarts, 1)
   checks.check_at_least("n_target_classes", n_target_classes, 1)
+  if targeted:
+    checks.warn_target_classes(int(n_target_classes), k)
   if not 0.0 <= alpha_max <= 1.0:
     raise ValueError(f"alpha_max must lie in [0, 1], got {alpha_max}")
   checks.check_positive("overshoot", overshoot)

@@ -32,7 +32,7 @@ from krylov_adv.attacks.toolkit import Array, LogitsFn, LossFn
 # FGSM.
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "loss", "random_start"))
+@functools.partial(jax.jit, static_argnames=("norm", "loss", "random_start"))
 def _fgsm_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, step_size, *,
                norm: str, loss: str, random_start: bool) -> Array:
   eps = jnp.asarray(eps, x.dtype)
@@ -54,8 +54,8 @@ def fgsm(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, step_size=None,
   usual).
 
   Args:
-    logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, inference mode; hashable
-      (it is a static argument of the jitted core).
+    logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, inference mode; its arrays
+      are traced (:func:`krylov_adv.attacks.toolkit.as_model`).
     x: ``(B, H, W, C)`` float images in ``[0, 1]``. y: ``(B,)`` int labels. key: PRNG key (used
       only with ``random_start``).
     eps: budget ``>= 0``. norm: ``"linf" | "l2"``.
@@ -95,7 +95,7 @@ class PGDReport(NamedTuple):
   trace: toolkit.StepRecord
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "steps", "restarts",
+@functools.partial(jax.jit, static_argnames=("norm", "steps", "restarts",
                                              "random_start", "loss", "trace"))
 def _pgd_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, step_size, *,
               norm: str, steps: int, restarts: int, random_start: bool, loss: str,
@@ -148,7 +148,8 @@ def pgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 10, step
   result is misclassified, and otherwise the one with the highest loss.
 
   Args:
-    logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, inference mode; hashable.
+    logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, inference mode (arrays traced,
+      :func:`toolkit.as_model`).
     x: ``(B, H, W, C)`` float images in ``[0, 1]``. y: ``(B,)`` int labels. key: PRNG key.
     eps: budget ``>= 0``. norm: ``"linf" | "l2"``.
     steps: iterations per restart (>= 1). step_size: ``a`` (default ``2.5 eps / steps``).

@@ -75,7 +75,7 @@ class SecondOrderReport(NamedTuple):
   trace: toolkit.StepRecord
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "steps", "samples", "form",
+@functools.partial(jax.jit, static_argnames=("norm", "steps", "samples", "form",
                                              "random_start", "loss", "trace"))
 def _second_order_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, step_size,
                        sigma, xi, *, norm: str, steps: int, samples: int, form: str,
@@ -130,7 +130,8 @@ def second_order(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int =
   them explicitly). With ``samples=1`` and ``sigma=0`` this is PGD without random start.
 
   Args:
-    logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, inference mode; hashable.
+    logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, inference mode (arrays traced,
+      :func:`toolkit.as_model`).
     x: ``(B, H, W, C)`` float images in ``[0, 1]``. y: ``(B,)`` int labels. key: PRNG key.
     eps: budget ``>= 0``. norm: ``"linf" | "l2"``.
     steps: iterations ``>= 1``. step_size: ``a`` (default ``2.5 eps / steps``).

@@ -318,7 +318,7 @@ def _per_example_dot(a: Array, b: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "logits_fn", "norm", "steps", "m", "tau", "hvp", "eta", "step", "fallback", "random_start",
+    "norm", "steps", "m", "tau", "hvp", "eta", "step", "fallback", "random_start",
     "loss", "orthogonalization", "direction"))
 def _soae_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, alpha, *, norm: str,
                steps: int, m: int, tau: float, hvp: str, eta: float, step: str, fallback: bool,
@@ -411,7 +411,8 @@ def soae(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = DEFAULT
   Linf ball after ``N`` agreeing sign steps, and the L2 sphere.
 
   Args:
-    logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, inference mode; hashable.
+    logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, inference mode (arrays traced,
+      :func:`toolkit.as_model`).
     x: ``(B, H, W, C)`` float images in ``[0, 1]``. y: ``(B,)`` int labels. key: PRNG key
       (used only with ``random_start``, which the paper does not have).
     eps: budget ``>= 0``. norm: ``"linf" | "l2"``.

@@ -202,7 +202,7 @@ def _candidate_l2(k: Array, s: Array, eta_s: Array, x_cur: Array, x: Array, eps)
   return jnp.clip(x + projections.normalize_step(delta, "l2") * eps, 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "steps", "p_init",
+@functools.partial(jax.jit, static_argnames=("norm", "steps", "p_init",
                                              "rescale_schedule"))
 def square_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm: str,
                  steps: int, p_init: float, rescale_schedule: bool) -> tuple[Array, Array]:

@@ -20,7 +20,7 @@ from krylov_adv.attacks import checks, register, toolkit
 from krylov_adv.attacks.toolkit import Array, LogitsFn
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "steps"))
+@functools.partial(jax.jit, static_argnames=("norm", "steps"))
 def _trades_impl(logits_fn: LogitsFn, x: Array, key: Array, eps, step_size, *, norm: str,
                  steps: int) -> Array:
   clean_logits = jax.lax.stop_gradient(logits_fn(x))
@@ -40,7 +40,8 @@ def trades(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 10,
   """TRADES' adversarial example (Zhang et al. 2019, Algorithm 1 lines 5-7).
 
   Args:
-    logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, inference mode; hashable.
+    logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, inference mode (arrays traced,
+      :func:`toolkit.as_model`).
     x: ``(B, H, W, C)`` float images in ``[0, 1]``. y: ``(B,)`` int labels (checked, unused).
     key: PRNG key of the Gaussian start. eps: budget ``>= 0``. norm: ``"linf" | "l2"``.
     steps: iterations ``K >= 1``. step_size: ``a`` (default ``2.5 eps / steps``).

@@ -8,6 +8,10 @@ tracers and only the static checks apply.
 
 from __future__ import annotations
 
+import collections
+import sys
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,20 +31,94 @@ def _range_stats(a):
   return jnp.all(jnp.isfinite(a)), jnp.min(a), jnp.max(a)
 
 
+def _unbound_apply(fn) -> bool:
+  """Whether ``fn`` is a Flax linen ``module.apply`` (which takes ``(variables, x)``)."""
+  unwrap = getattr(fn, "unwrap", None)
+  fn = unwrap() if callable(unwrap) else fn
+  linen = sys.modules.get("flax.linen")
+  return (linen is not None and getattr(fn, "__name__", "") == "apply"
+          and isinstance(getattr(fn, "__self__", None), linen.Module))
+
+
 def num_classes(logits_fn, x) -> int:
   """``K`` from the abstract output shape of ``logits_fn`` on ``x`` (no FLOPs spent).
 
-  A model that cannot take ``x`` (e.g. a CNN given rank-3 or rank-5 ``x``) raises
-  ``ValueError`` naming ``x``'s shape and dtype, with the model's own message after it."""
+  A ``logits_fn`` that is a Flax ``module.apply`` (it takes the variables first) raises
+  ``TypeError`` saying how to bind them; one that cannot take ``x`` (e.g. a CNN given rank-3 or
+  rank-5 ``x``, or a function of other arguments) raises ``ValueError`` naming ``x``'s shape and
+  dtype, with the model's own message after it."""
+  if _unbound_apply(logits_fn):
+    raise TypeError("logits_fn is a Flax module's apply, which takes (variables, x); attacks call "
+                    "logits_fn(x): pass krylov_adv.models.as_logits_fn(module, variables, "
+                    "train=False) instead")
   try:
     out = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
-  except (TypeError, ValueError, IndexError, ZeroDivisionError) as e:
+  except (TypeError, ValueError, IndexError, ZeroDivisionError, AttributeError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ValueError(f"logits_fn cannot take x of shape {x.shape} and dtype {x.dtype} (attacks "
-                     f"expect the model's input batch, e.g. (B, H, W, C)): {first}") from e
+                     f"call logits_fn(x) on the model's input batch, e.g. (B, H, W, C), with the "
+                     f"parameters bound: see krylov_adv.models.as_logits_fn): "
+                     f"{type(e).__name__}: {first}") from e
   if len(out.shape) != 2 or out.shape[0] != x.shape[0]:
     raise ValueError(f"logits_fn must map (B, ...) to logits (B, K), got shape {out.shape}")
   return int(out.shape[1])
+
+
+class ModelWarning(UserWarning):
+  """A model handed to an attack looks wrong (the checks of the reference AutoAttack's
+  ``checks.py``): probabilities instead of logits, or a randomized model not declared as such."""
+
+
+# Models already checked: {(structure, static leaves, ids of the arrays, input shape)}, newest
+# last. Identity, not values: a model is checked once per parameter set without hashing it.
+_CHECKED: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
+_CHECKED_SIZE = 64
+# Examples of the probe batch the checks evaluate.
+_PROBE = 8
+
+
+def check_model(logits_fn, x) -> None:
+  """Warns (:class:`ModelWarning`, one line each) about a model that looks wrong, by calling
+  it eagerly twice on the first ``min(B, 8)`` examples of the concrete batch ``x``:
+
+  * logits that look like probabilities (every row non-negative and summing to 1 within
+    1e-4): a softmax output, on which the attacks' losses are wrong;
+  * two calls on the same input that differ: a randomized model (attacks trace it once, so they
+    would attack one fixed draw of it).
+
+  Runs once per model and parameter arrays (by identity) and input shape; nothing under a
+  caller's ``jit`` (tracers) or when the model's arrays are tracers.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(logits_fn)
+  if not is_concrete(x) or not all(is_concrete(a) for a in leaves):
+    return
+  try:
+    memo = (treedef, tuple(id(a) for a in leaves), tuple(x.shape[1:]))
+    hash(memo)
+  except TypeError:
+    return
+  if memo in _CHECKED:
+    return
+  _CHECKED[memo] = None
+  while len(_CHECKED) > _CHECKED_SIZE:
+    _CHECKED.popitem(last=False)
+  probe = x[:_PROBE]
+  first, second = (np.asarray(jax.device_get(logits_fn(probe)), np.float64) for _ in range(2))
+  if not np.array_equal(first, second, equal_nan=True):
+    warnings.warn("logits_fn gives different outputs for the same input (a randomized model?): "
+                  "attacks trace it once and attack one fixed draw; evaluate it with EoT",
+                  ModelWarning, stacklevel=4)
+  if first.size and np.all(first >= 0) and np.allclose(first.sum(axis=1), 1.0, atol=1e-4):
+    warnings.warn("logits_fn returns probabilities (rows are non-negative and sum to 1): attacks "
+                  "need logits; remove the final softmax", ModelWarning, stacklevel=4)
+
+
+def warn_target_classes(n_target_classes: int, k: int) -> None:
+  """Warns (:class:`ModelWarning`) when more target classes are requested than the ``K - 1``
+  a ``K``-class model has (the targeted attacks then use ``K - 1``)."""
+  if n_target_classes > k - 1:
+    warnings.warn(f"n_target_classes={n_target_classes} but the model has only K={k} classes: "
+                  f"{k - 1} target classes are attacked", ModelWarning, stacklevel=4)
 
 
 def check_x_dtype(x) -> None:
@@ -86,6 +164,8 @@ def check_attack_inputs(x, y, eps, norm: str, logits_fn=None) -> int | None:
   if logits_fn is None:
     return None
   k = num_classes(logits_fn, x)
+  if x.size:
+    check_model(logits_fn, x)
   if is_concrete(y) and y.size:
     _, lo, hi = (np.asarray(v) for v in _range_stats(y))
     if lo < 0 or hi >= k:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from krylov_adv import hvp, losses, projections
@@ -50,6 +51,99 @@ LOSSES = ("ce", "dlr")
 HALF_PRECISION = (jnp.float16, jnp.bfloat16)
 
 bcast = projections.bcast
+
+
+# ----------------------------------------------------------------------------------------------
+# Models are data.
+
+
+def _is_array(leaf) -> bool:
+  return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+class _Static:
+  """A non-array leaf of a model's pytree, compared by value where it is hashable (functions,
+  Flax modules, numbers) and by identity otherwise, so that it can key jit's cache."""
+  __slots__ = ("value", "_hash")
+
+  def __init__(self, value):
+    self.value = value
+    try:
+      self._hash = hash(value)
+    except TypeError:
+      self._hash = None
+
+  def __hash__(self):
+    return hash(id(self.value)) if self._hash is None else self._hash
+
+  def __eq__(self, other):
+    if not isinstance(other, _Static):
+      return NotImplemented
+    if self._hash is None or other._hash is None:
+      return self.value is other.value
+    return self.value is other.value or bool(self.value == other.value)
+
+
+@jax.tree_util.register_pytree_node_class
+class TracedModel:
+  """A logits function split into traced arrays and static structure: what every attack's
+  jitted core receives as its (non-static) ``model`` argument.
+
+  Built by :func:`as_model` from any callable ``logits_fn``: its pytree leaves that are arrays
+  (``jax.Array``, NumPy arrays; e.g. the parameters of ``jax.tree_util.Partial(apply, params)``)
+  are the pytree children, traced by ``jit`` like any argument; the tree structure and every
+  other leaf (the function itself, a Flax module, an activation function) are static, compared
+  by value where hashable. Calling it rebuilds ``logits_fn`` and calls it: ``model(x) ==
+  logits_fn(x)``. So a second parameter set of the same architecture and shapes hits the same
+  compiled code, and a plain Python function (a pytree leaf itself, so all static) compiles once
+  per function object, as a static argument would.
+  """
+  __slots__ = ("treedef", "static", "arrays", "__weakref__")
+
+  def __init__(self, treedef, static: tuple, arrays: tuple):
+    self.treedef = treedef
+    self.static = static  # one entry per leaf: a _Static, or None where an array goes
+    self.arrays = arrays
+
+  def unwrap(self) -> Callable[..., Array]:
+    """The original ``logits_fn`` (with the current, possibly traced, arrays)."""
+    it = iter(self.arrays)
+    leaves = [next(it) if s is None else s.value for s in self.static]
+    return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+  def __call__(self, *args, **kwargs):
+    return self.unwrap()(*args, **kwargs)
+
+  def tree_flatten(self):
+    return self.arrays, (self.treedef, self.static)
+
+  @classmethod
+  def tree_unflatten(cls, aux, arrays):
+    return cls(aux[0], aux[1], tuple(arrays))
+
+  def __repr__(self):
+    return (f"TracedModel({self.unwrap()!r}, {len(self.arrays)} traced arrays)")
+
+
+def as_model(logits_fn: Callable[[Array], Array]) -> TracedModel:
+  """``logits_fn`` as a :class:`TracedModel` (idempotent): the form every attack passes to its
+  jitted steps, parameters traced.
+
+  Accepts any callable ``(B, ...) -> (B, K)``: a pytree callable such as
+  ``jax.tree_util.Partial(apply_fn, params)`` (its arrays become traced arguments: attacking a
+  second parameter set of the same shapes compiles nothing), what
+  :func:`krylov_adv.models.as_logits_fn` returns for a Flax linen, Flax NNX or Equinox model,
+  or a plain Python function (static: compiled once per function object; a closure over
+  parameters bakes them into the compiled code as constants).
+  """
+  if isinstance(logits_fn, TracedModel):
+    return logits_fn
+  if not callable(logits_fn):
+    raise TypeError(f"logits_fn must be callable (x -> logits), got {type(logits_fn).__name__}")
+  leaves, treedef = jax.tree_util.tree_flatten(logits_fn)
+  static = tuple(None if _is_array(leaf) else _Static(leaf) for leaf in leaves)
+  arrays = tuple(leaf for leaf in leaves if _is_array(leaf))
+  return TracedModel(treedef, static, arrays)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +245,9 @@ def attack_entry(attack: Callable[..., Array]) -> Callable[..., Array]:
   * ``x`` in float16 / bfloat16 is attacked in float32; ``x_adv`` has ``x``'s dtype;
   * an empty batch (``B = 0``) is checked (dtype, shapes, labels, ``eps``, ``norm``) and
     returned unchanged, without calling the model (``x.reshape(B, -1)`` cannot run at ``B = 0``);
-  * an example whose ``x_adv`` is not finite gets its clean ``x`` (:func:`finite_or`).
+  * an example whose ``x_adv`` is not finite gets its clean ``x`` (:func:`finite_or`);
+  * ``logits_fn`` becomes a :class:`TracedModel` (:func:`as_model`): the attack's jitted core
+    takes it as a traced argument, so its arrays (the parameters) are data, not constants.
 
   Everything else (input and hyperparameter checks) stays in the attack, through
   :func:`validate_inputs`.
@@ -159,6 +255,7 @@ def attack_entry(attack: Callable[..., Array]) -> Callable[..., Array]:
 
   @functools.wraps(attack)
   def entry(logits_fn, x, y, key, **hyperparameters):
+    logits_fn = as_model(logits_fn)
     x, dtype = _working_precision(x)
     if _is_empty(x):
       kw = keyword_arguments(attack, hyperparameters)
@@ -177,6 +274,7 @@ def report_entry(attack_with_report: Callable[..., "WithReport"]) -> Callable[..
 
   @functools.wraps(attack_with_report)
   def entry(logits_fn, x, y, key, **hyperparameters):
+    logits_fn = as_model(logits_fn)
     x, dtype = _working_precision(x)
     if _is_empty(x):
       raise ValueError(f"{attack_with_report.__name__} needs at least one example, got an empty "
@@ -239,9 +337,9 @@ def target_order(logits: Array, y: Array) -> Array:
   return jnp.argsort(-masked, axis=1)[:, :-1]
 
 
-@functools.partial(jax.jit, static_argnames="logits_fn")
+@jax.jit
 def model_target_order(logits_fn: LogitsFn, x: Array, y: Array) -> Array:
-  """:func:`target_order` of the clean logits ``logits_fn(x)``, jitted (``logits_fn`` static):
+  """:func:`target_order` of the clean logits ``logits_fn(x)`` (a :class:`TracedModel`), jitted:
   the targets of APGD-T's and FAB-T's runs, ``(B, K - 1)``."""
   return target_order(logits_fn(x), y)
 

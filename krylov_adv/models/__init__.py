@@ -7,6 +7,9 @@ running averages updated), attacks and evaluation with ``train=False`` (running 
 examples of a batch never interact). ``MadryCNN`` and ``TinyCNN`` have no BatchNorm.
 
   model = models.get("resnet18", num_classes=10, activation="softplus")
+
+:func:`as_logits_fn` turns a model and its parameters into an attack's ``logits_fn`` with the
+parameters traced (Flax linen, Flax NNX, Equinox): ``as_logits_fn(model, variables, train=False)``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
+from krylov_adv.models.adapters import as_logits_fn
 from krylov_adv.models.cnn import MadryCNN, TinyCNN
 from krylov_adv.models.resnet import ResNet, ResNet18
 from krylov_adv.models.wide_resnet import WideResNet
