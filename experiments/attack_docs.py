@@ -62,6 +62,94 @@ ATTACKS: dict[str, AttackDoc] = {
         "to about 3600 on a robust point"),
 }
 
+# The page's opening: how to hand a model to the attacks, one runnable block per family
+# (tests/test_attack_docs.py executes every ```python block of the page).
+MODELS_AS_DATA = """\
+## Your model, its parameters as data
+
+An attack takes `logits_fn(x) -> logits`; pass a *pytree callable* whose arrays are the
+parameters (`krylov_adv.models.as_logits_fn`, or any `jax.tree_util.Partial(apply_fn, params)`).
+The attacks' jitted steps then trace the parameters instead of baking them in as constants: a
+second checkpoint, seed or fine-tuned copy of the same architecture and input shape reuses
+every compiled attack. One way per model family:
+
+Flax linen (the variables dict, BatchNorm statistics included; `apply` keyword arguments select
+inference mode):
+
+```python
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from krylov_adv import attacks, models
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.BatchNorm(use_running_average=not train)(x.reshape(x.shape[0], -1))
+    return nn.Dense(10)(x)
+
+x = jax.random.uniform(jax.random.PRNGKey(0), (8, 28, 28, 1))   # images in [0, 1]
+y = jnp.arange(8) % 10
+module = Net()
+for seed in (0, 1):  # the second parameter set compiles nothing
+  variables = module.init(jax.random.PRNGKey(seed), x)
+  logits_fn = models.as_logits_fn(module, variables, train=False)
+  x_adv = attacks.pgd(logits_fn, x, y, jax.random.PRNGKey(1), eps=0.1, norm="linf", steps=5)
+```
+
+Flax NNX (split into a static graph definition and a traced state; the adapter calls `.eval()`
+on a copy, so Dropout is off and BatchNorm uses its running averages):
+
+```python
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from krylov_adv import attacks, models
+
+class Net(nnx.Module):
+  def __init__(self, rngs):
+    self.dropout = nnx.Dropout(0.2, rngs=rngs)
+    self.linear = nnx.Linear(784, 10, rngs=rngs)
+  def __call__(self, x):
+    return self.linear(self.dropout(x.reshape(x.shape[0], -1)))
+
+x = jax.random.uniform(jax.random.PRNGKey(0), (8, 28, 28, 1))
+y = jnp.arange(8) % 10
+logits_fn = models.as_logits_fn(Net(nnx.Rngs(0)))
+x_adv = attacks.apgd_ce(logits_fn, x, y, jax.random.PRNGKey(1), eps=0.1, norm="linf", steps=5)
+```
+
+Equinox (a model of ONE example, vmapped over the batch; `equinox.nn.inference_mode` applied):
+
+```python
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from krylov_adv import attacks, models
+
+class Net(eqx.Module):
+  mlp: eqx.nn.MLP
+  def __call__(self, xi):                      # xi: (28, 28, 1)
+    return self.mlp(xi.reshape(-1))
+
+x = jax.random.uniform(jax.random.PRNGKey(0), (8, 28, 28, 1))
+y = jnp.arange(8) % 10
+net = Net(eqx.nn.MLP(784, 10, 32, 1, key=jax.random.PRNGKey(2)))
+x_adv = attacks.fgsm(models.as_logits_fn(net), x, y, jax.random.PRNGKey(1), eps=0.1,
+                     norm="linf")
+```
+
+What compiles: each attack's jitted steps compile once per architecture (the static part of the
+pytree, compared by value: equal Flax modules, one NNX graph definition, one Equinox structure),
+input shape, batch size and static hyperparameter (norm, steps, ...); the parameter values never
+recompile. A plain Python function or closure is static: it compiles once per function object,
+and a new `lambda` (or `jax.jit(...)` wrapper) per call recompiles every attack, with the
+parameters it closes over baked in as constants. AutoAttack additionally compiles one shape per
+still-robust subset size (bucketed), so a model that leaves other points robust can compile a
+few more shapes. An eager call runs cheap checks on the model once per parameter set (a softmax
+output, a randomized model: `krylov_adv.attacks.checks.ModelWarning`).
+"""
+
 _SKIP = ("logits_fn", "x", "y", "key", "eps", "norm", "example_index")
 PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                     "attacks.md")
@@ -106,6 +194,9 @@ def page() -> str:
       "(`krylov_adv/attacks/__init__.py`); `None` defaults are computed from eps (step sizes "
       "`2.5 eps / steps`, FGSM's `eps`, SOAE's `alpha = eps`). A gradient-equivalent is one "
       "forward and one backward pass of the model on one example.",
+      "",
+      MODELS_AS_DATA,
+      "## The attacks",
       "",
   ]
   lines += [attack_line(n) for n in attacks.available()]

@@ -55,3 +55,14 @@ def test_check_flag(tmp_path, monkeypatch):
   monkeypatch.setattr(attack_docs, "PATH", str(path))
   assert attack_docs.main(["--check"]) == 1
   assert attack_docs.main([]) == 0 and attack_docs.main(["--check"]) == 0
+
+
+def test_every_code_block_of_the_page_runs():
+  """The page's model-family examples (linen, NNX, Equinox) run as written."""
+  with open(attack_docs.PATH) as f:
+    blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+  assert len(blocks) == 3
+  for block in blocks:
+    scope: dict = {}
+    exec(compile(block, attack_docs.PATH, "exec"), scope)  # pylint: disable=exec-used
+    assert scope["x_adv"].shape == (8, 28, 28, 1)
