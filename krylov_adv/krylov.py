@@ -14,10 +14,16 @@ the SOAE paper's Algorithm 1 (steps 4-17), in named pieces:
 * :func:`_back_substitute` (step 16): ``R y = beta q_1`` (Eq. 13), then ``x = x_0 + V y``
   (step 17);
 * :func:`_outcome`: the true residual ``||b - A x||`` (one more batched matvec), the better of
-  the iterate and ``x0`` by it, and a per-example :class:`Status`, lineax-style. The Givens estimate equals the true residual only while ``V``
-  is orthonormal and ``R`` well conditioned; on ill-conditioned systems in float32 (Hilbert
-  matrices, n = 8..12) it reaches 0 while ``||b - A x|| / ||b||`` is 0.6 to 19, so
-  ``converged`` is decided on the true residual.
+  the iterate and ``x0`` by it, and a per-example :class:`Status`, lineax-style. The Givens
+  estimate equals the true residual only while ``V`` is orthonormal and ``R`` well
+  conditioned; on ill-conditioned systems in float32 (Hilbert matrices, n = 8..12) it reaches
+  0 while ``||b - A x|| / ||b||`` is 0.6 to 19, so ``converged`` is decided on the true
+  residual (and ``x0`` returned when it is better).
+
+The recurrence runs on the problem scaled by ``beta = ||r_0||`` (and each new Krylov vector by
+its norm), with norms computed scaled (:func:`_norm`): nothing in it depends on the scale of
+``b`` or ``A``, so float32 systems with ``||b|| = 1e-30`` or ``||A|| = 1e-25`` are solved
+rather than flushed to zero.
 """
 
 from __future__ import annotations
@@ -380,8 +386,8 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
   Returns:
     :class:`GMRESResult`.
   """
-  if not tol > 0:
-    raise ValueError(f"tol must be > 0, got {tol}")
+  if not 0 < tol < float("inf"):
+    raise ValueError(f"tol must be a finite number > 0, got {tol}")
   if int(max_dim) != max_dim or max_dim < 1:
     raise ValueError(f"max_dim must be an integer >= 1, got {max_dim}")
   if b.ndim < 1:
