@@ -38,8 +38,8 @@ schedule from the config.
 from __future__ import annotations
 
 import functools
-import math
 import inspect
+import math
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn

@@ -344,7 +344,9 @@ def test_auto_orthogonalization_is_mgs_on_cpu_and_cgs2_elsewhere():
 
 @pytest.mark.parametrize("kwargs", [dict(tol=0.0, max_dim=3), dict(tol=-1.0, max_dim=3),
                                     dict(tol=1e-3, max_dim=0), dict(tol=1e-3, max_dim=2.5),
-                                    dict(tol=1e-3, max_dim=3, orthogonalization="householder")])
+                                    dict(tol=1e-3, max_dim=3, orthogonalization="householder"),
+                                    dict(tol=float("inf"), max_dim=3),
+                                    dict(tol=float("nan"), max_dim=3)])
 def test_invalid_hyperparameters(kwargs):
   with pytest.raises(ValueError):
     gmres(lambda v: v, jnp.ones((2, 3)), **kwargs)
