@@ -26,7 +26,8 @@ def load_data(data_cfg) -> data_lib.Dataset:
   """The dataset of ``data_cfg`` (``krylov_adv.data.load``), with two additions: relative roots
   resolve against the repository root, and ``test_split > 0`` with source ``idx`` builds the
   dataset from the ``t10k`` files alone: the first ``N - test_split`` images train, the last
-  ``test_split`` are held out (the real MNIST test set is all that is available offline)."""
+  ``test_split`` are held out (the real MNIST test set is all that is available offline). Either
+  way the result is checked (``krylov_adv.data.check_dataset``): bad data is one ValueError."""
   c = ml_collections.ConfigDict(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg)
   if "root" in c:
     c.root = resolve_path(c.root)
@@ -36,8 +37,8 @@ def load_data(data_cfg) -> data_lib.Dataset:
     x, y = data_lib.load_idx_split(c.root, "t10k")
     if not 0 < split < len(y):
       raise ValueError(f"data.test_split must lie in (0, {len(y)}), got {split}")
-    ds = data_lib.Dataset(x[:-split], y[:-split], x[-split:], y[-split:], 10,
-                          f"{c.get('name', 'idx')} (t10k split)")
+    ds = data_lib.check_dataset(data_lib.Dataset(x[:-split], y[:-split], x[-split:], y[-split:],
+                                                 10, f"{c.get('name', 'idx')} (t10k split)"))
   else:
     ds = data_lib.load({k: v for k, v in c.items() if k != "upsample"})
   return upsample(ds, factor) if factor > 1 else ds

@@ -44,9 +44,10 @@ from krylov_adv import evaluation, models, parallel, training
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ``ValueError`` for a bad config before anything runs: unknown data source, model,
-  activation, method or attack, ``eps < 0`` (``eval.eps_*`` too), an unknown norm, non-positive
-  sizes, and every selected method's and every entry of both evaluation suites' hyperparameters
-  (``training.check_attack_config``), with messages naming the field
+  activation, method or attack, ``eps < 0`` or non-finite (``eval.eps_*`` too), a NaN/inf real
+  hyperparameter, an unknown norm, non-positive sizes, and every selected method's and every
+  entry of both evaluation suites' hyperparameters (``training.check_attack_config``), with
+  messages naming the field
   (``eval.attacks.pgd_linf.steps must be an integer >= 1, got 0``)."""
   if config.data.source not in data_lib.SOURCES:
     raise ValueError(f"unknown data source {config.data.source!r}; use one of "
@@ -61,6 +62,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   models.get_activation(config.model.activation)
   for method in methods_of(config):
     training.validate_train_config(with_method(config, method).train)
+  training.check_finite_reals("eval", {f: float(config.eval[f]) for f in ("eps_linf", "eps_l2")})
   for field in ("eps_linf", "eps_l2"):
     if not float(config.eval[field]) >= 0:
       raise ValueError(f"eval.{field} must be >= 0, got {config.eval[field]}")

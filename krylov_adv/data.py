@@ -1,14 +1,17 @@
 """Datasets as in-memory arrays, and seeded epoch iterators with optional CIFAR augmentation.
 
 Every source returns a ``Dataset`` whose images are float32 NHWC in ``[0, 1]`` and whose labels
-are int32 in ``[0, num_classes)``. Sources (``cfg.source``), each registered by name
-(``register``, ``get``, ``available``; ``load(cfg)`` picks one):
+are int32 in ``[0, num_classes)``; ``load`` checks that contract for every source
+(``check_dataset``: finite pixels in ``[0, 1]``, whole labels in range, one image shape, no
+empty split) and refuses bad data with one ``ValueError``. Sources (``cfg.source``), each
+registered by name (``register``, ``get``, ``available``; ``load(cfg)`` picks one):
 
 * ``tfds``: ``mnist``, ``fashion_mnist``, ``cifar10`` through tensorflow-datasets (needs the
   prepared data or internet). Uses ``tfds.load`` when TensorFlow is installed and the
   TensorFlow-free ``tfds.data_source`` otherwise.
 * ``idx``: a folder of raw MNIST-format files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``
-  (MNIST and Fashion-MNIST ship in this format).
+  (MNIST and Fashion-MNIST ship in this format); integer pixels are divided by 255,
+  floating-point ones taken as they are.
 * ``cifar10_python``: a folder of the CIFAR-10 python batches (``data_batch_1..5``,
   ``test_batch``). They are pickles by format; they are read by a restricted unpickler that
   builds only the numpy arrays and builtin containers they hold and refuses anything else.
@@ -56,23 +59,99 @@ class Dataset(NamedTuple):
   name: str
 
 
-def _finish(x_tr, y_tr, x_te, y_te, num_classes: int, name: str) -> Dataset:
-  def images(x):
-    x = np.asarray(x)
-    if x.ndim == 3:
-      x = x[..., None]
-    if x.dtype == np.uint8:
-      return x.astype(np.float32) / np.float32(255.0)
-    return x.astype(np.float32)
+def _scaled_images(x: np.ndarray) -> np.ndarray:
+  """Pixels as float32: integer pixels (0..255, e.g. uint8) divided by 255, floating-point ones
+  taken as they are (already in ``[0, 1]``; dividing them again would silently darken them)."""
+  x = np.asarray(x)
+  if np.issubdtype(x.dtype, np.integer):
+    return x.astype(np.float32) / np.float32(255.0)
+  if not np.issubdtype(x.dtype, np.floating):
+    raise ValueError(f"images must be integer (0..255) or floating-point pixels, got dtype "
+                     f"{x.dtype}")
+  return x.astype(np.float32)
 
-  ds = Dataset(images(x_tr), np.asarray(y_tr).astype(np.int32), images(x_te),
-               np.asarray(y_te).astype(np.int32), int(num_classes), name)
+
+def _integer_labels(y, what: str) -> np.ndarray:
+  """Labels as int64. Floating-point labels must be whole numbers (``2.7`` is an error, not
+  silently truncated to ``2``); NaN/inf and other dtypes are errors naming ``what``."""
+  y = np.asarray(y)
+  if np.issubdtype(y.dtype, np.integer):
+    return y.astype(np.int64)
+  if not np.issubdtype(y.dtype, np.floating):
+    raise ValueError(f"{what}: labels must be integers, got dtype {y.dtype}")
+  if not np.all(np.isfinite(y)):
+    raise ValueError(f"{what}: labels contain NaN or inf")
+  fractional = np.flatnonzero(y != np.round(y))
+  if fractional.size:
+    i = int(fractional[0])
+    raise ValueError(f"{what}: labels must be whole numbers, got {y.flat[i]} at index {i} "
+                     f"({fractional.size} fractional labels)")
+  return y.astype(np.int64)
+
+
+def _check_pixels(x: np.ndarray, what: str, scaling: str = "") -> None:
+  """``ValueError`` naming ``what`` unless every pixel of ``x`` is finite and in ``[0, 1]``
+  (``scaling``, e.g. ``" (int16 integer pixels divided by 255)"``, ends the range message)."""
+  if not x.size:
+    return
+  lo, hi = x.min(), x.max()  # NaN propagates into both; one pass each over the data
+  if lo >= 0 and hi <= 1:
+    return
+  if not np.all(np.isfinite(x)):
+    raise ValueError(f"{what}: images contain NaN or inf")
+  raise ValueError(f"{what}: pixel values must lie in [0, 1], got range [{lo}, {hi}]{scaling}")
+
+
+def check_dataset(ds: Dataset) -> Dataset:
+  """Checks the :class:`Dataset` contract every source must keep, and returns ``ds``.
+
+  Raises ``ValueError`` (one line naming the dataset and split) unless: images are float32
+  ``(N, H, W, C)``, finite and in ``[0, 1]``; labels are int32 ``(N,)`` in ``[0, K)`` with
+  ``K = num_classes >= 1``; train and test images have one shape ``(H, W, C)``; neither split
+  is empty (training would die on ``batch_size must lie in [1, 0]``, evaluation on 0/0).
+  :func:`load` applies it to every source, registered ones included.
+  """
+  k = ds.num_classes
+  if isinstance(k, bool) or int(k) != k or k < 1:
+    raise ValueError(f"{ds.name}: num_classes must be an integer >= 1, got {k}")
   for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
-    if x.ndim != 4 or x.shape[0] != y.shape[0]:
-      raise ValueError(f"{name} {split}: images {x.shape} and labels {y.shape} do not match")
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
-      raise ValueError(f"{name} {split}: labels outside [0, {num_classes})")
+    what = f"{ds.name} {split} split"
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype != np.float32:
+      raise ValueError(f"{what}: images must be float32 in [0, 1], got dtype {x.dtype}")
+    if y.dtype != np.int32:
+      raise ValueError(f"{what}: labels must be int32, got dtype {y.dtype}")
+    if x.ndim != 4 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+      raise ValueError(f"{what}: images {x.shape} and labels {y.shape} do not match (expected "
+                       f"(N, H, W, C) and (N,))")
+    if not y.size:
+      raise ValueError(f"{what} is empty: a dataset needs training and test examples")
+    _check_pixels(x, what)
+    if y.min() < 0 or y.max() >= k:
+      raise ValueError(f"{what}: labels must lie in [0, {k}), got range [{y.min()}, {y.max()}]")
+  if ds.x_train.shape[1:] != ds.x_test.shape[1:]:
+    raise ValueError(f"{ds.name}: train images {ds.x_train.shape[1:]} and test images "
+                     f"{ds.x_test.shape[1:]} differ in shape")
   return ds
+
+
+def _finish(x_tr, y_tr, x_te, y_te, num_classes: int, name: str) -> Dataset:
+  """The checked :class:`Dataset` from a built-in source's arrays: pixels scaled
+  (:func:`_scaled_images`), rank-3 images given a channel axis, labels checked whole and in
+  range before the cast to int32 (so that 2**32 + 1 cannot wrap into range)."""
+  def images(x):
+    x = _scaled_images(x)
+    return x[..., None] if x.ndim == 3 else x
+
+  def labels(y, split):
+    y = _integer_labels(y, f"{name} {split} split")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+      raise ValueError(f"{name} {split} split: labels must lie in [0, {num_classes}), got range "
+                       f"[{y.min()}, {y.max()}]")
+    return y.astype(np.int32)
+
+  return check_dataset(Dataset(images(x_tr), labels(y_tr, "train"), images(x_te),
+                               labels(y_te, "test"), int(num_classes), name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,8 +224,12 @@ def _idx_path(root: str, split: str, kind: str) -> str:
 def load_idx_split(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """Images ``(N, 28, 28, 1)`` float32 in ``[0, 1]`` and labels ``(N,)`` int32 of one IDX split.
 
-  ``split`` is the file prefix: ``"train"`` or ``"t10k"``. A missing file is a
-  ``FileNotFoundError`` (from :func:`read_idx`); :func:`load_idx` checks the whole folder first.
+  ``split`` is the file prefix: ``"train"`` or ``"t10k"``. Integer pixels (uint8, as MNIST
+  ships; int8/int16/int32 holding 0..255) are divided by 255; floating-point pixels (IDX types
+  0x0D/0x0E) are taken as they are. A missing file is a ``FileNotFoundError`` (from
+  :func:`read_idx`); :func:`load_idx` checks the whole folder first. ``ValueError`` naming the
+  file for pixels that are NaN/inf or outside ``[0, 1]`` after that scaling, and for labels
+  that are negative or fractional (float label files must hold whole numbers).
   """
   img_path = _idx_path(root, split, "images-idx3")
   lbl_path = _idx_path(root, split, "labels-idx1")
@@ -157,7 +240,14 @@ def load_idx_split(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   if images.shape[0] != labels.shape[0]:
     raise ValueError(f"{img_path} has {images.shape[0]} images but {lbl_path} has "
                      f"{labels.shape[0]} labels")
-  return (images[..., None].astype(np.float32) / np.float32(255.0), labels.astype(np.int32))
+  x = _scaled_images(images)[..., None]
+  scaling = ("integer pixels divided by 255" if np.issubdtype(images.dtype, np.integer)
+             else "floating-point pixels taken as they are")
+  _check_pixels(x, img_path, f" ({images.dtype} {scaling})")
+  y = _integer_labels(labels, lbl_path)
+  if y.size and (y.min() < 0 or y.max() > np.iinfo(np.int32).max):
+    raise ValueError(f"{lbl_path}: labels must be >= 0, got range [{y.min()}, {y.max()}]")
+  return x, y.astype(np.int32)
 
 
 def load_idx(root: str, name: str = "idx") -> Dataset:
@@ -400,17 +490,22 @@ def load(cfg) -> Dataset:
 
   Raises:
     ValueError: unknown source, a bad field, or a ``data.root`` without the expected files
-      (the message names the field and the file).
+      (the message names the field and the file); data breaking the :class:`Dataset` contract
+      (:func:`check_dataset`: NaN/inf or out-of-range pixels, labels out of range, train and
+      test images of different shapes, an empty split), whatever the source.
   """
   c = _as_dict(cfg)
   source = get(c.get("source"))
   source.validate(c)
   ds = source.load(c)
+  if not isinstance(ds, Dataset):
+    raise ValueError(f"data source {source.name!r} returned {type(ds).__name__}, not a "
+                     f"krylov_adv.data.Dataset")
   max_train, max_test = c.get("max_train"), c.get("max_test")
   if max_train or max_test:
     ds = ds._replace(x_train=ds.x_train[:max_train or None], y_train=ds.y_train[:max_train or None],
                      x_test=ds.x_test[:max_test or None], y_test=ds.y_test[:max_test or None])
-  return ds
+  return check_dataset(ds)
 
 
 def _needs_root(source: str, expected: str):

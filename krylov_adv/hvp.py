@@ -182,5 +182,5 @@ def _check_same_shape(x: Array, v: Array) -> None:
 
 def _check_eta(eta) -> None:
   # eta is a Python number from a config; a traced eta is accepted unchecked.
-  if isinstance(eta, (int, float)) and not eta > 0:
-    raise ValueError(f"finite-difference step eta must be > 0, got {eta}")
+  if isinstance(eta, (int, float)) and not 0 < eta < float("inf"):
+    raise ValueError(f"finite-difference step eta must be a finite number > 0, got {eta}")

@@ -13,16 +13,23 @@ the SOAE paper's Algorithm 1 (steps 4-17), in named pieces:
   the residual norm ``||r_j||`` at no extra cost (the stopping rule, step 12);
 * :func:`_back_substitute` (step 16): ``R y = beta q_1`` (Eq. 13), then ``x = x_0 + V y``
   (step 17);
-* :func:`_outcome`: the true residual ``||b - A x||`` (one more batched matvec) and a per-example
-  :class:`Status`, lineax-style. The Givens estimate equals the true residual only while ``V``
-  is orthonormal and ``R`` well conditioned; on ill-conditioned systems in float32 (Hilbert
-  matrices, n = 8..12) it reaches 0 while ``||b - A x|| / ||b||`` is 0.6 to 19, so
-  ``converged`` is decided on the true residual.
+* :func:`_outcome`: the true residual ``||b - A x||`` (one more batched matvec), the better of
+  the iterate and ``x0`` by it, and a per-example :class:`Status`, lineax-style. The Givens
+  estimate equals the true residual only while ``V`` is orthonormal and ``R`` well
+  conditioned; on ill-conditioned systems in float32 (Hilbert matrices, n = 8..12) it reaches
+  0 while ``||b - A x|| / ||b||`` is 0.6 to 19, so ``converged`` is decided on the true
+  residual (and ``x0`` returned when it is better).
+
+The recurrence runs on the problem scaled by ``beta = ||r_0||`` (and each new Krylov vector by
+its norm), with norms computed scaled (:func:`_norm`): nothing in it depends on the scale of
+``b`` or ``A``, so float32 systems with ``||b|| = 1e-30`` or ``||A|| = 1e-25`` are solved
+rather than flushed to zero.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -68,7 +75,9 @@ class GMRESResult(NamedTuple):
   """Per-example outcome of :func:`gmres` (batch ``B``).
 
   Attributes:
-    x: ``(B, ...)`` approximate solutions (``b``'s shape and floating dtype).
+    x: ``(B, ...)`` approximate solutions (``b``'s shape and floating dtype): the Krylov
+      iterate, or ``x0`` (zeros by default) where ``x0`` has the smaller true residual (never
+      worse than the start).
     residual_norm: ``(B,)`` the true ``||b_i - A_i x_i||_2``, recomputed from ``x`` with one
       batched matvec at exit (it used to be the Givens estimate, which is now
       ``estimated_residual_norm``); non-finite when the input or the operator produced NaN/inf.
@@ -108,16 +117,29 @@ class _State(NamedTuple):
   r_mat: Array        # (B, max_dim, max_dim) rotated Hessenberg = upper-triangular R, col-major
   cs: Array           # (B, max_dim) Givens cosines
   sn: Array           # (B, max_dim) Givens sines
-  rhs: Array          # (B, max_dim + 1) rotated beta e_1; |rhs[j]| estimates ||r_j||
+  rhs: Array          # (B, max_dim + 1) rotated e_1; beta |rhs[j]| estimates ||r_j||
   active: Array       # (B,) bool, still iterating
   num_iters: Array    # (B,) int32
-  history: Array      # (B, max_dim)
+  history: Array      # (B, max_dim) relative estimates |rhs[j]| (times beta at exit)
   hess: Array         # (B, max_dim + 1, max_dim) unrotated Hessenberg, or (0,) when not kept
 
 
 def _dot(a: Array, b: Array) -> Array:
   """Per-example inner product over the flattened non-batch axis: (B, n), (B, n) -> (B,)."""
   return jnp.sum(a * b, axis=-1)
+
+
+def _norm(a: Array) -> Array:
+  """Per-example 2-norm ``(B, n) -> (B,)`` that neither underflows nor overflows.
+
+  ``sqrt(sum(a^2))`` squares the entries first: in float32 a vector of norm 1e-20 gives 0 (and
+  one of norm 1e20 gives inf), which made a tiny right-hand side look solved by ``x = 0``.
+  Scaling by ``s = max |a_i|`` first, ``s * ||a / s||``, keeps every square in ``[0, 1]``. A zero
+  row gives 0; a NaN or inf entry gives NaN or inf (never a finite number)."""
+  s = jnp.max(jnp.abs(a), axis=-1)
+  safe = jnp.where((s > 0) & jnp.isfinite(s), s, 1.0)
+  u = a / safe[:, None]
+  return jnp.where(jnp.isfinite(s), safe * jnp.sqrt(_dot(u, u)), s)
 
 
 def _mgs(w: Array, basis: Array, num_rows: Array) -> tuple[Array, Array]:
@@ -166,11 +188,17 @@ def _arnoldi_step(flat_matvec: Callable[[Array], Array], basis: Array, j: Array,
 
   ``basis`` is ``(max_dim + 1, B, n)`` with rows ``0..j`` filled. One batched matvec; frozen
   examples (``~active``) still ride along and their results are discarded by the caller.
-  MGS re-orthogonalises once when the Kahan criterion asks for it (for any active example);
-  CGS2 always does.
+  ``w`` is orthogonalised after scaling it to unit norm (the Hessenberg entries are scaled back),
+  so that an operator of norm 1e-25 or 1e25 neither underflows nor overflows the sweep.
+  MGS re-orthogonalises an example once when the Kahan criterion asks for it *for that example*
+  (the sweep runs when any active example needs it, and is kept only where needed: a system's
+  result does not depend on its batch-mates); CGS2 always does.
   """
   w = flat_matvec(basis[j])
-  w_norm0 = jnp.sqrt(_dot(w, w))
+  w_norm0 = _norm(w)
+  # Zero (A v_j = 0: breakdown below) and non-finite norms divide by 1: NaN/inf stay in w.
+  scale = jnp.where((w_norm0 > 0) & jnp.isfinite(w_norm0), w_norm0, 1.0)
+  w = w / scale[:, None]
   w, h = sweep(w, basis, j + 1)
 
   def reorth(args):
@@ -181,14 +209,20 @@ def _arnoldi_step(flat_matvec: Callable[[Array], Array], basis: Array, j: Array,
   if always_reorth:
     w, h = reorth((w, h))
   else:
-    need = jnp.sqrt(_dot(w, w)) < _REORTH_RATIO * w_norm0
-    w, h = lax.cond(jnp.any(need & active), reorth, lambda a: a, (w, h))
-  h_next = jnp.sqrt(_dot(w, w))
+    # ||w|| was 1 (or 0) before the sweep; the plain norm is safe at this scale (a result
+    # below ~1e-19 that squares to 0 is a breakdown anyway).
+    need = jnp.sqrt(_dot(w, w)) < _REORTH_RATIO * jnp.where(w_norm0 > 0, 1.0, 0.0)
+    w2, h2 = lax.cond(jnp.any(need & active), reorth, lambda a: a, (w, h))
+    w = jnp.where(need[:, None], w2, w)
+    h = jnp.where(need[:, None], h2, h)
+  h_next_unit = jnp.sqrt(_dot(w, w))
   # Happy breakdown: h_{j+1,j} ~ 0 relative to the column; the next vector would be 0/0.
-  col_scale = jnp.maximum(jnp.max(jnp.abs(h), axis=1), h_next)
-  breakdown = h_next <= 10 * jnp.finfo(w.dtype).eps * col_scale
-  v_next = jnp.where(breakdown[:, None], 0.0, w / jnp.where(breakdown, 1.0, h_next)[:, None])
-  return _ArnoldiStep(h=h, h_next=h_next, v_next=v_next, breakdown=breakdown)
+  col_scale = jnp.maximum(jnp.max(jnp.abs(h), axis=1), h_next_unit)
+  breakdown = h_next_unit <= 10 * jnp.finfo(w.dtype).eps * col_scale
+  v_next = jnp.where(breakdown[:, None], 0.0,
+                     w / jnp.where(breakdown, 1.0, h_next_unit)[:, None])
+  return _ArnoldiStep(h=h * scale[:, None], h_next=h_next_unit * scale, v_next=v_next,
+                      breakdown=breakdown)
 
 
 def _apply_rotations(col: Array, cs: Array, sn: Array, j: Array) -> Array:
@@ -269,25 +303,46 @@ def _estimate_at(rhs: Array, num_iters: Array) -> Array:
   return jnp.abs(jnp.sum(jnp.where(at_k, rhs, 0.0), axis=1))
 
 
-def _outcome(flat_matvec, b: Array, x: Array, beta: Array, estimate: Array, num_iters: Array,
-             threshold: Array, max_dim: int) -> tuple[Array, Array, Array]:
-  """True residual ``||b - A x||`` (one batched matvec), ``converged`` and :class:`Status`.
+def _outcome(flat_matvec, b: Array, x: Array, x0: Array, beta: Array, estimate: Array,
+             num_iters: Array, threshold: Array,
+             max_dim: int) -> tuple[Array, Array, Array, Array]:
+  """The returned ``x``, its true residual ``||b - A x||`` (one batched matvec), ``converged``
+  and :class:`Status`.
 
-  Where no step was taken ``x = x0`` and the true residual is ``beta``, already computed: it is
-  reused, so that ``b = A x0`` exactly stays converged whatever rounding the second product
-  of the same vector might bring.
+  The Krylov iterate is replaced by ``x0`` where ``x0``'s residual ``beta`` is smaller: on
+  ill-conditioned systems in float32 (Hilbert, n = 8..12) the iterate's true residual can be up
+  to 30x ``||b||``, and a solver should never return worse than its start. Where no step was
+  taken ``x = x0`` and ``beta`` is reused, so that ``b = A x0`` exactly stays converged whatever
+  rounding a second product of the same vector might bring. A non-finite iterate is kept (it
+  reports ``NONFINITE``).
   """
   r = b - flat_matvec(x)
-  true_res = jnp.where(num_iters == 0, beta, jnp.sqrt(_dot(r, r)))
+  true_res = jnp.where(num_iters == 0, beta, _norm(r))
+  x_finite = jnp.all(jnp.isfinite(x), axis=1)
+  use_x0 = x_finite & jnp.isfinite(beta) & (beta < true_res)
+  x = jnp.where(use_x0[:, None], x0, x)
+  true_res = jnp.where(use_x0, beta, true_res)
   nonfinite = ~(jnp.isfinite(beta) & jnp.isfinite(estimate) & jnp.isfinite(true_res)
-                & jnp.all(jnp.isfinite(x), axis=1))
+                & x_finite)
   converged = ~nonfinite & (true_res <= threshold)
   status = jnp.where(
       nonfinite, int(Status.NONFINITE),
       jnp.where(converged, int(Status.CONVERGED),
                 jnp.where(num_iters >= max_dim, int(Status.MAX_DIM_REACHED),
                           int(Status.BREAKDOWN))))
-  return true_res, converged, status.astype(jnp.int32)
+  return x, true_res, converged, status.astype(jnp.int32)
+
+
+def _empty_result(x: Array, n: int, max_dim: int, return_basis: bool) -> GMRESResult:
+  """:class:`GMRESResult` of an empty batch (``B = 0``): every field with ``B = 0``, no matvec."""
+  dtype = x.dtype
+  zeros = lambda *s, dt=dtype: jnp.zeros((0,) + s, dt)
+  return GMRESResult(
+      x=x, residual_norm=zeros(), num_iters=zeros(dt=jnp.int32), converged=zeros(dt=bool),
+      residual_history=zeros(max_dim), initial_residual_norm=zeros(),
+      status=zeros(dt=jnp.int32), estimated_residual_norm=zeros(),
+      basis=zeros(max_dim + 1, n) if return_basis else None,
+      hessenberg=zeros(max_dim + 1, max_dim) if return_basis else None)
 
 
 def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *,
@@ -300,8 +355,13 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
   ``||r_j|| <= tol * ||r_0||`` (Algorithm 1 step 12, ``tol`` = tau), when ``j = max_dim``, on a
   happy breakdown (``h_{j+1,j} = 0``: the Krylov space is invariant), or when its numbers become
   non-finite; stopped examples are frozen by masking, and the loop ends when every example has
-  stopped. The true residual ``||b - A x||`` is then computed once, and ``converged`` and
-  ``status`` (:class:`Status`) are decided on it, not on the estimate. ``matvec`` is called once
+  stopped. The true residual ``||b - A x||`` is then computed once; where it exceeds
+  ``||b - A x0||`` the start ``x0`` is returned instead, and ``converged`` and ``status``
+  (:class:`Status`) are decided on the returned ``x``'s true residual, not on the estimate.
+  Norms are computed scaled (a right-hand side of norm 1e-30 in float32 is solved, not
+  flushed to 0), and an example's result does not depend on the rest of its batch. An empty
+  batch (``B = 0``) returns an empty :class:`GMRESResult` without calling ``matvec``.
+  ``matvec`` is called once
   per Krylov step for the whole batch, once more at exit for the true residual, and once for
   ``r_0`` when ``x0`` is given.
 
@@ -326,8 +386,8 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
   Returns:
     :class:`GMRESResult`.
   """
-  if not tol > 0:
-    raise ValueError(f"tol must be > 0, got {tol}")
+  if not 0 < tol < float("inf"):
+    raise ValueError(f"tol must be a finite number > 0, got {tol}")
   if int(max_dim) != max_dim or max_dim < 1:
     raise ValueError(f"max_dim must be an integer >= 1, got {max_dim}")
   if b.ndim < 1:
@@ -345,8 +405,10 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
   dtype = b.dtype if jnp.issubdtype(b.dtype, jnp.floating) else jnp.float32
   b = b.astype(dtype)
   shape = b.shape
-  bsz = shape[0]
-  flat = lambda a: a.reshape(bsz, -1)
+  bsz, n = shape[0], math.prod(shape[1:])
+  if bsz == 0:
+    return _empty_result(b if x0 is None else x0.astype(dtype), n, max_dim, return_basis)
+  flat = lambda a: a.reshape(bsz, n)
   b_flat = flat(b)
 
   def flat_matvec(v):
@@ -361,19 +423,22 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
   else:
     x0_flat = flat(x0.astype(dtype))
     r0 = b_flat - flat_matvec(x0_flat)
-  beta = jnp.sqrt(_dot(r0, r0))
+  beta = _norm(r0)
   finite = jnp.isfinite(beta)
   safe_beta = jnp.where(beta > 0, beta, 1.0)
   v1 = jnp.where((beta > 0)[:, None], r0 / safe_beta[:, None], 0.0)
-  threshold = tol * beta
   # Zero right-hand side (beta = 0) is solved by x0 at j = 0; non-finite input never iterates.
+  # The recurrence solves the scaled problem A d = r0 / beta (rhs = e_1, residuals relative to
+  # beta, stopping at tol) and x = x0 + beta d: the same iterates, but no number in the loop
+  # depends on the scale of b, so a right-hand side of norm 1e-30 in float32 neither underflows
+  # the residual estimates nor the stopping test.
   state = _State(
       j=jnp.zeros((), jnp.int32),
       basis=jnp.zeros((max_dim + 1, bsz, r0.shape[1]), dtype).at[0].set(v1),
       r_mat=jnp.zeros((bsz, max_dim, max_dim), dtype),
       cs=jnp.ones((bsz, max_dim), dtype),
       sn=jnp.zeros((bsz, max_dim), dtype),
-      rhs=jnp.zeros((bsz, max_dim + 1), dtype).at[:, 0].set(beta),
+      rhs=jnp.zeros((bsz, max_dim + 1), dtype).at[:, 0].set(1.0),
       active=finite & (beta > 0),
       num_iters=jnp.zeros((bsz,), jnp.int32),
       history=jnp.full((bsz, max_dim), jnp.nan, dtype),
@@ -396,7 +461,7 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
         cs=s.cs.at[:, j].set(keep(giv.c, s.cs[:, j])),
         sn=s.sn.at[:, j].set(keep(giv.s, s.sn[:, j])),
         rhs=keep(giv.rhs, s.rhs),
-        active=act & (giv.res > threshold) & jnp.isfinite(giv.res) & ~arn.breakdown,
+        active=act & (giv.res > tol) & jnp.isfinite(giv.res) & ~arn.breakdown,
         num_iters=s.num_iters + act.astype(jnp.int32),
         history=s.history.at[:, j].set(keep(giv.res, s.history[:, j])),
         hess=(s.hess.at[:, :, j].set(keep(arn.h.at[:, j + 1].set(arn.h_next), s.hess[:, :, j]))
@@ -406,14 +471,14 @@ def gmres(matvec: Callable[[Array], Array], b: Array, x0: Array | None = None, *
   s = lax.while_loop(cond, body, state)
 
   y = _back_substitute(s.r_mat, s.rhs, s.num_iters)
-  x = x0_flat + jnp.einsum("kbn,bk->bn", s.basis[:max_dim], y)
-  estimate = jnp.where(finite, _estimate_at(s.rhs, s.num_iters), jnp.nan)
+  x = x0_flat + beta[:, None] * jnp.einsum("kbn,bk->bn", s.basis[:max_dim], y)
+  estimate = jnp.where(finite, beta * _estimate_at(s.rhs, s.num_iters), jnp.nan)
   # A non-finite operator output poisons the Givens recurrence; make sure x says so too.
   x = jnp.where(jnp.isfinite(estimate)[:, None], x, jnp.nan)
-  true_res, converged, status = _outcome(flat_matvec, b_flat, x, beta, estimate, s.num_iters,
-                                         threshold, max_dim)
+  x, true_res, converged, status = _outcome(flat_matvec, b_flat, x, x0_flat, beta, estimate,
+                                            s.num_iters, tol * beta, max_dim)
   return GMRESResult(x=x.reshape(shape), residual_norm=true_res, num_iters=s.num_iters,
-                     converged=converged, residual_history=s.history,
+                     converged=converged, residual_history=beta[:, None] * s.history,
                      initial_residual_norm=beta, status=status,
                      estimated_residual_norm=estimate,
                      basis=jnp.swapaxes(s.basis, 0, 1) if return_basis else None,

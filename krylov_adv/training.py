@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -200,11 +201,22 @@ def _sub_config(cfg, name: str) -> dict[str, Any]:
   return dict(sub.to_dict() if hasattr(sub, "to_dict") else sub)
 
 
+def check_finite_reals(where: str, fields: dict[str, Any]) -> None:
+  """``ValueError`` naming ``where.<field>`` for a real (``float``) value in ``fields`` that is
+  NaN or inf: a budget, step or rate of ``inf`` makes a run report nonsense rather than fail
+  (``eps=inf`` reported robust accuracy 1.00). Other values (ints, strings, ``None``) are left
+  to the range checks."""
+  for field, value in fields.items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"{where}.{field} must be a finite number, got {value}")
+
+
 def check_eps_norm(where: str, eps, norm: str) -> None:
-  """``ValueError`` naming ``where`` (e.g. ``train``) unless ``eps >= 0`` and ``norm`` is
-  ``"linf"`` or ``"l2"``."""
+  """``ValueError`` naming ``where`` (e.g. ``train``) unless ``eps`` is finite and ``>= 0`` and
+  ``norm`` is ``"linf"`` or ``"l2"``."""
   if norm not in projections.NORMS:
     raise ValueError(f"{where}.norm: unknown norm {norm!r}; use one of {projections.NORMS}")
+  check_finite_reals(where, {"eps": float(eps)})
   if not float(eps) >= 0:
     raise ValueError(f"{where}.eps must be >= 0, got {eps}")
 
@@ -215,9 +227,11 @@ def check_hyperparameters(where: str, fields: dict[str, Any], *, allowed=None) -
 
   ``steps``, ``restarts``, ``samples``, ``m``: integers ``>= 1``; ``alpha``,
   ``sigma``, ``beta`` and names starting with ``eps`` or ``step_size``: ``>= 0``; ``tau``,
-  ``eta``, ``xi``: ``> 0``; ``hvp``: a name of ``hvp.HVP_METHODS``. ``None`` values (the
-  attack's default) are not checked. With ``allowed`` (names), a field outside it is an error.
+  ``eta``, ``xi``: ``> 0``; ``hvp``: a name of ``hvp.HVP_METHODS``; every real value: finite.
+  ``None`` values (the attack's default) are not checked. With ``allowed`` (names), a field
+  outside it is an error.
   """
+  check_finite_reals(where, fields)
   for field, value in fields.items():
     name = f"{where}.{field}"
     if allowed is not None and field not in allowed:
@@ -288,6 +302,8 @@ def validate_train_config(cfg) -> None:
   for name in ("epochs", "batch_size"):
     if int(cfg[name]) != cfg[name] or cfg[name] < 1:
       raise ValueError(f"train.{name} must be an integer >= 1, got {cfg[name]}")
+  check_finite_reals("train", {k: cfg.get(k) for k in ("learning_rate", "momentum",
+                                                      "weight_decay", "lr_decay")})
   if not float(cfg.learning_rate) > 0:
     raise ValueError(f"train.learning_rate must be > 0, got {cfg.learning_rate}")
   if not 0 <= float(cfg.momentum) < 1 or not float(cfg.weight_decay) >= 0:
@@ -488,6 +504,7 @@ def _validate_soar(cfg) -> None:
   check_eps_norm("train", cfg.eps, cfg.norm)
   s = _sub_config(cfg, "soar")
   check_hyperparameters("train.soar", {k: None for k in s}, allowed=_SOAR_FIELDS)
+  check_finite_reals("train.soar", s)
   if not float(s["lam"]) >= 0:
     raise ValueError(f"train.soar.lam must be >= 0, got {s['lam']}")
   if not float(s["h"]) > 0:
@@ -508,6 +525,7 @@ def _validate_scorpio(cfg) -> None:
   check_eps_norm("train", cfg.eps, cfg.norm)
   s = _sub_config(cfg, "scorpio")
   check_hyperparameters("train.scorpio", {k: None for k in s}, allowed=_SCORPIO_FIELDS)
+  check_finite_reals("train.scorpio", s)
   check_hyperparameters("train.scorpio", dict(steps=s["steps"], hvp=s["hvp"], eta=s["eta"]))
   if not float(s["lam"]) >= 0:
     raise ValueError(f"train.scorpio.lam must be >= 0, got {s['lam']}")

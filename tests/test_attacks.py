@@ -544,3 +544,75 @@ def test_rank_the_model_cannot_take_raises_value_error_naming_the_shape(name, sh
   # Today the model's own "not enough values to unpack" (or a Square-specific message).
   with pytest.raises(ValueError, match=r"logits_fn cannot take x of shape \(4, 4, 4"):
     _run(name, _nhwc_linear, _X4.reshape(shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# Budgets and calls that make no sense (issue 28, items 7 and 9). Every check below runs before
+# anything is compiled.
+
+_NONFINITE = [float("inf"), float("nan"), -float("inf")]
+
+
+@pytest.mark.parametrize("value", _NONFINITE)
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_non_finite_eps_raises_value_error(name, value):
+  # Today eps=inf is accepted (robust accuracy 1.00 for FGSM, S-O and SOAE: every step is NaN
+  # and falls back to the clean point); the empty batch takes the same check.
+  for x, y in ((_X4, _Y4), (_X4[:0], _Y4[:0])):
+    with pytest.raises(ValueError, match=r"^eps must be a finite number, got (-?inf|nan)$"):
+      _run(name, _nhwc_linear, x, y=y, eps=value)
+
+
+# Every real-valued hyperparameter of every attack.
+_REAL_HYPERPARAMETERS = [
+    ("fgsm", "step_size"), ("pgd", "step_size"), ("trades", "step_size"),
+    ("second_order", "step_size"), ("second_order", "sigma"), ("second_order", "xi"),
+    ("soae", "alpha"), ("soae", "tau"), ("soae", "eta"),
+    ("apgd_ce", "rho"), ("apgd_dlr", "rho"), ("apgd_t", "rho"),
+    ("fab", "alpha_max"), ("fab", "overshoot"), ("fab", "beta"),
+    ("fab_t", "alpha_max"), ("fab_t", "overshoot"), ("fab_t", "beta"),
+    ("square", "p_init"),
+]
+
+
+@pytest.mark.parametrize("value", _NONFINITE)
+@pytest.mark.parametrize("name,field", _REAL_HYPERPARAMETERS)
+def test_non_finite_hyperparameters_raise_value_error(name, field, value):
+  with pytest.raises(ValueError, match=rf"^{field} must (be a finite number|lie in)"):
+    attacks.get(name)(_nhwc_linear, _X4, _Y4, jax.random.PRNGKey(0), eps=0.1, norm="linf",
+                      **{**TINY[name], field: value})
+
+
+def test_real_hyperparameter_list_covers_every_attack_signature():
+  # A new float hyperparameter must join the list above (and get its check).
+  import inspect
+  listed = {(n, f) for n, f in _REAL_HYPERPARAMETERS}
+  for name in sorted(TINY):
+    params = inspect.signature(attacks.get(name)).parameters
+    for field, p in params.items():
+      real = (p.annotation in (float, "float") or isinstance(p.default, float)
+              or field in ("step_size", "alpha", "xi"))  # real, default None: from eps
+      if field != "eps" and real:
+        assert (name, field) in listed, (name, field)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_integer_logits_raise_value_error(name):
+  # Today a raw JAX TypeError from inside the gradient ("Expected the input to have a dtype
+  # that is a subdtype of floating").
+  to_int = lambda x: (100 * _nhwc_linear(x)).astype(jnp.int32)
+  with pytest.raises(ValueError, match=r"^logits_fn must return floating-point logits, got "
+                                       r"dtype int32"):
+    _run(name, to_int, _X4)
+
+
+@pytest.mark.parametrize("entry", ["autoattack", "autoattack_with_report", "autoattack_batched"])
+def test_autoattack_under_jit_says_to_call_it_outside(entry):
+  # Today a ConcretizationTypeError from the host loop over the components.
+  kw = dict(eps=0.1, norm="linf", **TINY["autoattack"])
+  if entry == "autoattack_batched":
+    kw["batch_size"] = 2
+  fn = getattr(attacks, entry)
+  with pytest.raises(ValueError, match=r"^autoattack cannot run under jax\.jit.*runs on the "
+                                       r"host.*call it outside jit"):
+    jax.jit(lambda x, y, k: fn(_nhwc_linear, x, y, k, **kw))(_X4, _Y4, jax.random.PRNGKey(0))

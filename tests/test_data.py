@@ -22,7 +22,8 @@ REAL_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data
 
 def _write_idx(path, array, gz=True):
   """An IDX file written by hand from the format spec (independent of the reader)."""
-  code = {np.uint8: 0x08, np.int32: 0x0C}[array.dtype.type]
+  code = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D,
+          np.float64: 0x0E}[array.dtype.type]
   header = bytes([0, 0, code, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
   payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
   with (gzip.open if gz else open)(path, "wb") as f:
@@ -350,3 +351,120 @@ def test_random_crop_flip_is_a_shifted_window_of_the_padded_image():
     assert matches, f"example {i} is not a crop (+flip) of its padded image"
     flips += matches[0][2]
   assert 0 < flips < len(x)  # seeded draw: some flipped, some not
+
+
+# ---------------------------------------------------------------------------------------------
+# Every source's contract checked at load (issue 28, item 7): one ValueError, never bad data.
+
+
+def _idx_files(root, train, test):
+  """Writes ``{train,t10k}-{images-idx3,labels-idx1}-ubyte`` from ``(images, labels)`` pairs."""
+  for split, (img, lbl) in (("train", train), ("t10k", test)):
+    _write_idx(os.path.join(root, f"{split}-images-idx3-ubyte"), img, gz=False)
+    _write_idx(os.path.join(root, f"{split}-labels-idx1-ubyte"), lbl, gz=False)
+
+
+def _ok(n=6, shape=(4, 4), dtype=np.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  img = rng.uniform(size=(n,) + shape).astype(dtype)
+  return img, (np.arange(n) % 10).astype(np.uint8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_idx_float_images_already_in_unit_range_are_not_divided_again(tmp_path, dtype):
+  # Today float images are divided by 255 like uint8 ones: every pixel below 0.004.
+  train, test = _ok(dtype=dtype), _ok(n=3, dtype=dtype, seed=1)
+  _idx_files(str(tmp_path), train, test)
+  ds = data.load({"source": "idx", "root": str(tmp_path)})
+  np.testing.assert_array_equal(ds.x_train[..., 0], train[0].astype(np.float32))
+  np.testing.assert_array_equal(ds.x_test[..., 0], test[0].astype(np.float32))
+  # Integer pixels 0..255 of any integer type are still divided by 255.
+  img16 = np.array([[[0, 255], [51, 102]]] * 2, np.int16)
+  _idx_files(str(tmp_path), (img16, train[1][:2]), (img16, test[1][:2]))
+  ds = data.load({"source": "idx", "root": str(tmp_path)})
+  np.testing.assert_allclose(ds.x_train[0, ..., 0], [[0.0, 1.0], [0.2, 0.4]], rtol=1e-6)
+
+
+def _with(arrays, index, value):
+  out = arrays.copy()
+  out.flat[index] = value
+  return out
+
+
+_IMG, _LBL = _ok()
+_BAD_IDX = {
+    "nan pixel": ((_with(_IMG, 5, np.nan), _LBL), _ok(3),
+                  r"train-images-idx3-ubyte: images contain NaN or inf"),
+    "inf pixel": (_ok(), (_with(_ok(3)[0], 0, np.inf), _ok(3)[1]),
+                  r"t10k-images-idx3-ubyte: images contain NaN or inf"),
+    "int16 up to 4.0": (((_IMG * 1020).astype(np.int16), _LBL), _ok(3),
+                        r"train-images-idx3-ubyte: pixel values must lie in \[0, 1\], got range "
+                        r"\[0\.\d+, 3\.\d+\] \(int16 integer pixels divided by 255\)"),
+    "negative int8": (((_IMG * 100 - 50).astype(np.int8), _LBL), _ok(3),
+                      r"pixel values must lie in \[0, 1\], got range \[-0\.1"),
+    "float in 0..255": (((_IMG * 255).astype(np.float32), _LBL), _ok(3),
+                        r"pixel values must lie in \[0, 1\].*float32 floating-point pixels taken "
+                        r"as they are"),
+    "fractional labels": ((_IMG, np.array([0, 1.5, 2, 3, 4, 5], np.float32)), _ok(3),
+                          r"train-labels-idx1-ubyte: labels must be whole numbers, got 1\.5 at "
+                          r"index 1"),
+    "nan labels": ((_IMG, np.array([0, 1, np.nan, 3, 4, 5], np.float64)), _ok(3),
+                   r"train-labels-idx1-ubyte: labels contain NaN or inf"),
+    "label out of range": ((_IMG, _with(_LBL, 2, 10)), _ok(3),
+                           r"train split: labels must lie in \[0, 10\), got range \[0, 10\]"),
+    "shapes differ": (_ok(), _ok(3, shape=(5, 5)),
+                      r"train images \(4, 4, 1\) and test images \(5, 5, 1\) differ in shape"),
+    "empty train": ((_IMG[:0], _LBL[:0]), _ok(3), r"idx train split is empty"),
+    "empty test": (_ok(), (_IMG[:0], _LBL[:0]), r"idx test split is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_IDX))
+def test_idx_data_breaking_the_contract_is_one_value_error(tmp_path, case):
+  # Today all but "label out of range" load (NaN pixels, pixels up to 4.0, fractional labels
+  # truncated, ...) and fail later, if at all.
+  train, test, match = _BAD_IDX[case]
+  _idx_files(str(tmp_path), train, test)
+  with pytest.raises(ValueError, match=match) as e:
+    data.load({"source": "idx", "root": str(tmp_path)})
+  assert "\n" not in str(e.value)
+
+
+def test_labels_beyond_int32_do_not_wrap_into_range(tmp_path):
+  x, _ = _ok(2)
+  with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+    data._finish(x, np.array([0, 2**32 + 1]), x, np.array([0, 1]), 3, "wrap")
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda x, y: data.Dataset(x * np.nan, y, x, y, 2, "s"), r"s train split: images contain NaN"),
+    (lambda x, y: data.Dataset(x, y, x + 1, y, 2, "s"),
+     r"s test split: pixel values must lie in \[0, 1\], got range \[1\.\d+, 1\.\d+\]"),
+    (lambda x, y: data.Dataset(x.astype(np.float64), y, x, y, 2, "s"),
+     r"s train split: images must be float32 in \[0, 1\], got dtype float64"),
+    (lambda x, y: data.Dataset(x, y.astype(np.float32), x, y, 2, "s"),
+     r"s train split: labels must be int32, got dtype float32"),
+    (lambda x, y: data.Dataset(x, y, x, y + 2, 2, "s"),
+     r"s test split: labels must lie in \[0, 2\), got range \[2, 3\]"),
+    (lambda x, y: data.Dataset(x, y, x[:, :1], y, 2, "s"), r"s: train images .* differ in shape"),
+    (lambda x, y: data.Dataset(x, y, x[:0], y[:0], 2, "s"), r"s test split is empty"),
+    (lambda x, y: (x, y), r"returned tuple, not a krylov_adv.data.Dataset"),
+])
+def test_registered_sources_are_held_to_the_contract(make, match):
+  name = "test_contract_source"
+  x = np.random.default_rng(0).uniform(size=(4, 2, 2, 1)).astype(np.float32)
+  y = np.array([0, 1, 0, 1], np.int32)
+  data.register(name)(lambda c: make(x, y))
+  try:
+    with pytest.raises(ValueError, match=match):
+      data.load({"source": name})
+  finally:
+    data._SOURCES.pop(name)  # pylint: disable=protected-access
+
+
+def test_analysis_t10k_split_is_checked_too(tmp_path):
+  from experiments import datasets
+  bad = _with(_IMG, 3, np.inf)
+  _idx_files(str(tmp_path), _ok(), (bad, _LBL))
+  with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte: images contain NaN or inf"):
+    datasets.load_data({"source": "idx", "root": str(tmp_path), "test_split": 2})

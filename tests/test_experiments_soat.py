@@ -104,6 +104,19 @@ def test_paper_configs_follow_the_papers():
      r"^eval\.table\.autoattack_linf: unknown AutoAttack version 'strong'"),
     ("eval.eps_linf", -0.1, r"^eval\.eps_linf must be >= 0, got -0\.1$"),
     ("eval.eps_l2", -1.0, r"^eval\.eps_l2 must be >= 0, got -1\.0$"),
+    # Non-finite budgets and steps (issue 28.7): today accepted, and eps=inf reported robust
+    # accuracy 1.00.
+    ("eval.eps_linf", float("inf"), r"^eval\.eps_linf must be a finite number, got inf$"),
+    ("eval.eps_l2", float("nan"), r"^eval\.eps_l2 must be a finite number, got nan$"),
+    ("train.eps", float("inf"), r"^train\.eps must be a finite number, got inf$"),
+    ("eval.table.pgd_linf.eps", float("inf"),
+     r"^eval\.table\.pgd_linf\.eps must be a finite number, got inf$"),
+    ("eval.attacks.pgd_l2.step_size", float("inf"),
+     r"^eval\.attacks\.pgd_l2\.step_size must be a finite number, got inf$"),
+    ("eval.table.soae_linf.alpha", float("inf"),
+     r"^eval\.table\.soae_linf\.alpha must be a finite number, got inf$"),
+    ("eval.table.second_order_l2.sigma", float("nan"),
+     r"^eval\.table\.second_order_l2\.sigma must be a finite number, got nan$"),
 ])
 def test_bad_configs_give_clear_errors(field, value, match):
   c = test_tiny.get_config("pgd")
@@ -397,3 +410,29 @@ def test_skipping_an_entry_leaves_the_other_entries_seeds(monkeypatch):
                               pipeline.eval_suite(c), jax.random.PRNGKey(c.seed + 2),
                               batch_size=16)
   assert not np.array_equal(seen_old[("pgd", "linf")].x_adv, full_adv[("pgd", "linf")])
+
+
+def test_non_finite_budget_and_bad_data_are_one_line_on_the_command_line(tmp_path):
+  # Issue 28.7: both used to start a run (eps=inf reported robust accuracy 1.00; NaN pixels
+  # trained on).
+  import struct  # pylint: disable=import-outside-toplevel
+  img = np.random.default_rng(0).uniform(size=(6, 4, 4)).astype(np.float32)
+  img.flat[5] = np.nan
+  lbl = (np.arange(6) % 10).astype(np.uint8)
+  for split in ("train", "t10k"):  # IDX: 0, 0, type code (0x0D float32, 0x08 uint8), rank
+    for kind, a, code in (("images-idx3", img, 0x0D), ("labels-idx1", lbl, 0x08)):
+      with open(tmp_path / f"{split}-{kind}-ubyte", "wb") as f:
+        f.write(bytes([0, 0, code, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape)
+                + a.astype(a.dtype.newbyteorder(">")).tobytes())
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "experiments.soat", "--config", "configs/test_tiny.py:standard",
+         "--workdir", str(tmp_path / "w")]
+  for extra, line in (
+      (["--config.eval.eps_linf=inf"],
+       "soat: error: eval.eps_linf must be a finite number, got inf"),
+      (["--config.data.source=idx", f"--config.data.root={tmp_path}"],
+       f"soat: error: {tmp_path}/train-images-idx3-ubyte: images contain NaN or inf")):
+    out = subprocess.run(cmd + extra, cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    lines = [ln for ln in out.stderr.splitlines() if not ln.startswith(("WARNING", "I0", "W0"))]
+    assert out.returncode == 2 and lines == [line], out.stderr[-2000:]

@@ -162,6 +162,9 @@ def test_invalid_arguments():
     hvp.make_hvp(loss_fn, x, method="fd_forward", eta=0.0)
   with pytest.raises(ValueError, match="eta"):
     hvp.fd_hvp(loss_fn, x, v, eta=-1e-3)
+  for eta in (float("inf"), float("nan")):  # inf used to give NaN products
+    with pytest.raises(ValueError, match="eta must be a finite number > 0"):
+      hvp.make_hvp(loss_fn, x, method="fd_central", eta=eta)
   with pytest.raises(ValueError, match="scheme"):
     hvp.fd_hvp(loss_fn, x, v, eta=1e-3, scheme="backward")
   with pytest.raises(ValueError, match="shape"):

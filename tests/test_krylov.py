@@ -344,7 +344,9 @@ def test_auto_orthogonalization_is_mgs_on_cpu_and_cgs2_elsewhere():
 
 @pytest.mark.parametrize("kwargs", [dict(tol=0.0, max_dim=3), dict(tol=-1.0, max_dim=3),
                                     dict(tol=1e-3, max_dim=0), dict(tol=1e-3, max_dim=2.5),
-                                    dict(tol=1e-3, max_dim=3, orthogonalization="householder")])
+                                    dict(tol=1e-3, max_dim=3, orthogonalization="householder"),
+                                    dict(tol=float("inf"), max_dim=3),
+                                    dict(tol=float("nan"), max_dim=3)])
 def test_invalid_hyperparameters(kwargs):
   with pytest.raises(ValueError):
     gmres(lambda v: v, jnp.ones((2, 3)), **kwargs)
@@ -370,3 +372,123 @@ def test_return_basis_gives_the_arnoldi_relation(orth):
     np.testing.assert_allclose(a[i] @ v[:k].T, v[:k + 1].T @ h[:k + 1, :k], atol=1e-12)
     np.testing.assert_allclose(v[0], b[i] / np.linalg.norm(b[i]), atol=1e-14)
     assert np.all(h[:, k:] == 0) and np.all(v[k + 1:] == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Edges (issue 28, item 8): extreme scales, a Krylov iterate worse than its start, batch-mates,
+# empty batches.
+
+
+def _rowwise_matvec(a):
+  """``A_i v_i`` as an elementwise product and a row sum: each row's arithmetic is the same
+  whatever the batch size (a batched dot may pick another kernel for another batch size)."""
+  a = jnp.asarray(a)
+  return lambda v: jnp.sum(a * v[:, None, :], axis=-1)
+
+
+@pytest.mark.parametrize("orth", ["mgs", "cgs2"])
+@pytest.mark.parametrize("b_scale,a_scale", [(1e-20, 1.0), (1e-30, 1.0), (1e25, 1.0),
+                                             (1.0, 1e-25), (1e-20, 1e-20)])
+def test_extreme_scales_float32_are_solved_not_underflowed(b_scale, a_scale, orth):
+  # In float32, ||b||^2 underflows to 0 at ||b|| ~ 1e-20 (and overflows at 1e20): A = 2I with
+  # b ~ 1e-20 used to report CONVERGED with x = 0, residual 0 and initial residual 0 while the
+  # true relative residual was 1. GMRES is scale-invariant in b and A; so must its answer be.
+  with jax.enable_x64(False):
+    rng = np.random.default_rng(21)
+    m = np.stack([2.0 * np.eye(6), rng.normal(size=(6, 6)) + 5.0 * np.eye(6)])
+    b = rng.normal(size=(2, 6))
+    a32 = (a_scale * m).astype(np.float32)
+    b32 = (b_scale * b).astype(np.float32)
+    res = gmres(_rowwise_matvec(a32), jnp.asarray(b32), tol=1e-5, max_dim=6,
+                orthogonalization=orth)
+    x_ref = np.linalg.solve(a32.astype(np.float64), b32.astype(np.float64)[..., None])[..., 0]
+    x = np.asarray(res.x, np.float64)
+    err = np.linalg.norm(x - x_ref, axis=1) / np.linalg.norm(x_ref, axis=1)
+    assert np.all(err <= 1e-4), err
+    b_norm = np.linalg.norm(b32.astype(np.float64), axis=1)
+    np.testing.assert_allclose(res.initial_residual_norm, b_norm, rtol=1e-6)
+    true_res = np.linalg.norm(b32 - np.einsum("bij,bj->bi", a32.astype(np.float64), x), axis=1)
+    assert np.all(true_res <= 1e-5 * b_norm)
+    np.testing.assert_array_equal(res.status, Status.CONVERGED)
+    # The reported norms are at the problem's scale, not flushed to 0 or blown up to inf.
+    assert np.all(np.asarray(res.residual_norm) <= 1e-5 * b_norm)
+    hist = np.asarray(res.residual_history)
+    assert np.all(np.isfinite(hist[:, 0])) and np.all(hist[:, 0] <= b_norm * (1 + 1e-6))
+    assert hist[1, 0] > 0  # the dense system is not solved in one step (2I is, exactly)
+
+
+@pytest.mark.parametrize("orth", ["mgs", "cgs2"])
+def test_returned_x_is_never_worse_than_x0(orth):
+  # Float32 Hilbert systems: the Krylov iterate's true residual reached 2.5 to 11 ||b|| (x = 0
+  # gives ||b||). The solver returns whichever of the iterate and x0 has the smaller true
+  # residual, and reports that residual.
+  with jax.enable_x64(False):
+    worst = 0.0
+    for n in (8, 10, 12):
+      h = scipy.linalg.hilbert(n)
+      rng = np.random.default_rng(n)
+      b = np.stack([np.ones(n), rng.normal(size=n), rng.uniform(size=n)]).astype(np.float32)
+      a = np.broadcast_to(h, (3, n, n)).astype(np.float32)
+      x0 = (0.1 * rng.normal(size=(3, n))).astype(np.float32)
+      for start in (None, x0):
+        res = gmres(_rowwise_matvec(a), jnp.asarray(b), None if start is None else
+                    jnp.asarray(start), tol=1e-6, max_dim=n, orthogonalization=orth)
+        x = np.asarray(res.x, np.float64)
+        start64 = np.zeros((3, n)) if start is None else start.astype(np.float64)
+        true_res = np.linalg.norm(b - x @ h.T, axis=1)
+        start_res = np.linalg.norm(b - start64 @ h.T, axis=1)
+        # float32 rounding of the residuals compared inside the solver: a margin of 1e-5.
+        assert np.all(true_res <= start_res * (1 + 1e-5)), (n, start is None, true_res,
+                                                            start_res)
+        # The float32 residual carries rounding of order n eps ||A|| ||x|| (x is large here).
+        rounding = n * np.finfo(np.float32).eps * np.linalg.norm(h, 2) * np.linalg.norm(x, axis=1)
+        assert np.all(np.abs(np.asarray(res.residual_norm) - true_res)
+                      <= 1e-3 * true_res + 10 * rounding)
+        worst = max(worst, float(np.max(true_res / start_res)))
+    assert worst > 0.99  # some iterate was worse than its start here (the cases that failed)
+
+
+def test_mgs_reorthogonalisation_is_decided_per_example():
+  # MGS re-orthogonalised the whole batch when any example needed it, so an ill-conditioned
+  # system's solution depended on its batch-mates (residual 38 alone vs 15 inside a batch).
+  with jax.enable_x64(False):
+    n = 10
+    rng = np.random.default_rng(0)
+    h = scipy.linalg.hilbert(n)
+    a = np.stack([h, rng.normal(size=(n, n)) + 6 * np.eye(n), np.diag(np.arange(1.0, n + 1)),
+                  h]).astype(np.float32)
+    b = rng.normal(size=(4, n)).astype(np.float32)
+
+    def solve(a, b):
+      return jax.jit(lambda b: gmres(_rowwise_matvec(a), b, tol=1e-7, max_dim=n,
+                                     orthogonalization="mgs"))(jnp.asarray(b))
+
+    batch = solve(a, b)
+    for i in range(4):
+      alone = solve(a[i:i + 1], b[i:i + 1])
+      for field in ("x", "residual_norm", "num_iters", "status", "residual_history"):
+        np.testing.assert_array_equal(getattr(alone, field)[0], getattr(batch, field)[i],
+                                      err_msg=f"example {i}, {field}")
+
+
+@pytest.mark.parametrize("return_basis", [False, True])
+def test_empty_batch_returns_empty_result(return_basis):
+  def matvec(v):
+    raise AssertionError("no product is needed for an empty batch")
+
+  b = jnp.zeros((0, 3, 2))
+  for x0 in (None, jnp.zeros((0, 3, 2))):
+    res = gmres(matvec, b, x0, tol=1e-6, max_dim=4, return_basis=return_basis)
+    assert res.x.shape == (0, 3, 2) and res.x.dtype == b.dtype
+    for field in ("residual_norm", "num_iters", "converged", "initial_residual_norm", "status",
+                  "estimated_residual_norm"):
+      assert getattr(res, field).shape == (0,), field
+    assert res.num_iters.dtype == jnp.int32 and res.status.dtype == jnp.int32
+    assert res.converged.dtype == jnp.bool_
+    assert res.residual_history.shape == (0, 4)
+    if return_basis:
+      assert res.basis.shape == (0, 5, 6) and res.hessenberg.shape == (0, 5, 4)
+    else:
+      assert res.basis is None and res.hessenberg is None
+  jitted = jax.jit(lambda b: gmres(matvec, b, tol=1e-6, max_dim=4))(b)
+  assert jitted.x.shape == (0, 3, 2)

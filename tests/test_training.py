@@ -194,6 +194,12 @@ def test_adversarial_loss_exceeds_clean_loss(batch, method):
     (dict(lr_schedule="step"), "unknown lr_schedule"),
     (dict(batch_size=0), "batch_size"),
     (dict(learning_rate=0.0), "learning_rate"),
+    # Non-finite numbers (issue 28.7): today accepted.
+    (dict(method="pgd", eps=float("inf")), r"^train\.eps must be a finite number, got inf$"),
+    (dict(method="soat", eps=float("nan")), r"^train\.eps must be a finite number, got nan$"),
+    (dict(learning_rate=float("inf")),
+     r"^train\.learning_rate must be a finite number, got inf$"),
+    (dict(weight_decay=float("inf")), r"^train\.weight_decay must be a finite number, got inf$"),
 ])
 def test_validate_train_config_errors(change, match):
   c = _cfg("standard")
@@ -225,6 +231,14 @@ def test_mixed_eps_is_validated():
     ("mixed", "eps_linf", -0.1, r"train\.mixed\.eps_linf must be >= 0"),
     ("second_order", "samples", 0, r"train\.second_order\.samples must be an integer >= 1"),
     ("second_order", "sigma", -0.05, r"train\.second_order\.sigma must be >= 0"),
+    # Non-finite numbers (issue 28.7): today accepted.
+    ("pgd", "step_size", float("inf"), r"^train\.pgd\.step_size must be a finite number, got inf$"),
+    ("trades", "beta", float("inf"), r"^train\.trades\.beta must be a finite number, got inf$"),
+    ("soat", "tau", float("inf"), r"^train\.soat\.tau must be a finite number, got inf$"),
+    ("soat", "eta", float("nan"), r"^train\.soat\.eta must be a finite number, got nan$"),
+    ("mixed", "eps_l2", float("inf"), r"^train\.mixed\.eps_l2 must be a finite number, got inf$"),
+    ("second_order", "sigma", float("inf"),
+     r"^train\.second_order\.sigma must be a finite number, got inf$"),
 ])
 def test_method_hyperparameters_are_validated_with_the_field_named(method, field, value, match):
   c = _cfg(method)
@@ -313,6 +327,9 @@ def test_a_registered_method_trains_by_name(batch):
     ("soar", "init", "pgd7", r"train\.soar\.init: unknown 'pgd7'"),
     ("soar", "lamda", 1.0, r"train\.soar\.lamda is not a hyperparameter"),
     ("soar", "grad_clip", -1.0, r"train\.soar\.grad_clip must be >= 0"),
+    ("soar", "lam", float("inf"), r"^train\.soar\.lam must be a finite number, got inf$"),
+    ("soar", "h", float("nan"), r"^train\.soar\.h must be a finite number, got nan$"),
+    ("scorpio", "lam", float("inf"), r"^train\.scorpio\.lam must be a finite number, got inf$"),
     ("scorpio", "steps", 0, r"train\.scorpio\.steps must be an integer >= 1"),
     ("scorpio", "hvp", "fd", r"train\.scorpio\.hvp: unknown HVP method 'fd'"),
     ("scorpio", "step_rule", "armijo", r"train\.scorpio\.step_rule: unknown 'armijo'"),

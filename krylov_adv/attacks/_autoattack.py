@@ -259,6 +259,11 @@ def _autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str,
   :func:`autoattack_batched`: ``chunk`` points per component call (default: all of ``x``);
   ``example_index`` ``(B,)`` or ``(B, 2)`` keys each example's randomness (default
   ``arange(B)``, its position)."""
+  if any(isinstance(a, jax.core.Tracer) for a in (x, y, key, eps)):
+    # Otherwise a ConcretizationTypeError from deep inside the host loop.
+    raise ValueError("autoattack cannot run under jax.jit, vmap or grad: its loop over the "
+                     "components runs on the host (it picks the still-robust points between "
+                     "attacks); call it outside jit (each component is compiled on its own)")
   x, y, _, _ = toolkit.validate_inputs(logits_fn, x, y, eps, norm, example_index=example_index)
   plan = version_components(version, attacks, hyperparameters)
   bsz = x.shape[0]
