@@ -163,8 +163,8 @@ def validate_inputs(logits_fn: LogitsFn, x, y, eps, norm: str, *, loss: str | No
                     example_index=None) -> AttackInputs:
   """Checks an attack's input once and returns it as arrays.
 
-  Raises ``ValueError`` for an unknown norm or loss, ``eps < 0``, a non-float ``x``, mismatched
-  batch sizes, labels outside ``[0, K)``, ``x`` that is non-finite or outside ``[0, 1]`` (value
+  Raises ``ValueError`` for an unknown norm or loss, ``eps < 0`` or not finite, a non-float
+  ``x``, mismatched batch sizes, labels outside ``[0, K)``, ``x`` that is non-finite or outside ``[0, 1]`` (value
   checks only when the arrays are concrete, see :mod:`krylov_adv.attacks.checks`), an
   ``example_index`` of the wrong shape, and a DLR loss with ``K < 3``.
 
