@@ -114,9 +114,14 @@ class BoundAttack:
   keywords: Mapping[str, Any]
   report: bool = False
 
+  @property
+  def func(self) -> Callable[..., Any]:
+    """The entry called: ``attacks.NAME``, or ``attacks.NAME_with_report`` with ``report``
+    (``functools.partial``'s attribute name, as ``from_config`` returned before)."""
+    return globals()[f"{self.name}_with_report"] if self.report else get(self.name)
+
   def __call__(self, logits_fn, x, y, key):
-    fn = globals()[f"{self.name}_with_report"] if self.report else get(self.name)
-    return fn(logits_fn, x, y, key, **self.keywords)
+    return self.func(logits_fn, x, y, key, **self.keywords)
 
   def with_report(self) -> "BoundAttack":
     """The same attack through its ``NAME_with_report`` entry (``AttributeError`` where the
