@@ -353,9 +353,12 @@ def _train_epochs(exp, state, mesh, mngr, workdir, epochs, progress, primary, lr
     bar = tqdm(epoch_steps(exp, state, mesh, epoch), total=exp.steps_per_epoch,
                disable=not progress, leave=False,
                desc=f"{config.train.method} epoch {epoch + 1}/{config.train.epochs}")
-    for state, m in bar:
-      sums += np.asarray([float(m.loss), float(m.accuracy), float(m.clean_accuracy)])
-      bar.set_postfix(loss=f"{float(m.loss):.3f}", acc=f"{float(m.accuracy):.3f}")
+    try:
+      for state, m in bar:
+        sums += np.asarray([float(m.loss), float(m.accuracy), float(m.clean_accuracy)])
+        bar.set_postfix(loss=f"{float(m.loss):.3f}", acc=f"{float(m.accuracy):.3f}")
+    finally:  # cleared on Ctrl-C too, so that the line saying where the run stopped starts
+      bar.close()  # on a line of its own
     mean = sums / exp.steps_per_epoch
     record = dict(epoch=epoch + 1, step=int(state.step), method=config.train.method,
                   train_loss=mean[0], train_accuracy=mean[1],
