@@ -35,7 +35,9 @@ def main(run: Callable[..., Any],
     pipeline.start_distributed(flags_.config)
     run(flags_.config, flags_.workdir, progress=parallel.is_primary())
 
-  # experiments.workdir: config and workdir mistakes are one stderr line (exit 2), Ctrl-C one
-  # line naming the last saved epoch (exit 130); bugs keep their traceback.
+  # experiments.workdir: config and workdir mistakes are one stderr line (exit 2); Ctrl-C
+  # (exit 130), SIGTERM (exit 143) and a full disk (exit 1) one line naming the newest epoch
+  # finished on disk, with nothing printed after it (hard_exit); bugs keep their traceback.
   from experiments import workdir as workdir_lib
-  workdir_lib.run_cli(lambda: app.run(_main, flags_parser=workdir_lib.parse_flags))
+  workdir_lib.run_cli(lambda: app.run(_main, flags_parser=workdir_lib.parse_flags),
+                      hard_exit=True)

@@ -33,20 +33,26 @@ def evaluate_workdir(config, workdir: str, *, progress: bool = True
   for _, cfg, sub in pipeline.method_runs(config, workdir):  # before the data loads
     workdir_lib.require_trained_workdir(sub, workdir)
     workdir_lib.check_run_config(sub, cfg, record=False)
+  if parallel.is_primary():  # before any attack: the results must be writable at the end
+    workdir_lib.require_writable(workdir, "evaluation.json")
   with workdir_lib.config_errors():
     dataset = data_lib.load(config.data)
-  results, workdirs = {}, {}
+  results, workdirs, checkpoints = {}, {}, {}
   for method, cfg, sub in pipeline.method_runs(config, workdir):
     exp, state, epochs = pipeline.load_trained(cfg, sub, dataset)
     workdirs[method] = sub
+    checkpoints[method] = workdir_lib.checkpoint_record(sub, epochs, state)
     if progress:
-      print(f"[{method}] checkpoint after epoch {epochs}; attacking "
+      busy = workdir_lib.in_use_by(sub)
+      beside = f" (the newest finished one: {busy})" if busy else ""
+      print(f"[{method}] checkpoint after epoch {epochs}{beside}; attacking "
             f"{min(cfg.eval.num_examples, len(dataset.y_test))} test points with eval.table",
             flush=True)
     results[method] = pipeline.evaluate(exp, state, cfg, "table")
   table = pipeline.write_robustness(
       workdir, results, f"{dataset.name}: {', '.join(methods)}", name="evaluation",
-      metadata=pipeline.run_metadata(config, exp, state, workdirs, "table"))
+      metadata=pipeline.run_metadata(config, exp, state, workdirs, "table",
+                                     checkpoints=checkpoints))
   if progress:
     print(table, flush=True)
   return results

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
+from experiments import workdir as workdir_lib
 from krylov_adv import krylov, parallel
 from krylov_adv.evaluation import AttackResult
 
@@ -47,6 +49,9 @@ def write_results(out_dir: str, results: Any, markdown: str, *, config=None,
 
   The JSON holds ``results`` (made plain by :func:`to_jsonable`), or ``{"config", "results"}``
   when ``config`` (a ``ConfigDict``) is given, so that a results file says what produced it.
+  Each file is written atomically (``experiments.workdir.atomic_write_text``: a temporary file
+  in ``out_dir``, then a rename), so a full disk or a kill leaves the previous file whole, and a
+  symlink planted under either name is replaced, never written through.
   """
   path = os.path.join(out_dir, json_name)
   if not parallel.is_primary():
@@ -54,10 +59,8 @@ def write_results(out_dir: str, results: Any, markdown: str, *, config=None,
   payload = to_jsonable(results)
   if config is not None:
     payload = {"config": json.loads(config.to_json()), "results": payload}
-  with open(path, "w") as f:
-    json.dump(payload, f, indent=2)
-  with open(os.path.join(out_dir, markdown_name), "w") as f:
-    f.write(markdown)
+  workdir_lib.atomic_write_text(path, json.dumps(payload, indent=2))
+  workdir_lib.atomic_write_text(os.path.join(out_dir, markdown_name), markdown)
   return path
 
 
@@ -143,11 +146,23 @@ def finish_figure(fig, title: str, *, extra_handles: Sequence = (), legend: bool
 
 
 def save_figure(fig, path: str) -> str:
-  """Saves ``fig`` as ``path`` (process 0 only) and closes it; returns the file name."""
+  """Saves ``fig`` as ``path`` (process 0 only) and closes it; returns the file name. Written
+  through a temporary file in the same folder and renamed, like :func:`write_results`."""
   if parallel.is_primary():
     if fig.get_layout_engine() is None:
       fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    ext = os.path.splitext(path)[1][1:] or "png"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix=f".{os.path.basename(path)}.", suffix=f".{ext}")
+    os.close(fd)
+    try:
+      fig.savefig(tmp, format=ext, dpi=110, bbox_inches="tight")
+      os.chmod(tmp, 0o644)
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+      raise
   pyplot().close(fig)
   return os.path.basename(path)
 
@@ -292,7 +307,9 @@ def metadata_markdown(meta: Mapping[str, Any]) -> str:
         f"  - `{method}`: {threat}{t.get('attack', method)}{hyper}; {t['epochs']} epochs, batch "
         f"{t['batch_size']}, SGD lr {_num(o['learning_rate'])} ({o['lr_schedule']}), momentum "
         f"{_num(o['momentum'])}, weight decay {_num(o['weight_decay'])}; trained in "
-        f"{t['seconds']:.1f} s over {t['epochs_recorded']} recorded epochs")
+        f"{t['seconds']:.1f} s over {t['epochs_recorded']} recorded epochs"
+        + (f"; checkpoint {t['checkpoint']['step']} (sha256 "
+           f"{(t['checkpoint']['checksum'] or 'unknown')[:16]})" if t.get("checkpoint") else ""))
   lines.append(f"- **Evaluation** (`{ev['suite']}`): the first {ev['test_points']} test points, "
                f"batches of {ev['batch_size']}, attack seed {ev['seed']}; attacks:")
   seen = set()

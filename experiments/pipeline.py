@@ -19,6 +19,7 @@ The flow follows the Flax examples: a step is a pure function jitted once (in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -307,7 +308,7 @@ def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
       mngr, parallel.replicate(initial_state(exp), mesh), workdir, quarantine=True,
       primary=primary, sync=None if jax.process_count() == 1 else _sync_hosts)
   state, start_epoch = restored.state, restored.step
-  workdir_lib.note_progress(start_epoch, config.train.method)
+  workdir_lib.note_progress(start_epoch, config.train.method, workdir=workdir)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if primary:
     for line in restored.messages(workdir):
@@ -315,20 +316,42 @@ def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
     if start_epoch and progress:
       print(f"[{config.train.method}] resuming {workdir} after epoch {start_epoch}", flush=True)
     workdir_lib.truncate_metrics(metrics_path, start_epoch)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
+    workdir_lib.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))
   lr_fn = training.learning_rate_schedule(config.train, exp.steps_per_epoch)
   last = int(config.train.epochs) if stop_after_epoch is None else min(
       int(config.train.epochs), int(stop_after_epoch))
-  for epoch in range(start_epoch, last):
+  try:
+    state = _train_epochs(exp, state, mesh, mngr, workdir, range(start_epoch, last), progress,
+                          primary, lr_fn, metrics_path)
+  except BaseException:
+    # Ctrl-C, SIGTERM (experiments.workdir.Terminated), a full disk, a diverged loss: finish the
+    # save in flight while the workdir is still locked, so that the checkpoint it writes is
+    # complete (a second signal abandons it: orbax removes its temporary folder next time).
+    with contextlib.suppress(BaseException):
+      mngr.wait_until_finished()
+    raise
+  mngr.wait_until_finished()
+  mngr.close()
+  workdir_lib.note_progress(max(start_epoch, last), config.train.method, workdir=workdir)
+  return exp, state
+
+
+def _train_epochs(exp, state, mesh, mngr, workdir, epochs, progress, primary, lr_fn,
+                  metrics_path):
+  """The epochs of :func:`train`: one ``metrics.jsonl`` line and one checkpoint each."""
+  config = exp.config
+  for epoch in epochs:
     start = time.perf_counter()
     sums = np.zeros(3)
     bar = tqdm(epoch_steps(exp, state, mesh, epoch), total=exp.steps_per_epoch,
                disable=not progress, leave=False,
                desc=f"{config.train.method} epoch {epoch + 1}/{config.train.epochs}")
-    for state, m in bar:
-      sums += np.asarray([float(m.loss), float(m.accuracy), float(m.clean_accuracy)])
-      bar.set_postfix(loss=f"{float(m.loss):.3f}", acc=f"{float(m.accuracy):.3f}")
+    try:
+      for state, m in bar:
+        sums += np.asarray([float(m.loss), float(m.accuracy), float(m.clean_accuracy)])
+        bar.set_postfix(loss=f"{float(m.loss):.3f}", acc=f"{float(m.accuracy):.3f}")
+    finally:  # cleared on Ctrl-C too, so that the line saying where the run stopped starts
+      bar.close()  # on a line of its own
     mean = sums / exp.steps_per_epoch
     record = dict(epoch=epoch + 1, step=int(state.step), method=config.train.method,
                   train_loss=mean[0], train_accuracy=mean[1],
@@ -339,18 +362,15 @@ def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
     if not np.isfinite(mean[0]):
       raise FloatingPointError(f"training diverged in epoch {epoch + 1}: loss {mean[0]}")
     if primary:
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      workdir_lib.append_line(metrics_path, json.dumps(record))
     workdir_lib.save_checkpoint(mngr, epoch + 1, state, workdir, primary=primary)
-    workdir_lib.note_progress(epoch + 1, config.train.method, flush=mngr.wait_until_finished)
+    workdir_lib.note_progress(epoch + 1, config.train.method, flush=mngr.wait_until_finished,
+                              workdir=workdir)
     if progress:
       print(f"[{config.train.method}] epoch {epoch + 1}: loss {mean[0]:.4f} train acc "
             f"{mean[1]:.4f} test acc {record['test_accuracy']:.4f} ({record['seconds']:.1f}s)",
             flush=True)
-  mngr.wait_until_finished()
-  mngr.close()
-  workdir_lib.note_progress(max(start_epoch, last), config.train.method)
-  return exp, state
+  return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,9 +384,16 @@ def _sync_hosts() -> None:
 
 def checkpoint_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   """Orbax manager of ``workdir/checkpoints``; checkpoint ``e`` holds the state after epoch
-  ``e`` (so ``latest_step()`` is the number of completed epochs)."""
+  ``e`` (so ``latest_step()`` is the number of completed epochs).
+
+  The manager is told up front that each checkpoint holds one default item (a
+  ``StandardCheckpointHandler``): left to guess, orbax locks its mode on the first restore from
+  whether that step's folder has a ``default`` subfolder, so a reader whose first try hit a
+  checkpoint being deleted by the run training beside it (``evaluate`` while ``soat`` runs)
+  could restore nothing after it (``Must provide args of type Composite``)."""
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
+      item_handlers=ocp.StandardCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
@@ -462,14 +489,28 @@ _METHOD_ATTACK = {"pgd": "pgd", "trades": "trades", "soat": "soae",
                   "second_order": "second_order", "mixed": "pgd"}
 
 
+def checkpoint_of(exp: Experiment, state, workdir: str) -> dict[str, Any]:
+  """``{"step", "checksum"}`` of the checkpoint ``state`` is (``experiments.workdir.
+  checkpoint_record``): the step is the epochs ``state`` has trained (its optimiser step over
+  the steps per epoch), the checksum the one ``checksums.json`` recorded for it."""
+  epochs = int(parallel.to_host(state.step)) // max(1, exp.steps_per_epoch)
+  return workdir_lib.checkpoint_record(workdir, epochs, state)
+
+
 def run_metadata(config, exp: Experiment, state, workdirs: dict[str, str],
-                 suite: str = "attacks") -> dict[str, Any]:
+                 suite: str = "attacks", checkpoints: dict[str, dict] | None = None
+                 ) -> dict[str, Any]:
   """What a results file measured: model, data, each method's training (threat model,
-  hyperparameters, time from ``metrics.jsonl``), the test points, each attack's settings (the
-  config's hyperparameters over the attack's signature defaults) and the code version.
+  hyperparameters, time from ``metrics.jsonl``, the checkpoint evaluated), the test points, each
+  attack's settings (the config's hyperparameters over the attack's signature defaults) and the
+  code version.
 
   Args:
     workdirs: ``{method: its workdir}`` (:func:`method_runs`).
+    checkpoints: ``{method: {"step", "checksum"}}`` (:func:`checkpoint_of`), the checkpoint each
+      method's results measured: recorded as ``training.<method>.checkpoint``, and its step is
+      the ``epochs`` reported (not ``train.epochs`` of the config, which a reader such as
+      ``evaluate --config.train.epochs=7`` may set beyond what the workdir trained).
   """
   import inspect
   from krylov_adv import attacks
@@ -480,11 +521,15 @@ def run_metadata(config, exp: Experiment, state, workdirs: dict[str, str],
   for method, wd in workdirs.items():
     t = with_method(config, method).train
     seconds, epochs = _training_seconds(wd)
-    entry = dict(epochs=int(t.epochs), batch_size=int(t.batch_size),
+    ckpt = (checkpoints or {}).get(method)
+    entry = dict(epochs=int(ckpt["step"]) if ckpt else int(t.epochs),
+                 batch_size=int(t.batch_size),
                  optimizer=dict(name="sgd", learning_rate=float(t.learning_rate),
                                 lr_schedule=t.lr_schedule, momentum=float(t.momentum),
                                 weight_decay=float(t.weight_decay)),
                  seconds=seconds, epochs_recorded=epochs)
+    if ckpt:
+      entry["checkpoint"] = dict(step=int(ckpt["step"]), checksum=ckpt["checksum"])
     if method == "mixed":
       entry["hyperparameters"] = t.mixed.to_dict()
     elif method != "standard":

@@ -34,7 +34,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after_epoch: int | None = N
   with workdir_lib.config_errors():
     pipeline.validate_config(config)
   pipeline.start_distributed(config)
-  with workdir_lib.workdir_lock(workdir, process_index=jax.process_index()):
+  # A multi-method run also locks each method's folder: a run of W/pgd alone is refused while
+  # W trains, and W while W/pgd trains.
+  methods = pipeline.methods_of(config)
+  with workdir_lib.workdir_lock(workdir, process_index=jax.process_index(),
+                                subfolders=tuple(methods) if len(methods) > 1 else ()):
     return _train_and_evaluate(config, workdir, stop_after_epoch=stop_after_epoch,
                                progress=progress)
 
@@ -46,22 +50,26 @@ def _train_and_evaluate(config, workdir: str, *, stop_after_epoch: int | None,
     workdir_lib.check_data_root(config.data)
     dataset = data_lib.load(config.data)
   results: dict[str, list[evaluation.AttackResult]] = {}
-  workdirs = {}
+  workdirs, checkpoints = {}, {}
   for method, cfg, sub in pipeline.method_runs(config, workdir):
     exp, state = pipeline.train(cfg, sub, dataset=dataset, stop_after_epoch=stop_after_epoch,
                                 progress=progress)
     workdirs[method] = sub
+    checkpoints[method] = pipeline.checkpoint_of(exp, state, sub)
     if stop_after_epoch is not None and stop_after_epoch < cfg.train.epochs:
       results[method] = []
       continue
     results[method] = pipeline.evaluate(exp, state, cfg, "attacks")
     if len(methods) > 1:
       pipeline.write_robustness(sub, {method: results[method]}, f"{dataset.name}, {method}",
-                                metadata=pipeline.run_metadata(cfg, exp, state, {method: sub}))
+                                metadata=pipeline.run_metadata(
+                                    cfg, exp, state, {method: sub},
+                                    checkpoints={method: checkpoints[method]}))
   if all(results.values()):
     table = pipeline.write_robustness(workdir, results, f"{dataset.name}: {', '.join(methods)}",
-                                      metadata=pipeline.run_metadata(config, exp, state,
-                                                                     workdirs))
+                                      metadata=pipeline.run_metadata(
+                                          config, exp, state, workdirs,
+                                          checkpoints=checkpoints))
     if progress and parallel.is_primary():
       print(table, flush=True)
   return results

@@ -32,6 +32,7 @@ Writes (after every row, so a partial run shows what it has):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -175,25 +176,51 @@ def _write_json(path: str, payload) -> None:
     workdir_lib.atomic_write_text(path, json.dumps(outputs.to_jsonable(payload), indent=1))
 
 
-def _setting(entry_cfg: dict, n: int, epochs: int, seed: int) -> dict:
-  """What a stored result was measured with: a stored result is reused only when it matches."""
-  return outputs.to_jsonable(dict(entry_cfg, num_examples=n, epochs=epochs, seed=seed))
+def _setting(entry_cfg: dict, n: int, epochs: int, seed: int, **measured) -> dict:
+  """What a stored result was measured with: a stored result is reused only when it matches.
+  ``measured``: the rest of what decides the result (:func:`evaluate_row`)."""
+  return outputs.to_jsonable(dict(entry_cfg, num_examples=n, epochs=epochs, seed=seed,
+                                  **measured))
+
+
+def _points_digest(x: np.ndarray, y: np.ndarray) -> str:
+  """sha256 of the attacked test points (images and labels): the data side of a cached
+  result (``data.*`` settings, ``eval.num_examples``)."""
+  h = hashlib.sha256()
+  for a in (np.ascontiguousarray(x), np.ascontiguousarray(y)):
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
 
 
 def evaluate_row(exp, state, cfg, row_dir: str, *, epochs: int, hvp_cost: float,
-                 equal_cost: bool, progress: bool = True, label: str = "") -> dict[str, dict]:
+                 equal_cost: bool, progress: bool = True, label: str = "",
+                 checkpoint: dict | None = None) -> dict[str, dict]:
   """Attacks one trained row with ``eval.table`` (and PGD at SOAE's cost per norm), skipping
   the attacks whose results ``row_dir/table_eval.json`` already holds for the same settings;
   saves that file after every attack. Returns ``{entry: result record}``.
 
-  The attack key of entry ``i`` is ``fold_in(PRNGKey(seed + 2), i)``, the same whether the
-  run is resumed or not.
+  A stored result is reused only when everything that decides it matches (its ``setting``):
+  the entry's attack settings, the model attacked (``checkpoint``: step and checksum,
+  ``pipeline.checkpoint_of``; a row retrained with another config is another model), the test
+  points (their sha256), ``eval.batch_size`` (each batch has its own key), the seed, the
+  entry's key index and, for SOAE, the HVP cost its reported cost uses.
+
+  The attack key of an entry is ``fold_in(PRNGKey(seed + 2), i)`` with ``i`` its position in
+  the whole ``eval.table`` (``pipeline.suite_key_indices``; ``ConfigDict`` orders entries by
+  name, so the AutoAttack entries come first), the same whether the run is resumed or not and
+  whatever ``eval.skip`` leaves out; PGD at SOAE's cost takes ``len(eval.table)`` plus its SOAE
+  entry's index.
   """
   path = os.path.join(row_dir, EVAL_FILE)
   stored = (_read_json(path) or {}).get("results", {})
   n = min(int(cfg.eval.num_examples), len(exp.dataset.y_test))
   x, y = exp.dataset.x_test[:n], exp.dataset.y_test[:n]
   suite = pipeline.eval_suite(cfg, "table")
+  key_index = pipeline.suite_key_indices(cfg, "table")
+  points = _points_digest(x, y)
+  if checkpoint is None:
+    checkpoint = pipeline.checkpoint_of(exp, state, row_dir)
   logits_fn = None
   results: dict[str, dict] = {}
   mesh = pipeline.make_mesh(cfg)
@@ -201,7 +228,10 @@ def evaluate_row(exp, state, cfg, row_dir: str, *, epochs: int, hvp_cost: float,
 
   def run(i: int, entry: str, c: dict) -> dict:
     nonlocal logits_fn
-    setting = _setting(c, n, epochs, int(cfg.seed))
+    setting = _setting(c, n, epochs, int(cfg.seed), key_index=i,
+                       batch_size=int(cfg.eval.batch_size), checkpoint=checkpoint,
+                       test_points=points,
+                       **({"hvp_cost": hvp_cost} if c["name"] == "soae" else {}))
     old = stored.get(entry)
     if old is not None and old.get("setting") == setting:
       return old
@@ -223,17 +253,18 @@ def evaluate_row(exp, state, cfg, row_dir: str, *, epochs: int, hvp_cost: float,
   def save():
     _write_json(path, dict(results={**stored, **results}))
 
-  for i, (entry, c) in enumerate(suite.items()):
-    results[entry] = run(i, entry, c)
+  for entry, c in suite.items():
+    results[entry] = run(key_index[entry], entry, c)
     save()
   if equal_cost:
-    for j, (entry, c) in enumerate(list(suite.items())):
+    for entry, c in list(suite.items()):
       if c["name"] != "soae" or results[entry]["cost"] is None:
         continue
       steps = max(1, int(round(results[entry]["cost"])))
       eq = dict(label=f"PGD at SOAE's cost", name="pgd", norm=c["norm"], eps=c["eps"],
                 steps=steps, step_size=2.5 * c["eps"] / steps, random_start=True)
-      results[f"{EQUAL_COST}_{c['norm']}"] = run(len(suite) + j, f"{EQUAL_COST}_{c['norm']}", eq)
+      results[f"{EQUAL_COST}_{c['norm']}"] = run(len(key_index) + key_index[entry],
+                                                 f"{EQUAL_COST}_{c['norm']}", eq)
       save()
   return results
 
@@ -276,7 +307,8 @@ def run_table(config, workdir: str, *, progress: bool = True) -> dict:
   pipeline.start_distributed(config)
   progress = progress and parallel.is_primary()
   os.makedirs(workdir, exist_ok=True)
-  with workdir_lib.workdir_lock(workdir, process_index=jax.process_index()):
+  with workdir_lib.workdir_lock(workdir, process_index=jax.process_index(),
+                                subfolders=tuple(rows_of(config))):
     return _run_table(config, workdir, progress)
 
 
@@ -301,12 +333,14 @@ def _run_table(config, workdir: str, progress: bool) -> dict:
     if hvp is None:
       hvp = hvp_cost_of(config, workdir, exp, state, row, progress)
     eval_start = time.perf_counter()
-    results = evaluate_row(exp, state, cfg, sub, epochs=int(cfg.train.epochs),
+    ckpt = pipeline.checkpoint_of(exp, state, sub)  # the model the row's results measure
+    results = evaluate_row(exp, state, cfg, sub, epochs=ckpt["step"], checkpoint=ckpt,
                            hvp_cost=float(hvp["hvp_cost"]),
                            equal_cost=bool(config.table.equal_cost), progress=progress,
                            label=label)
     eval_seconds = sum(float(r["seconds"]) for r in results.values())
-    meta = pipeline.run_metadata(cfg, exp, state, {cfg.train.method: sub}, "table")
+    meta = pipeline.run_metadata(cfg, exp, state, {cfg.train.method: sub}, "table",
+                                 checkpoints={cfg.train.method: ckpt})
     train_md = meta["training"][cfg.train.method]
     payload["rows"][row] = dict(
         label=label, method=cfg.train.method, train=dict(

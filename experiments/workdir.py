@@ -11,20 +11,33 @@ several; the lock sits in the top workdir):
                     and other methods' blocks (``train.<other method>.*``) are not compared;
                     any other difference is refused with one line naming the fields.
   checksums.json    ``{step: sha256}`` of every saved checkpoint's arrays
-                    (:func:`state_checksum`), written atomically *before* orbax starts the save,
-                    so every finished checkpoint has its checksum. :func:`restore_newest` skips a
+                    (:func:`state_checksum`), written atomically *before* orbax starts the save
+                    and after the previous save has finished, and never dropped for a step
+                    still on disk (:func:`save_checkpoint`), so every finished checkpoint has
+                    its checksum, whenever the run is killed. :func:`restore_newest` skips a
                     checkpoint that fails to restore or whose restored arrays do not hash to the
-                    recorded value, and restores the newest one that does.
+                    recorded value, and restores the newest one that does; beside a run that
+                    trains in the workdir it passes over checkpoints deleted meanwhile.
   lock              held with ``fcntl.flock`` while a run uses the workdir
                     (:func:`workdir_lock`); holds the pid, host and start time of the holder.
+                    A multi-method run also locks ``W/<method>``, and a run inside a locked
+                    folder is refused (:func:`in_use_by`).
+
+Every file is written through a temporary file in the same folder and a rename
+(:func:`atomic_write_text`), or appended with ``O_NOFOLLOW`` (:func:`append_line`): a full disk
+or a kill leaves the previous file whole, and a symlink planted in the workdir is never written
+through.
   damaged_checkpoints/<step>   checkpoints found damaged, moved out of orbax's folder (kept for
                     inspection, never deleted) so that the resumed run can save that step again.
 
 Command line helpers: :class:`ConfigError` (a user's mistake: printed as one line, exit 2),
 :func:`parse_flags` (absl ``flags_parser`` that turns every flag and config-override error into
-a ConfigError), :func:`run_cli` (the one place that prints those one-liners, and the Ctrl-C line
-``interrupted after epoch N; rerun the same command to resume`` from :func:`note_progress`),
-:func:`require_trained_workdir` (``evaluate`` refuses a missing workdir without creating it).
+a ConfigError), :func:`run_cli` (the one place that prints those one-liners, and the lines for
+Ctrl-C ``interrupted after epoch N; rerun the same command to resume``, exit 130, SIGTERM
+``terminated (SIGTERM) after epoch N; ...``, exit 143, and a full disk ``error: no space left
+on device in W; stopped after epoch N ...``, exit 1, where N is the newest checkpoint finished
+on disk), :func:`require_trained_workdir` (``evaluate`` refuses a missing workdir without
+creating it) and :func:`require_writable` (it refuses a read-only one before attacking).
 
 Multi-host: every process runs the same code on the same (shared) workdir. The lock is per host:
 process ``i > 0`` locks ``lock.<i>``, so a second run on the same hosts fails on every host at
@@ -48,6 +61,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
@@ -94,15 +108,41 @@ class CheckpointError(RuntimeError):
 # Small file helpers
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file, ``fsync`` and ``os.replace``: a reader
-  (or a run killed mid-write) sees the old file or the new one, never a part."""
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+def atomic_write_text(path: str, text: str, *, mode: int = 0o644) -> None:
+  """Writes ``text`` to ``path`` through a fresh temporary file in the same folder, ``fsync`` and
+  ``os.replace``: a reader (or a run killed mid-write, or a write cut by a full disk) sees the
+  old file or the new one, never a part. The temporary file is created with ``O_EXCL`` (a name
+  planted in advance, symlink included, is never opened) and the rename replaces a symlink
+  planted at ``path`` instead of writing through it; on any error the temporary file is removed
+  and ``path`` is left as it was."""
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
+
+
+def append_line(path: str, line: str) -> None:
+  """Appends ``line`` (one record, newline added) to ``path``, created if needed, refusing to
+  write through a symlink planted at ``path`` (``O_NOFOLLOW``: :class:`ConfigError`)."""
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise ConfigError(f"{path} is a symbolic link; refusing to write through it (remove "
+                        f"it)") from None
+    raise
+  with os.fdopen(fd, "a") as f:
+    f.write(line.rstrip("\n") + "\n")
 
 
 def _read_json(path: str) -> Any:
@@ -283,26 +323,57 @@ def lock_holder(workdir: str, process_index: int = 0) -> str:
     return ""
 
 
+def _open_no_follow(path: str, flags: int) -> int:
+  """``os.open(path, flags | O_NOFOLLOW)``; a symlink planted at ``path`` is a
+  :class:`ConfigError` (one line), never followed."""
+  try:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise ConfigError(f"{path} is a symbolic link; refusing to write through it (remove "
+                        f"it)") from None
+    raise
+
+
+def _is_held(path: str) -> bool:
+  """Whether a live process holds the ``flock`` of the lock file ``path`` (absent: no). Probes
+  with a non-blocking shared lock, released at once; never creates or writes the file."""
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      return True
+    raise
+  finally:
+    os.close(fd)
+  return False
+
+
+def in_use_by(workdir: str, process_index: int = 0) -> str:
+  """``""`` when no live process holds the lock of ``workdir`` or of a folder above it (a
+  multi-method run ``W`` trains ``W/<method>``; ``experiments.table`` trains ``W/<row>``);
+  otherwise one phrase naming it: ``workdir W in use by pid 123 on host h since ...``."""
+  path = os.path.abspath(workdir)
+  while True:
+    lock = _lock_path(path, process_index)
+    if _is_held(lock):
+      return f"workdir {path} in use by {lock_holder(path, process_index) or 'another process'}"
+    parent = os.path.dirname(path)
+    if parent == path:
+      return ""
+    path = parent
+
+
 @contextlib.contextmanager
-def workdir_lock(workdir: str, *, process_index: int = 0) -> Iterator[str]:
-  """Holds an exclusive lock on ``workdir`` (created if needed) for the ``with`` block.
-
-  ``fcntl.flock`` (non-blocking) on ``workdir/lock`` (``lock.<i>`` for process ``i`` of a
-  multi-host run: the lock is per host). The kernel drops a ``flock`` when its holder's last file
-  descriptor closes, so the lock dies with the process, SIGKILL included; the file itself stays
-  (deleting it would let two runs lock two different files). The holder writes its pid, host and
-  start time into the file for the message of the next run.
-
-  Yields:
-    The lock file's path.
-
-  Raises:
-    WorkdirInUse: another process holds it (``workdir W is in use by pid 123 on host h since
-      ...; wait for it to finish or use another workdir``).
-  """
+def _flock(workdir: str, process_index: int) -> Iterator[str]:
+  """The exclusive ``flock`` of one folder's lock file (see :func:`workdir_lock`)."""
   os.makedirs(workdir, exist_ok=True)
   path = _lock_path(workdir, process_index)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+  fd = _open_no_follow(path, os.O_RDWR | os.O_CREAT)
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -322,6 +393,44 @@ def workdir_lock(workdir: str, *, process_index: int = 0) -> Iterator[str]:
       os.ftruncate(fd, 0)  # still held: no other run can have written its pid yet
   finally:
     os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, *, process_index: int = 0,
+                 subfolders: tuple[str, ...] = ()) -> Iterator[str]:
+  """Holds an exclusive lock on ``workdir`` (created if needed) and on each of its
+  ``subfolders`` (a multi-method run's ``W/<method>``, the table's ``W/<row>``) for the ``with``
+  block.
+
+  ``fcntl.flock`` (non-blocking) on ``workdir/lock`` (``lock.<i>`` for process ``i`` of a
+  multi-host run: the lock is per host). The kernel drops a ``flock`` when its holder's last file
+  descriptor closes, so the lock dies with the process, SIGKILL included; the file itself stays
+  (deleting it would let two runs lock two different files). The holder writes its pid, host and
+  start time into the file for the message of the next run. The lock file is opened with
+  ``O_NOFOLLOW``: a symlink planted as ``lock`` is refused, never truncated through.
+
+  A run is refused as well when a folder above ``workdir`` is locked (``soat --workdir W/pgd``
+  while ``soat --workdir W`` trains ``pgd`` and ``standard`` there), and a run of ``W`` is
+  refused when one of its ``subfolders`` is locked by a run of that folder alone.
+
+  Yields:
+    The lock file's path.
+
+  Raises:
+    WorkdirInUse: another process holds it (``workdir W is in use by pid 123 on host h since
+      ...; wait for it to finish or use another workdir``).
+    ConfigError: ``workdir/lock`` is a symbolic link.
+  """
+  parent = os.path.dirname(os.path.abspath(workdir))
+  above = in_use_by(parent, process_index) if parent != os.path.abspath(workdir) else ""
+  if above:
+    raise WorkdirInUse(f"workdir {workdir} lies inside {above}; wait for it to finish or use "
+                       f"another workdir")
+  with contextlib.ExitStack() as stack:
+    path = stack.enter_context(_flock(workdir, process_index))
+    for sub in subfolders:
+      stack.enter_context(_flock(os.path.join(workdir, sub), process_index))
+    yield path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,28 +476,77 @@ def read_checksums(workdir: str) -> dict[int, str] | None:
 def record_checksum(workdir: str, step: int, checksum: str, keep: list[int] | None = None
                     ) -> None:
   """Adds ``step: checksum`` to ``workdir/checksums.json`` (atomically), dropping the steps not
-  in ``keep`` (the checkpoints orbax still has) when given."""
+  in ``keep`` when given. A step whose finished folder is still on disk is never dropped,
+  whatever ``keep`` says: orbax stops listing a step it will delete as soon as the next save
+  starts, but deletes it only once that save is complete, and until then it may be the only
+  finished checkpoint (the one a run killed now must restore)."""
   sums = read_checksums(workdir) or {}
   sums[int(step)] = checksum
   if keep is not None:
-    sums = {s: v for s, v in sums.items() if s in set(keep) | {int(step)}}
+    kept = set(keep) | set(saved_steps(workdir)) | {int(step)}
+    sums = {s: v for s, v in sums.items() if s in kept}
   atomic_write_text(os.path.join(workdir, CHECKSUMS_FILE),
                     json.dumps({str(s): sums[s] for s in sorted(sums)}, indent=1) + "\n")
 
 
 def save_checkpoint(mngr, step: int, state, workdir: str, *, primary: bool = True) -> str:
-  """Records ``state``'s checksum, then saves it as checkpoint ``step`` with ``mngr`` (as
-  ``mngr.save(step, args=ocp.args.StandardSave(state))``). The checksum is on disk before orbax
-  starts writing, so a finished checkpoint always has one. Every process must call it (the save
-  is collective); only the ``primary`` one hashes and writes. Returns the checksum (``""`` on
-  other processes)."""
+  """Saves ``state`` as checkpoint ``step`` with ``mngr`` (``mngr.save(step,
+  args=ocp.args.StandardSave(state))``, asynchronous), in the order that keeps every finished
+  checkpoint restorable whenever the process dies (``kill -9`` included):
+
+  1. wait for the previous save to finish (orbax deletes the checkpoints beyond
+     ``max_to_keep`` only then, after the new one is complete);
+  2. record ``state``'s checksum, keeping the checksum of every step still on disk;
+  3. start the save.
+
+  So a finished checkpoint always has its checksum, and the previous one is deleted only after
+  the new one is complete and recorded. Every process must call it (the save is collective);
+  only the ``primary`` one hashes and writes. Returns the checksum (``""`` on other
+  processes)."""
   import orbax.checkpoint as ocp
+  mngr.wait_until_finished()
+  require_space(workdir, state)
   checksum = ""
   if primary:
     checksum = state_checksum(state)
     record_checksum(workdir, step, checksum, keep=list(mngr.all_steps()) + [int(step)])
   mngr.save(int(step), args=ocp.args.StandardSave(state))
   return checksum
+
+
+# Room a checkpoint needs beyond its arrays' bytes: orbax's metadata files and the file system's
+# blocks (a few dozen small files).
+CHECKPOINT_OVERHEAD_BYTES = 256 * 1024
+
+
+def require_space(workdir: str, state) -> None:
+  """Raises ``OSError(ENOSPC)`` naming ``workdir`` when its file system has less free space
+  than a checkpoint of ``state`` needs (its arrays' bytes plus a quarter, plus
+  :data:`CHECKPOINT_OVERHEAD_BYTES`). Called before each save: a save that runs out of space
+  fails in orbax's writer threads, which print tracebacks from several threads (some from
+  native code, which no Python hook can silence) and report the error only at the next save,
+  an epoch later; checked here, the run stops at once with :func:`run_cli`'s one line, and the
+  previous checkpoints stay as they are."""
+  nbytes = sum(int(np.prod(np.shape(leaf))) * np.dtype(getattr(leaf, "dtype", np.float32)).itemsize
+               for leaf in jax.tree_util.tree_leaves(state))
+  need = nbytes + nbytes // 4 + CHECKPOINT_OVERHEAD_BYTES
+  st = os.statvfs(workdir)
+  free = st.f_bavail * st.f_frsize
+  if free < need:
+    raise OSError(errno.ENOSPC, f"{free} bytes free, a checkpoint needs about {need}", workdir)
+
+
+def checkpoint_record(workdir: str, step: int, state=None) -> dict[str, Any]:
+  """``{"step": step, "checksum": sha256}`` of checkpoint ``step`` of ``workdir``: what a
+  result measured (:func:`experiments.pipeline.run_metadata`, ``experiments.table``'s cached
+  results). The checksum is the one ``checksums.json`` recorded for the step (that of the state
+  saved, which a verified restore matched); for a checkpoint without one (written before
+  checksums were kept) it is computed from ``state``, or ``None`` without a state."""
+  sums = read_checksums(workdir) or {}
+  checksum = sums.get(int(step))
+  if checksum is None and state is not None:
+    checksum = state_checksum(state)
+  return dict(step=int(step), checksum=checksum)
 
 
 class Restored(NamedTuple):
@@ -428,9 +586,13 @@ def _quarantine(workdir: str, step: int) -> str:
   return dst
 
 
+def _step_on_disk(workdir: str, step: int) -> bool:
+  return os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR, str(step)))
+
+
 def restore_newest(mngr, template, workdir: str, *, quarantine: bool = False,
                    primary: bool = True, sync: Callable[[], None] | None = None,
-                   allow_none: bool = True) -> Restored:
+                   allow_none: bool = True, passes: int = 5) -> Restored:
   """Restores the newest checkpoint of ``mngr`` that restores and matches its checksum.
 
   Tries the steps newest first with ``mngr.restore(step, args=StandardRestore(template))``; a
@@ -439,6 +601,14 @@ def restore_newest(mngr, template, workdir: str, *, quarantine: bool = False,
   as fill values) is skipped with its reason. A step without a recorded checksum restores
   unverified when the workdir has no ``checksums.json`` at all (written before checksums were
   kept), and counts as damaged otherwise.
+
+  A reader beside a run that trains in the workdir (``evaluate`` while ``soat`` runs) sees
+  checkpoints appear and disappear: a step whose folder is gone after its restore failed was
+  deleted by that run (orbax keeps ``max_to_keep``), not damaged, and is passed over silently;
+  after the listed steps, the listing is read again (``mngr.reload()``, at most ``passes``
+  times) and the steps finished meanwhile are tried; ``checksums.json`` is read again for a
+  step recorded after the first read. Only skipped steps newer than the one restored are
+  reported.
 
   Args:
     mngr: the workdir's ``ocp.CheckpointManager``.
@@ -453,49 +623,65 @@ def restore_newest(mngr, template, workdir: str, *, quarantine: bool = False,
 
   Raises:
     CheckpointError: checkpoints exist but none restores, or none exists and not
-      ``allow_none``; one line naming each step and its reason.
+      ``allow_none``; one line naming each step and its reason. Its advice to move the folder
+      away is given only when no live process holds the workdir's lock (:func:`in_use_by`).
   """
   import orbax.checkpoint as ocp
-  sums = read_checksums(workdir)
-  skipped: list[tuple[int, str]] = []
+  skipped: dict[int, str] = {}
+  tried: set[int] = set()
   found = None
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      state = mngr.restore(step, args=ocp.args.StandardRestore(template))
-    except KeyboardInterrupt:
-      raise
-    except Exception as e:  # orbax/tensorstore raise many types for damaged files
-      skipped.append((step, f"{type(e).__name__}: {_one_line(e, 100)}"))
-      continue
-    if sums is None:
-      found = Restored(state, int(step), (), False)
+  for _ in range(max(1, passes)):
+    sums = read_checksums(workdir)
+    for step in sorted((s for s in mngr.all_steps() if s not in tried), reverse=True):
+      tried.add(step)
+      try:
+        state = mngr.restore(step, args=ocp.args.StandardRestore(template))
+      except KeyboardInterrupt:
+        raise
+      except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        if _step_on_disk(workdir, step):
+          skipped[step] = f"{type(e).__name__}: {_one_line(e, 100)}"
+        continue  # (a folder gone meanwhile was deleted by the run writing the workdir)
+      if sums is not None and step not in sums:
+        sums = read_checksums(workdir)  # recorded after the first read (a run writing here)
+      if sums is None:
+        found = Restored(state, int(step), (), False)
+        break
+      if step not in sums:
+        skipped[step] = "no recorded checksum" if sums else f"{CHECKSUMS_FILE} unreadable"
+        continue
+      if state_checksum(state) != sums[step]:
+        skipped[step] = "checksum mismatch"
+        continue
+      found = Restored(state, int(step), (), True)
       break
-    if step not in sums:
-      skipped.append((step, "no recorded checksum" if sums else f"{CHECKSUMS_FILE} unreadable"))
-      continue
-    if state_checksum(state) != sums[step]:
-      skipped.append((step, "checksum mismatch"))
-      continue
-    found = Restored(state, int(step), (), True)
-    break
+    if found is not None:
+      break
+    mngr.reload()  # checkpoints another run finished while these were tried
+    if not set(mngr.all_steps()) - tried:
+      break
   folder = os.path.join(workdir, CHECKPOINT_DIR)
+  newest_first = sorted(skipped.items(), reverse=True)
   if found is None and skipped:
-    what = "; ".join(f"checkpoint {s}: {r}" for s, r in skipped)
-    raise CheckpointError(f"no checkpoint in {folder} restores ({what}); move the folder away "
-                          f"to train afresh")
+    what = "; ".join(f"checkpoint {s}: {r}" for s, r in newest_first)
+    busy = in_use_by(workdir)
+    advice = (f"{busy}: rerun once it has saved its next checkpoint" if busy else
+              "move the folder away to train afresh")
+    raise CheckpointError(f"no checkpoint in {folder} restores ({what}); {advice}")
   if found is None and not allow_none:
     raise CheckpointError(f"no checkpoint in {folder}; train first with "
                           f"python -m experiments.soat")
   if found is None:
     return Restored(template, 0, (), False)
-  if quarantine and skipped:
+  newer = tuple((s, r) for s, r in newest_first if s > found.step)
+  if quarantine and newer:
     if primary:
-      for step, _ in skipped:
+      for step, _ in newer:
         _quarantine(workdir, step)
     if sync is not None:
       sync()
     mngr.reload()
-  return found._replace(skipped=tuple(skipped))
+  return found._replace(skipped=newer)
 
 
 class MetricsLog(NamedTuple):
@@ -542,33 +728,80 @@ def truncate_metrics(path: str, completed_epochs: int, *, write: bool = True) ->
 _PROGRESS: dict[str, Any] = {}
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM (what a cluster scheduler sends before it kills), raised in the main thread by the
+  handler :func:`run_cli` installs, so that the run stops as on Ctrl-C: ``pipeline.train``
+  finishes the save in flight, the lock is released, one line says where the run stopped."""
+
+
 def note_progress(completed_epochs: int, method: str | None = None, *,
-                  flush: Callable[[], Any] | None = None) -> None:
+                  flush: Callable[[], Any] | None = None, workdir: str | None = None) -> None:
   """Records how far this process's training has come (``completed_epochs`` saved, of
-  ``method``) for :func:`run_cli`'s Ctrl-C line. Call after restoring and after each save.
+  ``method``, in ``workdir``) for :func:`run_cli`'s Ctrl-C / SIGTERM / full-disk line. Call
+  after restoring and after each save.
 
   Args:
     flush: called by :func:`run_cli` on Ctrl-C before it prints and exits, to finish the save
       in flight so that the epoch it names is on disk (``mngr.wait_until_finished``: orbax saves
       in a background thread, which interpreter shutdown would otherwise cut off with a
       traceback). Pass ``None`` once the manager is closed.
+    workdir: the single-method workdir being trained: the line names the newest checkpoint
+      finished there (:func:`finished_epoch`), never an epoch whose save did not complete.
   """
   _PROGRESS.update(epoch=int(completed_epochs), method=method, flush=flush)
+  if workdir is not None:
+    _PROGRESS["workdir"] = workdir
 
 
 def reset_progress() -> None:
   _PROGRESS.clear()
 
 
-def interrupted_message() -> str:
-  """``interrupted after epoch 12 (pgd); rerun the same command to resume`` from the last
-  :func:`note_progress`."""
+def finished_epoch() -> int | None:
+  """The newest checkpoint finished on disk in the workdir of the last :func:`note_progress`
+  (a step folder orbax has renamed into place, with a recorded checksum when
+  ``checksums.json`` exists), 0 when none; the noted epoch when no workdir was noted; ``None``
+  before any note."""
   if "epoch" not in _PROGRESS:
-    return "interrupted"
+    return None
+  workdir = _PROGRESS.get("workdir")
+  if workdir is None:
+    return _PROGRESS["epoch"]
+  sums = read_checksums(workdir)
+  steps = [s for s in saved_steps(workdir) if sums is None or s in sums]
+  return max(steps, default=0)
+
+
+def interrupted_message(what: str = "interrupted") -> str:
+  """``interrupted after epoch 12 (pgd); rerun the same command to resume``: the epoch is
+  :func:`finished_epoch` (``what`` is ``terminated (SIGTERM)`` for SIGTERM)."""
+  epoch = finished_epoch()
+  if epoch is None:
+    return what
   method = f" ({_PROGRESS['method']})" if _PROGRESS.get("method") else ""
-  if _PROGRESS["epoch"] == 0:
-    return f"interrupted before the first epoch{method} completed; rerun the same command"
-  return f"interrupted after epoch {_PROGRESS['epoch']}{method}; rerun the same command to resume"
+  if epoch == 0:
+    return f"{what} before the first epoch{method} completed; rerun the same command"
+  return f"{what} after epoch {epoch}{method}; rerun the same command to resume"
+
+
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def disk_error(error: BaseException | None) -> BaseException | None:
+  """The exception in ``error``'s chain (itself, its ``__cause__`` / ``__context__``) that says
+  the disk (or quota) is full: an ``OSError`` with ``errno`` ENOSPC or EDQUOT, or an error whose
+  message says so (tensorstore reports a full disk as ``ValueError: RESOURCE_EXHAUSTED: ...
+  No space left on device``, which orbax re-raises from its writer threads); ``None``
+  otherwise."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return error
+    if any(t in str(error) for t in _DISK_FULL_TEXT):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def _flag_value(argv: list[str], name: str) -> str:
@@ -656,30 +889,101 @@ def parse_flags(argv: list[str], *, config_flags: tuple[str, ...] = ("config",))
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError)
 
 
-def run_cli(main: Callable[[], Any], *, prog: str | None = None) -> Any:
+class _DiskErrorLogFilter:
+  """Drops log records that carry a full-disk exception (:func:`disk_error`) or an interrupt:
+  orbax logs its writer threads' errors with a traceback (several, one per thread) before
+  re-raising them in the main thread, where :func:`run_cli` turns them into one line."""
+
+  def filter(self, record) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return exc is None or not (isinstance(exc, KeyboardInterrupt) or disk_error(exc))
+
+
+_DISK_FILTER = _DiskErrorLogFilter()
+
+
+def _end(code: int, hard: bool) -> None:
+  """Exits with ``code``; ``hard``: ``os._exit`` after flushing stdout and stderr, so that no
+  thread left behind (orbax's savers and their loggers) prints after the last line."""
+  if hard:
+    for stream in (sys.stdout, sys.stderr):
+      with contextlib.suppress(Exception):
+        stream.flush()
+    os._exit(code)
+  sys.exit(code)
+
+
+def run_cli(main: Callable[[], Any], *, prog: str | None = None, hard_exit: bool = False) -> Any:
   """Runs ``main()`` (e.g. ``lambda: app.run(_main, flags_parser=parse_flags)``) as a command
-  line: a :data:`USER_ERRORS` exception prints ``<prog>: error: <message>`` as one stderr line
-  and exits with status 2; Ctrl-C prints :func:`interrupted_message` and exits with 130. Other
-  exceptions propagate with their traceback."""
+  line, each way of stopping ending in exactly one stderr line:
+
+  - a :data:`USER_ERRORS` exception: ``<prog>: error: <message>``, exit 2;
+  - Ctrl-C: ``<prog>: interrupted after epoch N (method); rerun the same command to resume``,
+    exit 130; SIGTERM (handled like Ctrl-C, :class:`Terminated`): ``<prog>: terminated
+    (SIGTERM) after epoch N ...``, exit 143. ``N`` is the newest checkpoint finished on disk
+    (:func:`finished_epoch`) after the save in flight is finished (``flush``); a second
+    signal during that wait abandons it;
+  - a full disk (:func:`disk_error`): ``<prog>: error: no space left on device in PATH; stopped
+    after epoch N (method): free space, then rerun the same command to resume``, exit 1
+    (PATH: the file named by the error, else the workdir being trained).
+
+  Other exceptions propagate with their traceback (a bug). ``hard_exit`` (the command lines of
+  ``experiments.cli``): leave with ``os._exit`` after an interrupt or a full disk, so that
+  nothing (orbax's background threads, destructors) prints after the line."""
   if prog is None:  # python -m experiments.soat: argv[0] is .../experiments/soat.py
     prog = os.path.splitext(os.path.basename(sys.argv[0] or ""))[0] or "krylov_adv"
+
+  def on_sigterm(signum, frame):
+    raise Terminated()
+
+  import logging
+  import signal
+  import threading
+  logging.getLogger("absl").addFilter(_DISK_FILTER)  # (a set: added once)
+  main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+  previous_int = signal.getsignal(signal.SIGINT) if main_thread else None
   try:
     return main()
   except USER_ERRORS as e:
     print(f"{prog}: error: {_one_line(e, 10_000)}", file=sys.stderr, flush=True)
     sys.exit(2)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
+    terminated = isinstance(e, Terminated)
+    if main_thread:  # a second signal must not interrupt the wait and this line
+      signal.signal(signal.SIGTERM, signal.SIG_IGN)
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
     flush, note = _PROGRESS.get("flush"), ""
     if flush is not None:
       try:
         flush()
-      except Exception as e:  # noqa: BLE001 - still say where the run stopped
-        note = f" (the last save did not finish: {type(e).__name__})"
-    print(f"{prog}: {interrupted_message()}{note}", file=sys.stderr, flush=True)
+      except Exception as err:  # noqa: BLE001 - still say where the run stopped
+        note = f" (the last save did not finish: {type(err).__name__})"
+    what = "terminated (SIGTERM)" if terminated else "interrupted"
+    print(f"{prog}: {interrupted_message(what)}{note}", file=sys.stderr, flush=True)
     # Objects the interrupt left half-built (a progress bar cut in its constructor) would print
     # "Exception ignored in ... __del__" tracebacks at shutdown: the line above says it all.
     sys.unraisablehook = lambda unraisable: None
-    sys.exit(130)
+    _end(143 if terminated else 130, hard_exit)
+  except Exception as e:  # noqa: BLE001 - only a full disk is handled here
+    full = disk_error(e)
+    if full is None:
+      raise
+    filename = getattr(full, "filename", None) or _PROGRESS.get("workdir")
+    where = f" in {filename}" if filename else ""
+    epoch = finished_epoch()
+    method = f" ({_PROGRESS['method']})" if _PROGRESS.get("method") else ""
+    stopped = (f"; stopped after epoch {epoch}{method}: free space, then rerun the same "
+               f"command to resume" if epoch else "; free space, then rerun the same command")
+    print(f"{prog}: error: no space left on device{where}{stopped}", file=sys.stderr,
+          flush=True)
+    sys.unraisablehook = lambda unraisable: None
+    _end(1, hard_exit)
+  finally:
+    if main_thread:
+      with contextlib.suppress(Exception):
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 @contextlib.contextmanager
@@ -710,6 +1014,19 @@ def check_data_root(data_cfg) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # 5. Readers of a workdir
+
+
+def require_writable(folder: str, what: str) -> None:
+  """Raises :class:`ConfigError` (one line) unless a file can be created in ``folder``: probes
+  by creating and removing a temporary file, so that a reader that writes ``what`` at the end
+  (``evaluate``'s ``evaluation.json``) fails before it spends its attack time, not after."""
+  try:
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-test.")
+    os.close(fd)
+    os.unlink(tmp)
+  except OSError as e:
+    raise ConfigError(f"workdir {folder} is not writable ({e.strerror}); {what} is written "
+                      f"there: make it writable or evaluate a copy") from None
 
 
 def require_trained_workdir(path: str, train_workdir: str | None = None) -> str:

@@ -208,3 +208,63 @@ def test_set_method_variants():
   config_common.set_method(c, "soat_tr")
   assert (c.train.method, c.train.soat.direction, c.train.soat.hvp) == (
       "soat", "trust_region", "exact")
+
+
+def test_cached_results_are_keyed_by_the_model_and_every_setting(tmp_path, monkeypatch):
+  """Issue 28, item 1: a result in table_eval.json is reused only for the same model
+  (checkpoint checksum), key and eval.batch_size. (b): ConfigDict orders eval.table by name, so
+  the AutoAttack entries come first; numbering the entries after eval.skip gave PGD another key
+  when AutoAttack was skipped, and the cache then reused whichever result came first."""
+  import jax
+  from experiments import pipeline
+  c = _tiny_config("standard")
+  c.table.equal_cost = False
+  only = "fgsm,second_order,soae,l2"  # clean, PGD and AutoAttack under Linf: the cheapest
+  c.eval.skip = only + ",autoattack"
+  w = str(tmp_path)
+  keys = {}
+  real = evaluation.evaluate_attacks
+
+  def spy(logits_fn, x, y, cfgs, key, **kwargs):
+    (entry,) = cfgs
+    keys[entry] = np.asarray(jax.random.key_data(key)).tolist()
+    return real(logits_fn, x, y, cfgs, key, **kwargs)
+
+  monkeypatch.setattr(evaluation, "evaluate_attacks", spy)
+  first = table_lib.run_table(c, w, progress=False)["rows"]["standard"]["results"]
+  assert sorted(keys) == ["clean_linf", "pgd_linf"]
+  # (b) PGD's key is its place in the whole suite, skipped entries or not.
+  full = pipeline.suite_key_indices(c, "table")
+  assert full["pgd_linf"] == 7  # autoattack_l2, autoattack_linf, clean_l2, ... pgd_linf
+  whole = jax.random.fold_in(jax.random.PRNGKey(int(c.seed) + 2), full["pgd_linf"])
+  assert keys["pgd_linf"] == np.asarray(jax.random.key_data(whole)).tolist()
+  setting = first["pgd_linf"]["setting"]
+  assert setting["key_index"] == 7 and setting["batch_size"] == 32
+  ckpt = setting["checkpoint"]
+  assert ckpt == dict(step=2, checksum=json.load(open(tmp_path / "standard" /
+                                                      "checksums.json"))["2"])
+  # Without the skip the same PGD result is reused and only AutoAttack runs.
+  keys.clear()
+  c.eval.skip = only
+  again = table_lib.run_table(c, w, progress=False)["rows"]["standard"]["results"]
+  assert sorted(keys) == ["autoattack_linf"]
+  assert again["pgd_linf"] == first["pgd_linf"]
+  # (c) Another eval.batch_size: each batch has its own key, so every entry runs again.
+  keys.clear()
+  c.eval.batch_size = 16
+  table_lib.run_table(c, w, progress=False)
+  assert sorted(keys) == ["autoattack_linf", "clean_linf", "pgd_linf"]
+  stored = json.load(open(tmp_path / "standard" / table_lib.EVAL_FILE))["results"]
+  assert {e: r["setting"]["batch_size"] for e, r in stored.items()} == {
+      "autoattack_linf": 16, "clean_linf": 16, "pgd_linf": 16}
+  # (a) The row retrained with another learning rate (its checkpoints moved away, as the
+  # restore error advises) is another model: nothing of the old one is reused.
+  os.rename(tmp_path / "standard" / "checkpoints", tmp_path / "old_checkpoints")
+  keys.clear()
+  c.train.learning_rate = 0.5
+  new = table_lib.run_table(c, w, progress=False)["rows"]["standard"]["results"]
+  assert sorted(keys) == ["autoattack_linf", "clean_linf", "pgd_linf"]
+  assert new["pgd_linf"]["setting"]["checkpoint"]["checksum"] != ckpt["checksum"]
+  meta = json.load(open(tmp_path / "table.json"))["metadata"]["training"]["STD"]
+  assert meta["checkpoint"] == new["pgd_linf"]["setting"]["checkpoint"]
+  assert meta["optimizer"]["learning_rate"] == 0.5
