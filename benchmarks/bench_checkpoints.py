@@ -91,6 +91,7 @@ def main(argv=None) -> dict:
     results = pipeline.evaluate(exp, st, config, suite="table")
     seconds = time.perf_counter() - start
     rows.append(dict(checkpoint=i + 1, seconds=seconds, compilations=sum(compiles.values()),
+                     by_function=dict(compiles.most_common()),
                      accuracy={r.label + " " + r.norm: r.accuracy for r in results}))
     print(f"checkpoint {i + 1}: {seconds:.1f} s, {sum(compiles.values())} compilations",
           flush=True)
