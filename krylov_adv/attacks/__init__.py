@@ -2,7 +2,11 @@
 
 Every attack is a function of the package, ``attacks.NAME(logits_fn, x, y, key, *, eps, norm,
 **hyperparameters) -> x_adv``, where ``logits_fn`` maps images ``(B, H, W, C)`` in ``[0, 1]`` to
-logits ``(B, K)`` (model in inference mode), ``y`` is ``(B,)`` int, ``key`` a PRNG key. The
+logits ``(B, K)`` (model in inference mode), ``y`` is ``(B,)`` int, ``key`` a PRNG key.
+Models are data: the arrays among ``logits_fn``'s pytree leaves (``jax.tree_util.Partial(apply,
+params)``, ``krylov_adv.models.as_logits_fn(...)``) are traced arguments of every attack's jitted
+steps (:func:`toolkit.as_model`), so another parameter set of the same architecture and shapes
+compiles nothing; a plain function is static (compiled once per function object). The
 result is the adversarial batch alone and satisfies ``||x_adv_i - x_i|| <= eps`` and
 ``0 <= x_adv <= 1``, finite even for a model that returns NaN or inf (an example keeps its last
 finite iterate, or its clean ``x``). ``x`` in float16 / bfloat16 is attacked in float32 and
@@ -43,12 +47,12 @@ files use these names as keys.
 
 Registry: ``get("pgd")`` returns the attack function (the same object as ``attacks.pgd``);
 ``from_config(cfg)`` binds the hyperparameters of an ``ml_collections.ConfigDict`` (``cfg.name``
-plus keyword arguments) and returns a :class:`BoundAttack`, ``f(logits_fn, x, y, key) -> x_adv``;
-an attack that can take a whole test set at once (AutoAttack) registers that form with
-:func:`register_test_set_runner`, and ``BoundAttack.test_set_runner`` gives it. The parts attacks are
-built from are in :mod:`krylov_adv.attacks.toolkit`; the implementations in the private modules
-``_first_order``, ``_second_order``, ``_soae``, ``_trades``, ``_apgd``, ``_fab``, ``_square``,
-``_autoattack``.
+plus keyword arguments) and returns a :class:`BoundAttack`, ``f(logits_fn, x, y, key) ->
+x_adv``; an attack that can take a whole test set at once (AutoAttack) registers that form with
+:func:`register_test_set_runner`, and ``BoundAttack.test_set_runner`` gives it. The parts
+attacks are built from are in :mod:`krylov_adv.attacks.toolkit`; the implementations in the
+private modules ``_first_order``, ``_second_order``, ``_soae``, ``_trades``, ``_apgd``,
+``_fab``, ``_square``, ``_autoattack``.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ class TracedModel:
     return cls(aux[0], aux[1], tuple(arrays))
 
   def __repr__(self):
-    return (f"TracedModel({self.unwrap()!r}, {len(self.arrays)} traced arrays)")
+    return f"TracedModel({self.unwrap()!r}, {len(self.arrays)} traced arrays)"
 
 
 def as_model(logits_fn: Callable[[Array], Array]) -> TracedModel:
@@ -164,9 +164,11 @@ def validate_inputs(logits_fn: LogitsFn, x, y, eps, norm: str, *, loss: str | No
   """Checks an attack's input once and returns it as arrays.
 
   Raises ``ValueError`` for an unknown norm or loss, ``eps < 0`` or not finite, a non-float
-  ``x``, mismatched batch sizes, labels outside ``[0, K)``, ``x`` that is non-finite or outside ``[0, 1]`` (value
-  checks only when the arrays are concrete, see :mod:`krylov_adv.attacks.checks`), an
-  ``example_index`` of the wrong shape, and a DLR loss with ``K < 3``.
+  ``x``, mismatched batch sizes, labels outside ``[0, K)``, ``x`` that is non-finite or outside
+  ``[0, 1]`` (value checks only when the arrays are concrete, see
+  :mod:`krylov_adv.attacks.checks`), an ``example_index`` of the wrong shape, and a DLR loss
+  with ``K < 3``; warns once per parameter set about a model that looks wrong
+  (:func:`krylov_adv.attacks.checks.check_model`).
 
   Args:
     logits_fn: ``(B, ...) -> (B, K)``; only its abstract output shape is evaluated.
