@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylov_adv import attacks, krylov, parallel, projections
+from krylov_adv import attacks, parallel, projections
+from krylov_adv.attacks import summaries
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -343,12 +344,9 @@ def summarize_reports(extras) -> dict[str, Any] | None:
       fallback.append(np.asarray(parallel.to_host(diag.fallback))[:, :valid].reshape(-1))
       converged.append(np.asarray(parallel.to_host(diag.converged))[:, :valid].reshape(-1))
       status.append(np.asarray(parallel.to_host(diag.status))[:, :valid].reshape(-1))
-    dims, fallback, converged, status = (np.concatenate(a)
-                                         for a in (dims, fallback, converged, status))
-    return dict(krylov_dim_mean=float(dims.mean()), krylov_dim_max=int(dims.max()),
-                fallback_rate=float(fallback.mean()), converged_rate=float(converged.mean()),
-                solves=int(dims.size),
-                status_counts={s.name: int(np.sum(status == s.value)) for s in krylov.Status})
+    # The same statistics SOAEDiagnostics.summary() prints for one batch.
+    return summaries.soae_stats(*(np.concatenate(a) for a in (dims, fallback, converged,
+                                                               status)))
   if isinstance(first, attacks.AutoAttackReport):
     n = sum(valid for _, valid in extras)
     after = np.zeros(len(first.components))
