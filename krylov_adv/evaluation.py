@@ -280,7 +280,9 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
                      attack_cfgs: Mapping[str, Any], key: Array, *,
                      batch_size: int = 256, mesh=None,
                      reports: tuple[str, ...] = (),
-                     key_indices: Mapping[str, int] | None = None) -> list[AttackResult]:
+                     key_indices: Mapping[str, int] | None = None,
+                     on_result: Callable[[int, int, AttackResult], None] | None = None
+                     ) -> list[AttackResult]:
   """Runs every configured attack and returns one :class:`AttackResult` per entry.
 
   Args:
@@ -294,6 +296,8 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
       Default: its position in ``attack_cfgs``. Pass the positions in the full suite when some
       entries are left out, so that an entry's randomness (and result) does not depend on which
       others run.
+    on_result: called as ``on_result(i, n, result)`` after entry ``i`` of ``n`` (0-based) has
+      run, e.g. to print a progress line (the library itself prints nothing).
   """
   results = []
   for position, (entry, cfg) in enumerate(attack_cfgs.items()):
@@ -315,6 +319,8 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
       extras = tuple(run.extras)
     results.append(AttackResult(label, name, norm, eps, acc, len(x),
                                 time.perf_counter() - start, extras))
+    if on_result is not None:
+      on_result(position, len(attack_cfgs), results[-1])
   return results
 
 

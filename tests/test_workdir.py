@@ -641,7 +641,7 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
              stderr=subprocess.PIPE)
   try:
     for line in p.stdout:
-      if "epoch 2:" in line:
+      if "] epoch 2/" in line:  # experiments.pipeline.epoch_progress_line
         break
     p.send_signal(signal.SIGINT)
     _, stderr = p.communicate(timeout=120)
