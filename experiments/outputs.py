@@ -352,8 +352,7 @@ def diagnostics_markdown(diagnostics: Mapping[str, Sequence[Mapping[str, Any]]])
   single = len(diagnostics) == 1
   for method, rows in diagnostics.items():
     for r in sorted(rows, key=lambda r: (_NORM_ORDER.get(r["norm"], 2), r["eps"])):
-      where = ("" if single else f"{method} ") + \
-          f"{_NORM_NAMES.get(r['norm'], r['norm'])} eps={_eps_text(r['eps'])}"
+      where = ("" if single else f"{method} / ") + f"attack {threat_text(r['norm'], r['eps'])}"
       if "krylov_dim_mean" in r:
         counts = r.get("status_counts", {})
         soae_rows.append([where, f"{r['krylov_dim_mean']:.2f}", r["krylov_dim_max"],
@@ -369,7 +368,7 @@ def diagnostics_markdown(diagnostics: Mapping[str, Sequence[Mapping[str, Any]]])
             "solves per GMRES exit status (`krylov.Status`: CONVERGED meets tau, MAX_DIM_REACHED "
             "used all m Krylov steps, BREAKDOWN stopped early without meeting tau, NONFINITE saw "
             "NaN/inf).\n\n"
-            + markdown_table(["threat model", "Krylov dim mean", "max", "fallback",
+            + markdown_table(["model / attack", "Krylov dim mean", "max", "fallback",
                               "converged", "solves"] + list(_STATUS_COLUMNS), soae_rows))
   if aa_rows:
     comps = list(aa_rows[0][1]["components"])
@@ -380,7 +379,7 @@ def diagnostics_markdown(diagnostics: Mapping[str, Sequence[Mapping[str, Any]]])
       out += ("\nAutoAttack: robust accuracy after each component (cumulative, each one runs on "
               "the points still robust)" + (" (approximate: the last batch was padded)" if any(
                   r.get("padded") for _, r in aa_rows) else "") + ".\n\n"
-              + markdown_table(["threat model", "clean"] + [f"+{c}" for c in comps], body))
+              + markdown_table(["model / attack", "clean"] + [f"+{c}" for c in comps], body))
     else:
       out += "\nAutoAttack: robust accuracy after each component.\n\n" + "".join(
           f"- {where}: " + ", ".join(f"{c} {100 * a:.2f}%" for c, a in
