@@ -48,7 +48,7 @@ def evaluate_workdir(config, workdir: str, *, progress: bool = True
       print(f"[{method}] checkpoint after epoch {epochs}{beside}; attacking "
             f"{min(cfg.eval.num_examples, len(dataset.y_test))} test points with eval.table",
             flush=True)
-    results[method] = pipeline.evaluate(exp, state, cfg, "table")
+    results[method] = pipeline.evaluate(exp, state, cfg, "table", progress=progress)
   table = pipeline.write_robustness(
       workdir, results, f"{dataset.name}: {', '.join(methods)}", name="evaluation",
       metadata=pipeline.run_metadata(config, exp, state, workdirs, "table",

@@ -191,16 +191,40 @@ def _eps_text(eps: float) -> str:
   return f"{eps:g}"
 
 
+def threat_text(norm: str, eps: float) -> str:
+  """``Linf eps=0.1``, ``L2 eps=1``, ``Linf eps=8/255``: a threat model as headers and progress
+  lines name it."""
+  return f"{_NORM_NAMES.get(norm, norm)} eps={_eps_text(eps)}"
+
+
+def training_text(training: Mapping[str, Any]) -> str:
+  """What a model was trained against, from one method's entry of
+  ``experiments.pipeline.run_metadata``'s ``training``: ``trained Linf eps=0.1`` (its threat
+  model), ``trained Linf eps=8/255 + L2 eps=0.5`` (``mixed``: both), or ``no adversarial
+  training`` (``standard``, the undefended baseline)."""
+  tm = training.get("threat_model")
+  if tm:
+    return f"trained {threat_text(tm['norm'], tm['eps'])}"
+  h = training.get("hyperparameters") or {}
+  if "eps_linf" in h and "eps_l2" in h:  # mixed
+    return f"trained {threat_text('linf', h['eps_linf'])} + {threat_text('l2', h['eps_l2'])}"
+  return "no adversarial training"
+
+
 # Row order of the papers' tables; attacks not listed follow in order of appearance.
 ROW_ORDER = ("clean", "fgsm", "pgd", "second_order", "soae", "autoattack")
 _NORM_ORDER = {"linf": 0, "l2": 1}
 
 
-def robustness_table(results_by_model: Mapping[str, Sequence[AttackResult]]) -> str:
-  """The papers' table: rows are attack labels, columns ``<model> <norm> eps=...``.
+def robustness_table(results_by_model: Mapping[str, Sequence[AttackResult]],
+                     trained: Mapping[str, str] | None = None) -> str:
+  """The papers' table: rows are attack labels, one column per model and attack threat model.
 
-  Rows follow ``ROW_ORDER`` (clean, FGSM, PGD, S-O, SOAE, AutoAttack), columns Linf before L2;
-  with one model the column names are just the threat models (``Linf eps=0.3``). Cells are
+  A column names the model, what it was trained against (``trained[model]``, e.g.
+  :func:`training_text`), and the threat model the row's attack ran in, kept apart:
+  ``soat (trained Linf eps=0.1) / attack L2 eps=1``. Without ``trained`` the column is
+  ``soat / attack L2 eps=1`` (just ``attack L2 eps=1`` for a single model). Rows follow
+  ``ROW_ORDER`` (clean, FGSM, PGD, S-O, SOAE, AutoAttack), columns Linf before L2. Cells are
   accuracies in percent; ``-`` where an attack was not run for that threat model.
   """
   columns: list[tuple[str, str, float]] = []
@@ -219,9 +243,14 @@ def robustness_table(results_by_model: Mapping[str, Sequence[AttackResult]]) -> 
   columns.sort(key=lambda c: (model_rank[c[0]], _NORM_ORDER.get(c[1], 2), c[2]))
   rows.sort()
   single = len(results_by_model) == 1
-  names = {"linf": "Linf", "l2": "L2"}
-  heads = [("" if single else f"{m} ") + f"{names.get(n, n)} eps={_eps_text(e)}"
-           for m, n, e in columns]
+  trained = trained or {}
+
+  def model_text(m):
+    if m in trained:
+      return f"{m} ({trained[m]}) / "
+    return "" if single else f"{m} / "
+
+  heads = [f"{model_text(m)}attack {threat_text(n, e)}" for m, n, e in columns]
   body = [[label] + [f"{100 * cells[(label, c)]:.2f}%" if (label, c) in cells else "-"
                      for c in columns] for _, _, label in rows]
   return markdown_table(["attack"] + heads, body)
@@ -340,8 +369,7 @@ def diagnostics_markdown(diagnostics: Mapping[str, Sequence[Mapping[str, Any]]])
   single = len(diagnostics) == 1
   for method, rows in diagnostics.items():
     for r in sorted(rows, key=lambda r: (_NORM_ORDER.get(r["norm"], 2), r["eps"])):
-      where = ("" if single else f"{method} ") + \
-          f"{_NORM_NAMES.get(r['norm'], r['norm'])} eps={_eps_text(r['eps'])}"
+      where = ("" if single else f"{method} / ") + f"attack {threat_text(r['norm'], r['eps'])}"
       if "krylov_dim_mean" in r:
         counts = r.get("status_counts", {})
         soae_rows.append([where, f"{r['krylov_dim_mean']:.2f}", r["krylov_dim_max"],
@@ -357,7 +385,7 @@ def diagnostics_markdown(diagnostics: Mapping[str, Sequence[Mapping[str, Any]]])
             "solves per GMRES exit status (`krylov.Status`: CONVERGED meets tau, MAX_DIM_REACHED "
             "used all m Krylov steps, BREAKDOWN stopped early without meeting tau, NONFINITE saw "
             "NaN/inf).\n\n"
-            + markdown_table(["threat model", "Krylov dim mean", "max", "fallback",
+            + markdown_table(["model / attack", "Krylov dim mean", "max", "fallback",
                               "converged", "solves"] + list(_STATUS_COLUMNS), soae_rows))
   if aa_rows:
     comps = list(aa_rows[0][1]["components"])
@@ -368,7 +396,7 @@ def diagnostics_markdown(diagnostics: Mapping[str, Sequence[Mapping[str, Any]]])
       out += ("\nAutoAttack: robust accuracy after each component (cumulative, each one runs on "
               "the points still robust)" + (" (approximate: the last batch was padded)" if any(
                   r.get("padded") for _, r in aa_rows) else "") + ".\n\n"
-              + markdown_table(["threat model", "clean"] + [f"+{c}" for c in comps], body))
+              + markdown_table(["model / attack", "clean"] + [f"+{c}" for c in comps], body))
     else:
       out += "\nAutoAttack: robust accuracy after each component.\n\n" + "".join(
           f"- {where}: " + ", ".join(f"{c} {100 * a:.2f}%" for c, a in

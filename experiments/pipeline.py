@@ -279,6 +279,19 @@ def clean_test_accuracy(exp: Experiment, state) -> float:
   return evaluation.accuracy(logits_fn, exp.dataset.x_test, exp.dataset.y_test, batch_size=512)
 
 
+def epoch_progress_line(method: str, record: dict[str, Any], epochs: int) -> str:
+  """The line printed after each epoch, from its ``metrics.jsonl`` record: ``[pgd] epoch 3/15:
+  loss 1.2345, train acc on adversarial batches 0.4567, clean test acc 0.9000 (4.2 s)``. The
+  train accuracy says which batches it was measured on (:func:`train_accuracy_batches`); a
+  method that also measures the clean batches (``trades``) adds that one."""
+  on = record.get("train_accuracy_on") or train_accuracy_batches(method)
+  clean = record.get("train_clean_accuracy")
+  also = (f" (clean batches {clean:.4f})" if on != "clean" and clean is not None else "")
+  return (f"[{method}] epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}, "
+          f"train acc on {on} batches {record['train_accuracy']:.4f}{also}, clean test acc "
+          f"{record['test_accuracy']:.4f} ({record['seconds']:.1f} s)")
+
+
 def train(config, workdir: str, *, dataset: data_lib.Dataset | None = None,
           stop_after_epoch: int | None = None, progress: bool = True):
   """Trains a single-method config, resuming from ``workdir/checkpoints`` when present.
@@ -346,15 +359,18 @@ def _train_epochs(exp, state, mesh, mngr, workdir, epochs, progress, primary, lr
     bar = tqdm(epoch_steps(exp, state, mesh, epoch), total=exp.steps_per_epoch,
                disable=not progress, leave=False,
                desc=f"{config.train.method} epoch {epoch + 1}/{config.train.epochs}")
+    acc_on = train_accuracy_batches(config.train.method)
     try:
       for state, m in bar:
         sums += np.asarray([float(m.loss), float(m.accuracy), float(m.clean_accuracy)])
-        bar.set_postfix(loss=f"{float(m.loss):.3f}", acc=f"{float(m.accuracy):.3f}")
+        bar.set_postfix({"loss": f"{float(m.loss):.3f}",
+                         "adv. batch acc" if acc_on == "adversarial" else "acc":
+                         f"{float(m.accuracy):.3f}"})
     finally:  # cleared on Ctrl-C too, so that the line saying where the run stopped starts
       bar.close()  # on a line of its own
     mean = sums / exp.steps_per_epoch
     record = dict(epoch=epoch + 1, step=int(state.step), method=config.train.method,
-                  train_loss=mean[0], train_accuracy=mean[1],
+                  train_loss=mean[0], train_accuracy=mean[1], train_accuracy_on=acc_on,
                   train_clean_accuracy=None if np.isnan(mean[2]) else mean[2],
                   test_accuracy=clean_test_accuracy(exp, state),
                   learning_rate=float(lr_fn(int(state.step) - 1)),
@@ -367,8 +383,7 @@ def _train_epochs(exp, state, mesh, mngr, workdir, epochs, progress, primary, lr
     workdir_lib.note_progress(epoch + 1, config.train.method, flush=mngr.wait_until_finished,
                               workdir=workdir)
     if progress:
-      print(f"[{config.train.method}] epoch {epoch + 1}: loss {mean[0]:.4f} train acc "
-            f"{mean[1]:.4f} test acc {record['test_accuracy']:.4f} ({record['seconds']:.1f}s)",
+      print(epoch_progress_line(config.train.method, record, int(config.train.epochs)),
             flush=True)
   return state
 
@@ -435,22 +450,37 @@ def load_trained(config, workdir: str, dataset: data_lib.Dataset | None = None):
 # Evaluation and its files
 
 
-def evaluate(exp: Experiment, state, config, suite: str = "attacks"
-             ) -> list[evaluation.AttackResult]:
+def attack_progress_line(tag: str, i: int, n: int, result: evaluation.AttackResult) -> str:
+  """``[pgd] attack 3/12 PGD-20 Linf 0.1: 41.31% robust accuracy (12.4 s)``: the line printed
+  after each attack of an evaluation (``i`` 0-based), as training prints one per epoch."""
+  what = "clean accuracy" if result.attack == "clean" else "robust accuracy"
+  return (f"[{tag}] attack {i + 1}/{n} {result.label} "
+          f"{outputs.threat_text(result.norm, result.eps)}: {100 * result.accuracy:.2f}% {what} "
+          f"({result.seconds:.1f} s)")
+
+
+def evaluate(exp: Experiment, state, config, suite: str = "attacks", *,
+             progress: bool = False) -> list[evaluation.AttackResult]:
   """Runs the suite ``config.eval.<suite>`` (:func:`eval_suite`) on the first
   ``eval.num_examples`` test points; SOAE and AutoAttack through their ``NAME_with_report``
-  entry, so that each result's ``extras`` hold their diagnostics at no extra cost."""
+  entry, so that each result's ``extras`` hold their diagnostics at no extra cost. With
+  ``progress`` (process 0 only) prints :func:`attack_progress_line` after each attack."""
   n = min(int(config.eval.num_examples), len(exp.dataset.y_test))
   # Parameters are traced by the attacks: every state of this architecture (each checkpoint,
   # each table row) shares their compiled code.
   logits_fn = training.inference_logits_fn(exp.model, state.params, state.batch_stats)
+  tag = str(config.train.method)
+  on_result = None
+  if progress and parallel.is_primary():
+    on_result = lambda i, total, r: print(attack_progress_line(tag, i, total, r), flush=True)
   # Data parallel like training: each attack batch is sharded over the mesh's "data" axis.
   return evaluation.evaluate_attacks(logits_fn, exp.dataset.x_test[:n], exp.dataset.y_test[:n],
                                      eval_suite(config, suite),
                                      jax.random.PRNGKey(config.seed + 2),
                                      batch_size=int(config.eval.batch_size),
                                      mesh=make_mesh(config), reports=evaluation.FREE_REPORTS,
-                                     key_indices=suite_key_indices(config, suite))
+                                     key_indices=suite_key_indices(config, suite),
+                                     on_result=on_result)
 
 
 def git_commit() -> str | None:
@@ -487,6 +517,16 @@ def _training_seconds(workdir: str) -> tuple[float, int]:
 
 _METHOD_ATTACK = {"pgd": "pgd", "trades": "trades", "soat": "soae",
                   "second_order": "second_order", "mixed": "pgd"}
+
+# Methods whose loss (hence StepMetrics.accuracy) is computed on the clean batch; every other
+# method's is on its perturbed batch (the attack's points; SOAR's one-step PGD point).
+_CLEAN_LOSS_METHODS = ("standard", "scorpio")
+
+
+def train_accuracy_batches(method: str) -> str:
+  """``"clean"`` or ``"adversarial"``: the batches ``StepMetrics.accuracy`` (metrics.jsonl's
+  ``train_accuracy``, the training log's train accuracy) of ``method`` is measured on."""
+  return "clean" if method in _CLEAN_LOSS_METHODS else "adversarial"
 
 
 def checkpoint_of(exp: Experiment, state, workdir: str) -> dict[str, Any]:
@@ -574,7 +614,10 @@ def write_robustness(workdir: str, results_by_method: dict[str, list[evaluation.
   attacks' diagnostics (SOAE's Krylov dimensions, AutoAttack's components). The JSON holds
   ``{"metadata", "results": {method: [result, ...]}, "diagnostics"}``. Returns the markdown
   table."""
-  table = outputs.robustness_table(results_by_method)
+  # Each column names what its model was trained against apart from what the attack ran in.
+  trained = ({m: outputs.training_text(t) for m, t in metadata["training"].items()}
+             if metadata else None)
+  table = outputs.robustness_table(results_by_method, trained)
   diagnostics = {m: [dict(label=r.label, norm=r.norm, eps=r.eps, attack=r.attack,
                           **evaluation.summarize_reports(r.extras))
                      for r in rs if evaluation.summarize_reports(r.extras)]
@@ -582,7 +625,9 @@ def write_robustness(workdir: str, results_by_method: dict[str, list[evaluation.
   results = {m: [{k: v for k, v in r._asdict().items() if k != "extras"} for r in rs]
              for m, rs in results_by_method.items()}
   markdown = (f"# {title}\n\n" + (outputs.metadata_markdown(metadata) if metadata else "")
-              + f"Robust accuracy (higher is better).\n\n{table}"
+              + "Robust accuracy (higher is better). Rows: the attack. Columns: each model, "
+              "with the threat model it was trained against, then the threat model the row's "
+              f"attack ran in.\n\n{table}"
               + outputs.diagnostics_markdown(diagnostics))
   outputs.write_results(workdir, dict(metadata=metadata, results=results,
                                       diagnostics=diagnostics), markdown,

@@ -59,7 +59,10 @@ def _train_and_evaluate(config, workdir: str, *, stop_after_epoch: int | None,
     if stop_after_epoch is not None and stop_after_epoch < cfg.train.epochs:
       results[method] = []
       continue
-    results[method] = pipeline.evaluate(exp, state, cfg, "attacks")
+    if progress and parallel.is_primary():
+      print(f"[{method}] attacking {min(int(cfg.eval.num_examples), len(dataset.y_test))} test "
+            f"points with eval.attacks", flush=True)
+    results[method] = pipeline.evaluate(exp, state, cfg, "attacks", progress=progress)
     if len(methods) > 1:
       pipeline.write_robustness(sub, {method: results[method]}, f"{dataset.name}, {method}",
                                 metadata=pipeline.run_metadata(

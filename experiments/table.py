@@ -360,7 +360,7 @@ def _run_table(config, workdir: str, progress: bool) -> dict:
       print(f"== {label}: trained in {train_seconds:.1f} s ({epochs} epochs), attacks "
             f"{eval_seconds:.1f} s; {os.path.join(workdir, 'table.md')} updated", flush=True)
   if parallel.is_primary():
-    plot_table(payload, workdir)
+    plot_table(payload, workdir, f"{dataset.name}, {config.model.name}")
   if progress:
     print(table_markdown(payload, ""), flush=True)
   return payload
@@ -502,12 +502,15 @@ def table_markdown(payload: dict, title: str) -> str:
   return "\n".join(p for p in parts if p)
 
 
-def plot_table(payload: dict, out_dir: str) -> str:
-  """``table.png``: robust accuracy per row under each attack (one panel per norm)."""
-  plt = outputs.pyplot()
+def plot_table(payload: dict, out_dir: str, title: str = "") -> str:
+  """``table.png``: robust accuracy (%) per row (training method, x axis) under each attack
+  (one bar per attack, ``clean`` = no attack), one panel per norm, the figure titled with
+  ``title`` (e.g. ``"digits: tiny_cnn"``) and one legend beside the panels
+  (``outputs.finish_figure``; constrained layout leaves no gap around it). Returns the file
+  name."""
   rows = payload["rows"]
   norms = [n for n in ("linf", "l2") if _norm_columns(rows, n)]
-  fig, axes = plt.subplots(1, len(norms), figsize=(6.5 * len(norms), 4.2), squeeze=False)
+  fig, axes = outputs.figure(1, len(norms), panel_size=(max(4.0, 0.55 * len(rows) + 1.5), 3.8))
   for ax, norm in zip(axes[0], norms):
     entries = _norm_columns(rows, norm) + [f"{EQUAL_COST}_{norm}"]
     width = 0.8 / len(entries)
@@ -522,12 +525,14 @@ def plot_table(payload: dict, out_dir: str) -> str:
                        fontsize=7)
     eps = next(res["eps"] for r in rows.values() for res in r["results"].values()
                if res["norm"] == norm)
-    ax.set_title(f"{'Linf' if norm == 'linf' else 'L2'} eps={eps:g}", fontsize=9)
-    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"attacks in {outputs.threat_text(norm, eps)}", fontsize=9)
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_xlabel("training method")
+    ax.set_ylim(0, 100)
   # One legend beside the panels (inside, it would hide bars).
-  handles, labels = axes[0][0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="center right", fontsize=7)
-  fig.tight_layout(rect=(0, 0, 0.8, 1))
+  outputs.finish_figure(fig, "Robust accuracy (%) per training method and attack "
+                        "(clean = no attack; higher = more robust)"
+                        + (f": {title}" if title else ""))
   return outputs.save_figure(fig, os.path.join(out_dir, "table.png"))
 
 

@@ -5,8 +5,9 @@ checkpoint, or ended by a traceback for a user's mistake.
 Files it keeps in a (single-method) workdir ``W`` (``W/<method>`` when ``train.method`` lists
 several; the lock sits in the top workdir):
 
-  run_config.json   the config the run was started with (flattened, dotted keys) and the history
-                    of allowed changes. A rerun compares its config with it
+  run_config.json   the config the run was started with (flattened, dotted keys; without the
+                    ``data.*`` fields its data source does not read, :func:`unread_data_fields`)
+                    and the history of allowed changes. A rerun compares its config with it
                     (:func:`check_run_config`): fields in :data:`CHANGEABLE_ON_RESUME` may change,
                     and other methods' blocks (``train.<other method>.*``) are not compared;
                     any other difference is refused with one line naming the fields.
@@ -253,6 +254,15 @@ def other_method_blocks(config) -> tuple[str, ...]:
   return tuple(f"train.{m}." for m in training.available() if m != method)
 
 
+def unread_data_fields(config) -> tuple[str, ...]:
+  """``("data.num_train", "data.shape", ...)``: the ``data.*`` fields the run's data source does
+  not read (``krylov_adv.data.unread_fields``). They are neither recorded in ``run_config.json``
+  nor compared: the schema's ``data.num_train=256`` is a ``synthetic``-source field, and a
+  ``digits`` run that trains on 1,400 images must not record it as if it had used it."""
+  from krylov_adv import data as data_lib  # here, not at the top: the CLI helpers stay light
+  return tuple(f"data.{f}" for f in data_lib.unread_fields(config.data))
+
+
 def check_run_config(workdir: str, config, *, record: bool = True) -> list[ConfigChange]:
   """Refuses to resume ``workdir`` with a config that differs from the one it was trained with.
 
@@ -272,7 +282,8 @@ def check_run_config(workdir: str, config, *, record: bool = True) -> list[Confi
   Raises:
     ConfigError: a run-defining field differs; the message is :func:`mismatch_message`.
   """
-  current = flatten_config(config)
+  unread = set(unread_data_fields(config))
+  current = {k: v for k, v in flatten_config(config).items() if k not in unread}
   path = os.path.join(workdir, RUN_CONFIG_FILE)
   legacy = os.path.join(workdir, "config.json")
   stored, history = None, []
@@ -292,8 +303,9 @@ def check_run_config(workdir: str, config, *, record: bool = True) -> list[Confi
       atomic_write_text(path, json.dumps({"config": current, "history": []}, indent=1) + "\n")
     return []
   ignored = other_method_blocks(config)
+  # A record written before unread data fields were left out still holds them: skip them too.
   refused, allowed = config_changes(
-      {k: v for k, v in stored.items() if not k.startswith(ignored)},
+      {k: v for k, v in stored.items() if not k.startswith(ignored) and k not in unread},
       {k: v for k, v in current.items() if not k.startswith(ignored)})
   if refused:
     raise ConfigError(mismatch_message(workdir, refused))

@@ -426,10 +426,12 @@ def synthetic(*, num_train: int = 256, num_test: int = 64, shape=(8, 8, 1), num_
 
 class Source(NamedTuple):
   """A registered data source: ``load(c) -> Dataset`` and ``validate(c)`` (raises
-  ``ValueError`` naming the bad ``data.*`` field), both given the data config as a dict."""
+  ``ValueError`` naming the bad ``data.*`` field), both given the data config as a dict;
+  ``fields``: the ``data.*`` fields ``load`` reads (``None``: not declared)."""
   name: str
   load: Callable[[dict[str, Any]], Dataset]
   validate: Callable[[dict[str, Any]], None]
+  fields: tuple[str, ...] | None = None
 
 
 _SOURCES: Registry[Source] = Registry("data source")
@@ -439,23 +441,47 @@ def _no_checks(c: dict[str, Any]) -> None:
   del c
 
 
-def register(name: str, *, validate: Callable[[dict[str, Any]], None] | None = None):
+def register(name: str, *, validate: Callable[[dict[str, Any]], None] | None = None,
+             fields: tuple[str, ...] | None = None):
   """Decorator adding a data source to the registry under ``name``.
 
   The decorated function is ``source(c) -> Dataset`` with ``c`` the data config as a plain dict
   (``source`` plus the source's own fields; absent fields take the source's defaults).
-  ``validate(c)`` (optional) checks the fields before anything is read. Example::
+  ``validate(c)`` (optional) checks the fields before anything is read. ``fields`` (optional)
+  names the fields the source reads, so that :func:`unread_fields` can tell which of the
+  schema's other sources' fields a config of this source leaves unused. Example::
 
-    @data.register("my_images", validate=lambda c: ...)
+    @data.register("my_images", validate=lambda c: ..., fields=("root",))
     def my_images(c):
       return data.Dataset(x_train, y_train, x_test, y_test, num_classes=10, name="my_images")
   """
 
   def wrap(fn):
-    _SOURCES.add(name, Source(name, fn, validate or _no_checks))
+    _SOURCES.add(name, Source(name, fn, validate or _no_checks,
+                              None if fields is None else tuple(fields)))
     return fn
 
   return wrap
+
+
+def unread_fields(cfg) -> tuple[str, ...]:
+  """The fields of data config ``cfg`` that its source does not read, sorted: those another
+  registered source declares (``register(fields=...)``) and ``cfg``'s source does not.
+
+  The config schema (``configs/common.py``) holds every source's fields, so a ``digits`` config
+  carries ``num_train=256``, ``shape`` and ``num_classes`` that only ``synthetic`` reads (digits
+  trains on its fixed split, 1,400 images); a record of what a run used leaves these out.
+  Fields no source declares (``max_train``, ``augment``, an analysis' ``test_split``) are never
+  listed, and neither is anything when the source declares no ``fields`` or is unknown.
+  """
+  c = _as_dict(cfg)
+  if c.get("source") not in _SOURCES:
+    return ()
+  own = get(c["source"]).fields
+  if own is None:
+    return ()
+  declared = {f for name in available() for f in (get(name).fields or ())}
+  return tuple(sorted(f for f in c if f in declared and f not in own))
 
 
 def get(name: str) -> Source:
@@ -521,31 +547,34 @@ def _validate_tfds(c) -> None:
                      f"{TFDS_NAMES}")
 
 
-@register("tfds", validate=_validate_tfds)
+@register("tfds", validate=_validate_tfds, fields=("name", "data_dir"))
 def tfds_source(c) -> Dataset:
   """``data.name`` from tensorflow-datasets (:func:`load_tfds`), ``data.data_dir`` optional."""
   return load_tfds(c["name"], c.get("data_dir") or None)
 
 
-@register("idx", validate=_needs_root("idx", ", ".join(_IDX_FILES)))
+@register("idx", validate=_needs_root("idx", ", ".join(_IDX_FILES)),
+          fields=("root", "name"))
 def idx_source(c) -> Dataset:
   """The IDX files in ``data.root`` (:func:`load_idx`), labelled ``data.name``."""
   return load_idx(c["root"], c.get("name", "idx"))
 
 
-@register("cifar10_python", validate=_needs_root("cifar10_python", "data_batch_1..5, test_batch"))
+@register("cifar10_python", validate=_needs_root("cifar10_python", "data_batch_1..5, test_batch"),
+          fields=("root",))
 def cifar10_python_source(c) -> Dataset:
   """The CIFAR-10 python batches in ``data.root`` (:func:`load_cifar10_python`)."""
   return load_cifar10_python(c["root"])
 
 
-@register("digits")
+@register("digits", fields=("num_test", "seed"))
 def digits_source(c) -> Dataset:
   """scikit-learn's digits (:func:`load_digits`) with ``data.num_test`` and ``data.seed``."""
   return load_digits(num_test=c.get("num_test", 397), seed=c.get("seed", 0))
 
 
-@register("synthetic")
+@register("synthetic",
+          fields=("num_train", "num_test", "shape", "num_classes", "seed"))
 def synthetic_source(c) -> Dataset:
   """:func:`synthetic` with ``data.num_train``, ``num_test``, ``shape``, ``num_classes``,
   ``seed``."""

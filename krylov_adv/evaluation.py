@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylov_adv import attacks, krylov, parallel, projections
+from krylov_adv import attacks, parallel, projections
+from krylov_adv.attacks import summaries
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -279,7 +280,9 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
                      attack_cfgs: Mapping[str, Any], key: Array, *,
                      batch_size: int = 256, mesh=None,
                      reports: tuple[str, ...] = (),
-                     key_indices: Mapping[str, int] | None = None) -> list[AttackResult]:
+                     key_indices: Mapping[str, int] | None = None,
+                     on_result: Callable[[int, int, AttackResult], None] | None = None
+                     ) -> list[AttackResult]:
   """Runs every configured attack and returns one :class:`AttackResult` per entry.
 
   Args:
@@ -293,6 +296,8 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
       Default: its position in ``attack_cfgs``. Pass the positions in the full suite when some
       entries are left out, so that an entry's randomness (and result) does not depend on which
       others run.
+    on_result: called as ``on_result(i, n, result)`` after entry ``i`` of ``n`` (0-based) has
+      run, e.g. to print a progress line (the library itself prints nothing).
   """
   results = []
   for position, (entry, cfg) in enumerate(attack_cfgs.items()):
@@ -314,6 +319,8 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
       extras = tuple(run.extras)
     results.append(AttackResult(label, name, norm, eps, acc, len(x),
                                 time.perf_counter() - start, extras))
+    if on_result is not None:
+      on_result(position, len(attack_cfgs), results[-1])
   return results
 
 
@@ -343,12 +350,9 @@ def summarize_reports(extras) -> dict[str, Any] | None:
       fallback.append(np.asarray(parallel.to_host(diag.fallback))[:, :valid].reshape(-1))
       converged.append(np.asarray(parallel.to_host(diag.converged))[:, :valid].reshape(-1))
       status.append(np.asarray(parallel.to_host(diag.status))[:, :valid].reshape(-1))
-    dims, fallback, converged, status = (np.concatenate(a)
-                                         for a in (dims, fallback, converged, status))
-    return dict(krylov_dim_mean=float(dims.mean()), krylov_dim_max=int(dims.max()),
-                fallback_rate=float(fallback.mean()), converged_rate=float(converged.mean()),
-                solves=int(dims.size),
-                status_counts={s.name: int(np.sum(status == s.value)) for s in krylov.Status})
+    # The same statistics SOAEDiagnostics.summary() prints for one batch.
+    return summaries.soae_stats(*(np.concatenate(a) for a in (dims, fallback, converged,
+                                                               status)))
   if isinstance(first, attacks.AutoAttackReport):
     n = sum(valid for _, valid in extras)
     after = np.zeros(len(first.components))

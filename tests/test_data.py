@@ -321,6 +321,53 @@ def test_registered_source_is_loaded_by_name():
     data._SOURCES.pop(name)  # pylint: disable=protected-access
 
 
+class _ReadSpy(dict):
+  """A data config that records which fields a source reads."""
+
+  def __init__(self, *a, **k):
+    super().__init__(*a, **k)
+    self.read = set()
+
+  def get(self, key, default=None):
+    self.read.add(key)
+    return super().get(key, default)
+
+  def __getitem__(self, key):
+    self.read.add(key)
+    return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("source", ["digits", "synthetic"])
+def test_declared_fields_are_the_fields_a_source_reads(source):
+  """``register(fields=...)`` against what the source's function actually reads from a full
+  schema data block (configs/common.py), so that unread_fields cannot hide a field in use."""
+  pytest.importorskip("sklearn")
+  from configs import common
+  c = _ReadSpy(common.base_config().data.to_dict(), source=source, num_train=20, num_test=10)
+  data.get(source).load(c)
+  assert c.read == set(data.get(source).fields)
+
+
+def test_unread_fields_of_the_schema():
+  """A digits config's synthetic-only fields (num_train=256 in the schema, while digits trains
+  on its 1,400-image split) are unread; a synthetic config reads them."""
+  from configs import common
+  block = common.base_config().data.to_dict()
+  assert data.unread_fields(dict(block, source="digits")) == (
+      "data_dir", "name", "num_classes", "num_train", "root", "shape")
+  assert data.unread_fields(dict(block, source="synthetic")) == ("data_dir", "name", "root")
+  assert data.unread_fields(dict(block, source="tfds")) == (
+      "num_classes", "num_test", "num_train", "root", "seed", "shape")
+  # A source registered without fields keeps every field; an unknown source has none unread.
+  name = "test_undeclared_source"
+  data.register(name)(lambda c: None)
+  try:
+    assert data.unread_fields(dict(block, source=name)) == ()
+  finally:
+    data._SOURCES.pop(name)  # pylint: disable=protected-access
+  assert data.unread_fields(dict(block, source="nope")) == ()
+
+
 def test_epoch_batches_depend_only_on_seed_and_epoch():
   ds = data.synthetic(num_train=50, num_test=2, seed=0)
   run = lambda seed, epoch: [b for b in data.epoch_batches(ds.x_train, ds.y_train, 16,

@@ -131,8 +131,8 @@ def test_soae_summary_counts_gmres_statuses_over_real_examples():
   assert s["krylov_dim_max"] == 5  # the padding's 9 is not read either
   md = outputs.diagnostics_markdown(
       {"soat": [dict(label="SOAE", norm="linf", eps=0.1, attack="soae", **s)]})
-  header = next(l for l in md.splitlines() if l.startswith("| threat model"))
-  row = next(l for l in md.splitlines() if l.startswith("| Linf"))
+  header = next(l for l in md.splitlines() if l.startswith("| model / attack"))
+  row = next(l for l in md.splitlines() if l.startswith("| attack Linf eps=0.1 |"))
   cells = dict(zip([c.strip() for c in header.strip("|").split("|")],
                    [c.strip() for c in row.strip("|").split("|")]))
   assert (cells["CONVERGED"], cells["MAX_DIM_REACHED"], cells["BREAKDOWN"],

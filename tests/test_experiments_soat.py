@@ -149,18 +149,43 @@ def _results_ok(workdir, methods, labels):
   return res
 
 
-def test_two_methods_train_and_compare(tmp_path):
+def test_two_methods_train_and_compare(tmp_path, capsys):
   _require("pgd")
   c = _tiny("standard,pgd")
   c.train.epochs = 1
-  results = soat.train_and_evaluate(c, str(tmp_path), progress=False)
+  results = soat.train_and_evaluate(c, str(tmp_path))
   assert list(results) == ["standard", "pgd"]
   _results_ok(str(tmp_path), ["standard", "pgd"], ["clean", "PGD-2"])
+  records = {}
   for m in ("standard", "pgd"):
     lines = open(tmp_path / m / "metrics.jsonl").read().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["method"] == m
+    records[m] = json.loads(lines[0])
     assert os.path.exists(tmp_path / m / "results.md")
-  assert "standard Linf" in open(tmp_path / "results.md").read()
+  # Each column names the training threat and the attack's threat apart.
+  md = open(tmp_path / "results.md").read()
+  header = next(ln for ln in md.splitlines() if ln.startswith("| attack |"))
+  assert header.split(" | ")[1:] == [
+      "standard (no adversarial training) / attack Linf eps=0.1",
+      "standard (no adversarial training) / attack L2 eps=0.5",
+      "pgd (trained Linf eps=0.1) / attack Linf eps=0.1",
+      "pgd (trained Linf eps=0.1) / attack L2 eps=0.5 |"]
+  # The log says which batches the train accuracy is measured on, and prints one line per
+  # attack as it prints one per epoch.
+  out = capsys.readouterr().out
+  assert records["pgd"]["train_accuracy_on"] == "adversarial"
+  assert records["standard"]["train_accuracy_on"] == "clean"
+  assert (f"[pgd] epoch 1/1: loss {records['pgd']['train_loss']:.4f}, train acc on adversarial "
+          f"batches {records['pgd']['train_accuracy']:.4f}, clean test acc ") in out
+  assert "[standard] epoch 1/1: loss " in out and "train acc on clean batches" in out
+  progress = [ln for ln in out.splitlines() if "] attack " in ln]
+  names = {"linf": "Linf", "l2": "L2"}
+  assert [ln.split(" (")[0] for ln in progress] == [
+      f"[{m}] attack {i}/4 {r.label} {names[r.norm]} eps={r.eps:g}: {100 * r.accuracy:.2f}% "
+      f"{'clean' if r.attack == 'clean' else 'robust'} accuracy"
+      for m in ("standard", "pgd") for i, r in enumerate(results[m], start=1)]
+  assert {(r.label, r.norm) for r in results["pgd"]} == {
+      (lbl, n) for lbl in ("clean", "PGD-2") for n in ("linf", "l2")}
 
 
 @pytest.mark.parametrize("method", ["trades", "soat", "mixed", "second_order"])
@@ -226,6 +251,11 @@ def test_evaluate_runs_the_full_table_with_autoattack_by_default(resumed_run, ca
       for n in ("linf", "l2")}
   assert len(labels) == 12
   table = capsys.readouterr().out
+  # One progress line per attack, in the suite's order, before the table.
+  progress = [ln for ln in table.splitlines() if ln.startswith("[pgd] attack ")]
+  assert [ln.split(":")[0] for ln in progress] == [
+      f"[pgd] attack {i}/12 {r.label} {'Linf' if r.norm == 'linf' else 'L2'} eps="
+      f"{r.eps:g}" for i, r in enumerate(results["pgd"], start=1)]
   rows = [ln for ln in table.splitlines() if ln.startswith("| ")][1:]
   assert [r.split("|")[1].strip() for r in rows] == ["clean", "FGSM", "PGD-2", "S-O", "SOAE",
                                                      "AutoAttack"]
@@ -342,6 +372,42 @@ def test_quickstart_table_is_the_papers_and_training_suite_unchanged():
   after_training = pipeline.eval_suite(c, "attacks")
   assert {e["label"] for e in after_training.values()} == {"clean", "FGSM", "PGD-10", "S-O",
                                                             "SOAE"}
+
+
+def test_quickstart_trains_the_undefended_baseline_first():
+  """configs/quickstart.py compares SOAT and PGD-AT with the standard (undefended) model, which
+  results.md then labels as not adversarially trained, also under the CI smoke overrides."""
+  c = _parse(os.path.join(ROOT, "configs", "quickstart.py"))
+  assert pipeline.methods_of(c) == ["standard", "soat", "pgd"]
+  smoke = _parse(os.path.join(ROOT, "configs", "quickstart.py"), "--config.train.epochs=1",
+                 "--config.data.num_test=64", "--config.eval.num_examples=32",
+                 "--config.eval.batch_size=32", "--config.train.soat.steps=1")
+  assert pipeline.methods_of(smoke) == ["standard", "soat", "pgd"]
+  pipeline.validate_config(smoke)
+
+
+def test_columns_name_the_training_and_the_attack_threat_apart():
+  """outputs.robustness_table with run_metadata's training entries: the threat a model was
+  trained against (or none) and the threat the attack ran in, in every column."""
+  from experiments import outputs
+  from krylov_adv.evaluation import AttackResult
+  res = lambda norm, eps: [AttackResult("PGD-10", "pgd", norm, eps, 0.5, 10, 1.0)]
+  results = {"standard": res("l2", 1.0), "soat": res("l2", 1.0) + res("linf", 8 / 255),
+             "mixed": res("linf", 0.1)}
+  training = {"standard": dict(epochs=1),
+              "soat": dict(threat_model=dict(norm="linf", eps=0.1), attack="soae"),
+              "mixed": dict(hyperparameters=dict(eps_linf=8 / 255, eps_l2=0.5, steps=7))}
+  trained = {m: outputs.training_text(t) for m, t in training.items()}
+  assert trained == {"standard": "no adversarial training", "soat": "trained Linf eps=0.1",
+                     "mixed": "trained Linf eps=8/255 + L2 eps=0.5"}
+  header = outputs.robustness_table(results, trained).splitlines()[0]
+  assert header == ("| attack | standard (no adversarial training) / attack L2 eps=1 | "
+                    "soat (trained Linf eps=0.1) / attack Linf eps=8/255 | "
+                    "soat (trained Linf eps=0.1) / attack L2 eps=1 | "
+                    "mixed (trained Linf eps=8/255 + L2 eps=0.5) / attack Linf eps=0.1 |")
+  # Without the training entries a single model's columns are the attack's threat alone.
+  assert outputs.robustness_table({"soat": res("l2", 1.0)}).splitlines()[0] == \
+      "| attack | attack L2 eps=1 |"
 
 
 def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):

@@ -124,6 +124,38 @@ def test_table_layout_has_both_norms_and_the_papers_labelled_numbers(run):
   assert "- **Training**:" in md and "exact HVP = 1.40" in md
 
 
+def test_table_figure_is_titled_labelled_and_has_no_gap_beside_the_legend(run, monkeypatch):
+  """table.png from the tiny run's payload: a figure title naming the data and model, robust
+  accuracy on the y axis, the training method on the x axis, one panel per norm, and the
+  legend right beside the panels (constrained layout: no blank column between them)."""
+  from experiments import outputs
+  _, workdir, payload = run
+  saved = {}
+
+  def keep(fig, path):
+    fig.canvas.draw()
+    saved["fig"], saved["path"] = fig, path
+    return os.path.basename(path)
+
+  monkeypatch.setattr(outputs, "save_figure", keep)
+  assert table_lib.plot_table(payload, workdir, "digits, tiny_cnn") == "table.png"
+  fig = saved["fig"]
+  assert fig.get_suptitle().startswith("Robust accuracy (%) per training method and attack")
+  assert fig.get_suptitle().endswith("digits, tiny_cnn")
+  assert len(fig.axes) == 2
+  for ax, norm in zip(fig.axes, ("Linf eps=0.1", "L2 eps=1")):
+    assert ax.get_ylabel() == "robust accuracy (%)" and ax.get_xlabel() == "training method"
+    assert ax.get_title() == f"attacks in {norm}"
+  legend = fig.legends[0]
+  renderer = fig.canvas.get_renderer()
+  panels_right = max(ax.get_tightbbox(renderer).x1 for ax in fig.axes)
+  legend_box = legend.get_window_extent(renderer)
+  width = fig.bbox.width
+  # Beside the panels, not on them, with a gap of at most 5% of the figure's width.
+  assert panels_right <= legend_box.x0 <= panels_right + 0.05 * width
+  assert [t.get_text() for t in legend.get_texts()][0] == "clean"
+
+
 def test_paper_tables_are_the_papers():
   # Spot checks against the SOAE paper's Tables I-III (000_c9c6f7ce0458e3de.txt).
   t = table_lib.PAPER_TABLES

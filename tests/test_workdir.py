@@ -73,6 +73,46 @@ def test_each_run_defining_change_is_refused(tmp_path, field, value):
     wd.check_run_config(str(tmp_path), c2)
 
 
+def test_record_leaves_out_the_data_fields_the_source_does_not_read(tmp_path):
+  """The quickstart trains on digits (1,400 images); its record must not say data.num_train=256
+  (the schema's synthetic-source default), nor any other field digits ignores. A synthetic run
+  reads num_train, so its record keeps it (and a change is refused, see above)."""
+  from configs import quickstart
+  digits_dir, synthetic_dir = str(tmp_path / "digits"), str(tmp_path / "synthetic")
+  c = quickstart.get_config()
+  assert c.data.num_train == 256  # the schema still has the field (overrides for synthetic)
+  wd.check_run_config(digits_dir, c)
+  record = json.load(open(os.path.join(digits_dir, "run_config.json")))["config"]
+  for field in ("data.num_train", "data.shape", "data.num_classes", "data.name", "data.root"):
+    assert field not in record
+  assert record["data.source"] == "digits" and record["data.num_test"] == 397
+  assert record["data.max_train"] == 0  # read by data.load for every source: all 1,400 images
+  t = test_tiny.get_config("pgd")
+  wd.check_run_config(synthetic_dir, t)
+  assert json.load(open(os.path.join(synthetic_dir, "run_config.json")))["config"][
+      "data.num_train"] == t.data.num_train
+
+
+def test_record_written_with_unread_fields_still_resumes(tmp_path):
+  """A digits workdir whose record predates the fix (it holds data.num_train=256) resumes with
+  the same config, and changing an unread field does not refuse it (it changes nothing)."""
+  from configs import quickstart
+  w = str(tmp_path)
+  c = quickstart.get_config()
+  old = wd.flatten_config(c)
+  assert old["data.num_train"] == 256
+  with open(os.path.join(w, "run_config.json"), "w") as f:
+    json.dump({"config": old, "history": []}, f)
+  _fake_checkpoint(w)
+  assert wd.check_run_config(w, c) == []
+  c2 = ml_collections.ConfigDict(c.to_dict())
+  c2.data.num_train = 32
+  assert wd.check_run_config(w, c2) == []
+  c2.data.num_test = 100  # read by digits: refused
+  with pytest.raises(wd.ConfigError, match="trained with data.num_test=397"):
+    wd.check_run_config(w, c2)
+
+
 def test_allowed_changes_resume_and_are_recorded(tmp_path):
   w = str(tmp_path)
   c = test_tiny.get_config("pgd")
@@ -602,7 +642,7 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
              stderr=subprocess.PIPE)
   try:
     for line in p.stdout:
-      if "epoch 2:" in line:
+      if "] epoch 2/" in line:  # experiments.pipeline.epoch_progress_line
         break
     p.send_signal(signal.SIGINT)
     _, stderr = p.communicate(timeout=120)

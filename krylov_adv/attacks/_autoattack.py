@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from krylov_adv import parallel
-from krylov_adv.attacks import available, get, register, register_test_set_runner, toolkit
+from krylov_adv.attacks import (available, get, register, register_test_set_runner, summaries,
+                                toolkit)
 from krylov_adv.attacks.toolkit import Array, LogitsFn
 
 VERSIONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
@@ -70,6 +71,13 @@ class AutoAttackReport(NamedTuple):
   robust_accuracy: float
   seconds: tuple[float, ...]
   robust: np.ndarray
+
+  def summary(self) -> str:
+    """A few lines: clean accuracy, accuracy after each component (with its time), robust."""
+    return summaries.autoattack_summary(self)
+
+  def __repr__(self) -> str:  # one line, not the ``robust`` mask (krylov_adv.attacks.summaries)
+    return summaries.autoattack_repr(self)
 
 
 def version_components(version: str, attacks: Sequence | None = None,

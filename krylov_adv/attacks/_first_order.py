@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from krylov_adv import hvp
-from krylov_adv.attacks import checks, register, toolkit
+from krylov_adv.attacks import checks, register, summaries, toolkit
 from krylov_adv.attacks.toolkit import Array, LogitsFn, LossFn
 
 
@@ -93,6 +93,13 @@ class PGDReport(NamedTuple):
   """The trace of a PGD run: :class:`krylov_adv.attacks.toolkit.StepRecord` fields of shape
   ``(restarts, steps + 1, B)`` for every iterate ``x_t`` of every restart (``t = 0`` the start)."""
   trace: toolkit.StepRecord
+
+  def summary(self) -> str:
+    """A few lines: accuracy, loss and gradient norm at the start and the end, per restart."""
+    return summaries.trace_summary(self)
+
+  def __repr__(self) -> str:  # one line, not the arrays (krylov_adv.attacks.summaries)
+    return summaries.trace_repr(self)
 
 
 @functools.partial(jax.jit, static_argnames=("norm", "steps", "restarts",

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from krylov_adv import hvp, projections
-from krylov_adv.attacks import checks, register, toolkit
+from krylov_adv.attacks import checks, register, summaries, toolkit
 from krylov_adv.attacks.toolkit import Array, LogitsFn, LossFn
 
 FORMS = ("expectation", "power")
@@ -73,6 +73,13 @@ class SecondOrderReport(NamedTuple):
   """The trace of an S-O run: :class:`krylov_adv.attacks.toolkit.StepRecord` fields of shape
   ``(steps + 1, B)`` for every iterate ``x_t`` (``t = 0`` the start)."""
   trace: toolkit.StepRecord
+
+  def summary(self) -> str:
+    """A few lines: accuracy, loss and gradient norm at the start and after the last step."""
+    return summaries.trace_summary(self)
+
+  def __repr__(self) -> str:  # one line, not the arrays (krylov_adv.attacks.summaries)
+    return summaries.trace_repr(self)
 
 
 @functools.partial(jax.jit, static_argnames=("norm", "steps", "samples", "form",

@@ -102,7 +102,7 @@ from jax import lax
 
 from krylov_adv import hvp as hvp_lib
 from krylov_adv import krylov, projections
-from krylov_adv.attacks import checks, register, toolkit
+from krylov_adv.attacks import checks, register, summaries, toolkit
 from krylov_adv.attacks.toolkit import Array, LogitsFn, LossFn
 
 STEPS = ("normalized", "raw")
@@ -171,6 +171,13 @@ class SOAEDiagnostics(NamedTuple):
     with tau by the stopping rule."""
     r0 = self.initial_residual_norm
     return jnp.where(r0 > 0, self.residual_norm / jnp.where(r0 > 0, r0, 1.0), 0.0)
+
+  def summary(self) -> str:
+    """A few lines: Krylov dimension, convergence, fallback, exit statuses, residuals."""
+    return summaries.soae_summary(self)
+
+  def __repr__(self) -> str:  # one line, not the arrays (krylov_adv.attacks.summaries)
+    return summaries.soae_repr(self)
 
 
 def _projected_hessian(res: krylov.GMRESResult) -> tuple[Array, Array]:

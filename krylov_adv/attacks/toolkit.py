@@ -443,6 +443,12 @@ class WithReport(NamedTuple):
   x_adv: Array
   report: Any
 
+  def __repr__(self) -> str:  # x_adv's dtype and shape, not its values; the report's own repr
+    x = self.x_adv
+    shown = (f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") and hasattr(x, "dtype")
+             else type(x).__name__)
+    return f"WithReport(x_adv={shown}, report={self.report!r})"
+
 
 def keyword_arguments(attack: Callable[..., Any], given: Mapping[str, Any]) -> dict[str, Any]:
   """``attack``'s keyword-only arguments with its defaults, overridden by ``given``.
