@@ -22,7 +22,6 @@ imports the old commit's library. ``--aa reduced`` (default) shortens AutoAttack
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import platform
@@ -30,9 +29,6 @@ import subprocess
 import sys
 import time
 
-REDUCED = {"apgd_ce": {"steps": 25}, "apgd_t": {"steps": 25, "n_target_classes": 3},
-           "fab_t": {"steps": 25, "n_target_classes": 3}, "square": {"steps": 250}}
-_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 def _commit() -> str:
@@ -53,21 +49,13 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
 
   sys.path.insert(0, os.getcwd())  # the checkout we run in, not this file's
-  import jax  # pylint: disable=import-outside-toplevel
-  import importlib  # pylint: disable=import-outside-toplevel
-  from experiments import pipeline  # pylint: disable=import-outside-toplevel
-  from krylov_adv import data as data_lib  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from benchmarks.bench_eval_path import REDUCED, CompileCounter, load_config
+  from experiments import pipeline
+  from krylov_adv import data as data_lib
 
-  compiles = collections.Counter()
-
-  def listen(event, duration, **kwargs):
-    del duration
-    if event == _BACKEND_COMPILE:
-      compiles[str(kwargs.get("fun_name", "?"))] += 1
-
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  module = importlib.import_module(args.config.removesuffix(".py").replace("/", "."))
-  config = pipeline.with_method(module.get_config(), "standard")
+  counter = CompileCounter()
+  config = pipeline.with_method(load_config(args.config, None), "standard")
   config.eval.num_examples = args.points
   config.eval.batch_size = args.points
   if args.aa == "reduced":
@@ -86,14 +74,15 @@ def main(argv=None) -> dict:
 
   rows = []
   for i, st in enumerate(states):
-    compiles.clear()
+    counter.reset()
     start = time.perf_counter()
     results = pipeline.evaluate(exp, st, config, suite="table")
     seconds = time.perf_counter() - start
-    rows.append(dict(checkpoint=i + 1, seconds=seconds, compilations=sum(compiles.values()),
-                     by_function=dict(compiles.most_common()),
+    snap = counter.snapshot()
+    rows.append(dict(checkpoint=i + 1, seconds=seconds, compilations=snap["compilations"],
+                     by_function=snap["compilations_by_function"],
                      accuracy={r.label + " " + r.norm: r.accuracy for r in results}))
-    print(f"checkpoint {i + 1}: {seconds:.1f} s, {sum(compiles.values())} compilations",
+    print(f"checkpoint {i + 1}: {seconds:.1f} s, {snap['compilations']} compilations",
           flush=True)
   others = rows[1:]
   out = dict(

@@ -15,16 +15,12 @@ Run it on two commits to compare (see ``benchmarks/bench_checkpoints.py``).
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import subprocess
 import sys
 import time
 
-REDUCED = {"apgd_ce": {"steps": 25}, "apgd_t": {"steps": 25, "n_target_classes": 3},
-           "fab_t": {"steps": 25, "n_target_classes": 3}, "square": {"steps": 250}}
-_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 def main(argv=None) -> dict:
@@ -38,16 +34,11 @@ def main(argv=None) -> dict:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  from benchmarks.bench_eval_path import (  # pylint: disable=import-outside-toplevel
+      REDUCED, CompileCounter)
   from krylov_adv import attacks  # pylint: disable=import-outside-toplevel
 
-  compiles = collections.Counter()
-
-  def listen(event, duration, **kwargs):
-    del duration, kwargs
-    if event == _BACKEND_COMPILE:
-      compiles["all"] += 1
-
-  jax.monitoring.register_event_duration_secs_listener(listen)
+  counter = CompileCounter()
   digits = load_digits()
   x = jnp.asarray((digits.images[:args.points] / 16.0)[..., None], jnp.float32)
 
@@ -71,10 +62,10 @@ def main(argv=None) -> dict:
     for seed in range(args.sets):
       params = init(seed)
       y = jnp.argmax(apply(params, x), axis=1)
-      compiles.clear()
+      counter.reset()
       start = time.perf_counter()
       np.asarray(run(jax.tree_util.Partial(apply, params), y))
-      table[name].append(dict(compilations=compiles["all"],
+      table[name].append(dict(compilations=counter.snapshot()["compilations"],
                               seconds=time.perf_counter() - start))
     print(name, [r["compilations"] for r in table[name]],
           [round(r["seconds"], 2) for r in table[name]], flush=True)
