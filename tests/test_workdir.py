@@ -595,6 +595,18 @@ def _entry(module, workdir, *overrides, **popen):
   return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
+def _train_past_epoch_2(workdir, *overrides, stderr=subprocess.PIPE):
+  """Starts ``soat`` on ``test_tiny`` for 100,000 epochs (endless) and returns the process
+  once its progress line for epoch 2 (``experiments.pipeline.epoch_progress_line``) is out."""
+  p = _entry("soat", workdir, "--config.train.epochs=100000", *overrides,
+             stdout=subprocess.PIPE, stderr=stderr)
+  for line in p.stdout:
+    if "] epoch 2/" in line:
+      return p
+  p.kill()
+  raise AssertionError(f"soat ended (status {p.wait()}) before printing epoch 2's line")
+
+
 def _last_line(stderr):
   lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip()]
   assert not any(ln.startswith("Traceback") for ln in lines), stderr[-3000:]
@@ -637,13 +649,8 @@ def test_soat_refuses_a_changed_config_a_locked_workdir_and_evaluate_a_missing_o
 def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
   from experiments import pipeline
   w = tmp_path / "w"
-  epochs = 100_000  # stopped by Ctrl-C long before
-  p = _entry("soat", w, f"--config.train.epochs={epochs}", stdout=subprocess.PIPE,
-             stderr=subprocess.PIPE)
+  p = _train_past_epoch_2(w)  # stopped by Ctrl-C long before its last epoch
   try:
-    for line in p.stdout:
-      if "] epoch 2/" in line:  # experiments.pipeline.epoch_progress_line
-        break
     p.send_signal(signal.SIGINT)
     _, stderr = p.communicate(timeout=120)
   finally:
@@ -657,7 +664,7 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
   assert done >= 2 and saved == done and done in wd.read_checksums(str(w))
   # The same command resumes after that epoch (stopped here one epoch later).
   c = test_tiny.get_config("standard")
-  c.train.epochs = epochs
+  c.train.epochs = 100_000  # the command's (a changed epoch count would be another run)
   pipeline.train(c, str(w), stop_after_epoch=saved + 1, progress=False)
   assert wd.saved_steps(str(w))[-1] == saved + 1
   metrics = [json.loads(ln) for ln in open(w / "metrics.jsonl")]
@@ -944,12 +951,8 @@ def _stderr_lines(stderr):
 def test_sigterm_stops_like_ctrl_c(tmp_path):
   # Issue 28, item 4: SIGTERM (a scheduler's notice) ended the run with status 143 and no word.
   w = tmp_path / "w"
-  p = _entry("soat", w, "--config.train.epochs=100000", stdout=subprocess.PIPE,
-             stderr=subprocess.PIPE)
+  p = _train_past_epoch_2(w)
   try:
-    for line in p.stdout:
-      if "epoch 2:" in line:
-        break
     p.send_signal(signal.SIGTERM)
     _, stderr = p.communicate(timeout=120)
   finally:
@@ -1078,13 +1081,9 @@ def test_evaluate_restores_beside_a_training_run(tmp_path, capsys):
   # deleted meanwhile), then advised moving the workdir away.
   from experiments import pipeline
   w = tmp_path / "w"
-  p = _entry("soat", w, "--config.train.epochs=100000", "--config.checkpoint.max_to_keep=1",
-             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+  p = _train_past_epoch_2(w, "--config.checkpoint.max_to_keep=1", stderr=subprocess.DEVNULL)
   seen = []
   try:
-    for line in p.stdout:
-      if "epoch 2:" in line:
-        break
     c = test_tiny.get_config("standard")
     c.train.epochs, c.checkpoint.max_to_keep = 100000, 1
     for _ in range(6):
