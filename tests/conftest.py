@@ -13,11 +13,35 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 
+import atexit
+import shutil
+import tempfile
+
+# JAX's persistent compilation cache, in a temporary folder for this run only: after
+# jax.clear_caches() (end of every module, below), in a fresh closure, or in a subprocess
+# (`python -m experiments.*`, pytest-xdist workers), an XLA executable with the same HLO is read
+# back instead of compiled again. The environment variables reach subprocesses and workers; a
+# folder the caller set (JAX_COMPILATION_CACHE_DIR) is used as is and kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="krylov_adv_tests_jax_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  # Removed by the process that made it (the pytest main process, not a worker).
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+# jax may have been imported (by a plugin) before the lines above: set the same in its config.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 from krylov_adv.models.cnn import TinyCNN
 

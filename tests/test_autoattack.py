@@ -102,6 +102,7 @@ def test_ensemble_is_never_weaker_than_a_component_alone(digits_model, digits_ba
   np.testing.assert_array_equal(np.asarray(x_adv)[fooled_first], np.asarray(first)[fooled_first])
 
 
+@pytest.mark.slow
 def test_plus_version_runs_every_component_with_restarts(digits_model, digits_batch):
   x, y = digits_batch[0][:16], digits_batch[1][:16]
   hyper = {name: dict(kw) for name, kw in FAST.items()}

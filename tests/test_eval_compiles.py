@@ -14,6 +14,7 @@ import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from krylov_adv import attacks, evaluation
 
@@ -60,6 +61,7 @@ def _suite(eps: float):
                      version="standard", hyperparameters=HYPER)}
 
 
+@pytest.mark.slow
 def test_two_batches_compile_each_component_once_and_a_rerun_compiles_nothing():
   """16 points in two batches of 8: each component's step function compiles once (one shape,
   APGD once per loss: CE and targeted DLR), as for one AutoAttack call; the same evaluation
@@ -77,6 +79,7 @@ def test_two_batches_compile_each_component_once_and_a_rerun_compiles_nothing():
   assert sum(again.values()) == 0, dict(again)
 
 
+@pytest.mark.slow
 def test_batched_autoattack_gives_each_batch_its_own_keys():
   """Every example's result equals AutoAttack on its own batch with the batch's key
   ``fold_in(key, b)`` (the per-batch scheme of run_attack), for 3 batches of 6 (the last one

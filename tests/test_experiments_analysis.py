@@ -94,6 +94,7 @@ def test_mnist_test_split_loads_real_images():
 # Building blocks
 
 
+@pytest.mark.slow
 def test_models_train_data_parallel_like_soat():
   """The analyses train on the config's mesh (every device by default) as experiments.soat
   does; that equals training on one device within float tolerance."""
@@ -151,6 +152,7 @@ def test_configs_import_only_ml_collections_and_configs_common():
       assert mods <= allowed, (path, mods)
 
 
+@pytest.mark.slow
 def test_dims_per_tau_matches_gmres_stopped_at_each_tau(digits_model):
   """m(tau) read off one run's residual history equals the dimension of a run stopped at tau."""
   x = jnp.asarray(digits_model.x_test[:6])
@@ -203,6 +205,7 @@ def _pgd_reference(logits_fn, x, y, *, eps, norm, steps, step_size):
   return np.array(norms)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
 def test_traced_pgd_matches_reference(digits_model, norm, eps):
   x = jnp.asarray(digits_model.x_test[:8])
@@ -240,6 +243,7 @@ def test_traced_second_order_without_noise_is_pgd(digits_model):
 # End to end on the tiny configs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_writes_results_report_and_figures(results, workdir, name):
   out = os.path.join(workdir, name)
@@ -258,6 +262,7 @@ def test_experiment_writes_results_report_and_figures(results, workdir, name):
       assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_ablation_numbers(results):
   r = results["ablation_hvp"]
   rows = r["accuracy"]
@@ -282,6 +287,7 @@ def test_ablation_numbers(results):
       assert 0.0 <= q["robust_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_krylov_dims_numbers(results):
   r = results["krylov_dims"]
   max_dim = _config("krylov_dims").experiment.max_dim
@@ -304,6 +310,7 @@ def test_krylov_dims_numbers(results):
       assert 0.0 <= q["fallback_rate"] <= 1.0
 
 
+@pytest.mark.slow
 def test_iterations_numbers(results):
   r = results["iterations"]
   cfg = _config("iterations").experiment
@@ -316,6 +323,7 @@ def test_iterations_numbers(results):
     assert ns == sorted(cfg.iterations)
 
 
+@pytest.mark.slow
 def test_perceptual_numbers(results):
   r = results["perceptual"]
   done = [q for q in r["rows"] if "skipped" not in q]
@@ -329,6 +337,7 @@ def test_perceptual_numbers(results):
     assert 0.0 <= q["success_rate"] <= 1.0 and q["mean_linf"] <= r["eps"] + 1e-5
 
 
+@pytest.mark.slow
 def test_grad_norm_numbers(results):
   r = results["grad_norms"]
   steps = _config("grad_norms").experiment.steps
@@ -340,6 +349,7 @@ def test_grad_norm_numbers(results):
     assert all(0.0 <= v <= 1.0 for v in q["accuracy"])
 
 
+@pytest.mark.slow
 def test_report_collects_every_section(results, workdir):
   path = report.build_report(workdir)
   with open(path) as f:
@@ -381,6 +391,7 @@ FIGURES = {"ablation_hvp": {"fd_relative_error.png", "soae_accuracy_vs_eta.png",
            "grad_norms": {"grad_norms.png"}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_figures_have_a_title_and_the_legend_outside_the_panels(results, name):
   from experiments import outputs
@@ -392,6 +403,7 @@ def test_figures_have_a_title_and_the_legend_outside_the_panels(results, name):
     outputs.pyplot().close(fig)
 
 
+@pytest.mark.slow
 def test_m_per_tau_legend_is_short_and_says_mean_and_max(results):
   (fig,) = [f for n, f in krylov_dims.make_figures(results["krylov_dims"]).items()
             if n == "m_per_tau.png"]

@@ -43,6 +43,7 @@ def test_config_builds(scale):
   assert c.experiment.m >= 1 and set(c.experiment.norms) == {"linf", "l2"}
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_results_and_the_proposition_holds(tmp_path):
   workdir = str(tmp_path)
   res = soae_direction.run(config.get_config("tiny"), workdir, progress=False)

@@ -149,6 +149,7 @@ def _results_ok(workdir, methods, labels):
   return res
 
 
+@pytest.mark.slow
 def test_two_methods_train_and_compare(tmp_path, capsys):
   _require("pgd")
   c = _tiny("standard,pgd")
@@ -188,6 +189,7 @@ def test_two_methods_train_and_compare(tmp_path, capsys):
       (lbl, n) for lbl in ("clean", "PGD-2") for n in ("linf", "l2")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["trades", "soat", "mixed", "second_order"])
 def test_each_method_trains_and_evaluates(tmp_path, method):
   _require("pgd", *([NEEDS[method]] if method in NEEDS else []))
@@ -216,6 +218,7 @@ def resumed_run(tmp_path_factory):
   return c, a, b
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(resumed_run):
   c, a, b = resumed_run
   _, sa, _ = pipeline.load_trained(c, a)
@@ -237,6 +240,7 @@ def test_resume_reproduces_uninterrupted_run(resumed_run):
   assert not np.allclose(_leaves(s2)[0], _leaves(sa)[0])
 
 
+@pytest.mark.slow
 def test_evaluate_runs_the_full_table_with_autoattack_by_default(resumed_run, capsys):
   """evaluate's default suite is eval.table, the papers' full table with AutoAttack, whatever
   the training-time suite eval.attacks is (here clean, FGSM, PGD-2 only)."""
@@ -277,6 +281,7 @@ def test_evaluate_runs_the_full_table_with_autoattack_by_default(resumed_run, ca
   assert saved["metadata"]["evaluation"]["suite"] == "eval.table"
 
 
+@pytest.mark.slow
 def test_results_header_says_what_was_measured(resumed_run):
   """results.md's header and results.json's metadata: model, data, training, test points, each
   attack's settings, code version, with the config's values."""
@@ -417,6 +422,7 @@ def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):
   assert os.listdir(tmp_path) == []  # nothing created
 
 
+@pytest.mark.slow
 def test_command_line_with_overrides(tmp_path):
   _require("fgsm", "pgd")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -433,6 +439,7 @@ def test_command_line_with_overrides(tmp_path):
   assert bad.returncode != 0 and "unknown training method 'bogus'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_skipping_an_entry_leaves_the_other_entries_seeds(monkeypatch):
   """eval.skip: an entry's attack key is folded with its position in the whole suite, so a
   random-start PGD entry after a skipped FGSM entry returns the same adversarial examples

@@ -102,6 +102,7 @@ def test_exact_hvp_matches_jax_hessian(x64):
   np.testing.assert_allclose(hvp.input_grad(loss_fn, x), per_example_grad, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_exact_hvp_float32_on_cnn_under_jit():
   model = TinyCNN(num_classes=10, activation=jax.nn.softplus)
   x = jax.random.uniform(jax.random.PRNGKey(0), (4, 8, 8, 1))

@@ -83,6 +83,7 @@ def test_matches_scipy_gmres(kind, orth):
     assert bool(res.converged[i]) == (true_res <= tol * np.linalg.norm(b[i]) * (1 + 1e-6))
 
 
+@pytest.mark.slow
 def test_estimated_residual_is_last_history_entry():
   rng = np.random.default_rng(15)
   a, b = _nonsymmetric(rng, 4, 30, shift=15.0), rng.normal(size=(4, 30))
@@ -95,6 +96,7 @@ def test_estimated_residual_is_last_history_entry():
   np.testing.assert_array_equal(res.status, Status.CONVERGED)
 
 
+@pytest.mark.slow
 def test_reported_residual_is_true_residual_and_history_decreases():
   rng = np.random.default_rng(2)
   a, b = _nonsymmetric(rng, 4, 25, shift=2.0), rng.normal(size=(4, 25))
@@ -108,6 +110,7 @@ def test_reported_residual_is_true_residual_and_history_decreases():
     assert not np.any(res.converged)
 
 
+@pytest.mark.slow
 def test_initial_guess_and_relative_tolerance():
   rng = np.random.default_rng(3)
   a, b = _nonsymmetric(rng, 3, 12, shift=4.0), rng.normal(size=(3, 12))
@@ -121,6 +124,7 @@ def test_initial_guess_and_relative_tolerance():
   assert np.all(res.num_iters < 12)
 
 
+@pytest.mark.slow
 def test_zero_right_hand_side_in_batch():
   rng = np.random.default_rng(4)
   a, b = _nonsymmetric(rng, 3, 8), rng.normal(size=(3, 8))
@@ -132,6 +136,7 @@ def test_zero_right_hand_side_in_batch():
   np.testing.assert_allclose(res.x[0], np.linalg.solve(a[0], b[0]), atol=1e-9)
 
 
+@pytest.mark.slow
 def test_happy_breakdown_is_exact_and_finite():
   # b lies in a 2-dimensional invariant subspace of a diagonal A: Krylov space stops growing.
   a = np.broadcast_to(np.diag(np.arange(1.0, 9.0)), (2, 8, 8)).copy()
@@ -225,6 +230,7 @@ def test_status_names_and_max_dim_reached():
   np.testing.assert_array_equal(res.converged, False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [8, 9, 10, 11, 12])
 def test_hilbert_float32_converged_means_true_residual(n):
   # Hilbert matrices in float32: the Givens estimate drifts to 0 after loss of orthogonality
@@ -255,6 +261,7 @@ def test_hilbert_float32_converged_means_true_residual(n):
     assert not conv[1] and true_rel[1] > 0.1  # the case that used to report converged
 
 
+@pytest.mark.slow
 def test_rolled_and_unrolled_givens_loops_agree(monkeypatch):
   rng = np.random.default_rng(13)
   a, b = _nonsymmetric(rng, 4, 30, shift=2.0), rng.normal(size=(4, 30))
@@ -286,6 +293,7 @@ def test_large_max_dim_compiles_and_runs():
   np.testing.assert_allclose(res.residual_norm, true_res, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_jit_and_vmap_agree_with_eager():
   rng = np.random.default_rng(6)
   a, b = _nonsymmetric(rng, 4, 9), rng.normal(size=(3, 4, 9))  # 3 independent batches

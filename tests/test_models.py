@@ -54,6 +54,7 @@ def test_wide_resnet_depth_and_width_are_configurable():
                                                       jnp.zeros((1, 8, 8, 3)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kw,shape", [
     ("tiny_cnn", {}, (3, 8, 8, 1)),
     ("madry_cnn", {}, (3, 28, 28, 1)),
@@ -93,6 +94,7 @@ def test_registered_model_is_built_by_name():
     models._MODELS.pop(name)  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_activation_by_name_is_used():
   x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 1))
   relu = models.get("tiny_cnn", activation="relu")
@@ -111,6 +113,7 @@ def test_activation_by_name_is_used():
   np.testing.assert_allclose(np.asarray(hv_relu), 0.0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_batchnorm_train_mode_mixes_examples_inference_mode_does_not():
   model = models.get("resnet18", width=4, num_classes=10)
   x = jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 3))
@@ -166,6 +169,7 @@ def test_max_pool_matches_flax_values_and_gradient_with_ties(window, shape):
                                 flax_pool(x))
 
 
+@pytest.mark.slow
 def test_madry_cnn_matches_flax_max_pool_values_gradient_and_hvp():
   class FlaxPoolMadry(nn.Module):
     @nn.compact

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2

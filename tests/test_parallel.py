@@ -72,6 +72,7 @@ def _newton_solve(model, params):
   return solve
 
 
+@pytest.mark.slow
 def test_sharded_gmres_matches_single_device_without_gather(mesh, model_and_batch):
   model, params, x, y = model_and_batch
   solve = jax.jit(_newton_solve(model, params))
@@ -86,6 +87,7 @@ def test_sharded_gmres_matches_single_device_without_gather(mesh, model_and_batc
   assert "all-gather" not in hlo and "all-to-all" not in hlo
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs", [
     ("pgd", dict(steps=3, step_size=0.05)),
     ("soae", dict(steps=2, m=4, tau=1e-3, hvp="exact")),
@@ -113,6 +115,7 @@ def _tiny_config(method, mesh_shape):
   return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["standard", "pgd"])
 def test_sharded_training_matches_one_device_and_checkpoint_moves_8_to_1(tmp_path, method):
   from experiments import pipeline
@@ -143,6 +146,7 @@ def test_indivisible_training_batch_is_rejected(tmp_path):
     pipeline.train(c, str(tmp_path), progress=False)
 
 
+@pytest.mark.slow
 def test_sharded_evaluation_matches_single_device(mesh, digits_model):
   from krylov_adv import evaluation
   m = digits_model
@@ -160,6 +164,7 @@ def test_sharded_evaluation_matches_single_device(mesh, digits_model):
   assert sharded[1].accuracy < 1.0  # the attack really ran
 
 
+@pytest.mark.slow
 def test_sharded_autoattack_matches_single_device(mesh, digits_model):
   from krylov_adv import attacks
   from krylov_adv.attacks import _autoattack as aa

@@ -289,6 +289,7 @@ def _losses(name):
                                                steps=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["soar", "scorpio"])
 def test_loss_parameter_gradients_finite_nonzero_and_jitted(name):
   params, x, y, _ = _problem(dtype=jnp.float32)

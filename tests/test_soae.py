@@ -174,6 +174,7 @@ def test_attack_follows_algorithm_1(problem, norm, eps, step, fallback):
     assert ref_fell[0].any()  # the fallback really changed something in this case
 
 
+@pytest.mark.slow
 def test_diagnostics_report_true_residuals_and_dimensions(problem):
   # A loose tau stops GMRES early; the reported residual must be the true ||g - H d||.
   x, y = problem
@@ -273,6 +274,7 @@ def _relu_mlp():
 RELU_FN = _relu_mlp()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", ["newton", "zero"])
 def test_newton_direction_closed_form_on_relu_network(x64, start):
   rng = np.random.default_rng(4)
@@ -357,6 +359,7 @@ def _dense_frank_wolfe_linf(a, g, r, steps):
   return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("psd", [True, False])
 @pytest.mark.parametrize("radius", [0.1, 3.0])
 def test_trust_region_l2_matches_dense_solve(x64, psd, radius):
@@ -396,6 +399,7 @@ def test_trust_region_l2_hard_case(x64):
   np.testing.assert_allclose(abs(y), [0.5, np.sqrt(3.75)], atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_trust_region_attack_stays_in_threat_model_and_beats_newton_on_relu(x64, norm):
   rng = np.random.default_rng(7)

@@ -40,6 +40,7 @@ def run(tmp_path_factory):
   return config, workdir, payload
 
 
+@pytest.mark.slow
 def test_command_trains_every_row_and_attacks_both_norms(run):
   config, workdir, payload = run
   assert list(payload["rows"]) == ["standard", "pgd_eqcost"]
@@ -65,6 +66,7 @@ def test_command_trains_every_row_and_attacks_both_norms(run):
   assert set(on_disk["rows"]) == set(payload["rows"])
 
 
+@pytest.mark.slow
 def test_rerun_neither_retrains_nor_reattacks(run, monkeypatch):
   config, workdir, payload = run
   metrics = {row: open(os.path.join(workdir, row, "metrics.jsonl")).read()
@@ -81,6 +83,7 @@ def test_rerun_neither_retrains_nor_reattacks(run, monkeypatch):
       assert again["rows"][row]["results"][entry]["accuracy"] == res["accuracy"]
 
 
+@pytest.mark.slow
 def test_interrupted_evaluation_resumes_at_the_missing_attack(run, monkeypatch):
   config, workdir, payload = run
   path = os.path.join(workdir, "standard", table_lib.EVAL_FILE)
@@ -103,6 +106,7 @@ def test_interrupted_evaluation_resumes_at_the_missing_attack(run, monkeypatch):
           == payload["rows"]["standard"]["results"]["pgd_l2"]["accuracy"])
 
 
+@pytest.mark.slow
 def test_table_layout_has_both_norms_and_the_papers_labelled_numbers(run):
   _, workdir, payload = run
   md = open(os.path.join(workdir, "table.md")).read()

@@ -64,6 +64,7 @@ def test_optimizer_is_sgd_momentum_with_l2_weight_decay():
     np.testing.assert_allclose(np.asarray(theta["w"]), p, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
 def test_trades_adversary_stays_admissible_and_increases_kl(digits_model, norm, eps):
   x = jnp.asarray(digits_model.x_test[:16])
@@ -100,6 +101,7 @@ def _setup(method, model_name="tiny_cnn", **model_kw):
   return cfg, model, tx, state, training.make_train_step(model, tx, cfg)
 
 
+@pytest.mark.slow
 def test_standard_step_matches_reference_and_is_pure(batch):
   x, y = batch
   _, model, tx, state, step = _setup("standard")
@@ -117,6 +119,7 @@ def test_standard_step_matches_reference_and_is_pure(batch):
   assert np.isclose(float(m.accuracy), float(jnp.mean(jnp.argmax(logits, 1) == y)))
 
 
+@pytest.mark.slow
 def test_pgd_step_trains_on_inference_mode_pgd_examples_with_batchnorm(batch):
   """A BatchNorm model: the attack must see running statistics (train=False), the loss batch
   statistics (train=True), and the running statistics must be updated."""
@@ -139,6 +142,7 @@ def test_pgd_step_trains_on_inference_mode_pgd_examples_with_batchnorm(batch):
   assert max(jax.tree_util.tree_leaves(moved)) > 0
 
 
+@pytest.mark.slow
 def test_mixed_alternates_linf_and_l2_pgd(batch):
   _require("pgd")
   x, y = batch
@@ -157,6 +161,7 @@ def test_mixed_alternates_linf_and_l2_pgd(batch):
         np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), state.params, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,attack", [("trades", None), ("soat", "soae"),
                                            ("second_order", "second_order"), ("soar", None),
                                            ("scorpio", None)])
@@ -175,6 +180,7 @@ def test_other_methods_take_finite_steps(batch, method, attack):
     assert 0 <= float(m.clean_accuracy) <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["pgd", "soat", "second_order", "trades", "mixed", "soar",
                                     "scorpio"])
 def test_adversarial_loss_exceeds_clean_loss(batch, method):
@@ -341,6 +347,7 @@ def test_regulariser_methods_validate_their_fields(method, field, value, match):
     training.validate_train_config(c)
 
 
+@pytest.mark.slow
 def test_scorpio_step_loss_is_clean_loss_plus_the_frank_wolfe_quadratic_max(batch):
   """The registered SCORPIO step minimises ``CE + lam max Q`` exactly as
   ``regularizers.scorpio_loss`` computes it (no BatchNorm: train mode = inference mode)."""
@@ -354,6 +361,7 @@ def test_scorpio_step_loss_is_clean_loss_plus_the_frank_wolfe_quadratic_max(batc
   np.testing.assert_allclose(float(m.loss), float(want), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_clip", [1e-3, 0.0])
 def test_soar_step_clips_the_regulariser_gradient_alone(batch, grad_clip):
   """One SOAR step's update is the optimiser applied to ``grad CE + clip_c(grad lam mean R)``
@@ -393,6 +401,7 @@ def test_soar_step_clips_the_regulariser_gradient_alone(batch, grad_clip):
       np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), new.params, want)
 
 
+@pytest.mark.slow
 def test_soat_defaults_exact_hvp_and_paper_variant_and_trust_region(batch):
   """SOAT's default Hessian product is the exact one; ``soat_paper`` is the paper-literal forward
   difference; ``train.soat.direction="trust_region"`` validates and trains."""

@@ -451,6 +451,7 @@ def _error_line(out):
   return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--config.train.epochz=3"],
      "soat: error: unknown config field 'epochz' in --config.train.epochz=3 (did you mean "
@@ -474,6 +475,7 @@ def test_config_mistakes_are_one_line(args, message):
   assert out.returncode == 2 and _error_line(out) == message
 
 
+@pytest.mark.slow
 def test_missing_config_file_and_flag_are_one_line():
   out = _cli("--config", "configs/nope.py", "--workdir", "w", "--config.train.epochs=2")
   assert out.returncode == 2
@@ -482,6 +484,7 @@ def test_missing_config_file_and_flag_are_one_line():
   assert out.returncode == 2 and "--workdir must have a value" in _error_line(out)
 
 
+@pytest.mark.slow
 def test_interrupt_is_one_line_naming_the_epoch():
   out = _cli("--config", "configs/test_tiny.py", "--workdir", "w", "--config.train.epochs=5")
   assert out.returncode == 130
