@@ -94,7 +94,12 @@ def _run(name, kw, logits_fn, eps):
   return np.asarray(jax.block_until_ready(out))
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# AutoAttack's cases are the slow ones (four components, several subset shapes).
+CASE_PARAMS = [pytest.param(c, marks=pytest.mark.slow) if CASES[c][0] == "autoattack" else c
+               for c in sorted(CASES)]
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_second_parameter_set_compiles_nothing(case):
   """``Partial(apply, params)``: the first parameter set compiles the attack, the second
   (other values, same shapes) compiles nothing. AutoAttack runs at ``eps = 0`` here so that
@@ -110,7 +115,7 @@ def test_second_parameter_set_compiles_nothing(case):
   assert sum(second.values()) == 0, dict(second)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_traced_parameters_give_the_closure_result_bit_for_bit(case):
   name, kw = CASES[case]
   params = mlp_params(0)
@@ -120,6 +125,7 @@ def test_traced_parameters_give_the_closure_result_bit_for_bit(case):
   assert np.any(traced != np.asarray(X))  # the attack moved the points
 
 
+@pytest.mark.slow
 def test_autoattack_batched_second_parameter_set_compiles_nothing():
   x = jax.random.uniform(jax.random.PRNGKey(5), (10, 4, 4, 1))
   kw = dict(eps=0.0, norm="linf", hyperparameters=_AA_TINY, batch_size=4)
@@ -263,6 +269,7 @@ def test_as_logits_fn_rejects_wrong_arguments():
 # The pipeline's evaluation: one compile per architecture, whatever the parameters.
 
 
+@pytest.mark.slow
 def test_evaluating_a_second_checkpoint_compiles_nothing():
   from krylov_adv import training
   module = models.get("tiny_cnn", num_classes=10)
