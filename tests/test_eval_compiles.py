@@ -8,40 +8,19 @@ and check the per-example randomness against batches attacked one by one.
 
 from __future__ import annotations
 
-import collections
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from compile_events import count_compilations
 from krylov_adv import attacks, evaluation
 
-_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 # Tiny iterations: the test is about shapes and compiles, not attack strength.
 HYPER = {"apgd_ce": {"steps": 2}, "apgd_t": {"steps": 2, "n_target_classes": 2},
          "fab_t": {"steps": 2, "n_target_classes": 2}, "square": {"steps": 10}}
 # The jitted function each component's iterations run in.
 STEP_FUNCTIONS = ("_apgd_start", "_apgd_step", "_fab_start", "_fab_step", "square_batch")
-
-
-@contextlib.contextmanager
-def count_compilations():
-  """Yields a Counter ``{function name: XLA compilations}`` filled while the block runs."""
-  counts = collections.Counter()
-
-  def listen(event, duration, **kwargs):
-    del duration
-    if event == _BACKEND_COMPILE:
-      name = str(kwargs.get("fun_name", "?"))
-      counts[name[4:-1] if name.startswith("jit(") else name] += 1
-
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
-    yield counts
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def _logits_fn():

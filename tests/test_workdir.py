@@ -610,6 +610,19 @@ def _train_past_epoch_2(workdir, *overrides, stderr=subprocess.PIPE):
   raise AssertionError(f"soat ended (status {p.wait()}) before printing epoch 2's line")
 
 
+def _signal_after_epoch_2(workdir, sig) -> tuple[int, str]:
+  """``(exit status, stderr)`` of a :func:`_train_past_epoch_2` run sent ``sig`` after epoch 2's
+  progress line."""
+  p = _train_past_epoch_2(workdir)
+  try:
+    p.send_signal(sig)
+    _, stderr = p.communicate(timeout=120)
+  finally:
+    if p.poll() is None:
+      p.kill()
+  return p.returncode, stderr
+
+
 def _last_line(stderr):
   lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip()]
   assert not any(ln.startswith("Traceback") for ln in lines), stderr[-3000:]
@@ -652,14 +665,8 @@ def test_soat_refuses_a_changed_config_a_locked_workdir_and_evaluate_a_missing_o
 def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
   from experiments import pipeline
   w = tmp_path / "w"
-  p = _train_past_epoch_2(w)  # stopped by Ctrl-C long before its last epoch
-  try:
-    p.send_signal(signal.SIGINT)
-    _, stderr = p.communicate(timeout=120)
-  finally:
-    if p.poll() is None:
-      p.kill()
-  assert p.returncode == 130, stderr[-3000:]
+  status, stderr = _signal_after_epoch_2(w, signal.SIGINT)  # long before its last epoch
+  assert status == 130, stderr[-3000:]
   done = int(re.fullmatch(r"soat: interrupted after epoch (\d+) \(standard\); rerun the same "
                           r"command to resume", _last_line(stderr)).group(1))
   # The epoch named is the newest finished on disk (issue 28: it once named one more).
@@ -954,14 +961,8 @@ def _stderr_lines(stderr):
 def test_sigterm_stops_like_ctrl_c(tmp_path):
   # Issue 28, item 4: SIGTERM (a scheduler's notice) ended the run with status 143 and no word.
   w = tmp_path / "w"
-  p = _train_past_epoch_2(w)
-  try:
-    p.send_signal(signal.SIGTERM)
-    _, stderr = p.communicate(timeout=120)
-  finally:
-    if p.poll() is None:
-      p.kill()
-  assert p.returncode == 143, stderr[-3000:]
+  status, stderr = _signal_after_epoch_2(w, signal.SIGTERM)
+  assert status == 143, stderr[-3000:]
   lines = _stderr_lines(stderr)
   done = int(re.fullmatch(r"soat: terminated \(SIGTERM\) after epoch (\d+) \(standard\); rerun "
                           r"the same command to resume", lines[-1]).group(1))
