@@ -914,6 +914,17 @@ class _DiskErrorLogFilter:
 _DISK_FILTER = _DiskErrorLogFilter()
 
 
+def _after_live_progress_bar() -> str:
+  """``"\n"`` when a tqdm progress bar is still alive (the signal landed while it was drawn, or in
+  its constructor, so it was never closed and its line has no newline yet), else ``""``: the
+  line saying where the run stopped then starts on a line of its own."""
+  try:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    return "\n" if len(getattr(tqdm, "_instances", ())) else ""
+  except Exception:  # noqa: BLE001 - a newline too many is harmless
+    return "\n"
+
+
 def _end(code: int, hard: bool) -> None:
   """Exits with ``code``; ``hard``: ``os._exit`` after flushing stdout and stderr, so that no
   thread left behind (orbax's savers and their loggers) prints after the last line."""
@@ -972,7 +983,8 @@ def run_cli(main: Callable[[], Any], *, prog: str | None = None, hard_exit: bool
       except Exception as err:  # noqa: BLE001 - still say where the run stopped
         note = f" (the last save did not finish: {type(err).__name__})"
     what = "terminated (SIGTERM)" if terminated else "interrupted"
-    print(f"{prog}: {interrupted_message(what)}{note}", file=sys.stderr, flush=True)
+    print(f"{_after_live_progress_bar()}{prog}: {interrupted_message(what)}{note}",
+          file=sys.stderr, flush=True)
     # Objects the interrupt left half-built (a progress bar cut in its constructor) would print
     # "Exception ignored in ... __del__" tracebacks at shutdown: the line above says it all.
     sys.unraisablehook = lambda unraisable: None
