@@ -59,6 +59,49 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes",
 from krylov_adv.models.cnn import TinyCNN
 
 
+# CPU seconds per test module, (fast tier, tests marked slow), measured with `-p tests.timing`
+# (tests/timing.py) on the whole suite. Used only to order the modules, most expensive first, so
+# that pytest-xdist's `--dist loadfile` (one module per worker at a time) does not leave a long
+# module for the end while the other worker idles. Stale or missing numbers cost balance, never
+# correctness: a module not listed counts as cheap and keeps its place among the cheap ones.
+MODULE_CPU_SECONDS = {
+    "test_multihost.py": (0, 96), "test_experiments_analysis.py": (4, 70),
+    "test_workdir.py": (7, 40), "test_krylov.py": (24, 21), "test_attacks.py": (34, 0),
+    "test_training.py": (1, 33), "test_experiments_soat.py": (4, 26),
+    "test_models_are_data.py": (14, 15), "test_soae.py": (10, 12),
+    "test_experiments_soae_direction.py": (1, 20), "test_autoattack.py": (15, 4),
+    "test_parallel.py": (0, 16), "test_models.py": (4, 11), "test_table.py": (4, 11),
+    "test_regularizers.py": (10, 3), "test_eval_compiles.py": (1, 8), "test_hvp.py": (4, 3),
+    "test_autoattack_parts.py": (6, 0), "test_autoattack_loops.py": (5, 0),
+}
+
+
+def pytest_configure(config):
+  # xdist orders the modules by their number of tests unless told not to; the order below is
+  # by cost instead (pytest_collection_modifyitems).
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` and `-k` deselected what this run leaves out
+def pytest_collection_modifyitems(session, config, items):
+  """Orders the modules most expensive first (MODULE_CPU_SECONDS, counting the fast-tier and the
+  slow part of a module only where this run selected tests of that part); tests within a module
+  keep their order."""
+  selected: dict[str, list[bool]] = {}
+  for item in items:
+    parts = selected.setdefault(item.nodeid.split("::", 1)[0], [False, False])
+    parts[item.get_closest_marker("slow") is not None] = True
+
+  def cost(module: str) -> float:
+    fast, slow = MODULE_CPU_SECONDS.get(os.path.basename(module), (0, 0))
+    has_fast, has_slow = selected[module]
+    return fast * has_fast + slow * has_slow
+
+  order = {m: i for i, m in enumerate(sorted(selected, key=lambda m: -cost(m)))}
+  items.sort(key=lambda item: order[item.nodeid.split("::", 1)[0]])
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_code_after_each_module():
   """Drops JAX's compilation caches after each test module. Every compiled executable keeps
