@@ -10,17 +10,19 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# XLA's CPU compiler without LLVM's optimisation passes and with the older (non-MLIR) fusion
-# emitters: compiling, not running, is most of the suite's time (thousands of small programs),
-# and these two options cut the suite's CPU time from 1198 to 542 seconds (a compilation about
-# four-fold) while the programs compute the same IEEE float operations. Tests check the library,
-# not XLA's code generation; KRYLOV_TESTS_XLA_DEFAULTS=1 runs the suite with XLA's default
-# compiler options instead (CI's smoke run of the first README command uses the defaults too).
-# Options in XLA_FLAGS that the caller set come after these, so they win. XLA aborts a process
-# on an option it does not know (a jaxlib older or newer than these options), so one
-# subprocess checks them first (about a second); pytest-xdist workers and the tests'
-# subprocesses inherit the result through the environment.
-FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# XLA's CPU compiler without LLVM's optimisation passes, with the older (non-MLIR) fusion emitters
+# and without splitting a program's code generation over threads: compiling, not running, is most
+# of the suite's time (thousands of small programs), and these options make a compilation about
+# five times cheaper in CPU time (GMRES and the attacks: 30 -> 5.8 CPU-s; the first two options
+# took the suite from 1198 to 542 CPU-s) while the programs compute the same IEEE float
+# operations. Tests check the library, not XLA's code generation; KRYLOV_TESTS_XLA_DEFAULTS=1
+# runs the suite with XLA's default compiler options instead (CI's smoke run of the first README
+# command uses the defaults too). Options in XLA_FLAGS that the caller set come after these, so
+# they win. XLA aborts a process on an option it does not know (a jaxlib older or newer than
+# these options), so one subprocess checks them first (about a second); pytest-xdist workers and
+# the tests' subprocesses inherit the result through the environment.
+FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+                          "--xla_cpu_parallel_codegen_split_count=1")
 
 
 def _xla_accepts(flags: str) -> bool:
