@@ -19,6 +19,9 @@ import jax.numpy as jnp
 Array = jax.Array
 
 NORMS = ("linf", "l2", "l1")
+# The training methods and their regularisers (SOAR's radius factor, SCORPIO's Frank-Wolfe
+# oracle, SOAT's step) are defined for Linf and L2 only; L1 is an evaluation threat model.
+TRAINING_NORMS = ("linf", "l2")
 DEFAULT_BOUNDS = (0.0, 1.0)
 _TINY = 1e-12
 # The L1 steepest-ascent step moves the coordinates whose |g_i| lies in the top (1 - q) of the
@@ -26,10 +29,11 @@ _TINY = 1e-12
 L1_STEP_QUANTILE = 0.99
 
 
-def check_norm(norm: str) -> None:
-  """Raises ``ValueError`` unless ``norm`` is ``"linf"``, ``"l2"`` or ``"l1"``."""
-  if norm not in NORMS:
-    raise ValueError(f"unknown norm {norm!r}; use one of {NORMS}")
+def check_norm(norm: str, norms=NORMS) -> None:
+  """Raises ``ValueError`` unless ``norm`` is one of ``norms`` (default ``"linf"``, ``"l2"`` or
+  ``"l1"``; :data:`TRAINING_NORMS` for the training methods)."""
+  if norm not in norms:
+    raise ValueError(f"unknown norm {norm!r}; use one of {tuple(norms)}")
 
 
 def bcast(per_example: Array, like: Array) -> Array:
@@ -54,6 +58,16 @@ def clip_box(x: Array, bounds=DEFAULT_BOUNDS) -> Array:
   """``x`` clipped coordinate-wise to the box ``[lo, hi]`` (``bounds = (lo, hi)``)."""
   lo, hi = bounds
   return jnp.clip(x, jnp.asarray(lo, x.dtype), jnp.asarray(hi, x.dtype))
+
+
+def box_width(bounds, like: Array) -> Array:
+  """``hi - lo`` (1 where infinite), the unit of the random noise that attacks draw in absolute
+  terms (APGD's L1 start, TRADES' start): in ``[0, 1]`` it is 1, so they match their references,
+  and in a standardised box ``((0 - mu) / s, (1 - mu) / s)`` it is ``1 / s``, so that attacking
+  ``f(z s + mu)`` there is attacking ``f`` in ``[0, 1]``."""
+  lo, hi = bounds
+  width = jnp.asarray(hi, like.dtype) - jnp.asarray(lo, like.dtype)
+  return jnp.where(jnp.isfinite(width), width, 1.0)
 
 
 def project_ball(delta: Array, eps, norm: str) -> Array:

@@ -141,7 +141,7 @@ def _value_and_input_grad(loss_fn: LossFn, x: Array) -> tuple[Array, Array]:
 def soar_scale(x: Array, eps, norm: str):
   """``1/2 (q eps^2 + 1)``, the radius factor of the SOAR bound, with ``q = d`` (the input
   dimension per example) for Linf and ``q = 1`` for L2 (module docstring)."""
-  projections.check_norm(norm)
+  projections.check_norm(norm, projections.TRAINING_NORMS)
   q = x[0].size if norm == "linf" else 1
   return 0.5 * (q * jnp.asarray(eps, x.dtype) ** 2 + 1.0)
 
@@ -363,7 +363,7 @@ def quadratic_max_frank_wolfe(grad: Array, matvec: Callable[[Array], Array], *, 
   Returns:
     :class:`QuadraticMax`.
   """
-  projections.check_norm(norm)
+  projections.check_norm(norm, projections.TRAINING_NORMS)
   if step_rule not in SCORPIO_STEP_RULES:
     raise ValueError(f"unknown Frank-Wolfe step rule {step_rule!r}; use {SCORPIO_STEP_RULES}")
   if int(steps) != steps or steps < 1:

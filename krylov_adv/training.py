@@ -211,11 +211,14 @@ def check_finite_reals(where: str, fields: dict[str, Any]) -> None:
       raise ValueError(f"{where}.{field} must be a finite number, got {value}")
 
 
-def check_eps_norm(where: str, eps, norm: str) -> None:
+def check_eps_norm(where: str, eps, norm: str, norms=projections.NORMS) -> None:
   """``ValueError`` naming ``where`` (e.g. ``train``) unless ``eps`` is finite and ``>= 0`` and
-  ``norm`` is ``"linf"`` or ``"l2"``."""
-  if norm not in projections.NORMS:
-    raise ValueError(f"{where}.norm: unknown norm {norm!r}; use one of {projections.NORMS}")
+  ``norm`` is one of ``norms`` (every attack norm; training passes
+  :data:`krylov_adv.projections.TRAINING_NORMS`, Linf and L2)."""
+  if norm not in norms:
+    extra = (" (L1 is an evaluation threat model: the training methods take Linf or L2)"
+             if norm in projections.NORMS else "")
+    raise ValueError(f"{where}.norm: unknown norm {norm!r}; use one of {tuple(norms)}{extra}")
   check_finite_reals(where, {"eps": float(eps)})
   if not float(eps) >= 0:
     raise ValueError(f"{where}.eps must be >= 0, got {eps}")
@@ -399,7 +402,7 @@ def _threat_model_checks(method: str, attack: str):
   as the keyword arguments of the registered ``attack``."""
 
   def validate(cfg):
-    check_eps_norm("train", cfg.eps, cfg.norm)
+    check_eps_norm("train", cfg.eps, cfg.norm, projections.TRAINING_NORMS)
     check_attack_config(f"train.{method}", attack, _sub_config(cfg, method))
 
   return validate
@@ -441,7 +444,7 @@ def second_order(cfg, model: StepModel, batch: Batch) -> MethodLoss:
 
 
 def _validate_trades(cfg) -> None:
-  check_eps_norm("train", cfg.eps, cfg.norm)
+  check_eps_norm("train", cfg.eps, cfg.norm, projections.TRAINING_NORMS)
   names = ("beta",) + (_keyword_names(attacks.trades) or ())
   check_hyperparameters("train.trades", _sub_config(cfg, "trades"),
                         allowed=tuple(n for n in names if n not in ("eps", "norm")))
@@ -501,7 +504,7 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 def _validate_soar(cfg) -> None:
-  check_eps_norm("train", cfg.eps, cfg.norm)
+  check_eps_norm("train", cfg.eps, cfg.norm, projections.TRAINING_NORMS)
   s = _sub_config(cfg, "soar")
   check_hyperparameters("train.soar", {k: None for k in s}, allowed=_SOAR_FIELDS)
   check_finite_reals("train.soar", s)
@@ -522,7 +525,7 @@ def _validate_soar(cfg) -> None:
 
 
 def _validate_scorpio(cfg) -> None:
-  check_eps_norm("train", cfg.eps, cfg.norm)
+  check_eps_norm("train", cfg.eps, cfg.norm, projections.TRAINING_NORMS)
   s = _sub_config(cfg, "scorpio")
   check_hyperparameters("train.scorpio", {k: None for k in s}, allowed=_SCORPIO_FIELDS)
   check_finite_reals("train.scorpio", s)

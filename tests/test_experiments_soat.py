@@ -99,7 +99,7 @@ def test_paper_configs_follow_the_papers():
     ("eval.table.second_order_l2.sigma", -1.0,
      r"^eval\.table\.second_order_l2\.sigma must be >= 0, got -1\.0$"),
     ("eval.table.pgd_linf.eps", -0.2, r"^eval\.table\.pgd_linf\.eps must be >= 0, got -0\.2$"),
-    ("eval.table.fgsm_l2.norm", "l1", r"^eval\.table\.fgsm_l2\.norm: unknown norm 'l1'"),
+    ("eval.table.fgsm_l2.norm", "l0", r"^eval\.table\.fgsm_l2\.norm: unknown norm 'l0'"),
     ("eval.table.autoattack_linf.version", "strong",
      r"^eval\.table\.autoattack_linf: unknown AutoAttack version 'strong'"),
     ("eval.eps_linf", -0.1, r"^eval\.eps_linf must be >= 0, got -0\.1$"),

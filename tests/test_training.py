@@ -196,7 +196,7 @@ def test_adversarial_loss_exceeds_clean_loss(batch, method):
 @pytest.mark.parametrize("change,match", [
     (dict(method="fgsm_training"), "unknown training method 'fgsm_training'"),
     (dict(method="pgd", eps=-0.1), "eps must be >= 0"),
-    (dict(method="soat", norm="l1"), "unknown norm 'l1'"),
+    (dict(method="soat", norm="l0"), "unknown norm 'l0'"),
     (dict(lr_schedule="step"), "unknown lr_schedule"),
     (dict(batch_size=0), "batch_size"),
     (dict(learning_rate=0.0), "learning_rate"),

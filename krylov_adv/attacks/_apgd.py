@@ -156,10 +156,12 @@ def initial_point(keys: Array, x: Array, eps, norm: str,
                   bounds=projections.DEFAULT_BOUNDS) -> Array:
   """APGD's random start ``x^{(0)}``: a point on the sphere of radius ``eps`` around ``x``
   (:func:`krylov_adv.attacks.toolkit.sphere_start`), clipped to the box; for L1, ``x + t``
-  with ``t ~ N(0, I)`` projected onto the L1 ball and box (reference code). ``keys`` is
+  with ``t ~ N(0, I)`` projected onto the L1 ball and box (reference code; ``t`` in units of the
+  box's width, :func:`krylov_adv.projections.box_width`, 1 in ``[0, 1]``). ``keys`` is
   ``(B, ...)`` per-example keys."""
   if norm == "l1":
     t = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(keys)
+    t = t * projections.box_width(bounds, x)
     return projections.project_l1_box(x + t, x, eps, bounds)
   return toolkit.sphere_start(keys, x, eps, norm, bounds)
 

@@ -28,8 +28,9 @@ def _trades_impl(logits_fn: LogitsFn, x: Array, key: Array, eps, step_size, boun
   def kl_sum(xa):
     return jnp.sum(losses.kl_divergence(clean_logits, logits_fn(xa)))
 
-  x0 = projections.project(x + 0.001 * jax.random.normal(key, x.shape, x.dtype), x, eps, norm,
-                           bounds)
+  # The start's noise in units of the box's width (1 in [0, 1], TRADES' 0.001 N(0, I)).
+  noise = 0.001 * projections.box_width(bounds, x) * jax.random.normal(key, x.shape, x.dtype)
+  x0 = projections.project(x + noise, x, eps, norm, bounds)
   return toolkit.ascend(lambda _, xa: jax.grad(kl_sum)(xa), x, x0, eps, step_size, norm=norm,
                         steps=steps, bounds=bounds)
 
