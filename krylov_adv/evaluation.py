@@ -77,11 +77,11 @@ def _place(arrays, mesh):
 
 
 @functools.partial(jax.jit, static_argnames="norm")
-def _admissibility(x_adv: Array, x: Array, *, norm: str) -> tuple[Array, Array, Array]:
-  """``(max_i ||x_adv_i - x_i||, min x_adv, max x_adv)``, reduced on the devices (a batch
-  sharded over several hosts cannot be fetched whole; these scalars are replicated)."""
-  return (jnp.max(projections.per_example_norm(x_adv - x, norm), initial=0.0), jnp.min(x_adv),
-          jnp.max(x_adv))
+def _admissibility(x_adv: Array, x: Array, lo, hi, *, norm: str) -> tuple[Array, Array, Array]:
+  """``(max_i ||x_adv_i - x_i||, max (lo - x_adv), max (x_adv - hi))``, reduced on the devices
+  (a batch sharded over several hosts cannot be fetched whole; these scalars are replicated)."""
+  return (jnp.max(projections.per_example_norm(x_adv - x, norm), initial=0.0),
+          jnp.max(lo - x_adv), jnp.max(x_adv - hi))
 
 
 # The predicted label of an example whose logits are not all finite: never a class, so it is
@@ -162,20 +162,24 @@ class AttackRun(NamedTuple):
   extras: list
 
 
-def check_admissible(x_adv: Array, x: Array, *, eps: float, norm: str) -> None:
-  """Raises ``ValueError`` unless every ``||x_adv_i - x_i|| <= eps`` and ``x_adv`` lies in
-  ``[0, 1]``, up to the float32 slack of the projections; NaN is never admissible."""
-  dist, lo, hi = (float(v) for v in _admissibility(x_adv, x, norm=norm))
+def check_admissible(x_adv: Array, x: Array, *, eps: float, norm: str, bounds=None) -> None:
+  """Raises ``ValueError`` unless every ``||x_adv_i - x_i|| <= eps`` and ``x_adv`` lies in the
+  box ``bounds = (lo, hi)`` (default ``[0, 1]``), up to the float32 slack of the projections;
+  NaN is never admissible."""
+  lo, hi = projections.DEFAULT_BOUNDS if bounds is None else bounds
+  dist, below, above = (float(v) for v in _admissibility(
+      x_adv, x, jnp.asarray(lo, x_adv.dtype), jnp.asarray(hi, x_adv.dtype), norm=norm))
   # Written so that NaN fails too: a NaN adversarial point is not admissible.
-  inside_box = lo >= -_BUDGET_ATOL and hi <= 1 + _BUDGET_ATOL
+  inside_box = below <= _BUDGET_ATOL and above <= _BUDGET_ATOL
   if not (dist <= eps + _BUDGET_ATOL * max(1.0, eps) and inside_box):
+    box = "[0, 1]" if bounds is None else "bounds (lo, hi)"
     raise ValueError(f"attack returned points outside the {norm} ball of radius {eps} or the "
-                     f"box [0, 1] (max distance {dist})")
+                     f"box {box} (max distance {dist})")
 
 
 def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray,
                y: np.ndarray, key: Array, *, eps: float, norm: str, batch_size: int = 256,
-               mesh=None, keep_examples: bool = False) -> AttackRun:
+               mesh=None, keep_examples: bool = False, bounds=None) -> AttackRun:
   """Runs ``attack_fn`` over a test set in fixed-size batches: THE batched attack runner.
 
   Every batch has the same shape (the last one padded, see ``_batch_size``), so a jitted attack
@@ -197,9 +201,12 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
     attack_fn: ``f(logits_fn, x, y, key) -> x_adv`` (a registered attack, or a
       :class:`krylov_adv.attacks.BoundAttack`) or a ``NAME_with_report`` entry returning
       ``WithReport(x_adv, report)`` (the reports are returned in ``extras``).
-    x: ``(N, H, W, C)`` float32 in ``[0, 1]``; y: ``(N,)`` int32.
+    x: ``(N, H, W, C)`` float32 in the box; y: ``(N,)`` int32.
     key: PRNG key, folded with the batch number.
     eps, norm: the threat model every ``x_adv`` is checked against.
+    bounds: the input box ``(lo, hi)`` every ``x_adv`` is checked against (default ``[0, 1]``;
+      the attack must be told the same box, e.g. through its config, as
+      :func:`evaluate_attacks` does).
     batch_size: examples per attack call.
     mesh: optional device mesh; each batch is then sharded over its ``"data"`` axis and the
       attack runs data-parallel.
@@ -212,7 +219,7 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
   if runner is not None and len(x) and (mesh is None or mesh.devices.size == 1):
     return _run_test_set(logits_fn, runner, bool(attack_fn.report), x, y, key, eps=eps,
                          norm=norm, batch_size=_batch_size(batch_size, len(x), None),
-                         keep_examples=keep_examples)
+                         keep_examples=keep_examples, bounds=bounds)
   correct, kept, extras = [], [], []
   for b, (idx, valid) in enumerate(_padded_batches(len(x), _batch_size(batch_size, len(x),
                                                                          mesh))):
@@ -221,7 +228,7 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
     # A NAME_with_report entry returns WithReport(x_adv, report); a plain attack x_adv alone.
     x_adv, aux = out if isinstance(out, attacks.WithReport) else (out, None)
     _judge_batch(logits_fn, x_adv, xb, y[idx], valid, eps=eps, norm=norm, correct=correct,
-                 kept=kept if keep_examples else None)
+                 kept=kept if keep_examples else None, bounds=bounds)
     if aux is not None:
       extras.append((aux, valid))
   return AttackRun(np.concatenate(correct) if correct else np.zeros((0,), bool),
@@ -229,11 +236,12 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
 
 
 def _judge_batch(logits_fn: LogitsFn, x_adv: Array, xb: Array, yb: np.ndarray, valid: int, *,
-                 eps: float, norm: str, correct: list, kept: list | None) -> None:
+                 eps: float, norm: str, correct: list, kept: list | None,
+                 bounds=None) -> None:
   """Judges one padded batch's adversarial points (both runners): :func:`check_admissible`,
   then appends the first ``valid`` rows' correctness (``x_adv`` ``(B, ...)`` against labels
   ``yb`` ``(B,)``) to ``correct`` and, when ``kept`` is a list, the points themselves."""
-  check_admissible(x_adv, xb, eps=eps, norm=norm)
+  check_admissible(x_adv, xb, eps=eps, norm=norm, bounds=bounds)
   pred = parallel.to_host(model_predictions(logits_fn, x_adv))  # a NaN row is -1: wrong
   correct.append((pred == yb)[:valid])
   if kept is not None:
@@ -242,7 +250,7 @@ def _judge_batch(logits_fn: LogitsFn, x_adv: Array, xb: Array, yb: np.ndarray, v
 
 def _run_test_set(logits_fn: LogitsFn, runner: Callable[..., Any], with_report: bool,
                   x: np.ndarray, y: np.ndarray, key: Array, *, eps: float, norm: str,
-                  batch_size: int, keep_examples: bool) -> AttackRun:
+                  batch_size: int, keep_examples: bool, bounds=None) -> AttackRun:
   """:func:`run_attack` for an attack with a whole-test-set form (``runner``, e.g.
   ``attacks.autoattack_batched`` with its hyperparameters bound) on one device: the runner
   gives every example what batch ``b`` attacked with ``fold_in(key, b)`` gives it, grouping the
@@ -254,20 +262,20 @@ def _run_test_set(logits_fn: LogitsFn, runner: Callable[..., Any], with_report: 
     # The padded indices keep every batch at one shape (one compile of each check).
     xb, xa = jnp.asarray(x[idx]), jnp.take(out.x_adv, jnp.asarray(idx), axis=0)
     _judge_batch(logits_fn, xa, xb, y[idx], valid, eps=eps, norm=norm, correct=correct,
-                 kept=kept if keep_examples else None)
+                 kept=kept if keep_examples else None, bounds=bounds)
   return AttackRun(np.concatenate(correct), np.concatenate(kept) if keep_examples else None,
                    [(out.report, len(x))] if with_report else [])
 
 
 def robust_accuracy(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray,
                     y: np.ndarray, key: Array, *, eps: float, norm: str,
-                    batch_size: int = 256, mesh=None) -> float:
+                    batch_size: int = 256, mesh=None, bounds=None) -> float:
   """Accuracy on ``attack_fn``'s adversarial examples, ``mean(argmax f(x_adv_i) == y_i)``.
 
   Arguments as for :func:`run_attack`; a point outside the threat model raises ``ValueError``.
   """
   run = run_attack(logits_fn, attack_fn, x, y, key, eps=eps, norm=norm, batch_size=batch_size,
-                   mesh=mesh)
+                   mesh=mesh, bounds=bounds)
   return int(run.correct.sum()) / len(x)
 
 
@@ -281,8 +289,8 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
                      batch_size: int = 256, mesh=None,
                      reports: tuple[str, ...] = (),
                      key_indices: Mapping[str, int] | None = None,
-                     on_result: Callable[[int, int, AttackResult], None] | None = None
-                     ) -> list[AttackResult]:
+                     on_result: Callable[[int, int, AttackResult], None] | None = None,
+                     bounds=None) -> list[AttackResult]:
   """Runs every configured attack and returns one :class:`AttackResult` per entry.
 
   Args:
@@ -298,6 +306,9 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
       others run.
     on_result: called as ``on_result(i, n, result)`` after entry ``i`` of ``n`` (0-based) has
       run, e.g. to print a progress line (the library itself prints nothing).
+    bounds: the input box ``(lo, hi)`` of ``x`` (e.g. a standardised model's ``((0 - mu) / s,
+      (1 - mu) / s)``), given to every attack and checked on every ``x_adv``; default
+      ``[0, 1]``.
   """
   results = []
   for position, (entry, cfg) in enumerate(attack_cfgs.items()):
@@ -310,11 +321,13 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
     if name == "clean":
       acc = accuracy(logits_fn, x, y, batch_size=batch_size, mesh=mesh)
     else:
+      if bounds is not None:
+        c["bounds"] = bounds
       attack = attacks.from_config(c)
       if name in reports:
         attack = attack.with_report()
       run = run_attack(logits_fn, attack, x, y, jax.random.fold_in(key, i), eps=eps, norm=norm,
-                       batch_size=batch_size, mesh=mesh)
+                       batch_size=batch_size, mesh=mesh, bounds=bounds)
       acc = int(run.correct.sum()) / len(x)
       extras = tuple(run.extras)
     results.append(AttackResult(label, name, norm, eps, acc, len(x),

@@ -272,3 +272,19 @@ def test_largereps_stages_cover_the_iterations():
   assert _apgd.largereps_stages(100) == ((3.0, 30), (2.0, 30), (1.0, 40))
   for steps in range(4, 40):  # below 4 the first two stages (ceil(0.3 steps) each) take more
     assert sum(i for _, i in _apgd.largereps_stages(steps)) == steps
+
+
+def test_evaluation_passes_the_box_to_attacks_and_checks_it(standardised):
+  from krylov_adv import evaluation  # pylint: disable=import-outside-toplevel
+  f, g, x, y, z = standardised
+  key = jax.random.PRNGKey(5)
+  suite = lambda scale: {"pgd_l1": dict(name="pgd", norm="l1", eps=_EPS["l1"] / scale, steps=3)}
+  on_f = evaluation.evaluate_attacks(f, np.asarray(x), np.asarray(y), suite(1.0), key,
+                                     batch_size=8)
+  on_g = evaluation.evaluate_attacks(g, np.asarray(z), np.asarray(y), suite(_S), key,
+                                     batch_size=8, bounds=(_LO, _HI))
+  assert on_f[0].accuracy == on_g[0].accuracy
+  # The box is checked: z itself is admissible in its box, not in [0, 1].
+  evaluation.check_admissible(z, z, eps=0.0, norm="linf", bounds=(_LO, _HI))
+  with pytest.raises(ValueError, match=r"box \[0, 1\]"):
+    evaluation.check_admissible(z, z, eps=0.0, norm="linf")
