@@ -58,7 +58,8 @@ def test_command_trains_every_row_and_attacks_both_norms(run):
     assert not any(e.startswith(("fgsm", "second_order", "autoattack")) for e in res)
   # A variant row's config: pgd_eqcost trains PGD-AT with SOAT's cost in steps.
   eq = json.load(open(os.path.join(workdir, "pgd_eqcost", "config.json")))
-  steps = round(config_common.soat_gradient_equivalents(config.train.soat.to_dict(), 10))
+  steps = round(costs.soat_gradient_equivalents(config.train.soat.to_dict(), 10,
+                                                payload["hvp_cost"]["hvp_cost"]))
   assert eq["train"]["method"] == "pgd" and eq["train"]["pgd"]["steps"] == steps
   assert "table" not in eq
   assert os.path.getsize(os.path.join(workdir, "table.png")) > 0
@@ -207,16 +208,20 @@ def test_equal_training_cost_row_by_hand():
   c = table_fashion_mnist.get_config()
   soat = c.train.soat
   assert (soat.steps, soat.m, soat.hvp, soat.direction) == (1, 10, "exact", "newton")
-  # 1 outer iteration x (1 gradient + 1.4 x (min(m, K - 1) = 9 + 1 + 1) products) = 16.4.
-  assert config_common.soat_gradient_equivalents(soat.to_dict(), 10) == pytest.approx(16.4)
-  eq = c.table.variants.pgd_eqcost.train.pgd
-  assert eq.steps == 16 and eq.step_size == pytest.approx(2.5 * 0.1 / 16)
+  # 1 outer iteration x (1 gradient + c x (min(m, K - 1) = 9 + 1 + 1) products), c the measured
+  # HVP cost the table passes (hvp_cost.json): 16.4 at c = 1.4, 21.9 at c = 1.9.
+  assert costs.soat_gradient_equivalents(soat.to_dict(), 10, 1.4) == pytest.approx(16.4)
+  assert c.table.variants.pgd_eqcost.equal_cost_to == "soat"
+  for hvp_cost, steps in ((1.4, 16), (1.9, 22)):
+    eq = table_lib.row_config(c, "pgd_eqcost", hvp_cost).train
+    assert eq.method == "pgd" and eq.pgd.steps == steps
+    assert eq.pgd.step_size == pytest.approx(2.5 * 0.1 / steps)
   four = dict(soat.to_dict(), steps=4, m=15)
-  assert config_common.soat_gradient_equivalents(four, 10) == pytest.approx(4 * (1 + 1.4 * 11))
+  assert costs.soat_gradient_equivalents(four, 10, 1.4) == pytest.approx(4 * (1 + 1.4 * 11))
   fd = dict(four, hvp="fd_forward")
-  assert config_common.soat_gradient_equivalents(fd, 10) == pytest.approx(4 * (1 + 17))
+  assert costs.soat_gradient_equivalents(fd, 10, 1.4) == pytest.approx(4 * (1 + 17))
   tr = dict(four, direction="trust_region")
-  assert config_common.soat_gradient_equivalents(tr, 10) == pytest.approx(4 * (1 + 1.4 * 10))
+  assert costs.soat_gradient_equivalents(tr, 10, 1.4) == pytest.approx(4 * (1 + 1.4 * 10))
 
 
 def test_row_configs_and_validation():
