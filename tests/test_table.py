@@ -240,6 +240,19 @@ def test_row_configs_and_validation():
   tr = table_lib.row_config(c, "soat_tr").train
   assert (tr.method, tr.soat.direction, tr.soat.hvp) == ("soat", "trust_region", "exact")
   assert table_lib.row_config(c, "second_order").train.method == "second_order"
+  # Issue 25: SOAR and SCORPIO at their authors' settings, ours kept as named rows.
+  soar = table_lib.row_config(c, "soar_authors").train
+  assert soar.method == "soar" and (soar.soar.lam, soar.soar.h, soar.soar.grad_clip) == (
+      0.5, 0.03, 30.0)
+  assert tuple(soar.soar.norm_clip) == (0.0, 10.0) and soar.soar.init == "pgd1"
+  ours = table_lib.row_config(c, "soar").train.soar
+  assert (ours.lam, ours.h, ours.grad_clip, tuple(ours.norm_clip)) == (1.0, 0.01, 1.0, ())
+  sc = table_lib.row_config(c, "scorpio").train
+  assert (sc.method, sc.scorpio.step_rule, sc.scorpio.steps) == ("scorpio", "classic", 3)
+  sc_ours = table_lib.row_config(c, "scorpio_ours").train
+  assert (sc_ours.method, sc_ours.scorpio.step_rule) == ("scorpio", "line_search")
+  for row in ("soar", "soar_authors", "scorpio", "scorpio_ours"):
+    assert row in table_lib.rows_of(c) and row in table_lib.rows_of(table_digits.get_config())
   table_lib.validate(c)
   c.table.methods = "standard,nonsense"
   with pytest.raises(ValueError, match="table row 'nonsense'"):
