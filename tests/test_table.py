@@ -471,3 +471,15 @@ def test_worst_case_entries_are_the_and_over_each_norm():
   assert records["worst_case_l2"]["components"] == ["clean_l2", "pgd_l2"]
   assert records["worst_case_l2"]["ci95"] == pytest.approx(list(
       __import__("krylov_adv").stats.wilson_interval(3, 4)))
+
+
+def test_fashion_mnist_full_describes_the_thousand_point_table():
+  """Issue 25, item 7's config: >= 1,000 test points, AutoAttack standard (all four components)
+  in both norms, the full training set, every row."""
+  c = table_fashion_mnist.get_config("full")
+  assert c.eval.num_examples >= 1000 and c.data.max_train == 0
+  for norm in ("linf", "l2"):
+    aa = c.eval.table[f"autoattack_{norm}"]
+    assert aa.version == "standard" and "attacks" not in aa
+  assert table_lib.rows_of(c) == list(config_common.TABLE_METHODS)
+  table_lib.validate(c)
