@@ -6,10 +6,10 @@ norms, the paper's numbers beside ours.
   python -m experiments.table --config configs/table_mnist.py --workdir DIR        # accelerator
   python -m experiments.table --config configs/table_cifar10.py:wrn28_10 --workdir DIR
 
-Trains every row of ``table.methods`` (STD, PGD, TRADES, SOAR, STN = ``second_order``,
-SCORPIO, SOAT, and issue 14's SOAT variants: ``soat_paper`` with the paper's forward-difference
-HVP, ``soat_tr`` with the trust-region direction, ``pgd_eqcost`` PGD-AT at SOAT's training
-cost) into ``workdir/<row>`` with ``experiments.pipeline.train`` (orbax checkpoints, resumable,
+Trains every row of ``table.methods`` (STD, PGD, TRADES, SOAR (ours and ``soar_authors``),
+STN = ``second_order``, SCORPIO (the authors' step rule; ``scorpio_ours``), SOAT, and issue 14's SOAT
+variants: ``soat_paper`` with the paper's forward-difference HVP, ``soat_tr`` with the
+trust-region direction, ``pgd_eqcost`` PGD-AT at SOAT's training cost) into ``workdir/<row>`` with ``experiments.pipeline.train`` (orbax checkpoints, resumable,
 the run fingerprint of ``experiments.workdir``), then attacks each with the papers' columns
 (``eval.table``: clean, FGSM, PGD-20, AutoAttack, ASOD = S-O, SOAE; Linf and L2) and, with
 ``table.equal_cost``, PGD run at SOAE's measured cost. Every attack's result is saved in
@@ -18,16 +18,30 @@ attack by attack: a finished row is neither retrained nor re-attacked.
 
 Writes (after every row, so a partial run shows what it has):
   ``table.md``    the metadata header (``pipeline.run_metadata``), our table per norm in the
-                  paper's layout (rows = training methods, columns = attacks), the paper's own
-                  numbers beside it (labelled as the paper's, with its dataset and model), the
-                  cost of each attack in gradient-equivalents (``experiments.costs``) and the
-                  wall time of each row's training and evaluation.
+                  paper's layout (rows = training methods, columns = attacks; each cell with
+                  its 95% interval), the paper's own numbers beside it (labelled as the
+                  paper's, with its dataset and model), the cost of each attack counted by
+                  construction (``experiments.costs``) and the wall time of each row's
+                  training and evaluation, labelled as wall time, with the load average.
   ``table.png``   robust accuracy per row and attack, one panel per norm (at the end).
-  ``table.json``  ``{"metadata", "hvp_cost", "rows": {row: {label, train, results: {entry:
-                  {label, attack, norm, eps, accuracy, num_examples, seconds, cost,
-                  diagnostics}}}}, "paper"}``.
-  ``hvp_cost.json``  the measured exact-HVP / gradient wall-time ratio (when ``table.hvp_cost``
-                  is 0), measured once on the first row's model and reused on resume.
+  ``table.json``  ``{"metadata" (with "machine": load average, CPUs; "collapse_rule"),
+                  "hvp_cost", "rows": {row: {label, method, train, collapsed, load_average,
+                  flags_file, results: {entry: {label, attack, norm, eps, accuracy, ci95,
+                  num_examples, seconds, cost, cost_counts, diagnostics, setting,
+                  flags_digest}}}}, "paired", "paper"}``; ``ci95`` is the 95% Wilson interval
+                  ``[lo, hi]`` (``krylov_adv.stats``), ``worst_case_<norm>`` entries count a
+                  point robust only under every attack of the norm (:func:`worst_case_entries`),
+                  ``collapsed`` is ``krylov_adv.stats.collapse_check`` of the row's clean
+                  predictions, ``paired`` the exact McNemar tests of :func:`paired_tests`.
+  ``<row>/robust_flags.npz``  one ``(n,)`` bool per results entry (point ``i`` still correct),
+                  keyed by the entry's name, and the test-point ``indices``; written before
+                  ``table_eval.json`` after every attack (crash-safe, see :func:`evaluate_row`).
+  ``hvp_cost.json``  the exact HVP's cost in gradients: ONE number per table (model),
+                  measured once (:func:`hvp_cost_of`) and reused on resume; every cost and
+                  ``pgd_eqcost``'s steps use it.
+
+``table.md`` adds a "Claims" section (each paired test, "not distinguishable at 1%" unless
+p < 0.01) and marks collapsed rows ``[collapsed]``.
 """
 
 from __future__ import annotations
@@ -323,7 +337,8 @@ def hvp_cost_of(config, workdir: str, dataset, progress: bool = True) -> dict:
   fixed = float(config.table.hvp_cost)
   stored = _read_json(path)
   if stored is not None and "hvp_cost" in stored and (
-      fixed <= 0 or (stored.get("fixed") and stored["hvp_cost"] == fixed)):
+      (fixed <= 0 and not stored.get("fixed"))
+      or (fixed > 0 and stored.get("fixed") and stored["hvp_cost"] == fixed)):
     return stored
   meta = dict(model=str(config.model.name), platform=jax.devices()[0].platform,
               load_average=list(os.getloadavg()))
