@@ -483,3 +483,23 @@ def test_fashion_mnist_full_describes_the_thousand_point_table():
     assert aa.version == "standard" and "attacks" not in aa
   assert table_lib.rows_of(c) == list(config_common.TABLE_METHODS)
   table_lib.validate(c)
+
+
+@pytest.mark.slow
+def test_hvp_cost_is_measured_once_per_model_and_reused(tmp_path, monkeypatch):
+  """table.hvp_cost = 0: the exact HVP's cost is measured once on the table's model and stored
+  in hvp_cost.json with the machine's load average; a rerun reads it back; pgd_eqcost's steps
+  use it."""
+  from krylov_adv import data as data_lib
+  c = _tiny_config()
+  c.table.hvp_cost = 0.0
+  dataset = data_lib.load(c.data)
+  m = table_lib.hvp_cost_of(c, str(tmp_path), dataset, progress=False)
+  saved = json.load(open(tmp_path / "hvp_cost.json"))
+  assert saved["hvp_cost"] == m["hvp_cost"] > 0 and not saved["fixed"]
+  assert len(saved["load_average"]) == 3 and "tiny_cnn" in saved["source"]
+  monkeypatch.setattr(costs, "measure_hvp_cost", lambda *a, **k: pytest.fail("re-measured"))
+  assert table_lib.hvp_cost_of(c, str(tmp_path), dataset, progress=False) == saved
+  steps = max(1, round(costs.soat_gradient_equivalents(c.train.soat.to_dict(), 10,
+                                                       saved["hvp_cost"])))
+  assert table_lib.row_config(c, "pgd_eqcost", saved["hvp_cost"]).train.pgd.steps == steps
