@@ -40,8 +40,10 @@ ATTACKS: dict[str, AttackDoc] = {
     "soae": AttackDoc(
         "Qian et al., the SOAE paper (Algorithm 1; shared/papers/000): Krylov-Newton steps, "
         "GMRES on H d = g with Hessian-vector products",
-        "at most steps * (1 + (m + 2) * c), c the HVP's cost (1 for fd_forward, 2 for "
-        "fd_central, about 2 for exact): per outer step one gradient, one HVP for r_0, one per "
+        "at most steps * (1 + (m + 2) * c), c the HVP's cost in gradients (1 for fd_forward, 2 "
+        "for fd_central; for exact, the ratio experiments.costs.measure_hvp_cost measures on "
+        "the model, recorded in a table's hvp_cost.json): per outer step one gradient, one HVP "
+        "for r_0, one per "
         "Krylov vector and one for the true residual; a batch pays for its largest Krylov "
         "dimension"),
     "trades": AttackDoc("Zhang et al. 2019, TRADES (Algorithm 1 lines 5-7)", "steps"),

@@ -35,7 +35,11 @@ class AttackResult(NamedTuple):
   num_examples: how many were evaluated; seconds: wall time of the attack; extras: for an
   attack run through its ``NAME_with_report`` entry (``evaluate_attacks(reports=...)``), one
   ``(report, valid)`` per batch as in :class:`AttackRun` (summarised by
-  :func:`summarize_reports`), else ``()``.
+  :func:`summarize_reports`), else ``()``; correct: ``(num_examples,)`` bool, point ``i`` still
+  classified correctly (after the attack; for ``"clean"``, without one), so that
+  ``accuracy == correct.mean()`` and two results on the same points can be paired
+  (:func:`krylov_adv.stats.mcnemar_exact`); ``None`` when not recorded; entry: the suite key
+  the result was run under (``"pgd_linf"``), ``""`` when not known.
   """
   label: str
   attack: str
@@ -45,6 +49,8 @@ class AttackResult(NamedTuple):
   num_examples: int
   seconds: float
   extras: tuple = ()
+  correct: np.ndarray | None = None
+  entry: str = ""
 
 
 def _padded_batches(n: int, batch_size: int):
@@ -319,7 +325,8 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
     start = time.perf_counter()
     extras: tuple = ()
     if name == "clean":
-      acc = accuracy(logits_fn, x, y, batch_size=batch_size, mesh=mesh)
+      # A non-finite prediction (-1) is wrong, as in accuracy().
+      correct = predictions(logits_fn, x, batch_size=batch_size, mesh=mesh) == np.asarray(y)
     else:
       if bounds is not None:
         c["bounds"] = bounds
@@ -328,10 +335,12 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
         attack = attack.with_report()
       run = run_attack(logits_fn, attack, x, y, jax.random.fold_in(key, i), eps=eps, norm=norm,
                        batch_size=batch_size, mesh=mesh, bounds=bounds)
-      acc = int(run.correct.sum()) / len(x)
+      correct = np.asarray(run.correct, bool)
       extras = tuple(run.extras)
+    acc = int(correct.sum()) / len(x) if len(x) else 0.0
     results.append(AttackResult(label, name, norm, eps, acc, len(x),
-                                time.perf_counter() - start, extras))
+                                time.perf_counter() - start, extras,
+                                np.asarray(correct, bool), entry))
     if on_result is not None:
       on_result(position, len(attack_cfgs), results[-1])
   return results

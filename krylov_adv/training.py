@@ -494,7 +494,8 @@ def mixed(cfg, model: StepModel, batch: Batch) -> MethodLoss:
   return cross_entropy_at(model, jax.lax.stop_gradient(x_adv), batch.y)
 
 
-_SOAR_FIELDS = ("lam", "h", "method", "num_samples", "init", "init_step_size", "grad_clip")
+_SOAR_FIELDS = ("lam", "h", "method", "num_samples", "init", "init_step_size", "grad_clip",
+                "norm_clip")
 _SCORPIO_FIELDS = ("lam", "steps", "step_rule", "hvp", "eta")
 
 
@@ -520,6 +521,12 @@ def _validate_soar(cfg) -> None:
   if s.get("grad_clip") is not None and not float(s["grad_clip"]) >= 0:
     raise ValueError(f"train.soar.grad_clip must be >= 0 (0 or None: off), got "
                      f"{s['grad_clip']}")
+  clip = s.get("norm_clip")
+  if clip is not None and len(clip) and not (
+      len(clip) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in clip)
+      and 0 <= clip[0] <= clip[1]):
+    raise ValueError(f"train.soar.norm_clip must be () (off) or (lo, hi) with 0 <= lo <= hi, "
+                     f"got {clip}")
   _check_choice("train.soar.method", s["method"], regularizers.SOAR_HVPS)
   _check_choice("train.soar.init", s["init"], regularizers.SOAR_INITS)
 
@@ -547,7 +554,8 @@ def _param_logits_fn(model: StepModel) -> Callable[[Array], Array]:
 def soar(cfg, model: StepModel, batch: Batch) -> MethodLoss:
   """SOAR (Ma et al., arXiv:2004.01832): ``CE(f(x'), y) + lam R_SOAR(x')`` at the one-step PGD
   point ``x'`` (:func:`krylov_adv.regularizers.soar_regularizer`; hyperparameters
-  ``cfg.soar``: lam, h, method, num_samples, init, init_step_size, grad_clip).
+  ``cfg.soar``: lam, h, method, num_samples, init, init_step_size, grad_clip, norm_clip; the
+  last clamps each example's ``||H~ z||_2``, see the regulariser).
 
   ``grad_clip = c > 0`` (following the authors' training code, which norm-clips the
   regulariser's own parameter gradient before adding the cross-entropy's; the value is ours):

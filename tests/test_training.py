@@ -333,6 +333,8 @@ def test_a_registered_method_trains_by_name(batch):
     ("soar", "init", "pgd7", r"train\.soar\.init: unknown 'pgd7'"),
     ("soar", "lamda", 1.0, r"train\.soar\.lamda is not a hyperparameter"),
     ("soar", "grad_clip", -1.0, r"train\.soar\.grad_clip must be >= 0"),
+    ("soar", "norm_clip", (2.0, 1.0), r"train\.soar\.norm_clip must be \(\) \(off\) or \(lo, hi\)"),
+    ("soar", "norm_clip", (1.0,), r"train\.soar\.norm_clip must be"),
     ("soar", "lam", float("inf"), r"^train\.soar\.lam must be a finite number, got inf$"),
     ("soar", "h", float("nan"), r"^train\.soar\.h must be a finite number, got nan$"),
     ("scorpio", "lam", float("inf"), r"^train\.scorpio\.lam must be a finite number, got inf$"),
