@@ -32,6 +32,16 @@ def _range_stats(a):
   return jnp.all(jnp.isfinite(a)), jnp.min(a), jnp.max(a)
 
 
+def _host_stats(fn, *args):
+  """``fn(*args)`` (a jitted reduction) as NumPy values, or ``None`` under a caller's ``jit``:
+  arrays closed over by the caller's function are concrete, but a jitted call inside its trace
+  returns tracers, whose values do not exist yet (the value checks are then skipped)."""
+  out = fn(*args)
+  if any(isinstance(v, jax.core.Tracer) for v in out):
+    return None
+  return tuple(np.asarray(v) for v in out)
+
+
 def _unbound_apply(fn) -> bool:
   """Whether ``fn`` is a Flax linen ``module.apply`` (which takes ``(variables, x)``)."""
   unwrap = getattr(fn, "unwrap", None)
@@ -205,8 +215,9 @@ def check_attack_inputs(x, y, eps, norm: str, logits_fn=None, bounds=None) -> in
     raise ValueError(f"batch sizes differ: x has {x.shape[0]} examples, y has {y.shape[0]}")
   if not np.issubdtype(np.dtype(y.dtype), np.integer):
     raise ValueError(f"labels y must be integers, got dtype {y.dtype}")
-  if is_concrete(x) and x.size:
-    finite, lo, hi = (np.asarray(v) for v in _range_stats(x))
+  stats = _host_stats(_range_stats, x) if is_concrete(x) and x.size else None
+  if stats is not None:
+    finite, lo, hi = stats
     if not finite:
       raise ValueError("x contains NaN or inf")
     box = check_bounds(bounds, x)
@@ -216,7 +227,7 @@ def check_attack_inputs(x, y, eps, norm: str, logits_fn=None, bounds=None) -> in
         raise ValueError(f"x must lie in the box [{b_lo:g}, {b_hi:g}] (bounds), got range "
                          f"[{lo}, {hi}]")
     else:
-      out, below, above = (np.asarray(v) for v in _outside_box(x, *box))
+      out, below, above = _host_stats(_outside_box, x, *box)
       if out:
         raise ValueError(f"x must lie in the box bounds=(lo, hi): it is below lo by up to "
                          f"{below} and above hi by up to {above}")
@@ -227,8 +238,9 @@ def check_attack_inputs(x, y, eps, norm: str, logits_fn=None, bounds=None) -> in
   k = num_classes(logits_fn, x)
   if x.size:
     check_model(logits_fn, x)
-  if is_concrete(y) and y.size:
-    _, lo, hi = (np.asarray(v) for v in _range_stats(y))
+  stats = _host_stats(_range_stats, y) if is_concrete(y) and y.size else None
+  if stats is not None:
+    _, lo, hi = stats
     if lo < 0 or hi >= k:
       raise ValueError(f"labels must lie in [0, {k}), got range [{lo}, {hi}]")
   return k
