@@ -14,6 +14,15 @@ Randomness is drawn per example from ``fold_in(key, example_index)``, so an exam
 does not depend on the rest of the batch (the AutoAttack ensemble relies on this when it re-runs
 a component on the still-robust subset). Examples never interact: the model is in inference
 mode, so the gradient of the summed loss w.r.t. the batch holds every example's own gradient.
+
+A randomized model (``attacks.stochastic``) is attacked with Expectation over Transformation as
+in the reference (``eot_iter``): the gradient at each iterate is the mean over ``eot_samples``
+draws, and the loss and logits of the last draw are the ones the step-size checkpoints and the
+"misclassified" bookkeeping use (:func:`krylov_adv.attacks._eot.eot_value_and_grad`). Draw ``s``
+at iterate ``k`` of run ``r`` of example ``i`` has the key
+``fold_in(fold_in(fold_in(fold_in(k_i, DRAW_STREAM), r), k), s)`` with ``k_i`` the example's key;
+APGD-T's target classes come from one draw of the clean logits (``CHECK_STREAM``), as the
+reference's one forward pass.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from krylov_adv import losses, projections
-from krylov_adv.attacks import checks, register, toolkit
+from krylov_adv.attacks import _eot, checks, register, toolkit
 from krylov_adv.attacks.toolkit import Array, LogitsFn, select
 
 MOMENTUM = 0.75  # the paper's alpha (Algorithm 1), 1 at the first step
@@ -143,7 +152,7 @@ def _checkpoint_tables(steps: int) -> tuple[Array, Array]:
 
 
 def _initial_state(value_and_grad, x_init: Array, y: Array, eps, steps: int) -> APGDState:
-  (_, (loss0, logits0)), grad0 = value_and_grad(x_init)
+  (_, (loss0, logits0)), grad0 = value_and_grad(x_init, 0)
   bsz = x_init.shape[0]
   step0 = jnp.full((bsz,), 2.0, x_init.dtype) * eps
   hist = jnp.zeros((steps + 1, bsz), x_init.dtype)
@@ -184,15 +193,35 @@ def _value_and_grad(logits_fn: LogitsFn, y: Array, target: Array, *, loss: str, 
   return jax.value_and_grad(total_loss, has_aux=True)
 
 
+def _value_and_grad_at(logits_fn: LogitsFn, y: Array, target: Array, *, loss: str,
+                       targeted: bool, draw_keys: Array | None, eot_samples: int):
+  """``(x, k) -> ((sum f, (f, logits)), grad)`` at iterate ``k``: :func:`_value_and_grad` of a
+  deterministic model (``k`` unused); for a randomized one the EoT gradient over
+  ``eot_samples`` draws keyed ``fold_in(draw_keys_i, k)`` and the last draw's loss and logits
+  (the reference's ``eot_iter`` loop)."""
+  if not _eot.is_stochastic(logits_fn):
+    value_and_grad = _value_and_grad(logits_fn, y, target, loss=loss, targeted=targeted)
+    return lambda xb, k: value_and_grad(xb)
+
+  def value_and_grad_of(m):
+    return _value_and_grad(m, y, target, loss=loss, targeted=targeted)
+
+  return lambda xb, k: _eot.eot_value_and_grad(value_and_grad_of, logits_fn, xb,
+                                               _eot.fold(draw_keys, k), eot_samples)
+
+
 def _apgd_body(logits_fn: LogitsFn, x: Array, y: Array, target: Array, eps: Array, *, norm: str,
-               loss: str, targeted: bool, steps: int, rho: float):
-  """``body(i, state) -> state``: iteration ``i`` of Algorithm 1 (one gradient evaluation)."""
-  value_and_grad = _value_and_grad(logits_fn, y, target, loss=loss, targeted=targeted)
+               loss: str, targeted: bool, steps: int, rho: float,
+               draw_keys: Array | None = None, eot_samples: int = 1):
+  """``body(i, state) -> state``: iteration ``i`` of Algorithm 1 (one gradient evaluation;
+  ``eot_samples`` of them, averaged, on a randomized model with per-run ``draw_keys``)."""
+  value_and_grad = _value_and_grad_at(logits_fn, y, target, loss=loss, targeted=targeted,
+                                      draw_keys=draw_keys, eot_samples=eot_samples)
   is_ckpt, interval = _checkpoint_tables(steps)
 
   def body(i, c: APGDState) -> APGDState:
     x_new = _momentum_step(c, i, x, eps, norm)
-    (_, (loss_new, logits)), grad_new = value_and_grad(x_new)
+    (_, (loss_new, logits)), grad_new = value_and_grad(x_new, i + 1)
     miscl = jnp.argmax(logits, axis=1) != y
     improved = loss_new > c.loss_best
     loss_best = jnp.where(improved, loss_new, c.loss_best)
@@ -224,7 +253,8 @@ def _result(c: APGDState) -> APGDRun:
 
 
 def apgd_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_init: Array, eps, *,
-             norm: str, loss: str, targeted: bool, steps: int, rho: float) -> APGDRun:
+             norm: str, loss: str, targeted: bool, steps: int, rho: float,
+             draw_keys: Array | None = None, eot_samples: int = 1) -> APGDRun:
   """One run of APGD (Algorithm 1) from ``x_init``; traceable, call it under ``jit``.
 
   With ``P`` the projection onto the eps-ball and box, ``s(g)`` = sign(g) (linf) or ``g/||g||_2``
@@ -249,14 +279,18 @@ def apgd_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_init: Arr
     eps: scalar budget. norm: ``"linf" | "l2"``. loss: ``"ce" | "dlr"``.
     targeted: targeted DLR (Eq. 7) / targeted CE instead of the untargeted loss.
     steps: iterations ``N_iter``. rho: the fraction in condition 1.
+    draw_keys: ``(B, ...)`` per-example keys of this run's draws, for a randomized model
+      (iterate ``k``'s draw ``s``: ``fold_in(fold_in(draw_keys_i, k), s)``); else ``None``.
+    eot_samples: draws averaged per gradient (module docstring; 1 for a deterministic model).
 
   Returns:
     :class:`APGDRun`.
   """
   eps = jnp.asarray(eps, x.dtype)
-  value_and_grad = _value_and_grad(logits_fn, y, target, loss=loss, targeted=targeted)
+  value_and_grad = _value_and_grad_at(logits_fn, y, target, loss=loss, targeted=targeted,
+                                      draw_keys=draw_keys, eot_samples=eot_samples)
   body = _apgd_body(logits_fn, x, y, target, eps, norm=norm, loss=loss, targeted=targeted,
-                    steps=steps, rho=rho)
+                    steps=steps, rho=rho, draw_keys=draw_keys, eot_samples=eot_samples)
   c = jax.lax.fori_loop(0, steps, body, _initial_state(value_and_grad, x_init, y, eps, steps))
   return _result(c)
 
@@ -269,25 +303,42 @@ _RUN_STATIC = ("norm", "loss", "targeted", "steps", "rho")
 
 
 @functools.partial(jax.jit, static_argnames=("norm", "loss", "targeted", "steps",
-                                             "restarts"))
+                                             "restarts", "eot_samples"))
 def _apgd_start(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, order: Array, run: Array,
                 eps, *, norm: str, loss: str, targeted: bool, steps: int,
-                restarts: int) -> tuple[Array, APGDState]:
+                restarts: int, draw_keys: Array | None = None,
+                eot_samples: int = 1) -> tuple[Array, APGDState]:
   """Run ``run``'s target ``(B,)`` and its state after iterate 0 (one gradient evaluation)."""
   target = jax.lax.dynamic_index_in_dim(order, run // restarts, axis=1, keepdims=False)
   x0 = initial_point(toolkit.fold_keys(keys, run), x, eps, norm)
-  value_and_grad = _value_and_grad(logits_fn, y, target, loss=loss, targeted=targeted)
+  value_and_grad = _value_and_grad_at(logits_fn, y, target, loss=loss, targeted=targeted,
+                                      draw_keys=draw_keys, eot_samples=eot_samples)
   return target, _initial_state(value_and_grad, x0, y, jnp.asarray(eps, x.dtype), steps)
 
 
-@functools.partial(jax.jit, static_argnames=_RUN_STATIC)
+@functools.partial(jax.jit, static_argnames=_RUN_STATIC + ("eot_samples",))
 def _apgd_step(logits_fn: LogitsFn, c: APGDState, i: Array, x: Array, y: Array, target: Array,
                eps, *, norm: str, loss: str, targeted: bool, steps: int,
-               rho: float) -> APGDState:
+               rho: float, draw_keys: Array | None = None, eot_samples: int = 1) -> APGDState:
   """Iteration ``i`` of :func:`apgd_run` (one gradient evaluation), jitted on its own."""
   body = _apgd_body(logits_fn, x, y, target, jnp.asarray(eps, x.dtype), norm=norm, loss=loss,
-                    targeted=targeted, steps=steps, rho=rho)
+                    targeted=targeted, steps=steps, rho=rho, draw_keys=draw_keys,
+                    eot_samples=eot_samples)
   return body(i, c)
+
+
+def _draw_keys(logits_fn: LogitsFn, keys: Array, run) -> Array | None:
+  """Run ``run``'s per-example draw keys ``fold_in(fold_in(k_i, DRAW_STREAM), run)`` for a
+  randomized model, ``None`` for a deterministic one (its jitted steps are unchanged)."""
+  return _eot.fold(keys, _eot.DRAW_STREAM, run) if _eot.is_stochastic(logits_fn) else None
+
+
+def _order_model(logits_fn: LogitsFn, keys: Array) -> LogitsFn:
+  """The model APGD-T's target classes are read from: ``logits_fn``, or one draw of a
+  randomized one (keys ``fold_in(fold_in(k_i, CHECK_STREAM), 0)``)."""
+  if not _eot.is_stochastic(logits_fn):
+    return logits_fn
+  return _eot.Drawn(logits_fn, _eot.fold(keys, _eot.CHECK_STREAM, 0))
 
 
 def _fold_run(fooled: Array, x_out: Array, loss_best: Array,
@@ -309,12 +360,13 @@ def _keep_run(fooled: Array, x_out: Array, loss_best: Array,
 
 def _apgd_batch_in_graph(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *,
                          norm: str, loss: str, targeted: bool, steps: int, restarts: int,
-                         n_target_classes: int, rho: float) -> tuple[Array, Array]:
+                         n_target_classes: int, rho: float,
+                         eot_samples: int = 1) -> tuple[Array, Array]:
   """:func:`apgd_batch` as one traceable ``while`` loop over runs of :func:`apgd_run` (the same
   runs, keys and selection), for calls under the caller's ``jit`` or ``vmap``. Bit-identical
   to the host-driven loop (``tests/test_autoattack_loops.py``), slower on the CPU backend."""
   n_runs = restarts * (n_target_classes if targeted else 1)
-  order = toolkit.target_order(logits_fn(x), y)
+  order = toolkit.target_order(_order_model(logits_fn, keys)(x), y)
 
   def cond(s):
     return (s["run"] < n_runs) & ~jnp.all(s["fooled"])
@@ -324,7 +376,8 @@ def _apgd_batch_in_graph(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, e
     target = jax.lax.dynamic_index_in_dim(order, run // restarts, axis=1, keepdims=False)
     x0 = initial_point(toolkit.fold_keys(keys, run), x, eps, norm)
     res = apgd_run(logits_fn, x, y, target, x0, eps, norm=norm, loss=loss, targeted=targeted,
-                   steps=steps, rho=rho)
+                   steps=steps, rho=rho, draw_keys=_draw_keys(logits_fn, keys, run),
+                   eot_samples=eot_samples)
     fooled, x_out, loss_best = _fold_run(s["fooled"], s["x_out"], s["loss_best"], res)
     return dict(run=run + 1, fooled=fooled, x_out=x_out, loss_best=loss_best)
 
@@ -336,7 +389,7 @@ def _apgd_batch_in_graph(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, e
 
 def apgd_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm: str,
                loss: str, targeted: bool, steps: int, restarts: int, n_target_classes: int,
-               rho: float) -> tuple[Array, Array]:
+               rho: float, eot_samples: int = 1) -> tuple[Array, Array]:
   """APGD over restarts (and, if ``targeted``, target classes) with per-example keys.
 
   Runs are ordered target-major as in AutoAttack: for the ``t``-th target (:func:`target_order`
@@ -356,6 +409,7 @@ def apgd_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, nor
     logits_fn: ``(B, ...) -> (B, K)``, a :class:`toolkit.TracedModel` (traced).
     x: ``(B, ...)`` in ``[0, 1]``; y: ``(B,)`` int; keys: ``(B, ...)`` per-example PRNG keys.
     eps: scalar budget (traced: changing it does not recompile).
+    eot_samples: draws per gradient for a randomized model (module docstring).
 
   Returns:
     ``(x_adv (B, ...), fooled (B,) bool)``.
@@ -365,9 +419,10 @@ def apgd_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, nor
     # Inside a caller's jit / vmap the host cannot drive the loop: the in-graph loop runs.
     return _apgd_batch_in_graph(logits_fn, x, y, keys, eps, norm=norm, loss=loss,
                                 targeted=targeted, steps=steps, restarts=restarts,
-                                n_target_classes=n_target_classes, rho=rho)
+                                n_target_classes=n_target_classes, rho=rho,
+                                eot_samples=eot_samples)
   n_runs = restarts * (n_target_classes if targeted else 1)
-  order = toolkit.model_target_order(logits_fn, x, y)
+  order = toolkit.model_target_order(_order_model(logits_fn, keys), x, y)
   fooled = jnp.zeros(y.shape, bool)
   x_out = x
   loss_best = jnp.full(y.shape, -jnp.inf, x.dtype)
@@ -375,19 +430,25 @@ def apgd_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, nor
   for run in range(n_runs):
     if bool(jnp.all(fooled)):
       break
+    # A randomized model's draws: keyword arguments only then (a deterministic model's calls,
+    # and so its compiled steps, are as without them).
+    eot = {} if not _eot.is_stochastic(logits_fn) else dict(
+        draw_keys=_draw_keys(logits_fn, keys, run), eot_samples=eot_samples)
     target, c = _apgd_start(logits_fn, x, y, keys, order, jnp.int32(run), eps, **static,
-                            restarts=restarts)
+                            restarts=restarts, **eot)
     for i in range(steps):
       # i as a Python int: traced as a (weak) int32 scalar, so one compile serves every i.
-      c = _apgd_step(logits_fn, c, i, x, y, target, eps, **static, rho=rho)
+      c = _apgd_step(logits_fn, c, i, x, y, target, eps, **static, rho=rho, **eot)
     fooled, x_out, loss_best = _keep_run(fooled, x_out, loss_best, c)
   return x_out, fooled
 
 
 @toolkit.attack_entry
+@_eot.supports_randomized
 def apgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, loss: str = "ce",
          targeted: bool = False, steps: int = 100, restarts: int = 1,
-         n_target_classes: int = 9, rho: float = 0.75, example_index=None) -> Array:
+         n_target_classes: int = 9, rho: float = 0.75, example_index=None,
+         eot_samples: int = 1) -> Array:
   """Auto-PGD (Croce and Hein 2020, Algorithm 1) with CE or DLR loss, untargeted or targeted.
 
   Targeted runs use the ``min(n_target_classes, K - 1)`` non-true classes with the highest
@@ -403,16 +464,21 @@ def apgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, loss: str = "ce",
     rho: checkpoint condition-1 fraction (paper: 0.75).
     example_index: ``(B,)`` ints (or ``(B, 2)`` pairs, :func:`toolkit.example_keys`) keying each
       example's randomness (default ``arange(B)``).
+    eot_samples: for a randomized model (``attacks.stochastic``), draws averaged per gradient
+      (Expectation over Transformation, the reference's ``eot_iter``; module docstring); the
+      attack then costs ``eot_samples`` times the gradients. ``> 1`` needs a randomized model.
 
   Returns:
     ``x_adv`` ``(B, H, W, C)``: the first misclassified point found per example, else the
-    highest-loss point; ``||x_adv - x|| <= eps`` and ``0 <= x_adv <= 1``.
+    highest-loss point; ``||x_adv - x|| <= eps`` and ``0 <= x_adv <= 1``. On a randomized model
+    "misclassified" is at the draw of that iterate's last EoT sample.
   """
   x, y, k, example_index = toolkit.validate_inputs(logits_fn, x, y, eps, norm, loss=loss,
                                                    example_index=example_index)
   checks.check_at_least("steps", steps, 1)
   checks.check_at_least("restarts", restarts, 1)
   checks.check_at_least("n_target_classes", n_target_classes, 1)
+  checks.check_eot_samples(logits_fn, eot_samples)
   if targeted:
     checks.warn_target_classes(int(n_target_classes), k)
   if not 0.0 < rho <= 1.0:
@@ -424,35 +490,41 @@ def apgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, loss: str = "ce",
   x_adv, _ = apgd_batch(logits_fn, x, y, toolkit.example_keys(key, example_index), eps, norm=norm,
                         loss=loss, targeted=bool(targeted), steps=int(steps),
                         restarts=int(restarts),
-                        n_target_classes=int(min(n_target_classes, k - 1)), rho=float(rho))
+                        n_target_classes=int(min(n_target_classes, k - 1)), rho=float(rho),
+                        eot_samples=int(eot_samples))
   return x_adv
 
 
 @register("apgd_ce")
 @toolkit.attack_entry
+@_eot.supports_randomized
 def apgd_ce(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
-            restarts: int = 1, rho: float = 0.75, example_index=None) -> Array:
+            restarts: int = 1, rho: float = 0.75, example_index=None,
+            eot_samples: int = 1) -> Array:
   """APGD on the cross-entropy loss (AutoAttack's APGD-CE); see :func:`apgd`."""
   return apgd(logits_fn, x, y, key, eps=eps, norm=norm, loss="ce", steps=steps,
-              restarts=restarts, rho=rho, example_index=example_index)
+              restarts=restarts, rho=rho, example_index=example_index, eot_samples=eot_samples)
 
 
 @register("apgd_dlr")
 @toolkit.attack_entry
+@_eot.supports_randomized
 def apgd_dlr(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
-             restarts: int = 1, rho: float = 0.75, example_index=None) -> Array:
+             restarts: int = 1, rho: float = 0.75, example_index=None,
+             eot_samples: int = 1) -> Array:
   """APGD on the untargeted DLR loss (Eq. 6; AutoAttack+'s APGD-DLR); see :func:`apgd`."""
   return apgd(logits_fn, x, y, key, eps=eps, norm=norm, loss="dlr", steps=steps,
-              restarts=restarts, rho=rho, example_index=example_index)
+              restarts=restarts, rho=rho, example_index=example_index, eot_samples=eot_samples)
 
 
 @register("apgd_t")
 @toolkit.attack_entry
+@_eot.supports_randomized
 def apgd_t(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
            restarts: int = 1, n_target_classes: int = 9, rho: float = 0.75,
-           example_index=None) -> Array:
+           example_index=None, eot_samples: int = 1) -> Array:
   """APGD on the targeted DLR loss (Eq. 7) over the ``min(9, K-1)`` highest non-true classes
   (AutoAttack's APGD-T); see :func:`apgd`."""
   return apgd(logits_fn, x, y, key, eps=eps, norm=norm, loss="dlr", targeted=True,
               steps=steps, restarts=restarts, n_target_classes=n_target_classes, rho=rho,
-              example_index=example_index)
+              example_index=example_index, eot_samples=eot_samples)
