@@ -58,10 +58,11 @@ def test_check_flag(tmp_path, monkeypatch):
 
 
 def test_every_code_block_of_the_page_runs():
-  """The page's model-family examples (linen, NNX, Equinox) run as written."""
+  """The page's model-family examples (linen, NNX, Equinox) and its randomized model run as
+  written."""
   with open(attack_docs.PATH) as f:
     blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
-  assert len(blocks) == 3
+  assert len(blocks) == 4
   for block in blocks:
     scope: dict = {}
     exec(compile(block, attack_docs.PATH, "exec"), scope)  # pylint: disable=exec-used
