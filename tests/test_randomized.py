@@ -299,3 +299,15 @@ def test_evaluation_judges_over_the_stated_draws(setup):
                                                               norm="linf")),
                               x, y, KEY, eps=EPS, norm="linf", draws=5)
   assert run.draws == 1 and run.correct.dtype == bool
+
+
+@pytest.mark.slow
+def test_under_jit_the_in_graph_loop_draws_the_same(setup):
+  """Under a caller's ``jit`` APGD runs its in-graph loop: with a randomized model (parameters
+  traced through the outer jit) it gives the host-driven loop's ``x_adv`` bit for bit."""
+  params, x, y = setup
+  kw = dict(eps=EPS, norm="linf", steps=3, eot_samples=2)
+  host = attacks.apgd_ce(_model(params), x, y, KEY, **kw)
+  in_graph = jax.jit(lambda p, xb, yb: attacks.apgd_ce(_model(p), xb, yb, KEY, **kw))(
+      params, jnp.asarray(x), jnp.asarray(y))
+  np.testing.assert_array_equal(np.asarray(in_graph), np.asarray(host))
