@@ -46,8 +46,15 @@ class AttackResult(NamedTuple):
   num_examples: how many were evaluated; seconds: wall time of the attack; extras: for an
   attack run through its ``NAME_with_report`` entry (``evaluate_attacks(reports=...)``), one
   ``(report, valid)`` per batch as in :class:`AttackRun` (summarised by
-  :func:`summarize_reports`), else ``()``; draws: the model draws ``accuracy`` is the mean over
-  (1 for a deterministic model; module docstring).
+  :func:`summarize_reports`), else ``()``; correct: ``(num_examples,)`` bool, point ``i`` still
+  classified correctly (after the attack; for ``"clean"``, without one), so that
+  ``accuracy == correct.mean()`` and two results on the same points can be paired
+  (:func:`krylov_adv.stats.mcnemar_exact`); for a randomized model ``(num_examples,)``
+  float64, the fraction of the ``draws`` draws classifying point ``i`` correctly (still
+  ``accuracy == correct.mean()``, but not flags to pair or AND: those take a deterministic
+  model's bools); ``None`` when not recorded; entry: the suite key the result was run under
+  (``"pgd_linf"``), ``""`` when not known; draws: the model draws ``accuracy`` is the mean
+  over (1 for a deterministic model; module docstring).
   """
   label: str
   attack: str
@@ -57,6 +64,8 @@ class AttackResult(NamedTuple):
   num_examples: int
   seconds: float
   extras: tuple = ()
+  correct: np.ndarray | None = None
+  entry: str = ""
   draws: int = 1
 
 
@@ -90,11 +99,11 @@ def _place(arrays, mesh):
 
 
 @functools.partial(jax.jit, static_argnames="norm")
-def _admissibility(x_adv: Array, x: Array, *, norm: str) -> tuple[Array, Array, Array]:
-  """``(max_i ||x_adv_i - x_i||, min x_adv, max x_adv)``, reduced on the devices (a batch
-  sharded over several hosts cannot be fetched whole; these scalars are replicated)."""
-  return (jnp.max(projections.per_example_norm(x_adv - x, norm), initial=0.0), jnp.min(x_adv),
-          jnp.max(x_adv))
+def _admissibility(x_adv: Array, x: Array, lo, hi, *, norm: str) -> tuple[Array, Array, Array]:
+  """``(max_i ||x_adv_i - x_i||, max (lo - x_adv), max (x_adv - hi))``, reduced on the devices
+  (a batch sharded over several hosts cannot be fetched whole; these scalars are replicated)."""
+  return (jnp.max(projections.per_example_norm(x_adv - x, norm), initial=0.0),
+          jnp.max(lo - x_adv), jnp.max(x_adv - hi))
 
 
 # The predicted label of an example whose logits are not all finite: never a class, so it is
@@ -230,8 +239,11 @@ def accuracy_report(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
   return AccuracyReport(acc, int(np.sum(pred == NONFINITE_PREDICTION)), len(pred))
 
 
-def _stochastic_accuracy(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *, batch_size: int,
-                         mesh, key: Array | None, draws: int) -> AccuracyReport:
+def _stochastic_correct(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *, batch_size: int,
+                        mesh, key: Array | None, draws: int) -> tuple[np.ndarray, int]:
+  """A randomized model's clean ``(N,)`` float64 fraction of ``draws`` draws classifying each
+  example correctly (batch ``b`` drawn from ``fold_in(key, b)``, module docstring) and how many
+  examples had a non-finite logit in some draw."""
   if key is None:
     raise ValueError("a randomized model (attacks.stochastic) is judged over draws: pass key=")
   correct, nonfinite = [], 0
@@ -243,7 +255,14 @@ def _stochastic_accuracy(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *, b
         draws=draws))[:, :valid]
     correct.append(np.mean(pred == np.asarray(y)[idx][None, :valid], axis=0))
     nonfinite += int(np.sum(np.any(pred == NONFINITE_PREDICTION, axis=0)))
-  acc = float(np.mean(np.concatenate(correct))) if correct else 0.0
+  return (np.concatenate(correct) if correct else np.zeros((0,), np.float64)), nonfinite
+
+
+def _stochastic_accuracy(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *, batch_size: int,
+                         mesh, key: Array | None, draws: int) -> AccuracyReport:
+  correct, nonfinite = _stochastic_correct(logits_fn, x, y, batch_size=batch_size, mesh=mesh,
+                                           key=key, draws=draws)
+  acc = float(np.mean(correct)) if correct.size else 0.0
   return AccuracyReport(acc, nonfinite, len(x), draws)
 
 
@@ -272,20 +291,25 @@ class AttackRun(NamedTuple):
   draws: int = 1
 
 
-def check_admissible(x_adv: Array, x: Array, *, eps: float, norm: str) -> None:
-  """Raises ``ValueError`` unless every ``||x_adv_i - x_i|| <= eps`` and ``x_adv`` lies in
-  ``[0, 1]``, up to the float32 slack of the projections; NaN is never admissible."""
-  dist, lo, hi = (float(v) for v in _admissibility(x_adv, x, norm=norm))
+def check_admissible(x_adv: Array, x: Array, *, eps: float, norm: str, bounds=None) -> None:
+  """Raises ``ValueError`` unless every ``||x_adv_i - x_i|| <= eps`` and ``x_adv`` lies in the
+  box ``bounds = (lo, hi)`` (default ``[0, 1]``), up to the float32 slack of the projections;
+  NaN is never admissible."""
+  lo, hi = projections.DEFAULT_BOUNDS if bounds is None else bounds
+  dist, below, above = (float(v) for v in _admissibility(
+      x_adv, x, jnp.asarray(lo, x_adv.dtype), jnp.asarray(hi, x_adv.dtype), norm=norm))
   # Written so that NaN fails too: a NaN adversarial point is not admissible.
-  inside_box = lo >= -_BUDGET_ATOL and hi <= 1 + _BUDGET_ATOL
+  inside_box = below <= _BUDGET_ATOL and above <= _BUDGET_ATOL
   if not (dist <= eps + _BUDGET_ATOL * max(1.0, eps) and inside_box):
+    box = "[0, 1]" if bounds is None else "bounds (lo, hi)"
     raise ValueError(f"attack returned points outside the {norm} ball of radius {eps} or the "
-                     f"box [0, 1] (max distance {dist})")
+                     f"box {box} (max distance {dist})")
 
 
 def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray,
                y: np.ndarray, key: Array, *, eps: float, norm: str, batch_size: int = 256,
-               mesh=None, keep_examples: bool = False, draws: int | None = None) -> AttackRun:
+               mesh=None, keep_examples: bool = False, bounds=None,
+               draws: int | None = None) -> AttackRun:
   """Runs ``attack_fn`` over a test set in fixed-size batches: THE batched attack runner.
 
   Every batch has the same shape (the last one padded, see ``_batch_size``), so a jitted attack
@@ -307,9 +331,12 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
     attack_fn: ``f(logits_fn, x, y, key) -> x_adv`` (a registered attack, or a
       :class:`krylov_adv.attacks.BoundAttack`) or a ``NAME_with_report`` entry returning
       ``WithReport(x_adv, report)`` (the reports are returned in ``extras``).
-    x: ``(N, H, W, C)`` float32 in ``[0, 1]``; y: ``(N,)`` int32.
+    x: ``(N, H, W, C)`` float32 in the box; y: ``(N,)`` int32.
     key: PRNG key, folded with the batch number.
     eps, norm: the threat model every ``x_adv`` is checked against.
+    bounds: the input box ``(lo, hi)`` every ``x_adv`` is checked against (default ``[0, 1]``;
+      the attack must be told the same box, e.g. through its config, as
+      :func:`evaluate_attacks` does).
     batch_size: examples per attack call.
     mesh: optional device mesh; each batch is then sharded over its ``"data"`` axis and the
       attack runs data-parallel.
@@ -325,7 +352,7 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
   if runner is not None and len(x) and (mesh is None or mesh.devices.size == 1):
     return _run_test_set(logits_fn, runner, bool(attack_fn.report), x, y, key, eps=eps,
                          norm=norm, batch_size=_batch_size(batch_size, len(x), None),
-                         keep_examples=keep_examples, draws=draws)
+                         keep_examples=keep_examples, bounds=bounds, draws=draws)
   correct, kept, extras = [], [], []
   for b, (idx, valid) in enumerate(_padded_batches(len(x), _batch_size(batch_size, len(x),
                                                                          mesh))):
@@ -335,7 +362,8 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
     # A NAME_with_report entry returns WithReport(x_adv, report); a plain attack x_adv alone.
     x_adv, aux = out if isinstance(out, attacks.WithReport) else (out, None)
     _judge_batch(logits_fn, x_adv, xb, y[idx], valid, eps=eps, norm=norm, correct=correct,
-                 kept=kept if keep_examples else None, batch_key=batch_key, draws=draws)
+                 kept=kept if keep_examples else None, bounds=bounds, batch_key=batch_key,
+                 draws=draws)
     if aux is not None:
       extras.append((aux, valid))
   return AttackRun(np.concatenate(correct) if correct else np.zeros((0,), bool),
@@ -345,13 +373,14 @@ def run_attack(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray
 
 def _judge_batch(logits_fn: LogitsFn, x_adv: Array, xb: Array, yb: np.ndarray, valid: int, *,
                  eps: float, norm: str, correct: list, kept: list | None,
-                 batch_key: Array | None = None, draws: int | None = None) -> None:
-  """Judges one padded batch's adversarial points (both runners): :func:`check_admissible`,
-  then appends the first ``valid`` rows' correctness (``x_adv`` ``(B, ...)`` against labels
-  ``yb`` ``(B,)``) to ``correct`` and, when ``kept`` is a list, the points themselves. A
-  randomized model (``draws`` not ``None``) is judged over ``draws`` draws from ``batch_key``
-  (the batch's key; module docstring)."""
-  check_admissible(x_adv, xb, eps=eps, norm=norm)
+                 bounds=None, batch_key: Array | None = None,
+                 draws: int | None = None) -> None:
+  """Judges one padded batch's adversarial points (both runners): :func:`check_admissible`
+  (the ball and the box ``bounds``, whatever the model), then appends the first ``valid`` rows'
+  correctness (``x_adv`` ``(B, ...)`` against labels ``yb`` ``(B,)``) to ``correct`` and, when
+  ``kept`` is a list, the points themselves. A randomized model (``draws`` not ``None``) is
+  judged over ``draws`` draws from ``batch_key`` (the batch's key; module docstring)."""
+  check_admissible(x_adv, xb, eps=eps, norm=norm, bounds=bounds)
   if draws is not None:
     correct.append(_draw_correct(logits_fn, x_adv, yb, batch_key, draws)[:valid])
   else:
@@ -363,7 +392,8 @@ def _judge_batch(logits_fn: LogitsFn, x_adv: Array, xb: Array, yb: np.ndarray, v
 
 def _run_test_set(logits_fn: LogitsFn, runner: Callable[..., Any], with_report: bool,
                   x: np.ndarray, y: np.ndarray, key: Array, *, eps: float, norm: str,
-                  batch_size: int, keep_examples: bool, draws: int | None = None) -> AttackRun:
+                  batch_size: int, keep_examples: bool, bounds=None,
+                  draws: int | None = None) -> AttackRun:
   """:func:`run_attack` for an attack with a whole-test-set form (``runner``, e.g.
   ``attacks.autoattack_batched`` with its hyperparameters bound) on one device: the runner
   gives every example what batch ``b`` attacked with ``fold_in(key, b)`` gives it, grouping the
@@ -375,7 +405,7 @@ def _run_test_set(logits_fn: LogitsFn, runner: Callable[..., Any], with_report: 
     # The padded indices keep every batch at one shape (one compile of each check).
     xb, xa = jnp.asarray(x[idx]), jnp.take(out.x_adv, jnp.asarray(idx), axis=0)
     _judge_batch(logits_fn, xa, xb, y[idx], valid, eps=eps, norm=norm, correct=correct,
-                 kept=kept if keep_examples else None,
+                 kept=kept if keep_examples else None, bounds=bounds,
                  batch_key=None if draws is None else jax.random.fold_in(key, b), draws=draws)
   return AttackRun(np.concatenate(correct), np.concatenate(kept) if keep_examples else None,
                    [(out.report, len(x))] if with_report else [], draws or 1)
@@ -383,14 +413,15 @@ def _run_test_set(logits_fn: LogitsFn, runner: Callable[..., Any], with_report: 
 
 def robust_accuracy(logits_fn: LogitsFn, attack_fn: Callable[..., Any], x: np.ndarray,
                     y: np.ndarray, key: Array, *, eps: float, norm: str,
-                    batch_size: int = 256, mesh=None, draws: int | None = None) -> float:
+                    batch_size: int = 256, mesh=None, bounds=None,
+                    draws: int | None = None) -> float:
   """Accuracy on ``attack_fn``'s adversarial examples, ``mean(argmax f(x_adv_i) == y_i)`` (for a
   randomized model also the mean over ``draws`` draws).
 
   Arguments as for :func:`run_attack`; a point outside the threat model raises ``ValueError``.
   """
   run = run_attack(logits_fn, attack_fn, x, y, key, eps=eps, norm=norm, batch_size=batch_size,
-                   mesh=mesh, draws=draws)
+                   mesh=mesh, bounds=bounds, draws=draws)
   return _accuracy_of(run.correct, len(x))
 
 
@@ -405,7 +436,7 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
                      reports: tuple[str, ...] = (),
                      key_indices: Mapping[str, int] | None = None,
                      on_result: Callable[[int, int, AttackResult], None] | None = None,
-                     draws: int | None = None) -> list[AttackResult]:
+                     bounds=None, draws: int | None = None) -> list[AttackResult]:
   """Runs every configured attack and returns one :class:`AttackResult` per entry.
 
   Args:
@@ -421,6 +452,9 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
       others run.
     on_result: called as ``on_result(i, n, result)`` after entry ``i`` of ``n`` (0-based) has
       run, e.g. to print a progress line (the library itself prints nothing).
+    bounds: the input box ``(lo, hi)`` of ``x`` (e.g. a standardised model's ``((0 - mu) / s,
+      (1 - mu) / s)``), given to every attack and checked on every ``x_adv``; default
+      ``[0, 1]``.
     draws: for a randomized model (``attacks.stochastic``), the draws every accuracy is the
       mean over (default :data:`DEFAULT_DRAWS`, recorded in ``AttackResult.draws``; the clean
       entry draws from the entry's key like an attack's judging); unused for a deterministic
@@ -436,19 +470,27 @@ def evaluate_attacks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray,
     start = time.perf_counter()
     extras: tuple = ()
     if name == "clean":
-      acc = accuracy(logits_fn, x, y, batch_size=batch_size, mesh=mesh,
-                     **({} if judged_draws is None else dict(key=jax.random.fold_in(key, i),
-                                                             draws=judged_draws)))
+      if judged_draws is None:
+        # A non-finite prediction (-1) is wrong, as in accuracy().
+        correct = predictions(logits_fn, x, batch_size=batch_size, mesh=mesh) == np.asarray(y)
+      else:
+        correct, _ = _stochastic_correct(logits_fn, x, y, batch_size=batch_size, mesh=mesh,
+                                         key=jax.random.fold_in(key, i), draws=judged_draws)
     else:
+      if bounds is not None:
+        c["bounds"] = bounds
       attack = attacks.from_config(c)
       if name in reports:
         attack = attack.with_report()
       run = run_attack(logits_fn, attack, x, y, jax.random.fold_in(key, i), eps=eps, norm=norm,
-                       batch_size=batch_size, mesh=mesh, draws=judged_draws)
-      acc = _accuracy_of(run.correct, len(x))
+                       batch_size=batch_size, mesh=mesh, bounds=bounds, draws=judged_draws)
+      correct = run.correct
       extras = tuple(run.extras)
+    acc = _accuracy_of(correct, len(x)) if len(x) else 0.0
     results.append(AttackResult(label, name, norm, eps, acc, len(x),
-                                time.perf_counter() - start, extras, judged_draws or 1))
+                                time.perf_counter() - start, extras,
+                                correct if judged_draws is not None
+                                else np.asarray(correct, bool), entry, judged_draws or 1))
     if on_result is not None:
       on_result(position, len(attack_cfgs), results[-1])
   return results

@@ -5,7 +5,9 @@ diverse parameter-free attacks", Sec. 5; versions and component settings follow 
 implementation (fra31/auto-attack, ``set_version``):
 
   standard: APGD-CE (1 restart), APGD-T (9 targets, 1 restart), FAB-T (9 targets, 1 restart),
-            Square (5000 queries, ``steps``).
+            Square (5000 queries, ``steps``). L1: APGD-CE with 5 restarts and APGD-T with 5
+            targets, both with ``use_largereps`` (the 3 eps, 2 eps, eps schedule), FAB-T and
+            Square as above (``L1_STANDARD``).
   plus:     APGD-CE (5 restarts), APGD-DLR (5 restarts), FAB (5 restarts), Square (5000),
             APGD-T (9 targets), FAB-T (9 targets).
   rand:     APGD-CE and APGD-DLR, 1 restart each, 20 EoT samples per gradient
@@ -63,6 +65,11 @@ VERSIONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
     "rand": (("apgd_ce", {"restarts": 1, "eot_samples": 20}),
              ("apgd_dlr", {"restarts": 1, "eot_samples": 20})),
 }
+# The reference's set_version('standard') for norm 'L1'.
+L1_STANDARD: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("apgd_ce", {"restarts": 5, "use_largereps": True}),
+    ("apgd_t", {"n_target_classes": 5, "use_largereps": True}),
+    ("fab_t", {}), ("square", {}))
 
 
 class AutoAttackReport(NamedTuple):
@@ -93,12 +100,13 @@ class AutoAttackReport(NamedTuple):
 
 
 def version_components(version: str, attacks: Sequence | None = None,
-                       hyperparameters: Mapping[str, Mapping[str, Any]] | None = None
-                       ) -> tuple[tuple[str, dict[str, Any]], ...]:
+                       hyperparameters: Mapping[str, Mapping[str, Any]] | None = None,
+                       norm: str = "linf") -> tuple[tuple[str, dict[str, Any]], ...]:
   """The ``(name, keyword arguments)`` of each component of an AutoAttack version.
 
   Args:
-    version: ``"standard" | "plus" | "rand" | "custom"``.
+    version: ``"standard" | "plus" | "rand" | "custom"``; ``"standard"`` with ``norm="l1"`` is
+      :data:`L1_STANDARD` (``"rand"`` is the same in every norm, as in the reference).
     attacks: for ``"custom"`` only: component names, or ``(name, kwargs)`` pairs.
     hyperparameters: ``{name: kwargs}`` overriding the version's settings for every run of that
       component (e.g. ``{"square": {"steps": 500}}``).
@@ -110,7 +118,8 @@ def version_components(version: str, attacks: Sequence | None = None,
   if version in VERSIONS:
     if attacks is not None:
       raise ValueError(f"attacks is only used with version='custom', not {version!r}")
-    plan = [(name, dict(kw)) for name, kw in VERSIONS[version]]
+    components_ = L1_STANDARD if (version == "standard" and norm == "l1") else VERSIONS[version]
+    plan = [(name, dict(kw)) for name, kw in components_]
   elif version == "custom":
     if not attacks:
       raise ValueError("version='custom' needs a non-empty list of attacks")
@@ -128,7 +137,7 @@ def version_components(version: str, attacks: Sequence | None = None,
   for name, kw in plan:
     kw.update(hyperparameters.get(name, {}))
     allowed = set(inspect.signature(_component(name)).parameters) - {
-        "logits_fn", "x", "y", "key", "eps", "norm", "example_index"}
+        "logits_fn", "x", "y", "key", "eps", "norm", "example_index", "bounds"}
     unknown = set(kw) - allowed
     if unknown:
       raise ValueError(f"component {name!r} takes no hyperparameter(s) {sorted(unknown)}; "
@@ -217,18 +226,20 @@ def _put(x_adv: Array, xa: Array, target: Array) -> Array:
 @_eot.supports_randomized
 def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str = "standard",
                attacks: Sequence | None = None,
-               hyperparameters: Mapping[str, Mapping[str, Any]] | None = None) -> Array:
+               hyperparameters: Mapping[str, Mapping[str, Any]] | None = None,
+               bounds=None) -> Array:
   """Runs AutoAttack (Croce and Hein 2020, Sec. 5): each component on the points still robust.
 
   Args:
     logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, model in inference mode.
     x: ``(B, H, W, C)`` float images in ``[0, 1]``; y: ``(B,)`` int labels; key: PRNG key.
-    eps: budget ``>= 0``. norm: ``"linf" | "l2"``.
+    eps: budget ``>= 0``. norm: ``"linf" | "l2" | "l1"``.
     version: ``"standard" | "plus" | "rand" | "custom"`` (see the module docstring); a
       randomized model (``attacks.stochastic``) takes ``"rand"`` (or ``"custom"`` APGD
       components with ``eot_samples``).
     attacks: components for ``"custom"``: names or ``(name, kwargs)`` pairs.
     hyperparameters: ``{component: kwargs}`` overrides (e.g. fewer iterations in tests).
+    bounds: the input box ``(lo, hi)`` (default ``(0, 1)``), passed to every component.
 
   Returns:
     ``x_adv`` ``(B, H, W, C)``: for each fooled point the first adversarial point found, the
@@ -236,7 +247,7 @@ def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str =
     returns the :class:`AutoAttackReport`.
   """
   return _autoattack(logits_fn, x, y, key, eps=eps, norm=norm, version=version, attacks=attacks,
-                     hyperparameters=hyperparameters).x_adv
+                     hyperparameters=hyperparameters, bounds=bounds).x_adv
 
 
 @toolkit.report_entry
@@ -308,7 +319,7 @@ def _chunks(index: np.ndarray, chunk: int, multiple: int):
 def _autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str,
                 attacks: Sequence | None,
                 hyperparameters: Mapping[str, Mapping[str, Any]] | None,
-                chunk: int | None = None,
+                bounds=None, chunk: int | None = None,
                 example_index: np.ndarray | None = None) -> toolkit.WithReport:
   """The ensemble behind :func:`autoattack`, :func:`autoattack_with_report` and
   :func:`autoattack_batched`: ``chunk`` points per component call (default: all of ``x``);
@@ -319,8 +330,9 @@ def _autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str,
     raise ValueError("autoattack cannot run under jax.jit, vmap or grad: its loop over the "
                      "components runs on the host (it picks the still-robust points between "
                      "attacks); call it outside jit (each component is compiled on its own)")
-  x, y, _, _ = toolkit.validate_inputs(logits_fn, x, y, eps, norm, example_index=example_index)
-  plan = version_components(version, attacks, hyperparameters)
+  x, y, _, _, bounds = toolkit.validate_inputs(logits_fn, x, y, eps, norm,
+                                               example_index=example_index, bounds=bounds)
+  plan = version_components(version, attacks, hyperparameters, norm=norm)
   _check_randomized(logits_fn, version, plan)
   bsz = x.shape[0]
   chunk = bsz if chunk is None else int(chunk)
@@ -359,7 +371,7 @@ def _autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str,
           keys_of, index_sharding)
       xa = get(name)(logits_fn, _take(x, padded, sharding=sharding),
                      _take(y, padded, sharding=index_sharding), key, eps=eps, norm=norm,
-                     example_index=sub_index, **kw)
+                     example_index=sub_index, bounds=bounds, **kw)
       pred = parallel.to_host(_predict(
           _check_model(logits_fn, key, 1 + component, keys_of, index_sharding), xa))
       fooled = np.zeros(padded.size, bool)

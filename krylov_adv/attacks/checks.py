@@ -1,7 +1,7 @@
 """Input validation shared by every attack's public entry point.
 
 Shape and hyperparameter checks always run (they are static under ``jit``). Value checks (labels
-in range, ``x`` finite and inside ``[0, 1]``) run when the arrays are concrete, i.e. when an attack
+in range, ``x`` finite and inside the box ``bounds``, default ``[0, 1]``) run when the arrays are concrete, i.e. when an attack
 is called eagerly from user code; inside an outer ``jit`` (a training step) the values are
 tracers and only the static checks apply.
 """
@@ -146,14 +146,59 @@ def check_x_dtype(x) -> None:
                      f"{x.dtype} (divide uint8 images by 255)")
 
 
-def check_attack_inputs(x, y, eps, norm: str, logits_fn=None) -> int | None:
+def check_bounds(bounds, x) -> tuple:
+  """Validates the input box ``bounds = (lo, hi)`` of an attack on ``x (B, ...)`` and returns it
+  as two arrays in ``x``'s dtype (their own shapes, e.g. ``()`` or ``(C,)``: the box is a traced
+  argument of the attacks' jitted steps, so another box of the same shapes compiles nothing).
+
+  ``lo`` and ``hi`` are scalars or arrays broadcastable to ``x`` (``(C,)`` per channel, one
+  example's shape, or ``x``'s); ``ValueError`` when they are not a pair, do not broadcast, are
+  NaN, or (when concrete) ``lo > hi`` somewhere. Infinite bounds are allowed (an open side).
+  """
+  if bounds is None:
+    bounds = projections.DEFAULT_BOUNDS
+  try:
+    lo, hi = bounds
+  except (TypeError, ValueError):
+    raise ValueError(f"bounds must be a pair (lo, hi) of scalars or arrays broadcastable to x, "
+                     f"got {bounds!r}") from None
+  lo = jnp.asarray(lo, x.dtype)
+  hi = jnp.asarray(hi, x.dtype)
+  for name, b in (("lo", lo), ("hi", hi)):
+    try:
+      ok = jnp.broadcast_shapes(b.shape, x.shape) == tuple(x.shape)
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(f"bounds {name} of shape {b.shape} does not broadcast to x of shape "
+                       f"{x.shape} (use a scalar, (C,) per channel, or one example's shape)")
+  if is_concrete(lo) and is_concrete(hi):
+    lo_np, hi_np = np.asarray(lo), np.asarray(hi)
+    if np.isnan(lo_np).any() or np.isnan(hi_np).any():
+      raise ValueError("bounds contain NaN")
+    if np.any(lo_np > hi_np):
+      raise ValueError(f"bounds must have lo <= hi everywhere, got lo in [{lo_np.min()}, "
+                       f"{lo_np.max()}] and hi in [{hi_np.min()}, {hi_np.max()}]")
+  return lo, hi
+
+
+@jax.jit
+def _outside_box(x, lo, hi):
+  below = jnp.broadcast_to(x < lo, x.shape)
+  above = jnp.broadcast_to(x > hi, x.shape)
+  return jnp.any(below | above), jnp.max(jnp.where(below, lo - x, 0.0)), jnp.max(
+      jnp.where(above, x - hi, 0.0))
+
+
+def check_attack_inputs(x, y, eps, norm: str, logits_fn=None, bounds=None) -> int | None:
   """Raises ``ValueError`` with a clear message for bad attack input; returns ``K``.
 
   Args:
-    x: ``(B, H, W, C)`` float images in ``[0, 1]`` (any ``(B, ...)`` the model takes).
+    x: ``(B, H, W, C)`` float images inside the box (any ``(B, ...)`` the model takes).
     y: ``(B,)`` integer labels in ``[0, K)``.
     eps: budget, a finite number ``>= 0``.
-    norm: ``"linf"`` or ``"l2"``.
+    norm: ``"linf"``, ``"l2"`` or ``"l1"``.
+    bounds: the box ``(lo, hi)`` (:func:`check_bounds`); ``None`` is ``[0, 1]``.
     logits_fn: the model; when given, ``K`` is read from its abstract output shape (after the
       shape checks, so that a bad batch is reported as such) and the labels are range-checked.
 
@@ -175,8 +220,19 @@ def check_attack_inputs(x, y, eps, norm: str, logits_fn=None) -> int | None:
     finite, lo, hi = (np.asarray(v) for v in _range_stats(x))
     if not finite:
       raise ValueError("x contains NaN or inf")
-    if lo < 0.0 or hi > 1.0:
-      raise ValueError(f"x must lie in [0, 1], got range [{lo}, {hi}]")
+    box = check_bounds(bounds, x)
+    if bounds is None or all(np.ndim(b) == 0 for b in bounds):
+      b_lo, b_hi = (float(np.asarray(b)) for b in box)
+      if lo < b_lo or hi > b_hi:
+        raise ValueError(f"x must lie in the box [{b_lo:g}, {b_hi:g}] (bounds), got range "
+                         f"[{lo}, {hi}]")
+    else:
+      out, below, above = (np.asarray(v) for v in _outside_box(x, *box))
+      if out:
+        raise ValueError(f"x must lie in the box bounds=(lo, hi): it is below lo by up to "
+                         f"{below} and above hi by up to {above}")
+  elif bounds is not None:
+    check_bounds(bounds, x)
   if logits_fn is None:
     return None
   k = num_classes(logits_fn, x)
