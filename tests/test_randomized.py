@@ -210,6 +210,35 @@ def test_same_key_same_x_adv_inside_ball_and_box(setup, norm):
 
 
 @pytest.mark.slow
+def test_l1_eot_in_a_non_default_box_stays_in_the_ball_and_the_box(setup):
+  """L1 and a box other than ``[0, 1]`` with EoT: the model standardises its input
+  (``z = (x - 0.5) / 0.25``, box ``[-2, 2]``) and APGD-CE (l1-APGD, with and without
+  ``use_largereps``) averages 4 draws per gradient. ``x_adv`` is in the L1 ball and the box,
+  the same key gives the same ``x_adv``, and the evaluation judges it over draws against the
+  same box (its admissibility check would refuse points judged in ``[0, 1]``)."""
+  params, x, y = setup
+  mu, s = 0.5, 0.25
+  lo, hi = (0 - mu) / s, (1 - mu) / s
+  z = (x - mu) / s
+  model = attacks.stochastic(jax.tree_util.Partial(
+      lambda p, zb, k: mlp_apply(p, zb * s + mu, k), params))
+  eps = 1.0  # L1, in z units
+  for largereps in (False, True):
+    kw = dict(eps=eps, norm="l1", steps=10, eot_samples=4, bounds=(lo, hi),
+              use_largereps=largereps)
+    z_adv = np.asarray(attacks.apgd_ce(model, z, y, KEY, **kw))
+    np.testing.assert_array_equal(z_adv, np.asarray(attacks.apgd_ce(model, z, y, KEY, **kw)))
+    l1 = np.abs(z_adv - z).reshape(N, -1).sum(axis=1)
+    assert np.all(l1 <= eps + 1e-5) and np.any(l1 > 0.5 * eps), largereps
+    assert z_adv.min() >= lo - 1e-6 and z_adv.max() <= hi + 1e-6, largereps
+    evaluation.check_admissible(jnp.asarray(z_adv), jnp.asarray(z), eps=eps, norm="l1",
+                                bounds=(lo, hi))
+  acc = evaluation.robust_accuracy(model, attacks.from_config(dict(name="apgd_ce", **kw)), z, y,
+                                   KEY, eps=eps, norm="l1", bounds=(lo, hi), draws=5)
+  assert 0.0 <= acc <= 1.0 and abs(acc * N * 5 - round(acc * N * 5)) < 1e-6
+
+
+@pytest.mark.slow
 def test_an_example_draws_the_same_alone_or_in_a_batch(setup):
   """Draws are keyed per example: APGD-CE with EoT on a subset (``example_index``) gives each
   example what it gets in the full batch (what AutoAttack's subsets rely on)."""
