@@ -59,11 +59,11 @@ def test_check_flag(tmp_path, monkeypatch):
 
 
 def test_every_code_block_of_the_page_runs():
-  """The page's examples run as written: the model families (linen, NNX, Equinox) and the
-  standardised model attacked in its box."""
+  """The page's examples run as written: the model families (linen, NNX, Equinox), the
+  standardised model attacked in its box and the randomized model attacked with EoT."""
   with open(attack_docs.PATH) as f:
     blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
-  assert len(blocks) == 4
+  assert len(blocks) == 5
   for block in blocks[:3]:
     scope: dict = {}
     exec(compile(block, attack_docs.PATH, "exec"), scope)  # pylint: disable=exec-used
@@ -73,3 +73,10 @@ def test_every_code_block_of_the_page_runs():
   z_adv, mu, s = np.asarray(scope["z_adv"]), scope["mu"], scope["s"]
   assert z_adv.shape == (4, 8, 8, 3)
   assert np.all(z_adv >= (0 - mu) / s - 1e-6) and np.all(z_adv <= (1 - mu) / s + 1e-6)
+  scope = {}
+  exec(compile(blocks[4], attack_docs.PATH, "exec"), scope)  # pylint: disable=exec-used
+  x, x_adv, acc = np.asarray(scope["x"]), np.asarray(scope["x_adv"]), scope["acc"]
+  assert scope["attacks"].is_stochastic(scope["model"])
+  assert x_adv.shape == (8, 28, 28, 1)
+  assert np.max(np.abs(x_adv - x)) <= 0.1 + 1e-6 and x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+  assert 0.0 <= acc <= 1.0 and acc * 8 * 10 == pytest.approx(round(acc * 8 * 10))  # 10 draws

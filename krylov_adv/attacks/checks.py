@@ -9,6 +9,7 @@ tracers and only the static checks apply.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import sys
 import warnings
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from krylov_adv import projections
+from krylov_adv.attacks import _eot
 
 
 def is_concrete(a) -> bool:
@@ -58,6 +60,8 @@ def num_classes(logits_fn, x) -> int:
   ``TypeError`` saying how to bind them; one that cannot take ``x`` (e.g. a CNN given rank-3 or
   rank-5 ``x``, or a function of other arguments) raises ``ValueError`` naming ``x``'s shape and
   dtype, with the model's own message after it."""
+  if _eot.is_stochastic(logits_fn):  # fn(x, key): its output shape for one key
+    logits_fn = functools.partial(logits_fn, key=jax.random.PRNGKey(0))
   if _unbound_apply(logits_fn):
     raise TypeError("logits_fn is a Flax module's apply, which takes (variables, x); attacks call "
                     "logits_fn(x): pass krylov_adv.models.as_logits_fn(module, variables, "
@@ -99,8 +103,10 @@ def check_model(logits_fn, x) -> None:
 
   * logits that look like probabilities (every row non-negative and summing to 1 within
     1e-4): a softmax output, on which the attacks' losses are wrong;
-  * two calls on the same input that differ: a randomized model (attacks trace it once, so they
-    would attack one fixed draw of it).
+  * two calls on the same input that differ: a randomized model not declared with
+    ``attacks.stochastic`` (attacks trace it once, so they would attack one fixed draw of it).
+    A declared one (:func:`krylov_adv.attacks._eot.is_stochastic`) gets only the first check,
+    on one draw.
 
   Runs once per model and parameter arrays (by identity) and input shape; nothing under a
   caller's ``jit`` (tracers) or when the model's arrays are tracers.
@@ -119,11 +125,16 @@ def check_model(logits_fn, x) -> None:
   while len(_CHECKED) > _CHECKED_SIZE:
     _CHECKED.popitem(last=False)
   probe = x[:_PROBE]
-  first, second = (np.asarray(jax.device_get(logits_fn(probe)), np.float64) for _ in range(2))
+  if _eot.is_stochastic(logits_fn):  # declared randomized: only the softmax check, on one draw
+    first = second = np.asarray(jax.device_get(logits_fn(probe, jax.random.PRNGKey(0))),
+                                np.float64)
+  else:
+    first, second = (np.asarray(jax.device_get(logits_fn(probe)), np.float64) for _ in range(2))
   if not np.array_equal(first, second, equal_nan=True):
     warnings.warn("logits_fn gives different outputs for the same input (a randomized model?): "
-                  "attacks trace it once and attack one fixed draw; evaluate it with EoT",
-                  ModelWarning, stacklevel=4)
+                  "attacks trace it once and attack one fixed draw; declare it as "
+                  "attacks.stochastic(fn) with fn(x, key) -> logits and attack it with EoT "
+                  "(eot_samples, autoattack(version='rand'))", ModelWarning, stacklevel=4)
   if first.size and np.all(first >= 0) and np.allclose(first.sum(axis=1), 1.0, atol=1e-4):
     warnings.warn("logits_fn returns probabilities (rows are non-negative and sum to 1): attacks "
                   "need logits; remove the final softmax", ModelWarning, stacklevel=4)
@@ -279,3 +290,15 @@ def check_at_least(name: str, value, lower: int) -> None:
   """Raises ``ValueError`` unless the integer hyperparameter ``value`` is >= ``lower``."""
   if int(value) != value or value < lower:
     raise ValueError(f"{name} must be an integer >= {lower}, got {value}")
+
+
+def check_eot_samples(logits_fn, eot_samples) -> None:
+  """Raises ``ValueError`` unless ``eot_samples`` is an integer ``>= 1``, and for
+  ``eot_samples > 1`` on a model not declared randomized (``attacks.stochastic``): every draw of
+  a deterministic model is the same, so EoT would pay ``eot_samples`` gradients for one (and an
+  undeclared randomized model would be attacked at one fixed draw, not in expectation)."""
+  check_at_least("eot_samples", eot_samples, 1)
+  if eot_samples > 1 and not _eot.is_stochastic(logits_fn):
+    raise ValueError(f"eot_samples={eot_samples} needs a randomized model declared with "
+                     f"attacks.stochastic(fn), fn(x, key) -> logits; a deterministic model takes "
+                     f"eot_samples=1")
