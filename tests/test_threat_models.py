@@ -327,3 +327,18 @@ def test_attack_under_a_callers_jit_with_labels_and_box_closed_over(standardised
                                        bounds=box))
   np.testing.assert_allclose(run(z), attacks.pgd(g, z, y, key, eps=0.1, norm="linf", steps=2,
                                                  bounds=box), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_l1_largereps_host_driven_loop_equals_the_in_graph_loop(standardised):
+  """The three-stage L1 schedule is the same run whether the host drives it (one jitted call
+  per iteration) or a caller's jit traces it (one while loop), to the bit."""
+  from krylov_adv.attacks import _apgd, toolkit  # pylint: disable=import-outside-toplevel
+  _, g, _, y, z, box = standardised
+  keys = toolkit.example_keys(jax.random.PRNGKey(4), jnp.arange(z.shape[0]))
+  kw = dict(norm="l1", loss="ce", targeted=False, steps=6, restarts=2, n_target_classes=1,
+            rho=0.75, bounds=box, use_largereps=True)
+  host = _apgd.apgd_batch(attacks.as_model(g), z, y, keys, 2.0, **kw)
+  graph = jax.jit(lambda zz: _apgd.apgd_batch(attacks.as_model(g), zz, y, keys, 2.0, **kw))(z)
+  np.testing.assert_array_equal(np.asarray(host[0]), np.asarray(graph[0]))
+  np.testing.assert_array_equal(np.asarray(host[1]), np.asarray(graph[1]))

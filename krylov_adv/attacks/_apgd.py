@@ -422,7 +422,8 @@ def apgd_run_from_keys(logits_fn: LogitsFn, x: Array, y: Array, target: Array, k
   eps = jnp.asarray(eps, x.dtype)
   x_init = initial_point(keys, x, LARGEREPS_FACTORS[0] * eps, norm, bounds)
   for stage, (factor, iters) in enumerate(largereps_stages(steps)):
-    x_init = projections.project(x_init, x, factor * eps, norm, bounds)
+    if stage:  # the start is already in the first stage's ball (as in the host-driven loop)
+      x_init = projections.project(x_init, x, factor * eps, norm, bounds)
     res = apgd_run(logits_fn, x, y, target, x_init, factor * eps, norm=norm, loss=loss,
                    targeted=targeted, steps=iters, rho=rho, bounds=bounds, sparse_init=True,
                    draw_keys=_stage_draw_keys(draw_keys, stage), **eot)
