@@ -292,6 +292,10 @@ def test_autoattack_rand_end_to_end(setup):
   assert report.robust_accuracy <= report.robust_accuracy_after[0] <= report.clean_accuracy
   assert 0.0 < report.robust_accuracy < report.clean_accuracy
   evaluation.check_admissible(out.x_adv, jnp.asarray(x), eps=EPS, norm="linf")
+  # Every attacked point keeps the attack's point, also where the check's one draw was not
+  # fooled (judged over many draws afterwards): no point robust after the clean check is x.
+  moved = (np.asarray(out.x_adv) != np.asarray(x)).reshape(len(x), -1).any(axis=1)
+  assert moved[np.asarray(report.robust)].all()
 
   suite = {"clean": dict(name="clean", norm="linf", eps=0.0),
            "aa": dict(label="AutoAttack-rand", name="autoattack", norm="linf", eps=EPS,

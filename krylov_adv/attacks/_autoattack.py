@@ -243,8 +243,11 @@ def autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str =
 
   Returns:
     ``x_adv`` ``(B, H, W, C)``: for each fooled point the first adversarial point found, the
-    clean point elsewhere (within the eps-ball and box). :func:`autoattack_with_report` also
-    returns the :class:`AutoAttackReport`.
+    clean point elsewhere (within the eps-ball and box); for a randomized model, a point no
+    check found fooled keeps the last component's point (it is judged over many draws
+    afterwards; the reference returns its clean point, which made ``"rand"`` weaker than its
+    own APGD-CE with EoT). :func:`autoattack_with_report` also returns the
+    :class:`AutoAttackReport`.
   """
   return _autoattack(logits_fn, x, y, key, eps=eps, norm=norm, version=version, attacks=attacks,
                      hyperparameters=hyperparameters, bounds=bounds).x_adv
@@ -357,6 +360,7 @@ def _autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str,
       robust[part] = pred[:part.size] == y_np[part]
   clean_accuracy = float(robust.mean()) if bsz else 0.0
   x_adv = x
+  stochastic = _eot.is_stochastic(logits_fn)
   after, seconds = [], []
   for component, (name, kw) in enumerate(plan):
     idx = np.nonzero(robust)[0]
@@ -376,7 +380,11 @@ def _autoattack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, version: str,
           _check_model(logits_fn, key, 1 + component, keys_of, index_sharding), xa))
       fooled = np.zeros(padded.size, bool)
       fooled[:part.size] = pred[:part.size] != y_np[part]
-      x_adv = _put(x_adv, xa, np.where(fooled, padded, bsz).astype(np.int32))
+      # A randomized model: every attacked point keeps the component's point, not only those
+      # the check's one draw found fooled; a point that survived one draw is judged afterwards
+      # over many (evaluation's draws), and its clean x would throw the attack's work away.
+      keep = (np.arange(padded.size) < part.size) if stochastic else fooled
+      x_adv = _put(x_adv, xa, np.where(keep, padded, bsz).astype(np.int32))
       robust[part[fooled[:part.size]]] = False
     seconds.append(time.perf_counter() - start)
     after.append(float(robust.mean()))
