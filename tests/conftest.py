@@ -5,10 +5,43 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# XLA's CPU compiler without LLVM's optimisation passes, with the older (non-MLIR) fusion emitters
+# and without splitting a program's code generation over threads: compiling, not running, is most
+# of the suite's time (thousands of small programs), and these options make a compilation about
+# five times cheaper in CPU time (GMRES and the attacks: 30 -> 5.8 CPU-s; the first two options
+# took the suite from 1198 to 542 CPU-s) while the programs compute the same IEEE float
+# operations. Tests check the library, not XLA's code generation; KRYLOV_TESTS_XLA_DEFAULTS=1
+# runs the suite with XLA's default compiler options instead (CI's smoke run of the first README
+# command uses the defaults too). Options in XLA_FLAGS that the caller set come after these, so
+# they win. XLA aborts a process on an option it does not know (a jaxlib older or newer than
+# these options), so one subprocess checks them first (about a second); pytest-xdist workers and
+# the tests' subprocesses inherit the result through the environment.
+FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+                          "--xla_cpu_parallel_codegen_split_count=1")
+
+
+def _xla_accepts(flags: str) -> bool:
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
+if (os.environ.get("KRYLOV_TESTS_XLA_DEFAULTS", "0") in ("", "0")
+    and FAST_COMPILE_XLA_FLAGS not in os.environ.get("XLA_FLAGS", "")):
+  if _xla_accepts(FAST_COMPILE_XLA_FLAGS):
+    os.environ["XLA_FLAGS"] = (FAST_COMPILE_XLA_FLAGS + " " +
+                               os.environ.get("XLA_FLAGS", "")).strip()
+  else:
+    os.environ["KRYLOV_TESTS_XLA_DEFAULTS"] = "1"
+
 # Eight simulated CPU devices for the data-parallel tests (tests/test_parallel.py). Must be set
-# before jax is imported; single-device code still runs on device 0 only.
+# before jax is imported; single-device code still runs on device 0 only (measured: the
+# single-device tests compile no slower with 8 devices than with 1).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
@@ -44,6 +77,49 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                   int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 from krylov_adv.models.cnn import TinyCNN
+
+
+# CPU seconds per test module, (fast tier, tests marked slow), measured with `-p tests.timing`
+# (tests/timing.py) on the whole suite. Used only to order the modules, most expensive first, so
+# that pytest-xdist's `--dist loadfile` (one module per worker at a time) does not leave a long
+# module for the end while the other worker idles. Stale or missing numbers cost balance, never
+# correctness: a module not listed counts as cheap and keeps its place among the cheap ones.
+MODULE_CPU_SECONDS = {
+    "test_multihost.py": (0, 96), "test_experiments_analysis.py": (4, 70),
+    "test_workdir.py": (7, 40), "test_krylov.py": (24, 21), "test_attacks.py": (34, 0),
+    "test_training.py": (1, 33), "test_experiments_soat.py": (4, 26),
+    "test_models_are_data.py": (14, 15), "test_soae.py": (10, 12),
+    "test_experiments_soae_direction.py": (1, 20), "test_autoattack.py": (15, 4),
+    "test_parallel.py": (0, 16), "test_models.py": (4, 11), "test_table.py": (4, 11),
+    "test_regularizers.py": (10, 3), "test_eval_compiles.py": (1, 8), "test_hvp.py": (4, 3),
+    "test_autoattack_parts.py": (6, 0), "test_autoattack_loops.py": (5, 0),
+}
+
+
+def pytest_configure(config):
+  # xdist orders the modules by their number of tests unless told not to; the order below is
+  # by cost instead (pytest_collection_modifyitems).
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` and `-k` deselected what this run leaves out
+def pytest_collection_modifyitems(session, config, items):
+  """Orders the modules most expensive first (MODULE_CPU_SECONDS, counting the fast-tier and the
+  slow part of a module only where this run selected tests of that part); tests within a module
+  keep their order."""
+  selected: dict[str, list[bool]] = {}
+  for item in items:
+    parts = selected.setdefault(item.nodeid.split("::", 1)[0], [False, False])
+    parts[item.get_closest_marker("slow") is not None] = True
+
+  def cost(module: str) -> float:
+    fast, slow = MODULE_CPU_SECONDS.get(os.path.basename(module), (0, 0))
+    has_fast, has_slow = selected[module]
+    return fast * has_fast + slow * has_slow
+
+  order = {m: i for i, m in enumerate(sorted(selected, key=lambda m: -cost(m)))}
+  items.sort(key=lambda item: order[item.nodeid.split("::", 1)[0]])
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -48,8 +48,12 @@ def _launch(module: str, workdir: str | list[str], *, via_env: bool = False,
   port = _free_port()
   procs = []
   for pid in range(NUM_PROCESSES):
+    # The compiler options of this process (tests/conftest.py) with two devices per process:
+    # the reference run here and the two hosts must compile alike to agree exactly.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=2"]))
     cmd = [sys.executable, "-m", module, "--config", config, "--workdir", workdirs[pid],
            "--config.parallel.distributed=True", *args]
     if via_env:

@@ -134,6 +134,10 @@ def test_table_layout_has_both_norms_and_the_papers_labelled_numbers(run):
   assert "- **Training**:" in md and "count one exact HVP as 1.40 gradients" in md
 
 
+# Slow: it was the only fast test that needed the tiny table run (`run`: 10 of the fast tier's
+# 175 CPU-seconds), which the slow tests above share. The fast tier still runs run_table (and
+# plot_table in it) in test_cached_results_are_keyed_by_the_model_and_every_setting.
+@pytest.mark.slow
 def test_table_figure_is_titled_labelled_and_has_no_gap_beside_the_legend(run, monkeypatch):
   """table.png from the tiny run's payload: a figure title naming the data and model, robust
   accuracy on the y axis, the training method on the x axis, one panel per norm, and the

@@ -1,6 +1,6 @@
 """pytest plugin: which modules of ``krylov_adv/`` and which entry points the selected tests run.
 
-  python -m pytest -q -m "not slow" tests -p tests.touched
+  python -m pytest -q -m "not slow" -n 2 --dist loadfile tests -p tests.touched
 
 A module counts as touched when a function defined in it runs (importing it is not enough); an
 entry point (an ``experiments`` module with a command line) when the function its command line
@@ -17,6 +17,8 @@ import os
 import subprocess
 import sys
 import threading
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = os.path.join(ROOT, "krylov_adv")
@@ -60,10 +62,22 @@ def pytest_configure(config):
   threading.setprofile(_profile)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+  """pytest-xdist controller: add what a worker's tests touched."""
+  _files.update(node.workeroutput.get("touched_files", ()))
+  _entries.update(node.workeroutput.get("touched_entries", ()))
+
+
 def pytest_sessionfinish(session, exitstatus):
   sys.setprofile(None)
   threading.setprofile(None)
   subprocess.Popen.__init__ = _popen_init
+  workeroutput = getattr(session.config, "workeroutput", None)
+  if workeroutput is not None:  # a pytest-xdist worker: the controller reports
+    workeroutput["touched_files"] = sorted(_files)
+    workeroutput["touched_entries"] = sorted(_entries)
+    return
   modules = sorted(p for p in glob.glob(os.path.join(LIBRARY, "**", "*.py"), recursive=True)
                    if os.path.getsize(p) and not p.endswith("__init__.py"))
   missed = [os.path.relpath(p, ROOT) for p in modules if p not in _files]
