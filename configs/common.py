@@ -15,6 +15,7 @@ Schema (all fields always present so that command-line overrides such as
   data.name/root/...       source options (see krylov_adv.data.load); data.augment: crop+flip
   model.name/activation    krylov_adv.models registry name and activation name
   model.options            architecture keyword arguments (width, depth, widen)
+  model.normalize_mean/std per-channel input standardisation inside the model (empty: none)
   train.method             standard | pgd | trades | soat | mixed | second_order | soar |
                            scorpio, or several
                            separated by commas (each trained in workdir/<method>)
@@ -51,7 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
       source="digits", name="digits", root="", data_dir="", num_train=256, num_test=397,
       shape=(8, 8, 1), num_classes=10, max_train=0, max_test=0, augment=False, seed=0))
 
-  c.model = ml_collections.ConfigDict(dict(name="tiny_cnn", activation="relu"))
+  # normalize_mean / normalize_std (per channel; empty: none): the network standardises its
+  # input as its first layer (models.Standardized), so data, budgets and attacks stay in pixels.
+  c.model = ml_collections.ConfigDict(dict(name="tiny_cnn", activation="relu",
+                                           normalize_mean=(), normalize_std=()))
   c.model.options = ml_collections.ConfigDict()
 
   t = c.train = ml_collections.ConfigDict()

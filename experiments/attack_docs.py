@@ -20,6 +20,7 @@ import sys
 from typing import NamedTuple
 
 from krylov_adv import attacks
+from krylov_adv.attacks import _eot
 
 
 class AttackDoc(NamedTuple):
@@ -200,6 +201,58 @@ L1 in each attack:
 
 """ + "\n".join(f"- `{name}`: {text}" for name, text in L1_SUPPORT.items()) + "\n"
 
+# A randomized model: how to declare it, which attacks take it, how it is judged.
+RANDOMIZED = """\
+## A randomized model
+
+A model with randomness at test time (dropout left on, input noise, a randomized defence) is
+declared with `attacks.stochastic(fn)`, `fn(x, key) -> logits`; like any model, its arrays are
+traced when `fn` is a pytree callable. Attacks that take one average each gradient over
+`eot_samples` draws (Expectation over Transformation), with keys derived from the attack's key:
+the same key gives the same `x_adv`. `attacks.autoattack(..., version="rand")` is the reference's
+randomized version (APGD-CE and APGD-DLR, one restart, 20 draws per gradient). The evaluation
+judges a randomized model's accuracy as the mean over `draws` draws (recorded in the result).
+The draws change only the gradients and the predictions: EoT takes every norm and box of the
+threat-model section above (`norm="l1"`, `bounds=(lo, hi)`), and every `x_adv` is checked
+against the ball and the box as for a deterministic model. An undeclared randomized model gets a
+`ModelWarning` pointing here.
+
+```python
+import jax
+import jax.numpy as jnp
+from krylov_adv import attacks, evaluation
+
+def apply(params, x, key):                      # dropout (p = 0.5) left on at test time
+  h = jax.nn.relu(x.reshape(x.shape[0], -1) @ params["w1"])
+  keep = jax.random.bernoulli(key, 0.5, h.shape)
+  return jnp.where(keep, 2.0 * h, 0.0) @ params["w2"]
+
+k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+params = {"w1": jax.random.normal(k1, (784, 32)) / 28, "w2": jax.random.normal(k2, (32, 10))}
+model = attacks.stochastic(jax.tree_util.Partial(apply, params))
+x = jax.random.uniform(jax.random.PRNGKey(0), (8, 28, 28, 1))
+y = jnp.arange(8) % 10
+x_adv = attacks.apgd_ce(model, x, y, jax.random.PRNGKey(1), eps=0.1, norm="linf", steps=5,
+                        eot_samples=4)
+attack = attacks.from_config(dict(name="apgd_ce", eps=0.1, norm="linf", steps=5,
+                                  eot_samples=4))
+acc = evaluation.robust_accuracy(model, attack, x, y, jax.random.PRNGKey(1), eps=0.1,
+                                 norm="linf", draws=10)   # mean over 10 draws per point
+```
+"""
+
+
+def randomized(name: str) -> str:
+  """What the attack does with a randomized model: EoT, or its refusal with the reason (read
+  from the code: ``_eot.supports_randomized`` and ``_eot.REFUSALS``)."""
+  attack = attacks.get(name)
+  if getattr(attack, "supports_randomized", False):
+    return ("EoT (`eot_samples`)" if "eot_samples" in inspect.signature(attack).parameters
+            else "`version='rand'`")
+  reason = _eot.REFUSALS.get(name) or _eot.REFUSALS[name.split("_")[0]]
+  return f"refused ({reason})"
+
+
 _SKIP = ("logits_fn", "x", "y", "key", "eps", "norm", "example_index", "bounds")
 PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                     "attacks.md")
@@ -218,7 +271,8 @@ def attack_line(name: str) -> str:
   doc = ATTACKS[name]
   defaults = ", ".join(f"`{k}={v!r}`" for k, v in hyperparameters(name).items())
   return (f"- **`{name}`**: {summary(name)}. Paper: {doc.paper}. Hyperparameters (defaults): "
-          f"{defaults or 'none'}. Cost (gradient-equivalents per example): {doc.cost}.")
+          f"{defaults or 'none'}. Cost (gradient-equivalents per example): {doc.cost}. "
+          f"Randomized models: {randomized(name)}.")
 
 
 def summary(name: str) -> str:
@@ -248,6 +302,7 @@ def page() -> str:
       "",
       MODELS_AS_DATA,
       THREAT_MODELS,
+      RANDOMIZED,
       "## The attacks",
       "",
   ]

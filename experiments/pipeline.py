@@ -176,7 +176,10 @@ def build(config, dataset: data_lib.Dataset | None = None) -> Experiment:
   """Data, model, optimiser and jitted train step of a single-method config."""
   dataset = data_lib.load(config.data) if dataset is None else dataset
   model = models.get(config.model.name, num_classes=dataset.num_classes,
-                     activation=config.model.activation, **config.model.options.to_dict())
+                     activation=config.model.activation,
+                     normalize_mean=config.model.get("normalize_mean", ()),
+                     normalize_std=config.model.get("normalize_std", ()),
+                     **config.model.options.to_dict())
   spe = data_lib.steps_per_epoch(len(dataset.y_train), config.train.batch_size)
   tx = training.make_optimizer(config.train, spe)
   return Experiment(config, dataset, model, tx, spe,

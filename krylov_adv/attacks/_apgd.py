@@ -29,6 +29,19 @@ Randomness is drawn per example from ``fold_in(key, example_index)``, so an exam
 does not depend on the rest of the batch (the AutoAttack ensemble relies on this when it re-runs
 a component on the still-robust subset). Examples never interact: the model is in inference
 mode, so the gradient of the summed loss w.r.t. the batch holds every example's own gradient.
+
+A randomized model (``attacks.stochastic``) is attacked with Expectation over Transformation as
+in the reference (``eot_iter``): the gradient at each iterate is the mean over ``eot_samples``
+draws, and the loss and logits of the last draw are the ones the step-size checkpoints and the
+"misclassified" bookkeeping use (:func:`krylov_adv.attacks._eot.eot_value_and_grad`). Draw ``s``
+at iterate ``k`` of run ``r`` of example ``i`` has the key
+``fold_in(fold_in(fold_in(fold_in(k_i, DRAW_STREAM), r), k), s)`` with ``k_i`` the example's key;
+APGD-T's target classes come from one draw of the clean logits (``CHECK_STREAM``), as the
+reference's one forward pass. L1 takes the EoT gradient like the other norms (its sparse step is
+on the averaged gradient; its sparsity checks read ``x_max``, not the draws); with
+``use_largereps`` stage ``g > 0`` of a run draws from
+``fold_in(fold_in(draw_keys_r, LARGEREPS_STAGE_STREAM), g)`` instead of the run's keys
+``draw_keys_r``, since its iterate numbers restart at 0.
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from krylov_adv import losses, projections
-from krylov_adv.attacks import checks, register, toolkit
+from krylov_adv.attacks import _eot, checks, register, toolkit
 from krylov_adv.attacks.toolkit import Array, LogitsFn, select
 
 MOMENTUM = 0.75  # the paper's alpha (Algorithm 1), 1 at the first step
@@ -54,6 +67,9 @@ L1_CHECK_FRACTION = 0.04
 L1_INITIAL_TOPK = 0.2
 # use_largereps: radii 3 eps, 2 eps, eps over 30%, 30% and the rest of the iterations.
 LARGEREPS_FACTORS = (3.0, 2.0, 1.0)
+# fold_in tag of a use_largereps stage's draw keys (a randomized model, _stage_draw_keys);
+# larger than any iterate number folded into the same keys.
+LARGEREPS_STAGE_STREAM = 0x53_54_47  # "STG"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,10 +215,10 @@ def _checkpoint_tables(steps: int) -> tuple[Array, Array]:
 def _initial_state(value_and_grad, x_init: Array, y: Array, eps, steps: int, *,
                    norm: str = "linf", x: Array | None = None,
                    sparse_init: bool = False) -> APGDState:
-  """The state after iterate 0 (one gradient evaluation). L1: ``topk`` is 0.2 after a random
-  start, or, with ``sparse_init`` (a stage of ``use_largereps``), the sparsity of ``x_init - x``
-  over ``1.5 n``."""
-  (_, (loss0, logits0)), grad0 = value_and_grad(x_init)
+  """The state after iterate 0 (one gradient evaluation, ``value_and_grad(x_init, 0)``: see
+  :func:`_value_and_grad_at`). L1: ``topk`` is 0.2 after a random start, or, with
+  ``sparse_init`` (a stage of ``use_largereps``), the sparsity of ``x_init - x`` over ``1.5 n``."""
+  (_, (loss0, logits0)), grad0 = value_and_grad(x_init, 0)
   bsz = x_init.shape[0]
   factor = L1_STEP_FACTOR if norm == "l1" else 2.0
   step0 = jnp.full((bsz,), factor, x_init.dtype) * eps
@@ -259,11 +275,31 @@ def _value_and_grad(logits_fn: LogitsFn, y: Array, target: Array, *, loss: str, 
   return jax.value_and_grad(total_loss, has_aux=True)
 
 
+def _value_and_grad_at(logits_fn: LogitsFn, y: Array, target: Array, *, loss: str,
+                       targeted: bool, draw_keys: Array | None, eot_samples: int):
+  """``(x, k) -> ((sum f, (f, logits)), grad)`` at iterate ``k``: :func:`_value_and_grad` of a
+  deterministic model (``k`` unused); for a randomized one the EoT gradient over
+  ``eot_samples`` draws keyed ``fold_in(draw_keys_i, k)`` and the last draw's loss and logits
+  (the reference's ``eot_iter`` loop)."""
+  if not _eot.is_stochastic(logits_fn):
+    value_and_grad = _value_and_grad(logits_fn, y, target, loss=loss, targeted=targeted)
+    return lambda xb, k: value_and_grad(xb)
+
+  def value_and_grad_of(m):
+    return _value_and_grad(m, y, target, loss=loss, targeted=targeted)
+
+  return lambda xb, k: _eot.eot_value_and_grad(value_and_grad_of, logits_fn, xb,
+                                               _eot.fold(draw_keys, k), eot_samples)
+
+
 def _apgd_body(logits_fn: LogitsFn, x: Array, y: Array, target: Array, eps: Array, *, norm: str,
                loss: str, targeted: bool, steps: int, rho: float,
-               bounds=projections.DEFAULT_BOUNDS):
-  """``body(i, state) -> state``: iteration ``i`` of Algorithm 1 (one gradient evaluation)."""
-  value_and_grad = _value_and_grad(logits_fn, y, target, loss=loss, targeted=targeted)
+               bounds=projections.DEFAULT_BOUNDS, draw_keys: Array | None = None,
+               eot_samples: int = 1):
+  """``body(i, state) -> state``: iteration ``i`` of Algorithm 1 (one gradient evaluation;
+  ``eot_samples`` of them, averaged, on a randomized model with per-run ``draw_keys``)."""
+  value_and_grad = _value_and_grad_at(logits_fn, y, target, loss=loss, targeted=targeted,
+                                      draw_keys=draw_keys, eot_samples=eot_samples)
   is_ckpt, interval = _checkpoint_tables(steps)
   n = x[0].size
   check_every = _l1_check_every(steps)
@@ -283,7 +319,7 @@ def _apgd_body(logits_fn: LogitsFn, x: Array, y: Array, target: Array, eps: Arra
 
   def body(i, c: APGDState) -> APGDState:
     x_new = _momentum_step(c, i, x, eps, norm, bounds)
-    (_, (loss_new, logits)), grad_new = value_and_grad(x_new)
+    (_, (loss_new, logits)), grad_new = value_and_grad(x_new, i + 1)
     miscl = jnp.argmax(logits, axis=1) != y
     improved = loss_new > c.loss_best
     loss_best = jnp.where(improved, loss_new, c.loss_best)
@@ -322,7 +358,8 @@ def _result(c: APGDState) -> APGDRun:
 
 def apgd_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_init: Array, eps, *,
              norm: str, loss: str, targeted: bool, steps: int, rho: float,
-             bounds=projections.DEFAULT_BOUNDS, sparse_init: bool = False) -> APGDRun:
+             bounds=projections.DEFAULT_BOUNDS, sparse_init: bool = False,
+             draw_keys: Array | None = None, eot_samples: int = 1) -> APGDRun:
   """One run of APGD (Algorithm 1) from ``x_init``; traceable, call it under ``jit``.
 
   With ``P`` the projection onto the eps-ball and box, ``s(g)`` = sign(g) (linf) or ``g/||g||_2``
@@ -350,14 +387,19 @@ def apgd_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_init: Arr
     steps: iterations ``N_iter``. rho: the fraction in condition 1.
     bounds: the box ``(lo, hi)``. sparse_init: L1 only, ``topk`` from ``x_init``'s sparsity
       (a ``use_largereps`` stage) instead of 0.2.
+    draw_keys: ``(B, ...)`` per-example keys of this run's draws, for a randomized model
+      (iterate ``k``'s draw ``s``: ``fold_in(fold_in(draw_keys_i, k), s)``); else ``None``.
+    eot_samples: draws averaged per gradient (module docstring; 1 for a deterministic model).
 
   Returns:
     :class:`APGDRun`.
   """
   eps = jnp.asarray(eps, x.dtype)
-  value_and_grad = _value_and_grad(logits_fn, y, target, loss=loss, targeted=targeted)
+  value_and_grad = _value_and_grad_at(logits_fn, y, target, loss=loss, targeted=targeted,
+                                      draw_keys=draw_keys, eot_samples=eot_samples)
   body = _apgd_body(logits_fn, x, y, target, eps, norm=norm, loss=loss, targeted=targeted,
-                    steps=steps, rho=rho, bounds=bounds)
+                    steps=steps, rho=rho, bounds=bounds, draw_keys=draw_keys,
+                    eot_samples=eot_samples)
   init = _initial_state(value_and_grad, x_init, y, eps, steps, norm=norm, x=x,
                         sparse_init=sparse_init)
   c = jax.lax.fori_loop(0, steps, body, init)
@@ -366,20 +408,25 @@ def apgd_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_init: Arr
 
 def apgd_run_from_keys(logits_fn: LogitsFn, x: Array, y: Array, target: Array, keys: Array, eps,
                        *, norm: str, loss: str, targeted: bool, steps: int, rho: float,
-                       bounds=projections.DEFAULT_BOUNDS, use_largereps: bool = False) -> APGDRun:
+                       bounds=projections.DEFAULT_BOUNDS, use_largereps: bool = False,
+                       draw_keys: Array | None = None, eot_samples: int = 1) -> APGDRun:
   """One run from a random start drawn with the per-example ``keys``: :func:`apgd_run` from
   :func:`initial_point`, or with ``use_largereps`` (L1) the three stages of the module
-  docstring (the first from :func:`initial_point` at ``3 eps``); traceable."""
+  docstring (the first from :func:`initial_point` at ``3 eps``; a randomized model's stage
+  ``s`` draws with :func:`_stage_draw_keys` of the run's ``draw_keys``); traceable."""
+  eot = dict(eot_samples=eot_samples)
   if not use_largereps:
     x0 = initial_point(keys, x, eps, norm, bounds)
     return apgd_run(logits_fn, x, y, target, x0, eps, norm=norm, loss=loss, targeted=targeted,
-                    steps=steps, rho=rho, bounds=bounds)
+                    steps=steps, rho=rho, bounds=bounds, draw_keys=draw_keys, **eot)
   eps = jnp.asarray(eps, x.dtype)
   x_init = initial_point(keys, x, LARGEREPS_FACTORS[0] * eps, norm, bounds)
-  for factor, iters in largereps_stages(steps):
-    x_init = projections.project(x_init, x, factor * eps, norm, bounds)
+  for stage, (factor, iters) in enumerate(largereps_stages(steps)):
+    if stage:  # the start is already in the first stage's ball (as in the host-driven loop)
+      x_init = projections.project(x_init, x, factor * eps, norm, bounds)
     res = apgd_run(logits_fn, x, y, target, x_init, factor * eps, norm=norm, loss=loss,
-                   targeted=targeted, steps=iters, rho=rho, bounds=bounds, sparse_init=True)
+                   targeted=targeted, steps=iters, rho=rho, bounds=bounds, sparse_init=True,
+                   draw_keys=_stage_draw_keys(draw_keys, stage), **eot)
     x_init = res.x_best
   return res
 
@@ -392,43 +439,74 @@ _RUN_STATIC = ("norm", "loss", "targeted", "steps", "rho")
 
 
 @functools.partial(jax.jit, static_argnames=("norm", "loss", "targeted", "steps",
-                                             "restarts", "factor"))
+                                             "restarts", "factor", "eot_samples"))
 def _apgd_start(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, order: Array, run: Array,
                 eps, bounds=projections.DEFAULT_BOUNDS, *, norm: str, loss: str,
-                targeted: bool, steps: int, restarts: int,
-                factor: float | None = None) -> tuple[Array, APGDState]:
+                targeted: bool, steps: int, restarts: int, factor: float | None = None,
+                draw_keys: Array | None = None,
+                eot_samples: int = 1) -> tuple[Array, APGDState]:
   """Run ``run``'s target ``(B,)`` and its state after iterate 0 (one gradient evaluation).
   With ``factor`` (the first ``use_largereps`` stage) the start is drawn at ``factor * eps``
   and ``topk`` read from its sparsity."""
   target = jax.lax.dynamic_index_in_dim(order, run // restarts, axis=1, keepdims=False)
   eps = jnp.asarray(eps, x.dtype) * (1.0 if factor is None else factor)
   x0 = initial_point(toolkit.fold_keys(keys, run), x, eps, norm, bounds)
-  value_and_grad = _value_and_grad(logits_fn, y, target, loss=loss, targeted=targeted)
+  value_and_grad = _value_and_grad_at(logits_fn, y, target, loss=loss, targeted=targeted,
+                                      draw_keys=draw_keys, eot_samples=eot_samples)
   return target, _initial_state(value_and_grad, x0, y, eps, steps, norm=norm, x=x,
                                 sparse_init=factor is not None)
 
 
-@functools.partial(jax.jit, static_argnames=("norm", "loss", "targeted", "steps", "factor"))
+@functools.partial(jax.jit, static_argnames=("norm", "loss", "targeted", "steps", "factor",
+                                             "eot_samples"))
 def _apgd_next_stage(logits_fn: LogitsFn, c: APGDState, x: Array, y: Array, target: Array, eps,
                      bounds, *, norm: str, loss: str, targeted: bool, steps: int,
-                     factor: float) -> APGDState:
+                     factor: float, draw_keys: Array | None = None,
+                     eot_samples: int = 1) -> APGDState:
   """The state after iterate 0 of a ``use_largereps`` stage at ``factor * eps``, started from
   the previous stage's ``x_max`` projected onto the stage's ball and box."""
   eps = jnp.asarray(eps, x.dtype) * factor
   x0 = projections.project(c.x_best, x, eps, norm, bounds)
-  value_and_grad = _value_and_grad(logits_fn, y, target, loss=loss, targeted=targeted)
+  value_and_grad = _value_and_grad_at(logits_fn, y, target, loss=loss, targeted=targeted,
+                                      draw_keys=draw_keys, eot_samples=eot_samples)
   return _initial_state(value_and_grad, x0, y, eps, steps, norm=norm, x=x, sparse_init=True)
 
 
-@functools.partial(jax.jit, static_argnames=_RUN_STATIC + ("factor",))
+@functools.partial(jax.jit, static_argnames=_RUN_STATIC + ("factor", "eot_samples"))
 def _apgd_step(logits_fn: LogitsFn, c: APGDState, i: Array, x: Array, y: Array, target: Array,
                eps, bounds=projections.DEFAULT_BOUNDS, *, norm: str, loss: str, targeted: bool,
-               steps: int, rho: float, factor: float = 1.0) -> APGDState:
+               steps: int, rho: float, factor: float = 1.0, draw_keys: Array | None = None,
+               eot_samples: int = 1) -> APGDState:
   """Iteration ``i`` of :func:`apgd_run` (one gradient evaluation), jitted on its own, at radius
   ``factor * eps``."""
   body = _apgd_body(logits_fn, x, y, target, jnp.asarray(eps, x.dtype) * factor, norm=norm,
-                    loss=loss, targeted=targeted, steps=steps, rho=rho, bounds=bounds)
+                    loss=loss, targeted=targeted, steps=steps, rho=rho, bounds=bounds,
+                    draw_keys=draw_keys, eot_samples=eot_samples)
   return body(i, c)
+
+
+def _draw_keys(logits_fn: LogitsFn, keys: Array, run) -> Array | None:
+  """Run ``run``'s per-example draw keys ``fold_in(fold_in(k_i, DRAW_STREAM), run)`` for a
+  randomized model, ``None`` for a deterministic one (its jitted steps are unchanged)."""
+  return _eot.fold(keys, _eot.DRAW_STREAM, run) if _eot.is_stochastic(logits_fn) else None
+
+
+def _stage_draw_keys(draw_keys: Array | None, stage: int) -> Array | None:
+  """A ``use_largereps`` stage's draw keys: the run's ``draw_keys`` for the first stage (and
+  for a run without stages), ``fold_in(fold_in(draw_keys_i, LARGEREPS_STAGE_STREAM), stage)``
+  for the later ones, so each stage's iterates draw afresh (their iterate numbers restart at
+  0); ``None`` for a deterministic model."""
+  if draw_keys is None or stage == 0:
+    return draw_keys
+  return _eot.fold(draw_keys, LARGEREPS_STAGE_STREAM, stage)
+
+
+def _order_model(logits_fn: LogitsFn, keys: Array) -> LogitsFn:
+  """The model APGD-T's target classes are read from: ``logits_fn``, or one draw of a
+  randomized one (keys ``fold_in(fold_in(k_i, CHECK_STREAM), 0)``)."""
+  if not _eot.is_stochastic(logits_fn):
+    return logits_fn
+  return _eot.Drawn(logits_fn, _eot.fold(keys, _eot.CHECK_STREAM, 0))
 
 
 def _fold_run(fooled: Array, x_out: Array, loss_best: Array,
@@ -451,12 +529,13 @@ def _keep_run(fooled: Array, x_out: Array, loss_best: Array,
 def _apgd_batch_in_graph(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *,
                          norm: str, loss: str, targeted: bool, steps: int, restarts: int,
                          n_target_classes: int, rho: float, bounds=projections.DEFAULT_BOUNDS,
-                         use_largereps: bool = False) -> tuple[Array, Array]:
+                         use_largereps: bool = False,
+                         eot_samples: int = 1) -> tuple[Array, Array]:
   """:func:`apgd_batch` as one traceable ``while`` loop over runs of :func:`apgd_run` (the same
   runs, keys and selection), for calls under the caller's ``jit`` or ``vmap``. Bit-identical
   to the host-driven loop (``tests/test_autoattack_loops.py``), slower on the CPU backend."""
   n_runs = restarts * (n_target_classes if targeted else 1)
-  order = toolkit.target_order(logits_fn(x), y)
+  order = toolkit.target_order(_order_model(logits_fn, keys)(x), y)
 
   def cond(s):
     return (s["run"] < n_runs) & ~jnp.all(s["fooled"])
@@ -466,7 +545,9 @@ def _apgd_batch_in_graph(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, e
     target = jax.lax.dynamic_index_in_dim(order, run // restarts, axis=1, keepdims=False)
     res = apgd_run_from_keys(logits_fn, x, y, target, toolkit.fold_keys(keys, run), eps,
                              norm=norm, loss=loss, targeted=targeted, steps=steps, rho=rho,
-                             bounds=bounds, use_largereps=use_largereps)
+                             bounds=bounds, use_largereps=use_largereps,
+                             draw_keys=_draw_keys(logits_fn, keys, run),
+                             eot_samples=eot_samples)
     fooled, x_out, loss_best = _fold_run(s["fooled"], s["x_out"], s["loss_best"], res)
     return dict(run=run + 1, fooled=fooled, x_out=x_out, loss_best=loss_best)
 
@@ -479,7 +560,7 @@ def _apgd_batch_in_graph(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, e
 def apgd_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm: str,
                loss: str, targeted: bool, steps: int, restarts: int, n_target_classes: int,
                rho: float, bounds=projections.DEFAULT_BOUNDS,
-               use_largereps: bool = False) -> tuple[Array, Array]:
+               use_largereps: bool = False, eot_samples: int = 1) -> tuple[Array, Array]:
   """APGD over restarts (and, if ``targeted``, target classes) with per-example keys.
 
   Runs are ordered target-major as in AutoAttack: for the ``t``-th target (:func:`target_order`
@@ -501,6 +582,7 @@ def apgd_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, nor
     x: ``(B, ...)`` in the box; y: ``(B,)`` int; keys: ``(B, ...)`` per-example PRNG keys.
     eps: scalar budget (traced: changing it does not recompile). bounds: the box ``(lo, hi)``
       (traced too).
+    eot_samples: draws per gradient for a randomized model (module docstring).
 
   Returns:
     ``(x_adv (B, ...), fooled (B,) bool)``.
@@ -511,9 +593,9 @@ def apgd_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, nor
     return _apgd_batch_in_graph(logits_fn, x, y, keys, eps, norm=norm, loss=loss,
                                 targeted=targeted, steps=steps, restarts=restarts,
                                 n_target_classes=n_target_classes, rho=rho, bounds=bounds,
-                                use_largereps=use_largereps)
+                                use_largereps=use_largereps, eot_samples=eot_samples)
   n_runs = restarts * (n_target_classes if targeted else 1)
-  order = toolkit.model_target_order(logits_fn, x, y)
+  order = toolkit.model_target_order(_order_model(logits_fn, keys), x, y)
   fooled = jnp.zeros(y.shape, bool)
   x_out = x
   loss_best = jnp.full(y.shape, -jnp.inf, x.dtype)
@@ -522,26 +604,32 @@ def apgd_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, nor
   for run in range(n_runs):
     if bool(jnp.all(fooled)):
       break
+    run_draw_keys = _draw_keys(logits_fn, keys, run)
     for stage, (factor, iters) in enumerate(stages):
+      # A randomized model's draws: keyword arguments only then (a deterministic model's calls,
+      # and so its compiled steps, are as without them).
+      eot = {} if run_draw_keys is None else dict(
+          draw_keys=_stage_draw_keys(run_draw_keys, stage), eot_samples=eot_samples)
       if stage == 0:
         target, c = _apgd_start(logits_fn, x, y, keys, order, jnp.int32(run), eps, bounds,
-                                **static, steps=iters, restarts=restarts, factor=factor)
+                                **static, steps=iters, restarts=restarts, factor=factor, **eot)
       else:
         c = _apgd_next_stage(logits_fn, c, x, y, target, eps, bounds, **static, steps=iters,
-                             factor=factor)
+                             factor=factor, **eot)
       for i in range(iters):
         # i as a Python int: traced as a (weak) int32 scalar, so one compile serves every i.
         c = _apgd_step(logits_fn, c, i, x, y, target, eps, bounds, **static, steps=iters,
-                       rho=rho, factor=1.0 if factor is None else factor)
+                       rho=rho, factor=1.0 if factor is None else factor, **eot)
     fooled, x_out, loss_best = _keep_run(fooled, x_out, loss_best, c)
   return x_out, fooled
 
 
 @toolkit.attack_entry
+@_eot.supports_randomized
 def apgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, loss: str = "ce",
          targeted: bool = False, steps: int = 100, restarts: int = 1,
          n_target_classes: int = 9, rho: float = 0.75, use_largereps: bool = False,
-         example_index=None, bounds=None) -> Array:
+         example_index=None, bounds=None, eot_samples: int = 1) -> Array:
   """Auto-PGD (Croce and Hein 2020, Algorithm 1) with CE or DLR loss, untargeted or targeted.
 
   Targeted runs use the ``min(n_target_classes, K - 1)`` non-true classes with the highest
@@ -561,16 +649,21 @@ def apgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, loss: str = "ce",
       example's randomness (default ``arange(B)``).
     bounds: the input box ``(lo, hi)``, scalars or arrays broadcastable to ``x`` (default
       ``(0, 1)``).
+    eot_samples: for a randomized model (``attacks.stochastic``), draws averaged per gradient
+      (Expectation over Transformation, the reference's ``eot_iter``; module docstring); the
+      attack then costs ``eot_samples`` times the gradients. ``> 1`` needs a randomized model.
 
   Returns:
     ``x_adv`` ``(B, H, W, C)``: the first misclassified point found per example, else the
-    highest-loss point; ``||x_adv - x|| <= eps`` and ``lo <= x_adv <= hi``.
+    highest-loss point; ``||x_adv - x|| <= eps`` and ``lo <= x_adv <= hi``. On a randomized
+    model "misclassified" is at the draw of that iterate's last EoT sample.
   """
   x, y, k, example_index, bounds = toolkit.validate_inputs(
       logits_fn, x, y, eps, norm, loss=loss, example_index=example_index, bounds=bounds)
   checks.check_at_least("steps", steps, 1)
   checks.check_at_least("restarts", restarts, 1)
   checks.check_at_least("n_target_classes", n_target_classes, 1)
+  checks.check_eot_samples(logits_fn, eot_samples)
   if targeted:
     checks.warn_target_classes(int(n_target_classes), k)
   if not 0.0 < rho <= 1.0:
@@ -586,39 +679,45 @@ def apgd(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, loss: str = "ce",
                         loss=loss, targeted=bool(targeted), steps=int(steps),
                         restarts=int(restarts),
                         n_target_classes=int(min(n_target_classes, k - 1)), rho=float(rho),
-                        bounds=bounds, use_largereps=bool(use_largereps))
+                        bounds=bounds, use_largereps=bool(use_largereps),
+                        eot_samples=int(eot_samples))
   return x_adv
 
 
 @register("apgd_ce")
 @toolkit.attack_entry
+@_eot.supports_randomized
 def apgd_ce(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
             restarts: int = 1, rho: float = 0.75, use_largereps: bool = False,
-            example_index=None, bounds=None) -> Array:
+            example_index=None, bounds=None, eot_samples: int = 1) -> Array:
   """APGD on the cross-entropy loss (AutoAttack's APGD-CE); see :func:`apgd`."""
   return apgd(logits_fn, x, y, key, eps=eps, norm=norm, loss="ce", steps=steps,
               restarts=restarts, rho=rho, use_largereps=use_largereps,
-              example_index=example_index, bounds=bounds)
+              example_index=example_index, bounds=bounds, eot_samples=eot_samples)
 
 
 @register("apgd_dlr")
 @toolkit.attack_entry
+@_eot.supports_randomized
 def apgd_dlr(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
              restarts: int = 1, rho: float = 0.75, use_largereps: bool = False,
-             example_index=None, bounds=None) -> Array:
+             example_index=None, bounds=None, eot_samples: int = 1) -> Array:
   """APGD on the untargeted DLR loss (Eq. 6; AutoAttack+'s APGD-DLR); see :func:`apgd`."""
   return apgd(logits_fn, x, y, key, eps=eps, norm=norm, loss="dlr", steps=steps,
               restarts=restarts, rho=rho, use_largereps=use_largereps,
-              example_index=example_index, bounds=bounds)
+              example_index=example_index, bounds=bounds, eot_samples=eot_samples)
 
 
 @register("apgd_t")
 @toolkit.attack_entry
+@_eot.supports_randomized
 def apgd_t(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
            restarts: int = 1, n_target_classes: int = 9, rho: float = 0.75,
-           use_largereps: bool = False, example_index=None, bounds=None) -> Array:
+           use_largereps: bool = False, example_index=None, bounds=None,
+           eot_samples: int = 1) -> Array:
   """APGD on the targeted DLR loss (Eq. 7) over the ``min(9, K-1)`` highest non-true classes
   (AutoAttack's APGD-T); see :func:`apgd`."""
   return apgd(logits_fn, x, y, key, eps=eps, norm=norm, loss="dlr", targeted=True,
               steps=steps, restarts=restarts, n_target_classes=n_target_classes, rho=rho,
-              use_largereps=use_largereps, example_index=example_index, bounds=bounds)
+              use_largereps=use_largereps, example_index=example_index, bounds=bounds,
+              eot_samples=eot_samples)

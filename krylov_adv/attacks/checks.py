@@ -9,6 +9,7 @@ tracers and only the static checks apply.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import sys
 import warnings
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from krylov_adv import projections
+from krylov_adv.attacks import _eot
 
 
 def is_concrete(a) -> bool:
@@ -30,6 +32,16 @@ def _range_stats(a):
   # these scalars come back replicated on every host.
   a = a.reshape(-1)
   return jnp.all(jnp.isfinite(a)), jnp.min(a), jnp.max(a)
+
+
+def _host_stats(fn, *args):
+  """``fn(*args)`` (a jitted reduction) as NumPy values, or ``None`` under a caller's ``jit``:
+  arrays closed over by the caller's function are concrete, but a jitted call inside its trace
+  returns tracers, whose values do not exist yet (the value checks are then skipped)."""
+  out = fn(*args)
+  if any(isinstance(v, jax.core.Tracer) for v in out):
+    return None
+  return tuple(np.asarray(v) for v in out)
 
 
 def _unbound_apply(fn) -> bool:
@@ -48,6 +60,8 @@ def num_classes(logits_fn, x) -> int:
   ``TypeError`` saying how to bind them; one that cannot take ``x`` (e.g. a CNN given rank-3 or
   rank-5 ``x``, or a function of other arguments) raises ``ValueError`` naming ``x``'s shape and
   dtype, with the model's own message after it."""
+  if _eot.is_stochastic(logits_fn):  # fn(x, key): its output shape for one key
+    logits_fn = functools.partial(logits_fn, key=jax.random.PRNGKey(0))
   if _unbound_apply(logits_fn):
     raise TypeError("logits_fn is a Flax module's apply, which takes (variables, x); attacks call "
                     "logits_fn(x): pass krylov_adv.models.as_logits_fn(module, variables, "
@@ -89,8 +103,10 @@ def check_model(logits_fn, x) -> None:
 
   * logits that look like probabilities (every row non-negative and summing to 1 within
     1e-4): a softmax output, on which the attacks' losses are wrong;
-  * two calls on the same input that differ: a randomized model (attacks trace it once, so they
-    would attack one fixed draw of it).
+  * two calls on the same input that differ: a randomized model not declared with
+    ``attacks.stochastic`` (attacks trace it once, so they would attack one fixed draw of it).
+    A declared one (:func:`krylov_adv.attacks._eot.is_stochastic`) gets only the first check,
+    on one draw.
 
   Runs once per model and parameter arrays (by identity) and input shape; nothing under a
   caller's ``jit`` (tracers) or when the model's arrays are tracers.
@@ -109,11 +125,16 @@ def check_model(logits_fn, x) -> None:
   while len(_CHECKED) > _CHECKED_SIZE:
     _CHECKED.popitem(last=False)
   probe = x[:_PROBE]
-  first, second = (np.asarray(jax.device_get(logits_fn(probe)), np.float64) for _ in range(2))
+  if _eot.is_stochastic(logits_fn):  # declared randomized: only the softmax check, on one draw
+    first = second = np.asarray(jax.device_get(logits_fn(probe, jax.random.PRNGKey(0))),
+                                np.float64)
+  else:
+    first, second = (np.asarray(jax.device_get(logits_fn(probe)), np.float64) for _ in range(2))
   if not np.array_equal(first, second, equal_nan=True):
     warnings.warn("logits_fn gives different outputs for the same input (a randomized model?): "
-                  "attacks trace it once and attack one fixed draw; evaluate it with EoT",
-                  ModelWarning, stacklevel=4)
+                  "attacks trace it once and attack one fixed draw; declare it as "
+                  "attacks.stochastic(fn) with fn(x, key) -> logits and attack it with EoT "
+                  "(eot_samples, autoattack(version='rand'))", ModelWarning, stacklevel=4)
   if first.size and np.all(first >= 0) and np.allclose(first.sum(axis=1), 1.0, atol=1e-4):
     warnings.warn("logits_fn returns probabilities (rows are non-negative and sum to 1): attacks "
                   "need logits; remove the final softmax", ModelWarning, stacklevel=4)
@@ -205,8 +226,9 @@ def check_attack_inputs(x, y, eps, norm: str, logits_fn=None, bounds=None) -> in
     raise ValueError(f"batch sizes differ: x has {x.shape[0]} examples, y has {y.shape[0]}")
   if not np.issubdtype(np.dtype(y.dtype), np.integer):
     raise ValueError(f"labels y must be integers, got dtype {y.dtype}")
-  if is_concrete(x) and x.size:
-    finite, lo, hi = (np.asarray(v) for v in _range_stats(x))
+  stats = _host_stats(_range_stats, x) if is_concrete(x) and x.size else None
+  if stats is not None:
+    finite, lo, hi = stats
     if not finite:
       raise ValueError("x contains NaN or inf")
     box = check_bounds(bounds, x)
@@ -216,7 +238,7 @@ def check_attack_inputs(x, y, eps, norm: str, logits_fn=None, bounds=None) -> in
         raise ValueError(f"x must lie in the box [{b_lo:g}, {b_hi:g}] (bounds), got range "
                          f"[{lo}, {hi}]")
     else:
-      out, below, above = (np.asarray(v) for v in _outside_box(x, *box))
+      out, below, above = _host_stats(_outside_box, x, *box)
       if out:
         raise ValueError(f"x must lie in the box bounds=(lo, hi): it is below lo by up to "
                          f"{below} and above hi by up to {above}")
@@ -227,8 +249,9 @@ def check_attack_inputs(x, y, eps, norm: str, logits_fn=None, bounds=None) -> in
   k = num_classes(logits_fn, x)
   if x.size:
     check_model(logits_fn, x)
-  if is_concrete(y) and y.size:
-    _, lo, hi = (np.asarray(v) for v in _range_stats(y))
+  stats = _host_stats(_range_stats, y) if is_concrete(y) and y.size else None
+  if stats is not None:
+    _, lo, hi = stats
     if lo < 0 or hi >= k:
       raise ValueError(f"labels must lie in [0, {k}), got range [{lo}, {hi}]")
   return k
@@ -267,3 +290,15 @@ def check_at_least(name: str, value, lower: int) -> None:
   """Raises ``ValueError`` unless the integer hyperparameter ``value`` is >= ``lower``."""
   if int(value) != value or value < lower:
     raise ValueError(f"{name} must be an integer >= {lower}, got {value}")
+
+
+def check_eot_samples(logits_fn, eot_samples) -> None:
+  """Raises ``ValueError`` unless ``eot_samples`` is an integer ``>= 1``, and for
+  ``eot_samples > 1`` on a model not declared randomized (``attacks.stochastic``): every draw of
+  a deterministic model is the same, so EoT would pay ``eot_samples`` gradients for one (and an
+  undeclared randomized model would be attacked at one fixed draw, not in expectation)."""
+  check_at_least("eot_samples", eot_samples, 1)
+  if eot_samples > 1 and not _eot.is_stochastic(logits_fn):
+    raise ValueError(f"eot_samples={eot_samples} needs a randomized model declared with "
+                     f"attacks.stochastic(fn), fn(x, key) -> logits; a deterministic model takes "
+                     f"eot_samples=1")

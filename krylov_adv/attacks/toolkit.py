@@ -22,6 +22,9 @@ returned in ``x``'s dtype; an empty batch is returned unchanged without calling 
 loop, :func:`ascent_step` keeps the last finite iterate, so a model that overflows only in part
 of the ball costs the example the steps after, not the whole attack.
 
+A randomized model (``attacks.stochastic(fn)``, ``fn(x, key)``) and the Expectation over
+Transformation of the attacks that take one are in :mod:`krylov_adv.attacks._eot`.
+
 Examples never interact: attacks see the model in inference mode, so the gradient of the summed
 loss w.r.t. the batch holds every example's own gradient (the block-diagonal assumption of
 :mod:`krylov_adv.hvp`).
@@ -39,7 +42,7 @@ import numpy as np
 from jax import lax
 
 from krylov_adv import hvp, losses, projections
-from krylov_adv.attacks import checks
+from krylov_adv.attacks import _eot, checks
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -253,7 +256,9 @@ def attack_entry(attack: Callable[..., Array]) -> Callable[..., Array]:
     returned unchanged, without calling the model (``x.reshape(B, -1)`` cannot run at ``B = 0``);
   * an example whose ``x_adv`` is not finite gets its clean ``x`` (:func:`finite_or`);
   * ``logits_fn`` becomes a :class:`TracedModel` (:func:`as_model`): the attack's jitted core
-    takes it as a traced argument, so its arrays (the parameters) are data, not constants.
+    takes it as a traced argument, so its arrays (the parameters) are data, not constants;
+  * a randomized model (``attacks.stochastic``) is refused, with the reason, by an attack not
+    marked ``_eot.supports_randomized`` (:func:`krylov_adv.attacks._eot.check_supported`).
 
   Everything else (input and hyperparameter checks) stays in the attack, through
   :func:`validate_inputs`.
@@ -262,6 +267,7 @@ def attack_entry(attack: Callable[..., Array]) -> Callable[..., Array]:
   @functools.wraps(attack)
   def entry(logits_fn, x, y, key, **hyperparameters):
     logits_fn = as_model(logits_fn)
+    _eot.check_supported(attack, logits_fn)
     x, dtype = _working_precision(x)
     if _is_empty(x):
       kw = keyword_arguments(attack, hyperparameters)
@@ -282,6 +288,7 @@ def report_entry(attack_with_report: Callable[..., "WithReport"]) -> Callable[..
   @functools.wraps(attack_with_report)
   def entry(logits_fn, x, y, key, **hyperparameters):
     logits_fn = as_model(logits_fn)
+    _eot.check_supported(attack_with_report, logits_fn)
     x, dtype = _working_precision(x)
     if _is_empty(x):
       raise ValueError(f"{attack_with_report.__name__} needs at least one example, got an empty "
