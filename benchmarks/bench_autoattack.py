@@ -213,11 +213,12 @@ def torch_model(params):
   return net.eval()
 
 
-def torch_tiny_cnn(params):
+def torch_tiny_cnn(params, dropout: float = 0.0):
   """:class:`krylov_adv.models.cnn.TinyCNN` (ReLU, 8x8x1 input) in PyTorch (NCHW input),
   holding ``params``' weights, converted as in :func:`torch_model`: conv 8 3x3 (SAME: padding
   1), average pool 2, conv 16 3x3, average pool 2, dense 32, dense 10, the ``(2, 2, 16)``
-  features flattened in Flax's NHWC order."""
+  features flattened in Flax's NHWC order. ``dropout``: ``torch.nn.Dropout(dropout)`` on the 32
+  hidden units (active in ``train()`` mode; the returned network is in ``eval()`` mode)."""
   import torch  # pylint: disable=import-outside-toplevel
 
   class Net(torch.nn.Module):
@@ -227,13 +228,14 @@ def torch_tiny_cnn(params):
       self.c1 = torch.nn.Conv2d(1, 8, 3, padding=1)
       self.c2 = torch.nn.Conv2d(8, 16, 3, padding=1)
       self.f1 = torch.nn.Linear(16 * 2 * 2, 32)
+      self.drop = torch.nn.Dropout(dropout)
       self.f2 = torch.nn.Linear(32, 10)
 
     def forward(self, x):
       x = torch.nn.functional.avg_pool2d(torch.relu(self.c1(x)), 2)
       x = torch.nn.functional.avg_pool2d(torch.relu(self.c2(x)), 2)
       x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
-      return self.f2(torch.relu(self.f1(x)))
+      return self.f2(self.drop(torch.relu(self.f1(x))))
 
   p = jax.tree_util.tree_map(np.asarray, params)["params"]
   net = Net()

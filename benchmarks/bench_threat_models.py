@@ -36,8 +36,12 @@ classifies correctly. Three sections:
   so its direction (and robust accuracy) changes with ``s`` (a pure shift, ``s = 1``, agrees).
   L1-APGD's and FAB's discrete choices (top-k coordinates, active faces) turn rounding into
   different iterates, with the same robust points.
-* ``rand``: randomized models (``version='rand'``); see :func:`run`: it needs
-  ``attacks.stochastic`` (issue 24 item 2), and the JSON says when this checkout lacks it.
+* ``rand``: a randomized model (:class:`DropoutTinyCNN`: dropout 0.3 on the hidden units,
+  trained with it and left on at test time, declared with ``attacks.stochastic``), ours
+  ``autoattack(version="rand")`` (APGD-CE and APGD-DLR, 1 restart, 20 EoT samples) beside the
+  reference's ``AutoAttack(..., version='rand')`` (``eot_iter`` 20) on the same weights, Linf 0.1
+  and L1 1.0: each library's single-draw accuracy after each component, and the robust accuracy
+  of its ``x_adv`` over 100 draws (:func:`rand_section`).
 
 ``--fast``: reduced settings for a loaded machine (:data:`FAST_L1` on both sides, e.g. 20 APGD /
 FAB iterations and 500 Square queries; :data:`FAST_AGREEMENT`); the JSON records the settings
@@ -59,9 +63,11 @@ import sys
 import tempfile
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from krylov_adv import attacks, models, projections
 from krylov_adv.attacks import _autoattack as aa
@@ -82,8 +88,14 @@ FAST_AGREEMENT = {
     "autoattack": {"hyperparameters": {"apgd_ce": {"steps": 20}, "apgd_t": {"steps": 20},
                                        "fab_t": {"steps": 20}, "square": {"steps": 500}}},
 }
-_REFERENCE_NAMES = {"apgd_ce": "APGD-CE", "apgd_t": "APGD-T", "fab_t": "FAB-T",
-                    "square": "SQUARE"}
+_REFERENCE_NAMES = {"apgd_ce": "APGD-CE", "apgd_dlr": "APGD-DLR", "apgd_t": "APGD-T",
+                    "fab_t": "FAB-T", "square": "SQUARE"}
+_REFERENCE_NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+# Section 3: dropout on the TinyCNN's 32 hidden units, trained with it and left on at test time;
+# the budgets attacked with version='rand'; the draws robust accuracy is averaged over.
+DROPOUT = 0.3
+RAND_BUDGETS = (("linf", 0.1), ("l1", 1.0))
+RAND_DRAWS = 100
 
 
 def _load() -> list[float]:
@@ -149,14 +161,15 @@ def _reference_apgd_ce(net, xt, yt, eps: float, steps: int, seed: int) -> dict:
           "max_l1": float((adv - xt).detach().abs().flatten(1).sum(1).max())}
 
 
-def _reference_autoattack(autoattack, net, xt, yt, eps: float, settings: dict,
-                          seed: int) -> dict:
-  """The reference's ``run_standard_evaluation`` (L1, standard) on one batch; per-component
-  robust accuracy and seconds from its log lines ``robust accuracy after X: p% (total time t
-  s)``, checked against the accuracy of the returned ``x_adv``."""
+def _reference_autoattack(autoattack, net, xt, yt, eps: float, settings: dict, seed: int,
+                          norm: str = "l1", version: str = "standard") -> dict:
+  """The reference's ``run_standard_evaluation`` on one batch; per-component robust accuracy
+  and seconds from its log lines ``robust accuracy after X: p% (total time t s)``, checked
+  against the accuracy of the returned ``x_adv`` (for a deterministic ``net``; the caller
+  judges a randomized one over draws, ``x_adv`` is returned under ``"x_adv"``)."""
   import torch  # pylint: disable=import-outside-toplevel
-  adversary = autoattack.AutoAttack(net, norm="L1", eps=eps, version="standard", seed=seed,
-                                    device="cpu")
+  adversary = autoattack.AutoAttack(net, norm=_REFERENCE_NORMS[norm], eps=eps, version=version,
+                                    seed=seed, device="cpu")
   for apgd in (adversary.apgd, adversary.apgd_targeted):  # n_iter_orig drives use_largereps
     apgd.n_iter = apgd.n_iter_orig = settings["apgd_steps"]
   adversary.fab.n_iter = settings["fab_steps"]
@@ -175,20 +188,23 @@ def _reference_autoattack(autoattack, net, xt, yt, eps: float, settings: dict,
       after[name], cumulative[name] = float(m.group(1)) / 100, float(m.group(2))
   with torch.no_grad():
     final = float((net(adv).argmax(1) == yt).numpy().mean())
-  if after and abs(list(after.values())[-1] - final) > 0.51e-4:  # logged as {:.2%}
-    raise AssertionError(f"parsed {after} but x_adv's robust accuracy is {final}")
+  if version != "rand" and after and abs(list(after.values())[-1] - final) > 0.51e-4:
+    raise AssertionError(f"parsed {after} but x_adv's robust accuracy is {final}")  # {:.2%}
   seconds, previous = {}, 0.0
   for name, t in cumulative.items():
     seconds[name], previous = t - previous, t
+  delta = (adv - xt).detach().flatten(1)
+  norms = {"linf": delta.abs().max(1)[0], "l2": delta.norm(dim=1), "l1": delta.abs().sum(1)}
   return {"robust_accuracy_after": after, "robust_accuracy": final, "seconds": seconds,
-          "total_seconds": total,
-          "max_l1": float((adv - xt).detach().abs().flatten(1).sum(1).max()),
+          "total_seconds": total, f"max_{norm}": float(norms[norm].max()),
           "box": [float(adv.min()), float(adv.max())],
-          "settings": {"apgd_restarts": adversary.apgd.n_restarts,
+          "settings": {"components": list(adversary.attacks_to_run),
+                       "apgd_restarts": adversary.apgd.n_restarts,
+                       "apgd_eot_iter": adversary.apgd.eot_iter,
                        "apgd_t_target_classes": adversary.apgd_targeted.n_target_classes,
                        "use_largereps": bool(adversary.apgd.use_largereps),
                        "fab_target_classes": adversary.fab.n_target_classes, **settings},
-          "log": [line for line in text.splitlines() if line.strip()]}
+          "log": [line for line in text.splitlines() if line.strip()], "x_adv": adv}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,8 +254,9 @@ def l1_section(f, params, x, y, eps_list, settings: dict, seed: int, reference=N
     if ref_inputs is not None:
       entry["apgd_ce_alone"]["reference"] = _reference_apgd_ce(
           *ref_inputs, eps, settings["apgd_steps"], seed)
-      entry["autoattack"]["reference"] = _reference_autoattack(reference[0], *ref_inputs, eps,
-                                                               settings, seed)
+      ref = _reference_autoattack(reference[0], *ref_inputs, eps, settings, seed)
+      del ref["x_adv"]
+      entry["autoattack"]["reference"] = ref
       entry["load_average_reference_end"] = _load()
     out["budgets"].append(entry)
     print(json.dumps({k: v for k, v in entry.items()}, default=str)[:2000], flush=True)
@@ -290,15 +307,143 @@ def agreement_section(f, x, y, eps_l1: float, seed: int, fast: bool) -> dict:
           "settings": "fast" if fast else "defaults", "rows": rows}
 
 
+# ----------------------------------------------------------------------------------------------
+# Section 3: a randomized model (dropout at test time), version='rand' beside the reference's.
+
+
+class DropoutTinyCNN(nn.Module):
+  """:class:`krylov_adv.models.cnn.TinyCNN` with ``nn.Dropout(rate)`` on its 32 hidden units
+  (no parameters of its own: TinyCNN's parameter tree, so :func:`torch_tiny_cnn` ports it)."""
+  rate: float = DROPOUT
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    x = nn.avg_pool(nn.relu(nn.Conv(8, (3, 3), padding="SAME")(x)), (2, 2), strides=(2, 2))
+    x = nn.avg_pool(nn.relu(nn.Conv(16, (3, 3), padding="SAME")(x)), (2, 2), strides=(2, 2))
+    x = nn.relu(nn.Dense(32)(x.reshape((x.shape[0], -1))))
+    x = nn.Dropout(self.rate, deterministic=deterministic)(x)
+    return nn.Dense(10)(x)
+
+
+def _dropout_apply(params, x, key):
+  """One draw of the dropout model: ``fn(x, key) -> logits`` for ``attacks.stochastic``."""
+  return DropoutTinyCNN().apply(params, x, deterministic=False, rngs={"dropout": key})
+
+
+def train_dropout_params(ds, steps: int, seed: int = 0):
+  """DropoutTinyCNN trained as :func:`benchmarks.bench_autoattack.train_digits_params` trains
+  TinyCNN (Adam 3e-3, batch 64, the same batches), with a fresh dropout mask per step."""
+  model = DropoutTinyCNN()
+  params = model.init(jax.random.PRNGKey(seed), ds.x_train[:1])
+  opt = optax.adam(3e-3)
+  opt_state = opt.init(params)
+
+  @jax.jit
+  def step(params, opt_state, xb, yb, key):
+    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        _dropout_apply(p, xb, key), yb).mean())(params)
+    updates, opt_state = opt.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  rng = np.random.default_rng(seed)
+  for i in range(steps):
+    idx = rng.integers(0, len(ds.y_train), 64)
+    params, opt_state = step(params, opt_state, ds.x_train[idx], ds.y_train[idx],
+                             jax.random.fold_in(jax.random.PRNGKey(seed + 1), i))
+  return params
+
+
+def rand_section(ds, points: int, steps: int, settings: dict, seed: int, draws: int,
+                 reference=None) -> dict:
+  """Ours ``autoattack(version="rand")`` on ``attacks.stochastic(_dropout_apply)`` beside the
+  reference's ``AutoAttack(net, version='rand')`` (APGD-CE, APGD-DLR, 1 restart, ``eot_iter``
+  20) on the same weights (``net`` in train mode: dropout on) and points: the first ``points``
+  test digits the model classifies correctly with dropout off. Per component: each library's
+  single-draw accuracy after it (what its ensemble decides with); robust accuracy: the mean
+  over ``draws`` draws of the returned ``x_adv`` (ours' draws: ``evaluation.draw_predictions``;
+  the reference's: ``draws`` forward passes in train mode)."""
+  from krylov_adv import evaluation  # pylint: disable=import-outside-toplevel
+  params = train_dropout_params(ds, steps, seed)
+  det = jax.tree_util.Partial(lambda p, z: DropoutTinyCNN().apply(p, z), params)
+  model = attacks.stochastic(jax.tree_util.Partial(_dropout_apply, params))
+  correct = np.asarray(jnp.argmax(det(ds.x_test), 1)) == ds.y_test
+  x = jnp.asarray(ds.x_test[correct][:points])
+  y = jnp.asarray(ds.y_test[correct][:points])
+  key = jax.random.PRNGKey(seed)
+  judge = jax.random.PRNGKey(seed + 1000)
+
+  def over_draws(z):
+    return float(np.mean(np.asarray(evaluation.draw_predictions(model, z, judge, draws=draws))
+                         == np.asarray(y)[None]))
+
+  hyper = {"apgd_ce": {"steps": settings["apgd_steps"]},
+           "apgd_dlr": {"steps": settings["apgd_steps"]}}
+  out = {"model": f"TinyCNN with dropout {DROPOUT} on the hidden dense layer, {steps} Adam steps "
+                  f"with dropout, left on at test time",
+         "test_clean_accuracy_dropout_off": float(correct.mean()), "points": int(x.shape[0]),
+         "draws": draws, "clean_accuracy_over_draws": over_draws(x),
+         "settings": {"ours": {name: dict(kw) for name, kw in aa.version_components(
+             "rand", hyperparameters=hyper)}, "apgd_steps": settings["apgd_steps"]},
+         "budgets": []}
+  net = None
+  if reference is not None:
+    import torch  # pylint: disable=import-outside-toplevel
+    net = torch_tiny_cnn(params, dropout=DROPOUT)
+    xt = torch.from_numpy(np.array(np.asarray(x).transpose(0, 3, 1, 2), np.float32))
+    yt = torch.from_numpy(np.array(y, np.int64))
+    with torch.no_grad():
+      out["max_logit_difference_dropout_off"] = float(np.max(np.abs(
+          net(xt).numpy() - np.asarray(det(x)))))
+    if out["max_logit_difference_dropout_off"] > 1e-5:
+      raise AssertionError("the PyTorch copy's logits differ by "
+                           f"{out['max_logit_difference_dropout_off']}")
+    net.train()  # dropout on: the reference attacks the randomized model
+    torch.manual_seed(seed)
+
+    def torch_over_draws(z):
+      with torch.no_grad():
+        return float(np.mean([(net(z).argmax(1) == yt).numpy().mean() for _ in range(draws)]))
+
+    out["reference_clean_accuracy_over_draws"] = torch_over_draws(xt)
+  for norm, eps in RAND_BUDGETS:
+    entry = {"norm": norm, "eps": eps, "load_average_start": _load()}
+    start = time.perf_counter()
+    x_adv, report = attacks.autoattack_with_report(model, x, y, key, eps=eps, norm=norm,
+                                                   version="rand", hyperparameters=hyper)
+    total = time.perf_counter() - start
+    entry["ours"] = {
+        "clean_accuracy_one_draw": report.clean_accuracy,
+        "robust_accuracy_after_one_draw": dict(zip(report.components,
+                                                   report.robust_accuracy_after)),
+        "robust_accuracy_over_draws": over_draws(x_adv),
+        "seconds": dict(zip(report.components, report.seconds)), "total_seconds": total,
+        f"max_{norm}": _max_norm(x_adv, x, norm)}
+    entry["load_average_ours_end"] = _load()
+    if net is not None:
+      ref = _reference_autoattack(reference[0], net, xt, yt, eps, settings, seed, norm=norm,
+                                  version="rand")
+      ref["robust_accuracy_one_draw"] = ref.pop("robust_accuracy")
+      ref["robust_accuracy_after_one_draw"] = ref.pop("robust_accuracy_after")
+      ref["robust_accuracy_over_draws"] = torch_over_draws(ref.pop("x_adv"))
+      entry["reference"] = ref
+      entry["load_average_reference_end"] = _load()
+    out["budgets"].append(entry)
+    print(json.dumps(entry)[:2000], flush=True)
+  return out
+
+
 def run(points: int = 100, steps: int = 300, seed: int = 0, eps_l1=(1.0, 2.0),
         reference_dir: str | None = None, fast: bool = False,
         sections=("l1", "agreement", "rand")) -> dict:
   model, params, ds = train_digits_params(steps, seed)
+  commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), check=False)
   f = models.as_logits_fn(model, params)
   correct = np.asarray(jnp.argmax(f(ds.x_test), 1)) == ds.y_test
   x = jnp.asarray(ds.x_test[correct][:points])
   y = jnp.asarray(ds.y_test[correct][:points])
-  out = {"benchmark": "threat_models", "device": str(jax.devices()[0]),
+  out = {"benchmark": "threat_models", "commit": commit.stdout.strip(),
+         "device": str(jax.devices()[0]),
          "platform": platform.platform(), "jax": jax.__version__,
          "model": f"TinyCNN(relu), {steps} Adam steps on sklearn digits, no defence",
          "test_clean_accuracy": float(correct.mean()), "points": int(x.shape[0]),
@@ -316,13 +461,9 @@ def run(points: int = 100, steps: int = 300, seed: int = 0, eps_l1=(1.0, 2.0),
                            reference)
   if "agreement" in sections:
     out["agreement"] = agreement_section(f, x, y, eps_l1[0], seed, fast)
-  # Section 3, randomized models (version='rand'), issue 24 item 2: a TinyCNN-sized model with
-  # dropout on at test time, declared with ``attacks.stochastic(fn)``, ours
-  # ``autoattack(version="rand")`` beside the reference's ``AutoAttack(..., version='rand')``
-  # (APGD-CE and APGD-DLR, 1 restart, eot_iter 20) on the same weights. It belongs here once
-  # ``attacks.stochastic`` is in this checkout; until then the JSON says why it did not run.
-  if "rand" in sections and not hasattr(attacks, "stochastic"):
-    out["rand"] = {"skipped": "attacks.stochastic is not in this checkout (issue 24 item 2)"}
+  if "rand" in sections:
+    out["rand"] = rand_section(ds, points, steps, FAST_L1 if fast else FULL_L1, seed,
+                               RAND_DRAWS, reference)
   out["load_average_end"] = _load()
   return out
 
