@@ -180,7 +180,9 @@ standardised model). Every projection, random start and clip keeps `x_adv` insid
 outside it is a `ValueError`, and the box is traced data (another box of the same shape compiles
 nothing). A model that standardises its input, `z = (x - mu) / s`, is attacked in `z` with
 `bounds=((0 - mu) / s, (1 - mu) / s)` and `eps / s` (scalar `s`: the same threat model as `eps`
-in pixels; `tests/test_threat_models.py` checks every attack gives the same robust accuracy):
+in pixels; `tests/test_threat_models.py` checks every attack gives the same robust points,
+except SOAE: Algorithm 1 starts GMRES at `d_0 = g`, which in `z` is the pixel-space solve
+started from `s^2 g`, so SOAE depends on the input scale):
 
 ```python
 import jax

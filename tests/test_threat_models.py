@@ -8,7 +8,8 @@
   for every attack and norm: the same robust points, and ``z_adv`` inside the box and the ball.
   With ``mu = 0`` and ``s`` a power of two every operation scales exactly (up to the absolute
   guards such as ``1e-12`` in denominators), so the two runs follow the same trajectory (every
-  attack but SOAE, every norm); with per-channel ``mu`` the
+  norm, every attack but SOAE, whose Algorithm 1 is not scale-equivariant: its GMRES starts at
+  ``d_0 = g``); with per-channel ``mu`` the
   shift rounds, and attacks whose trajectories amplify a last-bit difference (SOAE's one-
   coordinate L1 step, APGD-DLR's checkpoints) can part: there PGD is checked.
 * L1 AutoAttack (the reference's settings) is at least as strong as L1 APGD-CE alone.
@@ -171,9 +172,12 @@ def scaled():
 
 
 _EPS = {"linf": 0.05, "l2": 0.4, "l1": 3.0}
+# SOAE is not here: Algorithm 1 starts GMRES at d_0 = g, and in z = (x - mu) / s that is the
+# pixel-space solve started from s^2 g, so it stops at another direction (a pure shift, s = 1,
+# agrees; benchmarks/bench_threat_models.py measures the difference). Its box is checked below.
 _FAST_HYPER = {
     "fgsm": {}, "pgd": {"steps": 5}, "second_order": {"steps": 3, "samples": 2},
-    "soae": {"steps": 2, "m": 3}, "trades": {"steps": 3},
+    "trades": {"steps": 3},
     "apgd_ce": {"steps": 8}, "apgd_dlr": {"steps": 8}, "apgd_t": {"steps": 8,
                                                                   "n_target_classes": 2},
     "fab": {"steps": 8}, "fab_t": {"steps": 8, "n_target_classes": 2},
@@ -207,13 +211,7 @@ def _check_standardised(standardised, name, norm, exact=False):
   # The same attack up to float rounding of z * s + mu: the same robust points. (The iterates
   # themselves may part by more than rounding: APGD-DLR's checkpoints and SOAE's GMRES amplify
   # a last-bit difference into another trajectory, the robust points stay the same.)
-  if name == "soae" and norm == "l1":
-    # SOAE's L1 step moves the one coordinate of largest |H^-1 g| (the top 1% of 108): a near
-    # tie between two coordinates, decided by the last bit of GMRES's solution, changes the
-    # point. At most one of the 12 points may differ.
-    assert np.sum(robust_f != robust_g) <= 1, (robust_f, robust_g)
-  else:
-    np.testing.assert_array_equal(robust_f, robust_g, err_msg=f"{name} {norm}")
+  np.testing.assert_array_equal(robust_f, robust_g, err_msg=f"{name} {norm}")
   if exact:  # the same trajectory: equal up to the absolute guards (1e-12 in denominators)
     np.testing.assert_allclose(np.asarray(z_adv) * _S, np.asarray(x_adv), rtol=1e-5, atol=1e-5,
                                err_msg=f"{name} {norm}")
@@ -229,11 +227,20 @@ def test_standardised_model_pgd(standardised):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(_FAST_HYPER))
 def test_scaled_model_every_attack_and_norm_agree_to_the_bit(scaled, name):
-  # SOAE: GMRES on a near-singular input Hessian turns a last-bit difference of XLA's two
-  # programs (the chain rule's factor s sits elsewhere) into another direction; its robust
-  # points still agree.
   for norm in ("linf", "l2", "l1"):
-    _check_standardised(scaled, name, norm, exact=name != "soae")
+    _check_standardised(scaled, name, norm, exact=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_soae_stays_in_the_standardised_box_and_ball(standardised, norm):
+  _, g, _, y, z, box = standardised
+  eps = _EPS[norm] / _S
+  z_adv = np.asarray(attacks.soae(g, z, y, jax.random.PRNGKey(3), eps=eps, norm=norm, steps=2,
+                                  m=3, bounds=box))
+  assert np.all(z_adv >= box[0] - 1e-6) and np.all(z_adv <= box[1] + 1e-6)
+  dist = np.asarray(projections.per_example_norm(z_adv - z, norm))
+  assert np.all(dist <= eps * (1 + 1e-4) + 1e-6)
 
 
 def test_attacks_refuse_x_outside_the_box_and_bad_bounds(standardised):
@@ -342,3 +349,23 @@ def test_l1_largereps_host_driven_loop_equals_the_in_graph_loop(standardised):
   graph = jax.jit(lambda zz: _apgd.apgd_batch(attacks.as_model(g), zz, y, keys, 2.0, **kw))(z)
   np.testing.assert_array_equal(np.asarray(host[0]), np.asarray(graph[0]))
   np.testing.assert_array_equal(np.asarray(host[1]), np.asarray(graph[1]))
+
+
+def test_standardised_pixels_at_the_box_edges_are_inside_it():
+  """Data standardised in float32 and a box from Python floats disagree in the last bits (an
+  exact 0 pixel of MNIST lands ~4e-8 below (0 - 0.1307) / 0.3081): inside, up to rounding."""
+  mu, s = 0.1307, 0.3081
+  x = np.zeros((2, 4, 4, 1), np.float32)
+  x[1] = 1.0
+  z = (x - np.float32(mu)) / np.float32(s)
+  lo, hi = (0 - mu) / s, (1 - mu) / s
+  assert z.min() < lo or z.max() > hi  # the rounding this test is about
+  w = jnp.ones((16, 3), jnp.float32)
+  model = jax.tree_util.Partial(lambda w, v: v.reshape(v.shape[0], -1) @ w, w)
+  z_adv = attacks.fgsm(model, z, np.array([0, 1], np.int32), jax.random.PRNGKey(0),
+                       eps=0.1, norm="linf", bounds=(lo, hi))
+  z_adv = np.asarray(z_adv)
+  assert np.all(z_adv >= np.float32(lo)) and np.all(z_adv <= np.float32(hi))
+  with pytest.raises(ValueError, match="x must lie in the box"):
+    attacks.fgsm(model, z - 1e-3, np.array([0, 1], np.int32), jax.random.PRNGKey(0), eps=0.1,
+                 norm="linf", bounds=(lo, hi))
