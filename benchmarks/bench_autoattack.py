@@ -180,6 +180,23 @@ def train_mnist_model(root: str, epochs: int, seed: int = 0):
   return params, x, y
 
 
+def _with_flax_weights(net, params):
+  """``net`` (two convolutions ``c1``, ``c2`` and two dense layers ``f1``, ``f2``) holding the
+  Flax ``params``: conv kernels ``(kh, kw, in, out) -> (out, in, kh, kw)``, dense ``(in, out) ->
+  (out, in)``; in ``eval()`` mode."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  p = jax.tree_util.tree_map(np.asarray, params)["params"]
+  with torch.no_grad():
+    for name, layer in (("Conv_0", net.c1), ("Conv_1", net.c2)):
+      layer.weight.copy_(torch.from_numpy(p[name]["kernel"].transpose(3, 2, 0, 1).copy()))
+      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
+    for name, layer in (("Dense_0", net.f1), ("Dense_1", net.f2)):
+      layer.weight.copy_(torch.from_numpy(p[name]["kernel"].T.copy()))
+      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
+  return net.eval()
+
+
 def torch_model(params):
   """The same network in PyTorch (NCHW input), holding ``params``' weights: conv kernels
   ``(kh, kw, in, out) -> (out, in, kh, kw)``, dense ``(in, out) -> (out, in)``, and the
@@ -201,16 +218,7 @@ def torch_model(params):
       x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
       return self.f2(torch.relu(self.f1(x)))
 
-  p = jax.tree_util.tree_map(np.asarray, params)["params"]
-  net = Net()
-  with torch.no_grad():
-    for name, layer in (("Conv_0", net.c1), ("Conv_1", net.c2)):
-      layer.weight.copy_(torch.from_numpy(p[name]["kernel"].transpose(3, 2, 0, 1).copy()))
-      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
-    for name, layer in (("Dense_0", net.f1), ("Dense_1", net.f2)):
-      layer.weight.copy_(torch.from_numpy(p[name]["kernel"].T.copy()))
-      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
-  return net.eval()
+  return _with_flax_weights(Net(), params)
 
 
 def torch_tiny_cnn(params, dropout: float = 0.0):
@@ -237,16 +245,7 @@ def torch_tiny_cnn(params, dropout: float = 0.0):
       x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
       return self.f2(self.drop(torch.relu(self.f1(x))))
 
-  p = jax.tree_util.tree_map(np.asarray, params)["params"]
-  net = Net()
-  with torch.no_grad():
-    for name, layer in (("Conv_0", net.c1), ("Conv_1", net.c2)):
-      layer.weight.copy_(torch.from_numpy(p[name]["kernel"].transpose(3, 2, 0, 1).copy()))
-      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
-    for name, layer in (("Dense_0", net.f1), ("Dense_1", net.f2)):
-      layer.weight.copy_(torch.from_numpy(p[name]["kernel"].T.copy()))
-      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
-  return net.eval()
+  return _with_flax_weights(Net(), params)
 
 
 def torch_input_gradient(net, x: np.ndarray, y: np.ndarray):

@@ -21,6 +21,20 @@ from krylov_adv import attacks, evaluation
 ROWS = "standard,pgd_eqcost"
 
 
+def _count_evaluations(monkeypatch) -> list:
+  """Records the entries of every ``evaluation.evaluate_attacks`` call (what a resumed table
+  re-attacks) in the returned list."""
+  calls = []
+  real = evaluation.evaluate_attacks
+
+  def counting(logits_fn, x, y, cfgs, key, **kwargs):
+    calls.append(list(cfgs))
+    return real(logits_fn, x, y, cfgs, key, **kwargs)
+
+  monkeypatch.setattr(evaluation, "evaluate_attacks", counting)
+  return calls
+
+
 def _tiny_config(rows: str = ROWS):
   pytest.importorskip("sklearn.datasets")
   c = table_digits.get_config()
@@ -92,14 +106,7 @@ def test_interrupted_evaluation_resumes_at_the_missing_attack(run, monkeypatch):
   del stored["results"]["pgd_l2"]  # as if killed during PGD L2
   with open(path, "w") as f:
     json.dump(stored, f)
-  calls = []
-  real = evaluation.evaluate_attacks
-
-  def counting(logits_fn, x, y, cfgs, key, **kwargs):
-    calls.append(list(cfgs))
-    return real(logits_fn, x, y, cfgs, key, **kwargs)
-
-  monkeypatch.setattr(evaluation, "evaluate_attacks", counting)
+  calls = _count_evaluations(monkeypatch)
   again = table_lib.run_table(config, workdir, progress=False)
   assert calls == [["pgd_l2"]]
   # Same key for the entry whether resumed or not: the same result.
@@ -395,14 +402,7 @@ def test_resume_keeps_flags_and_reruns_an_attack_whose_flags_are_missing(run, mo
   flags, indices = outputs.read_flags(path)
   del flags["soae_linf"]
   outputs.write_flags(path, flags, indices)
-  calls = []
-  real = evaluation.evaluate_attacks
-
-  def counting(logits_fn, x, y, cfgs, key, **kwargs):
-    calls.append(list(cfgs))
-    return real(logits_fn, x, y, cfgs, key, **kwargs)
-
-  monkeypatch.setattr(evaluation, "evaluate_attacks", counting)
+  calls = _count_evaluations(monkeypatch)
   table_lib.run_table(config, workdir, progress=False)
   assert calls == [["soae_linf"]]
   again, _ = outputs.read_flags(path)
