@@ -61,8 +61,8 @@ def adam_trainer(model, params, learning_rate: float):
   return opt.init(params), step
 
 
-def train_digits_model(steps: int, seed: int = 0):
-  """TinyCNN trained with Adam(3e-3), batch 64, on digits; returns (logits_fn, dataset, acc)."""
+def train_digits_params(steps: int, seed: int = 0):
+  """TinyCNN trained with Adam(3e-3), batch 64, on digits; returns (model, params, dataset)."""
   ds = data.load_digits(seed=seed)
   model = TinyCNN(num_classes=10)
   params = model.init(jax.random.PRNGKey(seed), ds.x_train[:1])
@@ -72,6 +72,12 @@ def train_digits_model(steps: int, seed: int = 0):
   for _ in range(steps):
     idx = rng.integers(0, len(ds.y_train), 64)
     params, opt_state = step(params, opt_state, ds.x_train[idx], ds.y_train[idx])
+  return model, params, ds
+
+
+def train_digits_model(steps: int, seed: int = 0):
+  """TinyCNN trained with Adam(3e-3), batch 64, on digits; returns (logits_fn, dataset, acc)."""
+  model, params, ds = train_digits_params(steps, seed)
   logits_fn = jax.jit(lambda x: model.apply(params, x))
   acc = float(np.mean(np.asarray(jnp.argmax(logits_fn(ds.x_test), 1)) == ds.y_test))
   return logits_fn, ds, acc
@@ -174,6 +180,23 @@ def train_mnist_model(root: str, epochs: int, seed: int = 0):
   return params, x, y
 
 
+def _with_flax_weights(net, params):
+  """``net`` (two convolutions ``c1``, ``c2`` and two dense layers ``f1``, ``f2``) holding the
+  Flax ``params``: conv kernels ``(kh, kw, in, out) -> (out, in, kh, kw)``, dense ``(in, out) ->
+  (out, in)``; in ``eval()`` mode."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  p = jax.tree_util.tree_map(np.asarray, params)["params"]
+  with torch.no_grad():
+    for name, layer in (("Conv_0", net.c1), ("Conv_1", net.c2)):
+      layer.weight.copy_(torch.from_numpy(p[name]["kernel"].transpose(3, 2, 0, 1).copy()))
+      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
+    for name, layer in (("Dense_0", net.f1), ("Dense_1", net.f2)):
+      layer.weight.copy_(torch.from_numpy(p[name]["kernel"].T.copy()))
+      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
+  return net.eval()
+
+
 def torch_model(params):
   """The same network in PyTorch (NCHW input), holding ``params``' weights: conv kernels
   ``(kh, kw, in, out) -> (out, in, kh, kw)``, dense ``(in, out) -> (out, in)``, and the
@@ -195,16 +218,34 @@ def torch_model(params):
       x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
       return self.f2(torch.relu(self.f1(x)))
 
-  p = jax.tree_util.tree_map(np.asarray, params)["params"]
-  net = Net()
-  with torch.no_grad():
-    for name, layer in (("Conv_0", net.c1), ("Conv_1", net.c2)):
-      layer.weight.copy_(torch.from_numpy(p[name]["kernel"].transpose(3, 2, 0, 1).copy()))
-      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
-    for name, layer in (("Dense_0", net.f1), ("Dense_1", net.f2)):
-      layer.weight.copy_(torch.from_numpy(p[name]["kernel"].T.copy()))
-      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
-  return net.eval()
+  return _with_flax_weights(Net(), params)
+
+
+def torch_tiny_cnn(params, dropout: float = 0.0):
+  """:class:`krylov_adv.models.cnn.TinyCNN` (ReLU, 8x8x1 input) in PyTorch (NCHW input),
+  holding ``params``' weights, converted as in :func:`torch_model`: conv 8 3x3 (SAME: padding
+  1), average pool 2, conv 16 3x3, average pool 2, dense 32, dense 10, the ``(2, 2, 16)``
+  features flattened in Flax's NHWC order. ``dropout``: ``torch.nn.Dropout(dropout)`` on the 32
+  hidden units (active in ``train()`` mode; the returned network is in ``eval()`` mode)."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  class Net(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.c1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+      self.c2 = torch.nn.Conv2d(8, 16, 3, padding=1)
+      self.f1 = torch.nn.Linear(16 * 2 * 2, 32)
+      self.drop = torch.nn.Dropout(dropout)
+      self.f2 = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+      x = torch.nn.functional.avg_pool2d(torch.relu(self.c1(x)), 2)
+      x = torch.nn.functional.avg_pool2d(torch.relu(self.c2(x)), 2)
+      x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+      return self.f2(self.drop(torch.relu(self.f1(x))))
+
+  return _with_flax_weights(Net(), params)
 
 
 def torch_input_gradient(net, x: np.ndarray, y: np.ndarray):

@@ -129,9 +129,9 @@ def run(batch: int = 128, repeats: int = 5, m: int = 15, iters: int = 4,
     def core(n):
       # The jitted core without the Python-side validation; tau tiny so GMRES runs to m.
       return lambda: soae_mod._soae_impl(
-          logits_fn, x, y, key, eps, eps, norm="linf", steps=n, m=m, tau=1e-30, hvp=method,
-          eta=1e-3, step="normalized", fallback=True, random_start=False, loss="ce",
-          orthogonalization=orthogonalization)
+          logits_fn, x, y, key, eps, eps, (0.0, 1.0), norm="linf", steps=n, m=m, tau=1e-30,
+          hvp=method, eta=1e-3, step="normalized", fallback=True, random_start=False, loss="ce",
+          orthogonalization=orthogonalization, direction="newton")
 
     t1 = _median_time(core(1), repeats)
     t3 = _median_time(core(3), repeats)

@@ -76,9 +76,9 @@ def profile(batch: int, eps: float = 0.1, flax_layers: bool = False, use_torch: 
   order = toolkit.model_target_order(logits_fn, x, y)
   for name, loss, targeted in (("apgd_ce", "ce", False), ("apgd_t", "dlr", True)):
     static = dict(norm="linf", loss=loss, targeted=targeted, steps=100)
-    start_args = (logits_fn, x, y, keys, order, jnp.int32(0), eps)
+    start_args = (logits_fn, x, y, keys, order, jnp.int32(0), eps, (0.0, 1.0))
     target, state = _apgd._apgd_start(*start_args, **static, restarts=1)
-    step_args = (logits_fn, state, 3, x, y, target, eps)
+    step_args = (logits_fn, state, 3, x, y, target, eps, (0.0, 1.0))
     # Compiled before the first call, which would cache the executable.
     compile_s[f"{name}_step"] = _compile_seconds(_apgd._apgd_step, *step_args, **static,
                                                  rho=0.75)
@@ -86,8 +86,10 @@ def profile(batch: int, eps: float = 0.1, flax_layers: bool = False, use_torch: 
   out["apgd_start"] = _ms(lambda: _apgd._apgd_start(*start_args, **static, restarts=1), repeats)
 
   fab_static = dict(norm="linf", targeted=True, alpha_max=0.1, overshoot=1.05, beta=0.9)
-  target, state = _fab._fab_start(x, keys, order, jnp.int32(0), eps, norm="linf", restarts=1)
-  fab_args = (logits_fn, state, x, y, target)
+  box = (jnp.float32(0.0), jnp.float32(1.0))
+  target, state = _fab._fab_start(x, keys, order, jnp.int32(0), eps, box, norm="linf",
+                                  restarts=1)
+  fab_args = (logits_fn, state, x, y, target, box)
   compile_s["fab_t_step"] = _compile_seconds(_fab._fab_step, *fab_args, **fab_static)
   out["fab_t_step"] = _ms(lambda: _fab._fab_step(*fab_args, **fab_static), repeats)
 

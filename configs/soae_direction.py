@@ -33,8 +33,9 @@ def get_config(scale: str = "small"):
       attack_examples=8 if tiny else (500 if paper else 128),
       batch_size=8 if tiny else 128,
       soae=dict(steps=1 if tiny else 4, m=4 if tiny else 15, tau=1e-3, hvp="exact"),
-      # Gradient-equivalents of one exact HVP (jvp over grad): krylov_adv.hvp.make_hvp's
-      # "about 1.4 gradients each on CPU and GPU" (benchmarks/bench_hvp_gmres.py measures it).
+      # Gradient-equivalents of one exact HVP (jvp over grad), fixed for this analysis so that
+      # its equal-cost PGD does not depend on the machine; experiments.costs.measure_hvp_cost
+      # measures a model's own ratio (experiments.table records it in hvp_cost.json).
       hvp_cost=1.4,
   ))
   return c

@@ -20,6 +20,7 @@ import sys
 from typing import NamedTuple
 
 from krylov_adv import attacks
+from krylov_adv.attacks import _eot
 
 
 class AttackDoc(NamedTuple):
@@ -40,8 +41,10 @@ ATTACKS: dict[str, AttackDoc] = {
     "soae": AttackDoc(
         "Qian et al., the SOAE paper (Algorithm 1; shared/papers/000): Krylov-Newton steps, "
         "GMRES on H d = g with Hessian-vector products",
-        "at most steps * (1 + (m + 2) * c), c the HVP's cost (1 for fd_forward, 2 for "
-        "fd_central, about 2 for exact): per outer step one gradient, one HVP for r_0, one per "
+        "at most steps * (1 + (m + 2) * c), c the HVP's cost in gradients (1 for fd_forward, 2 "
+        "for fd_central; for exact, the ratio experiments.costs.measure_hvp_cost measures on "
+        "the model, recorded in a table's hvp_cost.json): per outer step one gradient, one HVP "
+        "for r_0, one per "
         "Krylov vector and one for the true residual; a batch pays for its largest Krylov "
         "dimension"),
     "trades": AttackDoc("Zhang et al. 2019, TRADES (Algorithm 1 lines 5-7)", "steps"),
@@ -150,7 +153,109 @@ few more shapes. An eager call runs cheap checks on the model once per parameter
 output, a randomized model: `krylov_adv.attacks.checks.ModelWarning`).
 """
 
-_SKIP = ("logits_fn", "x", "y", "key", "eps", "norm", "example_index")
+# L1 in each attack (every attack takes linf and l2, and the box `bounds`).
+L1_SUPPORT: dict[str, str] = {
+    "fgsm": "the sparse sign step (top 1% of |g|, SLIDE) projected onto the L1 ball and box",
+    "pgd": "the sparse sign step (top 1% of |g|, SLIDE), exact projection onto ball and box",
+    "second_order": "the sparse sign step on the smoothed gradient (not in the paper)",
+    "soae": "direction='newton' through the sparse sign step (not in the paper); the "
+            "trust-region direction refuses L1",
+    "trades": "the sparse sign step on the KL gradient",
+    "apgd_ce": "l1-APGD ('Mind the box': adaptive sparsity, no momentum; `use_largereps` for "
+               "the 3 eps / 2 eps / eps schedule)",
+    "apgd_dlr": "l1-APGD, as apgd_ce",
+    "apgd_t": "l1-APGD, as apgd_ce",
+    "fab": "the exact minimal-L1 step onto the hyperplane in the box (greedy by |w_i|)",
+    "fab_t": "as fab",
+    "square": "the reference code's L1 windows, projected onto the L1 ball and box",
+    "autoattack": "standard: APGD-CE (5 restarts) and APGD-T (5 targets) with `use_largereps`, "
+                  "FAB-T, Square, as the reference's `set_version`",
+}
+
+THREAT_MODELS = """## Threat models: norms and the input box
+
+Every attack takes `norm="linf" | "l2" | "l1"` and `bounds=(lo, hi)`, the box admissible inputs
+live in (default `(0, 1)`): scalars, or arrays broadcastable to `x` (per channel `(C,)` for a
+standardised model). Every projection, random start and clip keeps `x_adv` inside it, `x`
+outside it is a `ValueError`, and the box is traced data (another box of the same shape compiles
+nothing). A model that standardises its input, `z = (x - mu) / s`, is attacked in `z` with
+`bounds=((0 - mu) / s, (1 - mu) / s)` and `eps / s` (scalar `s`: the same threat model as `eps`
+in pixels; `tests/test_threat_models.py` checks every attack gives the same robust points,
+except SOAE: Algorithm 1 starts GMRES at `d_0 = g`, which in `z` is the pixel-space solve
+started from `s^2 g`, so SOAE depends on the input scale):
+
+```python
+import jax
+import jax.numpy as jnp
+import numpy as np
+from krylov_adv import attacks
+
+mu, s = np.array([0.49, 0.48, 0.45], np.float32), 0.25     # per-channel mean, one scale
+w = jax.random.normal(jax.random.PRNGKey(0), (8 * 8 * 3, 10)) * 0.1
+logits_fn = jax.tree_util.Partial(lambda w, z: z.reshape(z.shape[0], -1) @ w, w)
+x = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 3))   # pixels in [0, 1]
+y = jnp.argmax(logits_fn((x - mu) / s), axis=1)
+z_adv = attacks.apgd_ce(logits_fn, (x - mu) / s, y, jax.random.PRNGKey(2), eps=8 / 255 / s,
+                        norm="linf", steps=10, bounds=((0 - mu) / s, (1 - mu) / s))
+```
+
+L1 in each attack:
+
+""" + "\n".join(f"- `{name}`: {text}" for name, text in L1_SUPPORT.items()) + "\n"
+
+# A randomized model: how to declare it, which attacks take it, how it is judged.
+RANDOMIZED = """\
+## A randomized model
+
+A model with randomness at test time (dropout left on, input noise, a randomized defence) is
+declared with `attacks.stochastic(fn)`, `fn(x, key) -> logits`; like any model, its arrays are
+traced when `fn` is a pytree callable. Attacks that take one average each gradient over
+`eot_samples` draws (Expectation over Transformation), with keys derived from the attack's key:
+the same key gives the same `x_adv`. `attacks.autoattack(..., version="rand")` is the reference's
+randomized version (APGD-CE and APGD-DLR, one restart, 20 draws per gradient). The evaluation
+judges a randomized model's accuracy as the mean over `draws` draws (recorded in the result).
+The draws change only the gradients and the predictions: EoT takes every norm and box of the
+threat-model section above (`norm="l1"`, `bounds=(lo, hi)`), and every `x_adv` is checked
+against the ball and the box as for a deterministic model. An undeclared randomized model gets a
+`ModelWarning` pointing here.
+
+```python
+import jax
+import jax.numpy as jnp
+from krylov_adv import attacks, evaluation
+
+def apply(params, x, key):                      # dropout (p = 0.5) left on at test time
+  h = jax.nn.relu(x.reshape(x.shape[0], -1) @ params["w1"])
+  keep = jax.random.bernoulli(key, 0.5, h.shape)
+  return jnp.where(keep, 2.0 * h, 0.0) @ params["w2"]
+
+k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+params = {"w1": jax.random.normal(k1, (784, 32)) / 28, "w2": jax.random.normal(k2, (32, 10))}
+model = attacks.stochastic(jax.tree_util.Partial(apply, params))
+x = jax.random.uniform(jax.random.PRNGKey(0), (8, 28, 28, 1))
+y = jnp.arange(8) % 10
+x_adv = attacks.apgd_ce(model, x, y, jax.random.PRNGKey(1), eps=0.1, norm="linf", steps=5,
+                        eot_samples=4)
+attack = attacks.from_config(dict(name="apgd_ce", eps=0.1, norm="linf", steps=5,
+                                  eot_samples=4))
+acc = evaluation.robust_accuracy(model, attack, x, y, jax.random.PRNGKey(1), eps=0.1,
+                                 norm="linf", draws=10)   # mean over 10 draws per point
+```
+"""
+
+
+def randomized(name: str) -> str:
+  """What the attack does with a randomized model: EoT, or its refusal with the reason (read
+  from the code: ``_eot.supports_randomized`` and ``_eot.REFUSALS``)."""
+  attack = attacks.get(name)
+  if getattr(attack, "supports_randomized", False):
+    return ("EoT (`eot_samples`)" if "eot_samples" in inspect.signature(attack).parameters
+            else "`version='rand'`")
+  reason = _eot.REFUSALS.get(name) or _eot.REFUSALS[name.split("_")[0]]
+  return f"refused ({reason})"
+
+
+_SKIP = ("logits_fn", "x", "y", "key", "eps", "norm", "example_index", "bounds")
 PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                     "attacks.md")
 
@@ -168,7 +273,8 @@ def attack_line(name: str) -> str:
   doc = ATTACKS[name]
   defaults = ", ".join(f"`{k}={v!r}`" for k, v in hyperparameters(name).items())
   return (f"- **`{name}`**: {summary(name)}. Paper: {doc.paper}. Hyperparameters (defaults): "
-          f"{defaults or 'none'}. Cost (gradient-equivalents per example): {doc.cost}.")
+          f"{defaults or 'none'}. Cost (gradient-equivalents per example): {doc.cost}. "
+          f"Randomized models: {randomized(name)}.")
 
 
 def summary(name: str) -> str:
@@ -181,9 +287,10 @@ def summary(name: str) -> str:
 
 def page() -> str:
   """The whole of ``docs/attacks.md``."""
-  missing = [n for n in attacks.available() if n not in ATTACKS]
+  missing = [n for n in attacks.available() if n not in ATTACKS or n not in L1_SUPPORT]
   if missing:
-    raise KeyError(f"attacks without an entry in experiments.attack_docs.ATTACKS: {missing}")
+    raise KeyError(f"attacks without an entry in experiments.attack_docs.ATTACKS or "
+                   f"L1_SUPPORT: {missing}")
   lines = [
       "# Attacks",
       "",
@@ -196,6 +303,8 @@ def page() -> str:
       "forward and one backward pass of the model on one example.",
       "",
       MODELS_AS_DATA,
+      THREAT_MODELS,
+      RANDOMIZED,
       "## The attacks",
       "",
   ]

@@ -1,9 +1,14 @@
 """One job: what an attack costs, in gradient-equivalents per example.
 
 One input gradient of the loss counts 1. An exact HVP (``jax.jvp`` over ``jax.grad``) counts
-``hvp_cost`` gradients: ``krylov_adv.hvp.make_hvp`` documents about 1.4, and
-:func:`measure_hvp_cost` measures the ratio on a given model. A finite-difference product counts
-one gradient (forward) or two (central).
+``hvp_cost`` gradients: ONE number per model, the wall-time ratio :func:`measure_hvp_cost`
+measures on it (``experiments.table`` stores it in the workdir's ``hvp_cost.json`` with the
+machine, batch and load average it was measured under, and every cost of that table uses it).
+No document states a fixed ratio: it depends on the model, the batch and the platform (it has
+ranged from about 1.2 to 1.9 on this project's CPU models). A finite-difference product counts
+one gradient (forward) or two (central). What is counted by construction
+(:func:`attack_cost_counts`: gradients and products) does not depend on the machine; only the
+conversion of products into gradients does.
 
 SOAE's cost comes from its diagnostics (``attacks.soae_with_report``): GMRES runs on a whole
 batch until every example has converged or hit the cap, so each outer iteration of a batch pays
@@ -25,7 +30,8 @@ from experiments import timing
 from krylov_adv import hvp as hvp_lib
 from krylov_adv import losses, parallel
 
-# krylov_adv.hvp.make_hvp: an exact HVP costs "about 1.4 gradients each on CPU and GPU".
+# The ratio used only where nothing was measured (a caller that passes no hvp_cost): the
+# configs' placeholder configs.common.HVP_COST. Tables measure theirs (hvp_cost.json).
 DOCUMENTED_HVP_COST = 1.4
 
 
@@ -54,12 +60,44 @@ def soae_batch_cost(diagnostics, hvp_cost: float, *, newton: bool = True,
     ``sum_t (1 + c (max_i k_{t,i} + 1 + newton))`` over the ``N`` outer iterations, ``c`` the
     cost of one product.
   """
+  gradients, products = soae_batch_counts(diagnostics, newton=newton, valid=valid)
+  return float(gradients + product_cost(hvp, hvp_cost) * products)
+
+
+def soae_batch_counts(diagnostics, *, newton: bool = True, valid: int | None = None
+                      ) -> tuple[int, int]:
+  """``(gradients, products)`` per example of one SOAE batch, counted by construction from its
+  diagnostics (no timing): ``N`` gradients and ``sum_t (max_i k_{t,i} + 1 + newton)``
+  Hessian-vector products over the ``N`` outer iterations (arguments as
+  :func:`soae_batch_cost`)."""
   k = np.asarray(parallel.to_host(diagnostics.num_iters))
   if valid is not None:
     k = k[:, :int(valid)]
   k_max = k.max(axis=1)                                   # (N,) the batch's slowest example
   products = k_max + 1 + (1 if newton else 0)
-  return float(np.sum(1.0 + product_cost(hvp, hvp_cost) * products))
+  return int(k.shape[0]), int(np.sum(products))
+
+
+def attack_cost_counts(entry: Mapping[str, Any], extras=()) -> dict[str, Any] | None:
+  """What one evaluation-suite entry costs per example, counted by construction (independent of
+  the machine and its load): ``{"gradients", "products", "hvp"}``, input gradients and
+  Hessian-vector products (of method ``hvp``, :func:`product_cost` converts them), SOAE's
+  products the mean over batches of :func:`soae_batch_counts` (so a float), with
+  ``krylov_dim_mean`` / ``krylov_dim_max`` over its solves. ``None`` where the count is not
+  fixed (AutoAttack) or SOAE has no reports."""
+  name = entry["name"]
+  if name == "soae":
+    if not extras:
+      return None
+    newton = entry.get("direction", "newton") == "newton"
+    counts = [soae_batch_counts(report, newton=newton, valid=valid) for report, valid in extras]
+    dims = np.concatenate([np.asarray(parallel.to_host(report.num_iters))[:, :int(valid)]
+                           .reshape(-1) for report, valid in extras])
+    return dict(gradients=float(np.mean([g for g, _ in counts])),
+                products=float(np.mean([p for _, p in counts])), hvp=entry.get("hvp", "exact"),
+                krylov_dim_mean=float(dims.mean()), krylov_dim_max=int(dims.max()))
+  grads = attack_cost(entry, extras)
+  return None if grads is None else dict(gradients=grads, products=0, hvp=None)
 
 
 def attack_cost(entry: Mapping[str, Any], extras=(), hvp_cost: float = DOCUMENTED_HVP_COST
@@ -112,3 +150,25 @@ def measure_hvp_cost(logits_fn, x, y, *, repeats: int = 5) -> dict[str, float]:
   t_hvp, _ = timing.measure(lambda: prod(x, v), repeats=repeats)
   return dict(hvp_cost=t_hvp.median / t_grad.median, gradient_seconds=t_grad.median,
               hvp_seconds=t_hvp.median, batch=int(x.shape[0]))
+
+
+def soat_gradient_equivalents(soat: Mapping[str, Any], num_classes: int,
+                              hvp_cost: float = DOCUMENTED_HVP_COST) -> float:
+  """Gradient-equivalents per example of SOAT's inner attack (one training step), by
+  construction.
+
+  Each of the ``steps`` outer iterations pays one gradient and, per batch, the slowest
+  example's Krylov dimension ``k`` plus one product for the true residual, plus step 3's
+  ``H g`` for the Newton direction (the trust-region direction starts GMRES at 0). ``k`` is the
+  cap ``m`` for a finite-difference HVP (the solve runs to the cap on rounding noise) and
+  ``min(m, K - 1)`` for the exact one: ``H = J^T (diag(p) - p p^T) J`` has rank ``<= K - 1``
+  (the proposition in krylov_adv/attacks/_soae.py). An exact HVP costs ``hvp_cost``
+  gradients (the measured ratio, :func:`measure_hvp_cost`; ``experiments.table`` passes the
+  one in its ``hvp_cost.json``), a forward difference one, a central difference two:
+  ``steps * (1 + c (k + 1 + newton))``.
+  """
+  exact = soat["hvp"] == "exact"
+  k = min(int(soat["m"]), int(num_classes) - 1) if exact else int(soat["m"])
+  newton = soat.get("direction", "newton") == "newton"
+  return float(soat["steps"]) * (1.0 + product_cost(soat["hvp"], hvp_cost)
+                                 * (k + 1 + int(newton)))

@@ -7,6 +7,8 @@ and ``experiments.evaluate`` is :func:`robustness_table`, built on it.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -16,7 +18,7 @@ import jax
 import numpy as np
 
 from experiments import workdir as workdir_lib
-from krylov_adv import krylov, parallel
+from krylov_adv import krylov, parallel, stats
 from krylov_adv.evaluation import AttackResult
 
 
@@ -62,6 +64,70 @@ def write_results(out_dir: str, results: Any, markdown: str, *, config=None,
   workdir_lib.atomic_write_text(path, json.dumps(payload, indent=2))
   workdir_lib.atomic_write_text(os.path.join(out_dir, markdown_name), markdown)
   return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-example results: one boolean per test point and results entry
+
+
+FLAGS_FILE = "robust_flags.npz"
+# The key of the test-point indices in a flags file (no results entry has this name).
+INDICES_KEY = "indices"
+
+
+def flags_digest(flags: np.ndarray) -> str:
+  """sha256 (first 16 hex digits) of one entry's ``(n,)`` bool flags: a results record stores
+  it, so that flags and record are reused together or not at all."""
+  flags = np.asarray(flags, bool).reshape(-1)
+  return hashlib.sha256(np.packbits(flags).tobytes() + str(flags.size).encode()).hexdigest()[:16]
+
+
+def write_flags(path: str, flags: Mapping[str, np.ndarray], indices: np.ndarray) -> None:
+  """Writes ``{entry: (n,) bool}`` and the ``(n,)`` int64 test-point ``indices`` they refer to
+  (key :data:`INDICES_KEY`) as one ``.npz`` (process 0 only), atomically
+  (``experiments.workdir.atomic_write_bytes``): a run killed mid-write leaves the old file."""
+  if not parallel.is_primary():
+    return
+  indices = np.asarray(indices, np.int64).reshape(-1)
+  arrays = {INDICES_KEY: indices}
+  for entry, f in flags.items():
+    if entry == INDICES_KEY:
+      raise ValueError(f"a results entry may not be called {INDICES_KEY!r}")
+    f = np.asarray(f, bool).reshape(-1)
+    if f.shape != indices.shape:
+      raise ValueError(f"flags of {entry!r} have {f.size} points, the indices {indices.size}")
+    arrays[entry] = f
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **arrays)
+  workdir_lib.atomic_write_bytes(path, buf.getvalue())
+
+
+def read_flags(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+  """``({entry: (n,) bool}, (n,) int64 indices)`` from :func:`write_flags`'s file;
+  ``({}, None)`` when it is missing or unreadable."""
+  try:
+    with np.load(path) as z:
+      arrays = {k: np.asarray(z[k]) for k in z.files}
+  except (OSError, ValueError, EOFError):
+    return {}, None
+  indices = arrays.pop(INDICES_KEY, None)
+  return {k: v.astype(bool) for k, v in arrays.items()}, indices
+
+
+def interval_text(accuracy: float, ci95: Sequence[float] | None, digits: int = 1) -> str:
+  """``49.0 (39.4-58.7)``: an accuracy and its 95% interval in percent (just the accuracy when
+  ``ci95`` is ``None``)."""
+  text = f"{100 * accuracy:.{digits}f}"
+  if ci95 is None:
+    return text
+  return f"{text} ({100 * ci95[0]:.{digits}f}-{100 * ci95[1]:.{digits}f})"
+
+
+def result_interval(accuracy: float, num_examples: int) -> list[float]:
+  """``ci95`` of a result from its accuracy and size (:func:`krylov_adv.stats.ci95` of
+  ``round(accuracy * n)`` successes in ``n``)."""
+  n = int(num_examples)
+  return stats.ci95(int(round(float(accuracy) * n)), n)
 
 
 def pyplot():
@@ -225,7 +291,8 @@ def robustness_table(results_by_model: Mapping[str, Sequence[AttackResult]],
   ``soat (trained Linf eps=0.1) / attack L2 eps=1``. Without ``trained`` the column is
   ``soat / attack L2 eps=1`` (just ``attack L2 eps=1`` for a single model). Rows follow
   ``ROW_ORDER`` (clean, FGSM, PGD, S-O, SOAE, AutoAttack), columns Linf before L2. Cells are
-  accuracies in percent; ``-`` where an attack was not run for that threat model.
+  accuracies in percent with their 95% Wilson interval (``72.04% (58.3-82.6)``,
+  :func:`result_interval`); ``-`` where an attack was not run for that threat model.
   """
   columns: list[tuple[str, str, float]] = []
   rows: list[tuple[int, int, str]] = []
@@ -238,7 +305,7 @@ def robustness_table(results_by_model: Mapping[str, Sequence[AttackResult]],
       rank = ROW_ORDER.index(r.attack) if r.attack in ROW_ORDER else len(ROW_ORDER)
       if r.label not in [lbl for _, _, lbl in rows]:
         rows.append((rank, len(rows), r.label))
-      cells[(r.label, col)] = r.accuracy
+      cells[(r.label, col)] = (r.accuracy, r.num_examples)
   model_rank = {m: i for i, m in enumerate(results_by_model)}
   columns.sort(key=lambda c: (model_rank[c[0]], _NORM_ORDER.get(c[1], 2), c[2]))
   rows.sort()
@@ -251,7 +318,12 @@ def robustness_table(results_by_model: Mapping[str, Sequence[AttackResult]],
     return "" if single else f"{m} / "
 
   heads = [f"{model_text(m)}attack {threat_text(n, e)}" for m, n, e in columns]
-  body = [[label] + [f"{100 * cells[(label, c)]:.2f}%" if (label, c) in cells else "-"
+
+  def cell(acc, n):
+    lo, hi = result_interval(acc, n)
+    return f"{100 * acc:.2f}% ({100 * lo:.1f}-{100 * hi:.1f})"
+
+  body = [[label] + [cell(*cells[(label, c)]) if (label, c) in cells else "-"
                      for c in columns] for _, _, label in rows]
   return markdown_table(["attack"] + heads, body)
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from experiments import outputs
 from experiments import workdir as workdir_lib
 from krylov_adv import data as data_lib
-from krylov_adv import evaluation, models, parallel, training
+from krylov_adv import evaluation, models, parallel, stats, training
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +176,10 @@ def build(config, dataset: data_lib.Dataset | None = None) -> Experiment:
   """Data, model, optimiser and jitted train step of a single-method config."""
   dataset = data_lib.load(config.data) if dataset is None else dataset
   model = models.get(config.model.name, num_classes=dataset.num_classes,
-                     activation=config.model.activation, **config.model.options.to_dict())
+                     activation=config.model.activation,
+                     normalize_mean=config.model.get("normalize_mean", ()),
+                     normalize_std=config.model.get("normalize_std", ()),
+                     **config.model.options.to_dict())
   spe = data_lib.steps_per_epoch(len(dataset.y_train), config.train.batch_size)
   tx = training.make_optimizer(config.train, spe)
   return Experiment(config, dataset, model, tx, spe,
@@ -612,8 +615,12 @@ def write_robustness(workdir: str, results_by_method: dict[str, list[evaluation.
   """Writes ``<name>.json`` and ``<name>.md`` through ``outputs.write_results`` (process 0
   only): the header of ``metadata`` (:func:`run_metadata`), the robust-accuracy table and the
   attacks' diagnostics (SOAE's Krylov dimensions, AutoAttack's components). The JSON holds
-  ``{"metadata", "results": {method: [result, ...]}, "diagnostics"}``. Returns the markdown
-  table."""
+  ``{"metadata", "results": {method: [result, ...]}, "diagnostics", "worst_case", "flags_file"}``,
+  each result with its 95% Wilson interval ``ci95: [lo, hi]``, ``worst_case`` per method
+  :func:`worst_case_results`; the per-example flags
+  (``AttackResult.correct``) go to ``<name>_robust_flags.npz`` (``outputs.write_flags``: one
+  ``(n,)`` bool per result keyed ``<entry>``, or ``<method>/<entry>`` for several methods, and
+  the test-point ``indices``), written before the JSON. Returns the markdown table."""
   # Each column names what its model was trained against apart from what the attack ran in.
   trained = ({m: outputs.training_text(t) for m, t in metadata["training"].items()}
              if metadata else None)
@@ -622,14 +629,58 @@ def write_robustness(workdir: str, results_by_method: dict[str, list[evaluation.
                           **evaluation.summarize_reports(r.extras))
                      for r in rs if evaluation.summarize_reports(r.extras)]
                  for m, rs in results_by_method.items()}
-  results = {m: [{k: v for k, v in r._asdict().items() if k != "extras"} for r in rs]
-             for m, rs in results_by_method.items()}
+  results = {m: [dict({k: v for k, v in r._asdict().items() if k not in ("extras", "correct")},
+                      ci95=outputs.result_interval(r.accuracy, r.num_examples))
+                 for r in rs] for m, rs in results_by_method.items()}
+  flags_file = write_robustness_flags(workdir, results_by_method, name)
+  worst = {m: worst_case_results(rs) for m, rs in results_by_method.items()}
   markdown = (f"# {title}\n\n" + (outputs.metadata_markdown(metadata) if metadata else "")
               + "Robust accuracy (higher is better). Rows: the attack. Columns: each model, "
               "with the threat model it was trained against, then the threat model the row's "
               f"attack ran in.\n\n{table}"
               + outputs.diagnostics_markdown(diagnostics))
   outputs.write_results(workdir, dict(metadata=metadata, results=results,
-                                      diagnostics=diagnostics), markdown,
+                                      diagnostics=diagnostics, worst_case=worst,
+                                      flags_file=flags_file), markdown,
                         json_name=f"{name}.json", markdown_name=f"{name}.md")
   return table
+
+
+def write_robustness_flags(workdir: str,
+                           results_by_method: dict[str, list[evaluation.AttackResult]],
+                           name: str = "results") -> str | None:
+  """Writes the per-example flags of :func:`write_robustness`'s results to
+  ``workdir/<name>_robust_flags.npz`` (``outputs.write_flags``; the points are the first ``n``
+  test points, ``indices = arange(n)``); returns the file name, ``None`` when no result carries
+  flags."""
+  flags, n = {}, None
+  single = len(results_by_method) == 1
+  for method, rs in results_by_method.items():
+    for r in rs:
+      if r.correct is None:
+        continue
+      key = r.entry or f"{r.attack}_{r.norm}"
+      flags[key if single else f"{method}/{key}"] = r.correct
+      n = len(r.correct)
+  if not flags:
+    return None
+  file = f"{name}_robust_flags.npz"
+  outputs.write_flags(os.path.join(workdir, file), flags, np.arange(n))
+  return file
+
+
+def worst_case_results(results: list[evaluation.AttackResult]) -> list[dict]:
+  """Per norm, the points correct under every result of that norm, clean included
+  (``krylov_adv.stats.worst_case`` of their ``correct`` flags, AutoAttack's rule):
+  ``[{"norm", "eps", "accuracy", "ci95", "num_examples", "components"}]``; results without
+  flags are left out."""
+  out = []
+  for norm in dict.fromkeys(r.norm for r in results):
+    parts = [r for r in results if r.norm == norm and r.correct is not None]
+    if not parts:
+      continue
+    f = stats.worst_case([r.correct for r in parts])
+    out.append(dict(norm=norm, eps=parts[0].eps, accuracy=float(f.mean()) if f.size else 0.0,
+                    ci95=stats.ci95(int(f.sum()), int(f.size)), num_examples=int(f.size),
+                    components=[r.entry or r.label for r in parts]))
+  return out

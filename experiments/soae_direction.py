@@ -51,6 +51,8 @@ def gain_ratio(grad_margin: np.ndarray, d: np.ndarray, norm: str) -> np.ndarray:
   the margin gradient vanishes)."""
   gm = grad_margin.reshape(len(grad_margin), -1).astype(np.float64)
   d = d.reshape(len(d), -1).astype(np.float64)
+  if norm not in ("linf", "l2"):
+    raise ValueError(f"gain_ratio is defined for linf and l2, got norm {norm!r}")
   if norm == "linf":
     gain, best = -np.sum(gm * np.sign(d), 1), np.abs(gm).sum(1)
   else:

@@ -111,6 +111,8 @@ def get_model(config, dataset: data_lib.Dataset, method: str, *, activation: str
     model, variables, seconds = exp.model, _host_variables(state), 0.0
   else:
     model = models.get(cfg.model.name, num_classes=dataset.num_classes, activation=act,
+                       normalize_mean=cfg.model.get("normalize_mean", ()),
+                       normalize_std=cfg.model.get("normalize_std", ()),
                        **cfg.model.options.to_dict())
     path = os.path.join(cache_dir, f"{method}_{act}_{_cache_key(cfg)}.npz") if cache_dir else ""
     if path and parallel.all_hosts(os.path.exists(path)):

@@ -116,11 +116,16 @@ def atomic_write_text(path: str, text: str, *, mode: int = 0o644) -> None:
   planted in advance, symlink included, is never opened) and the rename replaces a symlink
   planted at ``path`` instead of writing through it; on any error the temporary file is removed
   and ``path`` is left as it was."""
+  atomic_write_bytes(path, text.encode(), mode=mode)
+
+
+def atomic_write_bytes(path: str, data: bytes, *, mode: int = 0o644) -> None:
+  """:func:`atomic_write_text` for bytes (e.g. an ``.npz`` archive built in memory)."""
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.chmod(tmp, mode)

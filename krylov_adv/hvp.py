@@ -138,8 +138,10 @@ def make_hvp(loss_fn: LossFn, x: Array, *, method: str = DEFAULT_METHOD,
   """Builds the gradient and a batched Hessian matvec at ``x``, the method chosen by name.
 
   ``method`` (usable from configs):
-    * ``"exact"``: :func:`exact_hvp` (``jax.jvp`` over ``jax.grad``) per product, about 1.4
-      gradients each on CPU and GPU.
+    * ``"exact"``: :func:`exact_hvp` (``jax.jvp`` over ``jax.grad``) per product, a small
+      multiple of a gradient's cost that depends on the model, batch and platform (measured
+      per model by ``experiments.costs.measure_hvp_cost``; a table records its one number in
+      ``hvp_cost.json``).
     * ``"exact_linearized"``: ``jax.linearize`` of ``grad S`` at ``x``: the primal pass is done
       once and each product evaluates only the linear (tangent) part. Same values as
       ``"exact"``; measured 0.6 gradients per product on an H100 but ~6 on XLA:CPU (whose

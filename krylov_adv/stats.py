@@ -10,7 +10,10 @@ Every attack result is ``n`` Bernoulli outcomes (point ``i`` stayed robust or no
   equal robust accuracy each is equally likely to go either way, so the p-value is a two-sided
   binomial test of ``only_a`` successes in ``only_a + only_b`` trials at ``1/2``;
 * :func:`worst_case`: robust under every attack of a threat model (AutoAttack's rule: a point
-  counts as robust only if no attack fooled it).
+  counts as robust only if no attack fooled it);
+* :func:`collapse_check`: whether a classifier has collapsed (clean accuracy within
+  :data:`COLLAPSE_MARGIN` of chance ``1/K``, or one predicted class for every point), so that a
+  table does not report a constant classifier's numbers as robustness.
 
 Pure NumPy (no SciPy at run time); ``tests/test_stats.py`` checks both against SciPy.
 """
@@ -45,6 +48,11 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
   centre = (p + z * z / (2 * n)) / denom
   half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
   return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def ci95(successes: int, n: int) -> list[float]:
+  """:func:`wilson_interval` at 95% as the JSON field ``ci95``: ``[lo, hi]`` in ``[0, 1]``."""
+  return list(wilson_interval(int(successes), int(n)))
 
 
 def _binom_pmf(k: int, n: int) -> float:
@@ -88,3 +96,46 @@ def worst_case(flags: Iterable[np.ndarray]) -> np.ndarray:
   if not flags:
     raise ValueError("worst_case needs at least one attack's flags")
   return np.logical_and.reduce(flags)
+
+
+# A classifier whose clean accuracy is at most 1/K + COLLAPSE_MARGIN is "collapsed": 5 points
+# above chance (10 classes: 15%) is far below any trained model of this project's tables and
+# above a constant classifier on a balanced test set (~1/K, e.g. 8.6% on 32 digits).
+COLLAPSE_MARGIN = 0.05
+
+
+def collapse_check(predictions: np.ndarray, labels: np.ndarray, num_classes: int,
+                   margin: float = COLLAPSE_MARGIN) -> dict:
+  """Whether a classifier has collapsed on a test set.
+
+  Collapsed when ``accuracy <= 1/K + margin`` (within ``margin`` of chance, or below it) or
+  when every prediction is the same class (a constant classifier, whatever its accuracy on an
+  unbalanced set).
+
+  Args:
+    predictions: ``(n,)`` int, the predicted classes on the clean points (``-1`` for a
+      non-finite prediction, ``krylov_adv.evaluation.predictions``).
+    labels: ``(n,)`` int, the true classes.
+    num_classes: ``K``.
+    margin: accuracy above chance still counted as collapsed.
+
+  Returns:
+    ``{"collapsed": bool, "reasons": [str], "clean_accuracy", "chance": 1/K, "margin",
+    "distinct_predictions": int}``.
+  """
+  predictions = np.asarray(predictions).reshape(-1)
+  labels = np.asarray(labels).reshape(-1)
+  if predictions.shape != labels.shape:
+    raise ValueError(f"predictions {predictions.shape} and labels {labels.shape} differ")
+  n = predictions.size
+  acc = float(np.mean(predictions == labels)) if n else 0.0
+  chance = 1.0 / int(num_classes)
+  distinct = int(np.unique(predictions).size)
+  reasons = []
+  if acc <= chance + margin:
+    reasons.append(f"clean accuracy {100 * acc:.1f}% <= chance 1/{int(num_classes)} + "
+                   f"{100 * margin:g} points")
+  if n > 1 and distinct == 1:
+    reasons.append(f"constant predictions (class {int(predictions[0])} for all {n} points)")
+  return dict(collapsed=bool(reasons), reasons=reasons, clean_accuracy=acc, chance=chance,
+              margin=float(margin), distinct_predictions=distinct)

@@ -211,11 +211,14 @@ def check_finite_reals(where: str, fields: dict[str, Any]) -> None:
       raise ValueError(f"{where}.{field} must be a finite number, got {value}")
 
 
-def check_eps_norm(where: str, eps, norm: str) -> None:
+def check_eps_norm(where: str, eps, norm: str, norms=projections.NORMS) -> None:
   """``ValueError`` naming ``where`` (e.g. ``train``) unless ``eps`` is finite and ``>= 0`` and
-  ``norm`` is ``"linf"`` or ``"l2"``."""
-  if norm not in projections.NORMS:
-    raise ValueError(f"{where}.norm: unknown norm {norm!r}; use one of {projections.NORMS}")
+  ``norm`` is one of ``norms`` (every attack norm; training passes
+  :data:`krylov_adv.projections.TRAINING_NORMS`, Linf and L2)."""
+  if norm not in norms:
+    extra = (" (L1 is an evaluation threat model: the training methods take Linf or L2)"
+             if norm in projections.NORMS else "")
+    raise ValueError(f"{where}.norm: unknown norm {norm!r}; use one of {tuple(norms)}{extra}")
   check_finite_reals(where, {"eps": float(eps)})
   if not float(eps) >= 0:
     raise ValueError(f"{where}.eps must be >= 0, got {eps}")
@@ -399,7 +402,7 @@ def _threat_model_checks(method: str, attack: str):
   as the keyword arguments of the registered ``attack``."""
 
   def validate(cfg):
-    check_eps_norm("train", cfg.eps, cfg.norm)
+    check_eps_norm("train", cfg.eps, cfg.norm, projections.TRAINING_NORMS)
     check_attack_config(f"train.{method}", attack, _sub_config(cfg, method))
 
   return validate
@@ -441,7 +444,7 @@ def second_order(cfg, model: StepModel, batch: Batch) -> MethodLoss:
 
 
 def _validate_trades(cfg) -> None:
-  check_eps_norm("train", cfg.eps, cfg.norm)
+  check_eps_norm("train", cfg.eps, cfg.norm, projections.TRAINING_NORMS)
   names = ("beta",) + (_keyword_names(attacks.trades) or ())
   check_hyperparameters("train.trades", _sub_config(cfg, "trades"),
                         allowed=tuple(n for n in names if n not in ("eps", "norm")))
@@ -491,7 +494,8 @@ def mixed(cfg, model: StepModel, batch: Batch) -> MethodLoss:
   return cross_entropy_at(model, jax.lax.stop_gradient(x_adv), batch.y)
 
 
-_SOAR_FIELDS = ("lam", "h", "method", "num_samples", "init", "init_step_size", "grad_clip")
+_SOAR_FIELDS = ("lam", "h", "method", "num_samples", "init", "init_step_size", "grad_clip",
+                "norm_clip")
 _SCORPIO_FIELDS = ("lam", "steps", "step_rule", "hvp", "eta")
 
 
@@ -501,7 +505,7 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 def _validate_soar(cfg) -> None:
-  check_eps_norm("train", cfg.eps, cfg.norm)
+  check_eps_norm("train", cfg.eps, cfg.norm, projections.TRAINING_NORMS)
   s = _sub_config(cfg, "soar")
   check_hyperparameters("train.soar", {k: None for k in s}, allowed=_SOAR_FIELDS)
   check_finite_reals("train.soar", s)
@@ -517,12 +521,18 @@ def _validate_soar(cfg) -> None:
   if s.get("grad_clip") is not None and not float(s["grad_clip"]) >= 0:
     raise ValueError(f"train.soar.grad_clip must be >= 0 (0 or None: off), got "
                      f"{s['grad_clip']}")
+  clip = s.get("norm_clip")
+  if clip is not None and len(clip) and not (
+      len(clip) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in clip)
+      and 0 <= clip[0] <= clip[1]):
+    raise ValueError(f"train.soar.norm_clip must be () (off) or (lo, hi) with 0 <= lo <= hi, "
+                     f"got {clip}")
   _check_choice("train.soar.method", s["method"], regularizers.SOAR_HVPS)
   _check_choice("train.soar.init", s["init"], regularizers.SOAR_INITS)
 
 
 def _validate_scorpio(cfg) -> None:
-  check_eps_norm("train", cfg.eps, cfg.norm)
+  check_eps_norm("train", cfg.eps, cfg.norm, projections.TRAINING_NORMS)
   s = _sub_config(cfg, "scorpio")
   check_hyperparameters("train.scorpio", {k: None for k in s}, allowed=_SCORPIO_FIELDS)
   check_finite_reals("train.scorpio", s)
@@ -544,7 +554,8 @@ def _param_logits_fn(model: StepModel) -> Callable[[Array], Array]:
 def soar(cfg, model: StepModel, batch: Batch) -> MethodLoss:
   """SOAR (Ma et al., arXiv:2004.01832): ``CE(f(x'), y) + lam R_SOAR(x')`` at the one-step PGD
   point ``x'`` (:func:`krylov_adv.regularizers.soar_regularizer`; hyperparameters
-  ``cfg.soar``: lam, h, method, num_samples, init, init_step_size, grad_clip).
+  ``cfg.soar``: lam, h, method, num_samples, init, init_step_size, grad_clip, norm_clip; the
+  last clamps each example's ``||H~ z||_2``, see the regulariser).
 
   ``grad_clip = c > 0`` (following the authors' training code, which norm-clips the
   regulariser's own parameter gradient before adding the cross-entropy's; the value is ours):

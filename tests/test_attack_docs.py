@@ -7,6 +7,7 @@ import ast
 import inspect
 import re
 
+import numpy as np
 import pytest
 
 from experiments import attack_docs
@@ -36,7 +37,7 @@ def test_listed_defaults_are_the_signature_defaults():
     params = inspect.signature(attacks.get(name)).parameters
     want = {k: p.default for k, p in params.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not p.empty
-            and k != "example_index"}
+            and k not in ("example_index", "bounds")}  # bounds: the threat-model section
     assert {k: ast.literal_eval(v) for k, v in listed.items()} == want, name
 
 
@@ -58,11 +59,24 @@ def test_check_flag(tmp_path, monkeypatch):
 
 
 def test_every_code_block_of_the_page_runs():
-  """The page's model-family examples (linen, NNX, Equinox) run as written."""
+  """The page's examples run as written: the model families (linen, NNX, Equinox), the
+  standardised model attacked in its box and the randomized model attacked with EoT."""
   with open(attack_docs.PATH) as f:
     blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
-  assert len(blocks) == 3
-  for block in blocks:
+  assert len(blocks) == 5
+  for block in blocks[:3]:
     scope: dict = {}
     exec(compile(block, attack_docs.PATH, "exec"), scope)  # pylint: disable=exec-used
     assert scope["x_adv"].shape == (8, 28, 28, 1)
+  scope = {}
+  exec(compile(blocks[3], attack_docs.PATH, "exec"), scope)  # pylint: disable=exec-used
+  z_adv, mu, s = np.asarray(scope["z_adv"]), scope["mu"], scope["s"]
+  assert z_adv.shape == (4, 8, 8, 3)
+  assert np.all(z_adv >= (0 - mu) / s - 1e-6) and np.all(z_adv <= (1 - mu) / s + 1e-6)
+  scope = {}
+  exec(compile(blocks[4], attack_docs.PATH, "exec"), scope)  # pylint: disable=exec-used
+  x, x_adv, acc = np.asarray(scope["x"]), np.asarray(scope["x_adv"]), scope["acc"]
+  assert scope["attacks"].is_stochastic(scope["model"])
+  assert x_adv.shape == (8, 28, 28, 1)
+  assert np.max(np.abs(x_adv - x)) <= 0.1 + 1e-6 and x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+  assert 0.0 <= acc <= 1.0 and acc * 8 * 10 == pytest.approx(round(acc * 8 * 10))  # 10 draws

@@ -241,7 +241,7 @@ _BAD_X = np.full((2, 4, 4, 1), 0.5, np.float32)
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("change,match", [
     (dict(eps=-0.1), "eps"),
-    (dict(norm="l1"), "norm"),
+    (dict(norm="l0"), "norm"),
     (dict(y=np.array([0, K], np.int32)), "labels"),
     (dict(y=np.array([0, -1], np.int32)), "labels"),
     (dict(x=_BAD_X + 0.6), r"\[0, 1\]"),

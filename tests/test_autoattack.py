@@ -211,7 +211,7 @@ def test_bad_input_raises_value_error(digits_model, digits_batch):
   x, y = digits_batch
   f, key = digits_model.logits_fn, jax.random.PRNGKey(0)
   with pytest.raises(ValueError, match="norm"):
-    attacks.get("apgd_ce")(f, x, y, key, eps=0.3, norm="l1")
+    attacks.get("apgd_ce")(f, x, y, key, eps=0.3, norm="l0")
   with pytest.raises(ValueError, match="eps"):
     attacks.get("square")(f, x, y, key, eps=-0.1, norm="linf")
   with pytest.raises(ValueError, match="labels"):

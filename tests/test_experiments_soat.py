@@ -99,7 +99,7 @@ def test_paper_configs_follow_the_papers():
     ("eval.table.second_order_l2.sigma", -1.0,
      r"^eval\.table\.second_order_l2\.sigma must be >= 0, got -1\.0$"),
     ("eval.table.pgd_linf.eps", -0.2, r"^eval\.table\.pgd_linf\.eps must be >= 0, got -0\.2$"),
-    ("eval.table.fgsm_l2.norm", "l1", r"^eval\.table\.fgsm_l2\.norm: unknown norm 'l1'"),
+    ("eval.table.fgsm_l2.norm", "l0", r"^eval\.table\.fgsm_l2\.norm: unknown norm 'l0'"),
     ("eval.table.autoattack_linf.version", "strong",
      r"^eval\.table\.autoattack_linf: unknown AutoAttack version 'strong'"),
     ("eval.eps_linf", -0.1, r"^eval\.eps_linf must be >= 0, got -0\.1$"),
@@ -279,6 +279,15 @@ def test_evaluate_runs_the_full_table_with_autoattack_by_default(resumed_run, ca
   assert aa["components"] == ["apgd_ce"]
   assert aa["accuracy_after"][-1] == pytest.approx(acc[("AutoAttack", "linf")])
   assert saved["metadata"]["evaluation"]["suite"] == "eval.table"
+  # Issue 25: every result's interval, the per-example flags beside the JSON, the worst case.
+  from experiments import outputs
+  flags, indices = outputs.read_flags(os.path.join(a, saved["flags_file"]))
+  np.testing.assert_array_equal(indices, np.arange(16))
+  for r in saved["results"]["pgd"]:
+    assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
+    assert flags[r["entry"]].mean() == pytest.approx(r["accuracy"])
+  worst = {w["norm"]: w for w in saved["worst_case"]["pgd"]}
+  assert worst["linf"]["accuracy"] <= acc[("AutoAttack", "linf")]
 
 
 @pytest.mark.slow
@@ -413,6 +422,32 @@ def test_columns_name_the_training_and_the_attack_threat_apart():
   # Without the training entries a single model's columns are the attack's threat alone.
   assert outputs.robustness_table({"soat": res("l2", 1.0)}).splitlines()[0] == \
       "| attack | attack L2 eps=1 |"
+
+
+def test_results_files_carry_intervals_and_per_example_flags(tmp_path):
+  """pipeline.write_robustness (evaluate's and experiments.soat's results): every JSON result
+  has its Wilson ci95, the markdown cell shows it, the flags go to <name>_robust_flags.npz and
+  the worst case per norm is the AND of the norm's flags."""
+  from scipy import stats as scipy_stats
+  from experiments import outputs
+  from krylov_adv.evaluation import AttackResult
+  clean = np.array([1] * 9 + [0], bool)
+  pgd = np.array([1] * 4 + [0] * 5 + [1], bool)
+  res = [AttackResult("clean", "clean", "linf", 0.1, 0.9, 10, 0.1, (), clean, "clean_linf"),
+         AttackResult("PGD-10", "pgd", "linf", 0.1, 0.5, 10, 1.0, (), pgd, "pgd_linf")]
+  table = pipeline.write_robustness(str(tmp_path), {"pgd": res}, "t", name="evaluation")
+  saved = json.load(open(tmp_path / "evaluation.json"))
+  for r, k in zip(saved["results"]["pgd"], (9, 5)):
+    want = scipy_stats.binomtest(k, 10).proportion_ci(method="wilson")
+    np.testing.assert_allclose(r["ci95"], (want.low, want.high), atol=1e-9)
+    assert "correct" not in r
+  assert saved["flags_file"] == "evaluation_robust_flags.npz"
+  flags, indices = outputs.read_flags(str(tmp_path / saved["flags_file"]))
+  np.testing.assert_array_equal(flags["pgd_linf"], pgd)
+  np.testing.assert_array_equal(indices, np.arange(10))
+  assert saved["worst_case"]["pgd"][0]["accuracy"] == pytest.approx(0.4)  # (clean AND pgd)
+  lo, hi = saved["results"]["pgd"][1]["ci95"]
+  assert f"| 50.00% ({100 * lo:.1f}-{100 * hi:.1f}) |" in table
 
 
 def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):

@@ -198,3 +198,29 @@ def test_madry_cnn_matches_flax_max_pool_values_gradient_and_hvp():
 def test_max_pool_rejects_nonpositive_window():
   with pytest.raises(ValueError, match="positive"):
     layers.max_pool(jnp.zeros((1, 4, 4, 1)), (0, 2))
+
+
+def test_standardized_model_is_the_inner_model_on_standardised_pixels():
+  """model.normalize_mean / normalize_std: inner((x - mean) / std), attacked in pixels; a
+  standardised model attacked in pixels with [0, 1] equals the inner model attacked in its
+  standardised box with eps / s (issue 24's two ways to the same threat model)."""
+  from krylov_adv import attacks  # pylint: disable=import-outside-toplevel
+  mean, std = (0.25, 0.5, 0.375), (0.5, 0.5, 0.5)
+  wrapped = models.get("tiny_cnn", num_classes=5, normalize_mean=mean, normalize_std=std)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (4, 8, 8, 3))
+  variables = wrapped.init(jax.random.PRNGKey(1), x)
+  inner = models.get("tiny_cnn", num_classes=5)
+  z = (x - jnp.asarray(mean)) / jnp.asarray(std)
+  np.testing.assert_allclose(wrapped.apply(variables, x),
+                             inner.apply({"params": variables["params"]["inner"]}, z),
+                             rtol=1e-5, atol=1e-6)
+  f = models.as_logits_fn(wrapped, variables, train=False)
+  g = models.as_logits_fn(inner, {"params": variables["params"]["inner"]}, train=False)
+  y = jnp.argmax(f(x), axis=1)
+  key = jax.random.PRNGKey(2)
+  x_adv = attacks.pgd(f, x, y, key, eps=0.05, norm="linf", steps=3)
+  lo, hi = (0 - jnp.asarray(mean)) / 0.5, (1 - jnp.asarray(mean)) / 0.5
+  z_adv = attacks.pgd(g, z, y, key, eps=0.05 / 0.5, norm="linf", steps=3, bounds=(lo, hi))
+  np.testing.assert_allclose(z_adv * 0.5 + jnp.asarray(mean), x_adv, atol=1e-5)
+  with pytest.raises(ValueError, match="normalize_mean and model.normalize_std"):
+    models.get("tiny_cnn", normalize_mean=mean)

@@ -178,6 +178,23 @@ def test_soar_regularizer_estimates_frobenius_bound(x64):
   assert np.all(np.asarray(exact) > 0)
 
 
+def test_soar_norm_clip_clamps_each_examples_norm_estimate(x64):
+  """norm_clip = (lo, hi): R = 1/2 (q eps^2 + 1) clip(||H~ z||_2, lo, hi) per example; ()
+  leaves R unchanged (the same key, so the same probes)."""
+  _, x, _, loss_fn = _problem(bsz=6)
+  key = jax.random.PRNGKey(1)
+  value = lambda clip: np.asarray(reg.soar_regularizer(
+      loss_fn, x, key, eps=0.1, norm="l2", method="exact", norm_clip=clip))
+  free = value(())
+  scale = 0.5 * (0.1**2 + 1)
+  norms = free / scale
+  lo, hi = float(np.sort(norms)[1]), float(np.sort(norms)[-2])
+  assert np.sum((norms < lo) | (norms > hi)) == 2
+  np.testing.assert_allclose(value((lo, hi)), scale * np.clip(norms, lo, hi), rtol=1e-12)
+  with pytest.raises(ValueError, match="norm_clip"):
+    value((2.0, 1.0))
+
+
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_soar_bound_dominates_the_worst_case_quadratic(x64, norm):
   # SOAR's inequality: max_{||d|| <= eps} Q(d) <= 1/2 (q eps^2 + 1) ||H~||_2 - 1/2, q = d (linf)

@@ -60,3 +60,36 @@ def test_worst_case_is_the_and_of_flags():
   np.testing.assert_array_equal(stats.worst_case([f1, f2, f3]), [True, False, False, False])
   with pytest.raises(ValueError):
     stats.worst_case([])
+
+
+def test_mcnemar_on_hand_made_flags_matches_scipy():
+  # 7 points robust under a only, 2 under b only, 11 concordant: p = binomtest(7, 9).
+  a = np.array([1] * 7 + [0] * 2 + [1] * 6 + [0] * 5, bool)
+  b = np.array([0] * 7 + [1] * 2 + [1] * 6 + [0] * 5, bool)
+  got = stats.mcnemar_exact(a, b)
+  assert (got["n"], got["only_a"], got["only_b"]) == (20, 7, 2)
+  want = scipy_stats.binomtest(7, 9, 0.5).pvalue
+  assert got["p_value"] == pytest.approx(want, rel=1e-12)
+  assert stats.mcnemar_exact(b, a)["p_value"] == pytest.approx(want, rel=1e-12)
+
+
+def test_collapse_check_flags_a_constant_model_and_not_a_trained_one():
+  import jax.numpy as jnp
+  from krylov_adv import evaluation
+  y = np.arange(40) % 10
+  x = np.random.default_rng(0).random((40, 8, 8, 1)).astype(np.float32)
+  # A constant classifier: the same logits whatever the image (class 3 every time).
+  constant = lambda z: jnp.zeros((z.shape[0], 10)).at[:, 3].set(1.0) + 0.0 * z.sum()
+  pred = evaluation.predictions(constant, x, batch_size=40)
+  got = stats.collapse_check(pred, y, 10)
+  assert got["collapsed"] and got["distinct_predictions"] == 1
+  assert any("constant" in r for r in got["reasons"]) and got["clean_accuracy"] == 0.1
+  # Constant on an unbalanced set (accuracy 90%, far above chance) is still collapsed.
+  assert stats.collapse_check(np.zeros(10, int), np.array([0] * 9 + [1]), 10)["collapsed"]
+  # Near chance without being constant: collapsed by the accuracy rule (1/10 + 5 points).
+  near = np.where(np.arange(40) < 6, y, (y + 1) % 10)           # 15% correct
+  assert stats.collapse_check(near, y, 10)["collapsed"]
+  assert not stats.collapse_check(np.where(np.arange(40) < 7, y, (y + 1) % 10), y, 10)[
+      "collapsed"]                                              # 17.5%: above the margin
+  good = stats.collapse_check(y, y, 10)
+  assert not good["collapsed"] and good["reasons"] == [] and good["clean_accuracy"] == 1.0

@@ -21,6 +21,20 @@ from krylov_adv import attacks, evaluation
 ROWS = "standard,pgd_eqcost"
 
 
+def _count_evaluations(monkeypatch) -> list:
+  """Records the entries of every ``evaluation.evaluate_attacks`` call (what a resumed table
+  re-attacks) in the returned list."""
+  calls = []
+  real = evaluation.evaluate_attacks
+
+  def counting(logits_fn, x, y, cfgs, key, **kwargs):
+    calls.append(list(cfgs))
+    return real(logits_fn, x, y, cfgs, key, **kwargs)
+
+  monkeypatch.setattr(evaluation, "evaluate_attacks", counting)
+  return calls
+
+
 def _tiny_config(rows: str = ROWS):
   pytest.importorskip("sklearn.datasets")
   c = table_digits.get_config()
@@ -58,7 +72,8 @@ def test_command_trains_every_row_and_attacks_both_norms(run):
     assert not any(e.startswith(("fgsm", "second_order", "autoattack")) for e in res)
   # A variant row's config: pgd_eqcost trains PGD-AT with SOAT's cost in steps.
   eq = json.load(open(os.path.join(workdir, "pgd_eqcost", "config.json")))
-  steps = round(config_common.soat_gradient_equivalents(config.train.soat.to_dict(), 10))
+  steps = round(costs.soat_gradient_equivalents(config.train.soat.to_dict(), 10,
+                                                payload["hvp_cost"]["hvp_cost"]))
   assert eq["train"]["method"] == "pgd" and eq["train"]["pgd"]["steps"] == steps
   assert "table" not in eq
   assert os.path.getsize(os.path.join(workdir, "table.png")) > 0
@@ -91,14 +106,7 @@ def test_interrupted_evaluation_resumes_at_the_missing_attack(run, monkeypatch):
   del stored["results"]["pgd_l2"]  # as if killed during PGD L2
   with open(path, "w") as f:
     json.dump(stored, f)
-  calls = []
-  real = evaluation.evaluate_attacks
-
-  def counting(logits_fn, x, y, cfgs, key, **kwargs):
-    calls.append(list(cfgs))
-    return real(logits_fn, x, y, cfgs, key, **kwargs)
-
-  monkeypatch.setattr(evaluation, "evaluate_attacks", counting)
+  calls = _count_evaluations(monkeypatch)
   again = table_lib.run_table(config, workdir, progress=False)
   assert calls == [["pgd_l2"]]
   # Same key for the entry whether resumed or not: the same result.
@@ -114,18 +122,23 @@ def test_table_layout_has_both_norms_and_the_papers_labelled_numbers(run):
   ours_l2 = md.index("## Ours: L2 eps=1")
   paper = md.index("## paper (MNIST, ResNet-18; SOAE paper Table I): the paper's numbers")
   assert ours_linf < ours_l2 < paper
-  header = "| training | clean | PGD-2 | SOAE | PGD at SOAE's cost (steps) |"
+  header = "| training | clean | PGD-2 | SOAE | PGD at SOAE's cost (steps) | worst case |"
   assert md[ours_linf:ours_l2].count(header) == 1
   paper_part = md[paper:md.index("## Cost")]
   # The paper's SOAT row (its Table I, ResNet-18) and no paper numbers for our variant rows.
   assert "| STD | 97.78 | 0.07 | 0.06 | 0.01 | 0.01 | 0.01 |" in paper_part
   assert "| PGD-AT at SOAT's cost | - | - | - | - | - | - |" in paper_part
   assert "87.62" not in md[:paper]  # the paper's numbers only under the paper's label
-  for row in ("STD", "PGD-AT at SOAT's cost"):
+  # A row's name, "[collapsed]" after it when it is (the tiny models are, at 2 epochs).
+  label = {r: v["label"] + (" [collapsed]" if v["collapsed"]["collapsed"] else "")
+           for r, v in payload["rows"].items()}
+  for row in label.values():
     assert md[ours_linf:ours_l2].count(f"| {row} |") == 1
-  std = payload["rows"]["standard"]["results"]
-  assert f"| STD | {100 * std['clean_linf']['accuracy']:.1f} |" in md[ours_linf:ours_l2]
-  assert "- **Training**:" in md and "exact HVP = 1.40" in md
+  std = payload["rows"]["standard"]["results"]["clean_linf"]
+  lo, hi = std["ci95"]
+  assert (f"| {label['standard']} | {100 * std['accuracy']:.1f} ({100 * lo:.1f}-{100 * hi:.1f}) |"
+          in md[ours_linf:ours_l2])
+  assert "- **Training**:" in md and "count one exact HVP as 1.40 gradients" in md
 
 
 # Slow: it was the only fast test that needed the tiny table run (`run`: 10 of the fast tier's
@@ -211,16 +224,20 @@ def test_equal_training_cost_row_by_hand():
   c = table_fashion_mnist.get_config()
   soat = c.train.soat
   assert (soat.steps, soat.m, soat.hvp, soat.direction) == (1, 10, "exact", "newton")
-  # 1 outer iteration x (1 gradient + 1.4 x (min(m, K - 1) = 9 + 1 + 1) products) = 16.4.
-  assert config_common.soat_gradient_equivalents(soat.to_dict(), 10) == pytest.approx(16.4)
-  eq = c.table.variants.pgd_eqcost.train.pgd
-  assert eq.steps == 16 and eq.step_size == pytest.approx(2.5 * 0.1 / 16)
+  # 1 outer iteration x (1 gradient + c x (min(m, K - 1) = 9 + 1 + 1) products), c the measured
+  # HVP cost the table passes (hvp_cost.json): 16.4 at c = 1.4, 21.9 at c = 1.9.
+  assert costs.soat_gradient_equivalents(soat.to_dict(), 10, 1.4) == pytest.approx(16.4)
+  assert c.table.variants.pgd_eqcost.equal_cost_to == "soat"
+  for hvp_cost, steps in ((1.4, 16), (1.9, 22)):
+    eq = table_lib.row_config(c, "pgd_eqcost", hvp_cost).train
+    assert eq.method == "pgd" and eq.pgd.steps == steps
+    assert eq.pgd.step_size == pytest.approx(2.5 * 0.1 / steps)
   four = dict(soat.to_dict(), steps=4, m=15)
-  assert config_common.soat_gradient_equivalents(four, 10) == pytest.approx(4 * (1 + 1.4 * 11))
+  assert costs.soat_gradient_equivalents(four, 10, 1.4) == pytest.approx(4 * (1 + 1.4 * 11))
   fd = dict(four, hvp="fd_forward")
-  assert config_common.soat_gradient_equivalents(fd, 10) == pytest.approx(4 * (1 + 17))
+  assert costs.soat_gradient_equivalents(fd, 10, 1.4) == pytest.approx(4 * (1 + 17))
   tr = dict(four, direction="trust_region")
-  assert config_common.soat_gradient_equivalents(tr, 10) == pytest.approx(4 * (1 + 1.4 * 10))
+  assert costs.soat_gradient_equivalents(tr, 10, 1.4) == pytest.approx(4 * (1 + 1.4 * 10))
 
 
 def test_row_configs_and_validation():
@@ -234,6 +251,19 @@ def test_row_configs_and_validation():
   tr = table_lib.row_config(c, "soat_tr").train
   assert (tr.method, tr.soat.direction, tr.soat.hvp) == ("soat", "trust_region", "exact")
   assert table_lib.row_config(c, "second_order").train.method == "second_order"
+  # Issue 25: SOAR and SCORPIO at their authors' settings, ours kept as named rows.
+  soar = table_lib.row_config(c, "soar_authors").train
+  assert soar.method == "soar" and (soar.soar.lam, soar.soar.h, soar.soar.grad_clip) == (
+      0.5, 0.03, 30.0)
+  assert tuple(soar.soar.norm_clip) == (0.0, 10.0) and soar.soar.init == "pgd1"
+  ours = table_lib.row_config(c, "soar").train.soar
+  assert (ours.lam, ours.h, ours.grad_clip, tuple(ours.norm_clip)) == (1.0, 0.01, 1.0, ())
+  sc = table_lib.row_config(c, "scorpio").train
+  assert (sc.method, sc.scorpio.step_rule, sc.scorpio.steps) == ("scorpio", "classic", 3)
+  sc_ours = table_lib.row_config(c, "scorpio_ours").train
+  assert (sc_ours.method, sc_ours.scorpio.step_rule) == ("scorpio", "line_search")
+  for row in ("soar", "soar_authors", "scorpio", "scorpio_ours"):
+    assert row in table_lib.rows_of(c) and row in table_lib.rows_of(table_digits.get_config())
   table_lib.validate(c)
   c.table.methods = "standard,nonsense"
   with pytest.raises(ValueError, match="table row 'nonsense'"):
@@ -308,3 +338,172 @@ def test_cached_results_are_keyed_by_the_model_and_every_setting(tmp_path, monke
   meta = json.load(open(tmp_path / "table.json"))["metadata"]["training"]["STD"]
   assert meta["checkpoint"] == new["pgd_linf"]["setting"]["checkpoint"]
   assert meta["optimizer"]["learning_rate"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 25: intervals, per-example flags, worst case, paired tests, collapse flag
+
+
+def test_tiny_table_json_has_intervals_flags_worst_case_paired_and_collapse(run):
+  """The tiny run's table.json and robust_flags.npz: every result has its Wilson ci95 and
+  flags whose mean is its accuracy; worst_case_<norm> is the AND of the norm's flags; the
+  paired list holds the within-row McNemar tests; every row has its collapse verdict."""
+  from scipy import stats as scipy_stats
+  from experiments import outputs
+  from krylov_adv import stats
+  _, workdir, payload = run
+  on_disk = json.load(open(os.path.join(workdir, "table.json")))
+  for row, r in on_disk["rows"].items():
+    flags, indices = outputs.read_flags(os.path.join(workdir, row, "robust_flags.npz"))
+    n = r["results"]["clean_linf"]["num_examples"]
+    np.testing.assert_array_equal(indices, np.arange(n))
+    assert set(flags) == set(r["results"])
+    for entry, res in r["results"].items():
+      k = int(flags[entry].sum())
+      assert res["accuracy"] == pytest.approx(k / n)
+      want = scipy_stats.binomtest(k, n).proportion_ci(method="wilson")
+      np.testing.assert_allclose(res["ci95"], (want.low, want.high), atol=1e-9)
+    for norm in ("linf", "l2"):
+      worst = r["results"][f"worst_case_{norm}"]
+      parts = [e for e in r["results"] if e.endswith(norm) and not e.startswith("worst")]
+      assert sorted(worst["components"]) == sorted(parts) and f"clean_{norm}" in parts
+      np.testing.assert_array_equal(flags[f"worst_case_{norm}"],
+                                    np.logical_and.reduce([flags[e] for e in parts]))
+    c = r["collapsed"]
+    assert set(c) >= {"collapsed", "reasons", "clean_accuracy", "chance"}
+    assert c["clean_accuracy"] == pytest.approx(r["results"]["clean_linf"]["accuracy"])
+  pairs = {(t["row"], t["a"], t["b"]): t for t in on_disk["paired"]}
+  for row in on_disk["rows"]:
+    for norm in ("linf", "l2"):
+      for a, b in (("soae", "pgd"), ("soae", table_lib.EQUAL_COST)):
+        t = pairs[(row, f"{a}_{norm}", f"{b}_{norm}")]
+        flags, _ = outputs.read_flags(os.path.join(workdir, row, "robust_flags.npz"))
+        want = stats.mcnemar_exact(flags[f"{a}_{norm}"], flags[f"{b}_{norm}"])
+        assert (t["n"], t["only_a_robust"], t["only_b_robust"], t["p_value"]) == (
+            want["n"], want["only_a"], want["only_b"], want["p_value"])
+  md = open(os.path.join(workdir, "table.md")).read()
+  assert "## Claims (exact two-sided McNemar tests on the same points)" in md
+  assert "Rows marked [collapsed] (collapsed: clean accuracy <= 1/K + 5 points" in md
+  std = on_disk["rows"]["standard"]["results"]["clean_linf"]
+  assert f"| {outputs.interval_text(std['accuracy'], std['ci95'])} |" in md
+  assert on_disk["hvp_cost"]["hvp_cost"] == 1.4
+  assert json.load(open(os.path.join(workdir, "hvp_cost.json")))["hvp_cost"] == 1.4
+  assert len(on_disk["metadata"]["machine"]["load_average"]) == 3
+
+
+@pytest.mark.slow
+def test_resume_keeps_flags_and_reruns_an_attack_whose_flags_are_missing(run, monkeypatch):
+  """A crash between the flags file and table_eval.json (flags written first) or a flags file
+  from before this existed: the entry without matching flags runs again, the others keep
+  theirs."""
+  from experiments import outputs
+  config, workdir, payload = run
+  path = os.path.join(workdir, "standard", outputs.FLAGS_FILE)
+  flags, indices = outputs.read_flags(path)
+  del flags["soae_linf"]
+  outputs.write_flags(path, flags, indices)
+  calls = _count_evaluations(monkeypatch)
+  table_lib.run_table(config, workdir, progress=False)
+  assert calls == [["soae_linf"]]
+  again, _ = outputs.read_flags(path)
+  assert set(again) == set(flags) | {"soae_linf"}
+  for entry, f in flags.items():
+    np.testing.assert_array_equal(again[entry], f)
+
+
+def _fake_rows(flags_by_row, methods):
+  rows = {}
+  for row, flags in flags_by_row.items():
+    rows[row] = dict(label=row.upper(), method=methods[row], results={
+        e: dict(label=e, attack=e.rsplit("_", 1)[0], norm=e.rsplit("_", 1)[1], eps=0.1,
+                accuracy=float(f.mean()), num_examples=f.size,
+                setting=dict(test_points="same"))
+        for e, f in flags.items()})
+  return rows
+
+
+def test_paired_tests_within_and_across_rows_by_hand():
+  from scipy import stats as scipy_stats
+  rng = np.random.default_rng(0)
+  n = 60
+  mk = lambda p: rng.random(n) < p
+  names = ("clean_linf", "pgd_linf", "soae_linf", "autoattack_linf", "second_order_linf")
+  flags = {row: {e: mk(p) for e, p in zip(names, (0.9, 0.5, 0.7, 0.4, 0.55))}
+           for row in ("pgd", "soat", "soat_tr", "standard")}
+  # Hand-made: SOAT variant robust on 12 points PGD-AT is not under PGD-20, the reverse on 1.
+  base = flags["pgd"]["pgd_linf"] = np.zeros(n, bool)
+  base[:20] = True
+  soat = flags["soat_tr"]["pgd_linf"] = base.copy()
+  soat[20:32] = True
+  soat[0] = False
+  methods = dict(pgd="pgd", soat="soat", soat_tr="soat", standard="standard")
+  rows = _fake_rows(flags, methods)
+  out = table_lib.paired_tests(rows, flags)
+  within = [(t["row"], t["a"], t["b"]) for t in out if t["kind"] == "attacks"]
+  assert within == [(row, a, b) for row in flags for a, b in (
+      ("soae_linf", "pgd_linf"), ("soae_linf", "autoattack_linf"),
+      ("second_order_linf", "pgd_linf"))]
+  across = {(t["a"], t["b"], t["entry"]): t for t in out if t["kind"] == "rows"}
+  assert sorted(across) == sorted((r, "pgd", e) for r in ("soat", "soat_tr")
+                                  for e in ("autoattack_linf", "pgd_linf"))
+  t = across[("soat_tr", "pgd", "pgd_linf")]
+  assert (t["n"], t["only_a_robust"], t["only_b_robust"]) == (n, 12, 1)
+  assert t["p_value"] == pytest.approx(scipy_stats.binomtest(12, 13).pvalue, rel=1e-12)
+  # Other test points (another digest): no cross-row pair.
+  rows["soat"]["results"]["pgd_linf"]["setting"]["test_points"] = "other"
+  assert ("soat", "pgd", "pgd_linf") not in {
+      (t["a"], t["b"], t.get("entry")) for t in table_lib.paired_tests(rows, flags)}
+  # The claims: p = 0.0034 < 1% is claimed, a p of 1 is not.
+  payload = dict(rows={r: dict(v, collapsed=dict(collapsed=False)) for r, v in rows.items()},
+                 paired=[t, dict(t, only_a_robust=0, only_b_robust=0, p_value=1.0,
+                                 b_accuracy=t["a_accuracy"])])
+  md = table_lib.claims_markdown(payload)
+  assert "SOAT_TR is more robust than PGD at 1%" in md
+  assert md.count("not distinguishable at 1%") == 1
+
+
+def test_worst_case_entries_are_the_and_over_each_norm():
+  f = {"clean_linf": np.array([1, 1, 1, 0], bool), "pgd_linf": np.array([1, 0, 1, 1], bool),
+       "soae_linf": np.array([1, 1, 0, 1], bool), "clean_l2": np.array([1, 1, 1, 1], bool),
+       "pgd_l2": np.array([0, 1, 1, 1], bool)}
+  results = {e: dict(label=e, attack=e.rsplit("_", 1)[0], norm=e.rsplit("_", 1)[1], eps=0.1,
+                     accuracy=float(v.mean()), num_examples=4) for e, v in f.items()}
+  records, flags = table_lib.worst_case_entries(results, f)
+  np.testing.assert_array_equal(flags["worst_case_linf"], [True, False, False, False])
+  np.testing.assert_array_equal(flags["worst_case_l2"], [False, True, True, True])
+  assert records["worst_case_linf"]["accuracy"] == 0.25
+  assert records["worst_case_l2"]["components"] == ["clean_l2", "pgd_l2"]
+  assert records["worst_case_l2"]["ci95"] == pytest.approx(list(
+      __import__("krylov_adv").stats.wilson_interval(3, 4)))
+
+
+def test_fashion_mnist_full_describes_the_thousand_point_table():
+  """Issue 25, item 7's config: >= 1,000 test points, AutoAttack standard (all four components)
+  in both norms, the full training set, every row."""
+  c = table_fashion_mnist.get_config("full")
+  assert c.eval.num_examples >= 1000 and c.data.max_train == 0
+  for norm in ("linf", "l2"):
+    aa = c.eval.table[f"autoattack_{norm}"]
+    assert aa.version == "standard" and "attacks" not in aa
+  assert table_lib.rows_of(c) == list(config_common.TABLE_METHODS)
+  table_lib.validate(c)
+
+
+@pytest.mark.slow
+def test_hvp_cost_is_measured_once_per_model_and_reused(tmp_path, monkeypatch):
+  """table.hvp_cost = 0: the exact HVP's cost is measured once on the table's model and stored
+  in hvp_cost.json with the machine's load average; a rerun reads it back; pgd_eqcost's steps
+  use it."""
+  from krylov_adv import data as data_lib
+  c = _tiny_config()
+  c.table.hvp_cost = 0.0
+  dataset = data_lib.load(c.data)
+  m = table_lib.hvp_cost_of(c, str(tmp_path), dataset, progress=False)
+  saved = json.load(open(tmp_path / "hvp_cost.json"))
+  assert saved["hvp_cost"] == m["hvp_cost"] > 0 and not saved["fixed"]
+  assert len(saved["load_average"]) == 3 and "tiny_cnn" in saved["source"]
+  monkeypatch.setattr(costs, "measure_hvp_cost", lambda *a, **k: pytest.fail("re-measured"))
+  assert table_lib.hvp_cost_of(c, str(tmp_path), dataset, progress=False) == saved
+  steps = max(1, round(costs.soat_gradient_equivalents(c.train.soat.to_dict(), 10,
+                                                       saved["hvp_cost"])))
+  assert table_lib.row_config(c, "pgd_eqcost", saved["hvp_cost"]).train.pgd.steps == steps

@@ -196,7 +196,7 @@ def test_adversarial_loss_exceeds_clean_loss(batch, method):
 @pytest.mark.parametrize("change,match", [
     (dict(method="fgsm_training"), "unknown training method 'fgsm_training'"),
     (dict(method="pgd", eps=-0.1), "eps must be >= 0"),
-    (dict(method="soat", norm="l1"), "unknown norm 'l1'"),
+    (dict(method="soat", norm="l0"), "unknown norm 'l0'"),
     (dict(lr_schedule="step"), "unknown lr_schedule"),
     (dict(batch_size=0), "batch_size"),
     (dict(learning_rate=0.0), "learning_rate"),
@@ -333,6 +333,8 @@ def test_a_registered_method_trains_by_name(batch):
     ("soar", "init", "pgd7", r"train\.soar\.init: unknown 'pgd7'"),
     ("soar", "lamda", 1.0, r"train\.soar\.lamda is not a hyperparameter"),
     ("soar", "grad_clip", -1.0, r"train\.soar\.grad_clip must be >= 0"),
+    ("soar", "norm_clip", (2.0, 1.0), r"train\.soar\.norm_clip must be \(\) \(off\) or \(lo, hi\)"),
+    ("soar", "norm_clip", (1.0,), r"train\.soar\.norm_clip must be"),
     ("soar", "lam", float("inf"), r"^train\.soar\.lam must be a finite number, got inf$"),
     ("soar", "h", float("nan"), r"^train\.soar\.h must be a finite number, got nan$"),
     ("scorpio", "lam", float("inf"), r"^train\.scorpio\.lam must be a finite number, got inf$"),

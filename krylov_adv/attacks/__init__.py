@@ -22,6 +22,14 @@ trace), ``soae_with_report`` (:class:`SOAEDiagnostics`), ``autoattack_with_repor
 (:class:`AutoAttackReport`); ``autoattack_batched`` is ``autoattack_with_report`` over a test
 set in batches, component by component over the whole set (what a batched evaluation runs).
 
+Randomized models (dropout at test time, input noise, randomized defences) are declared as
+``attacks.stochastic(fn)`` with ``fn(x, key) -> logits`` (a pytree like any model: its arrays are
+traced). FGSM, PGD and APGD (``apgd``, ``apgd_ce``, ``apgd_dlr``, ``apgd_t``) attack them with
+Expectation over Transformation (``eot_samples`` draws per gradient), AutoAttack with
+``version="rand"`` (APGD-CE and APGD-DLR, 20 draws); the other attacks refuse them with the reason
+(:mod:`krylov_adv.attacks._eot`), and ``krylov_adv.evaluation`` reports their accuracy as the
+mean over ``draws`` draws.
+
 Registered attacks: ``fgsm``, ``pgd``, ``second_order`` (S-O), ``soae``, ``trades``, ``apgd_ce``,
 ``apgd_dlr``, ``apgd_t``, ``fab``, ``fab_t``, ``square``, ``autoattack``.
 
@@ -172,3 +180,4 @@ from krylov_adv.attacks._trades import trades  # noqa: E402
 from krylov_adv.attacks._autoattack import (AutoAttackReport, autoattack,  # noqa: E402
                                             autoattack_batched, autoattack_with_report)
 from krylov_adv.attacks.toolkit import TracedModel, WithReport, as_model  # noqa: E402
+from krylov_adv.attacks._eot import Stochastic, is_stochastic, stochastic  # noqa: E402

@@ -4,7 +4,7 @@ Croce and Hein, ICML 2020, "Minimally distorted adversarial examples with a fast
 boundary attack", Algorithm 1; its targeted version is AutoAttack's FAB-T (Croce and Hein, ICML
 2020, "Reliable evaluation of adversarial robustness ..."). FAB linearises the decision boundary
 at the current iterate, projects both the iterate and the clean point onto that hyperplane
-intersected with the box ``[0, 1]^n`` (Eq. 5), takes a biased convex combination of the two
+intersected with the box ``[lo, hi]`` (``bounds``, default ``[0, 1]^n``; Eq. 5), takes a biased convex combination of the two
 projections with overshoot ``overshoot`` (the paper's ``eta``, Eq. 6-7) and, once adversarial,
 steps back towards the clean point by ``beta`` (Sec. 3.2). Hyperparameters are the reference
 implementation's (fra31/auto-attack): 100 iterations (``steps``), ``alpha_max = 0.1``,
@@ -36,11 +36,15 @@ LogitsFn = Callable[[Array], Array]
 _BIG = 1e30
 
 
-def hyperplane_box_projection(t: Array, w: Array, b: Array, norm: str) -> Array:
-  """Minimal-norm step onto a hyperplane inside the box (FAB paper, Eq. 5), exact, by bisection.
+def hyperplane_box_projection(t: Array, w: Array, b: Array, norm: str,
+                              bounds=(0.0, 1.0)) -> Array:
+  """Minimal-norm step onto a hyperplane inside the box (FAB paper, Eq. 5), exact.
 
-  Solves per example ``d* = argmin ||d||_p  s.t.  <w, t + d> = b,  0 <= t + d <= 1`` for
-  ``p = inf`` or ``2``. With ``c = b - <w, t>`` and, after flipping signs so that ``c >= 0``,
+  Solves per example ``d* = argmin ||d||_p  s.t.  <w, t + d> = b,  lo <= t + d <= hi`` for
+  ``p = inf``, ``2`` (by bisection, below) or ``1`` (greedy: with ``c`` and the caps below, the
+  L1 cost of a unit of ``<w, d>`` on coordinate ``i`` is ``1 / |w_i|``, so the optimum fills the
+  coordinates in order of decreasing ``|w_i|`` up to their caps until ``<w, d> = c``, the last
+  one partly; one sort per example, as the reference's ``projection_l1``). With ``c = b - <w, t>`` and, after flipping signs so that ``c >= 0``,
   each coordinate moving in the direction ``sign(w_i)`` by at most ``cap_i`` (its distance to the
   box face on that side), the optimum is
     linf: ``d_i = sign(w_i) min(delta, cap_i)`` with ``h(delta) = sum_i |w_i| min(delta, cap_i)
@@ -66,9 +70,10 @@ def hyperplane_box_projection(t: Array, w: Array, b: Array, norm: str) -> Array:
   (``d_i = sign(w_i) cap_i``), the box point closest to the hyperplane, as in the paper.
 
   Args:
-    t: ``(B, n)`` points in ``[0, 1]``; w: ``(B, n)`` normals; b: ``(B,)`` offsets; one float
+    t: ``(B, n)`` points in the box; w: ``(B, n)`` normals; b: ``(B,)`` offsets; one float
       dtype (float32 or float64).
-    norm: ``"linf" | "l2"``.
+    norm: ``"linf" | "l2" | "l1"``. bounds: the box ``(lo, hi)``, each broadcastable to
+      ``(B, n)`` (flattened like ``t``).
 
   Returns:
     ``d`` ``(B, n)``, ``t``'s dtype.
@@ -78,7 +83,10 @@ def hyperplane_box_projection(t: Array, w: Array, b: Array, norm: str) -> Array:
   w = w * sgn[:, None]
   c = jnp.abs(c)
   aw = jnp.abs(w)
-  cap = jnp.where(w > 0, 1.0 - t, jnp.where(w < 0, t, 0.0))
+  lo, hi = bounds
+  cap = jnp.maximum(jnp.where(w > 0, hi - t, jnp.where(w < 0, t - lo, 0.0)), 0.0)
+  if norm == "l1":
+    return jnp.sign(w) * _l1_fill(aw, cap, c)
   if norm == "linf":
     breaks, slope = cap, aw
   else:
@@ -115,12 +123,35 @@ def hyperplane_box_projection(t: Array, w: Array, b: Array, norm: str) -> Array:
   return jnp.sign(w) * amount
 
 
-def _fab_body(logits_fn: LogitsFn, x: Array, y: Array, target: Array, *, norm: str,
+def _l1_fill(aw: Array, cap: Array, c: Array) -> Array:
+  """The L1 case of :func:`hyperplane_box_projection`: amounts ``a (B, n) >= 0`` with
+  ``sum_i aw_i a_i = c`` (or every ``a_i = cap_i`` when the caps cannot reach ``c``), filled in
+  order of decreasing ``aw_i``."""
+  order = jnp.argsort(-aw, axis=1)
+  aw_s = jnp.take_along_axis(aw, order, 1)
+  cap_s = jnp.take_along_axis(cap, order, 1)
+  full = aw_s * cap_s
+  before = jnp.cumsum(full, axis=1) - full  # progress of the coordinates ahead in the order
+  rest = jnp.maximum(c[:, None] - before, 0.0)
+  amount_s = jnp.minimum(cap_s, rest / jnp.where(aw_s > 0, aw_s, 1.0))
+  amount_s = jnp.where(aw_s > 0, amount_s, 0.0)
+  inverse = jnp.argsort(order, axis=1)
+  return jnp.take_along_axis(amount_s, inverse, 1)
+
+
+def _flat_bounds(bounds, x: Array):
+  """The box ``(lo, hi)`` broadcast to ``x (B, ...)`` and flattened to ``(B, n)``."""
+  return tuple(jnp.broadcast_to(jnp.asarray(b, x.dtype), x.shape).reshape(x.shape[0], -1)
+               for b in bounds)
+
+
+def _fab_body(logits_fn: LogitsFn, x: Array, y: Array, target: Array, bounds, *, norm: str,
               targeted: bool, alpha_max: float, overshoot: float, beta: float):
   """``body(i, (x1, adv, dist)) -> (x1, adv, dist)``: one FAB iteration (one gradient, or the
   ``K`` gradients of the untargeted boundary, and one forward pass); flat ``(B, n)`` points."""
   bsz = x.shape[0]
   x0 = x.reshape(bsz, -1)
+  lo, hi = _flat_bounds(bounds, x)
 
   def boundary(x1):
     """``(f (B,), grad f (B, n))`` of the boundary to cross."""
@@ -138,7 +169,12 @@ def _fab_body(logits_fn: LogitsFn, x: Array, y: Array, target: Array, *, norm: s
     jac = jnp.moveaxis(jax.vmap(lambda ct: vjp(ct)[0])(cot), 0, 1).reshape(bsz, n_cls, -1)
     df = z - jnp.take_along_axis(z, y[:, None], 1)
     dg = jac - jnp.take_along_axis(jac, y[:, None, None], 1)
-    dual = jnp.sum(jnp.abs(dg), -1) if norm == "linf" else jnp.sqrt(jnp.sum(dg * dg, -1))
+    if norm == "linf":
+      dual = jnp.sum(jnp.abs(dg), -1)
+    elif norm == "l1":
+      dual = jnp.max(jnp.abs(dg), -1)
+    else:
+      dual = jnp.sqrt(jnp.sum(dg * dg, -1))
     dist = jnp.abs(df) / (dual + 1e-12)
     dist = jnp.where(jax.nn.one_hot(y, n_cls, dtype=bool), jnp.inf, dist)
     s = jnp.argmin(dist, axis=1)
@@ -150,13 +186,13 @@ def _fab_body(logits_fn: LogitsFn, x: Array, y: Array, target: Array, *, norm: s
     df, w = boundary(x1.reshape(x.shape))
     b = jnp.sum(w * x1, axis=1) - df
     d = hyperplane_box_projection(jnp.concatenate([x1, x0]), jnp.concatenate([w, w]),
-                                  jnp.concatenate([b, b]), norm)
+                                  jnp.concatenate([b, b]), norm,
+                                  (jnp.concatenate([lo, lo]), jnp.concatenate([hi, hi])))
     d1, d2 = d[:bsz], d[bsz:]
     a1 = jnp.maximum(projections.per_example_norm(d1, norm), 1e-8)
     a2 = jnp.maximum(projections.per_example_norm(d2, norm), 1e-8)
     alpha = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
-    x1 = jnp.clip((x1 + overshoot * d1) * (1.0 - alpha) + (x0 + overshoot * d2) * alpha, 0.0,
-                  1.0)
+    x1 = jnp.clip((x1 + overshoot * d1) * (1.0 - alpha) + (x0 + overshoot * d2) * alpha, lo, hi)
     is_adv = jnp.argmax(logits_fn(x1.reshape(x.shape)), axis=1) != y
     dist = projections.per_example_norm(x1 - x0, norm)
     better = is_adv & (dist < res)
@@ -170,7 +206,7 @@ def _fab_body(logits_fn: LogitsFn, x: Array, y: Array, target: Array, *, norm: s
 
 def fab_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_start: Array, *,
             norm: str, targeted: bool, steps: int, alpha_max: float, overshoot: float,
-            beta: float) -> tuple[Array, Array]:
+            beta: float, bounds=(0.0, 1.0)) -> tuple[Array, Array]:
   """One FAB run (FAB paper, Algorithm 1) from ``x_start``; traceable.
 
   Per iteration, at ``x1`` with the linearised boundary ``f(x1) + <grad f(x1), z - x1> = 0``
@@ -178,7 +214,7 @@ def fab_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_start: Arr
   ``|f_s| / ||grad f_s||_q``, ``q`` the dual norm, Eq. 4):
     ``d1 = proj(x1)``, ``d2 = proj(x)`` (:func:`hyperplane_box_projection`),
     ``alpha = min(||d1|| / (||d1|| + ||d2||), alpha_max)``,
-    ``x1 <- clip((1 - alpha)(x1 + overshoot d1) + alpha (x + overshoot d2), 0, 1)``;
+    ``x1 <- clip((1 - alpha)(x1 + overshoot d1) + alpha (x + overshoot d2), lo, hi)``;
   if ``x1`` is misclassified it is recorded when closer to ``x`` than the best so far, and
   ``x1 <- x + beta (x1 - x)``.
 
@@ -190,39 +226,39 @@ def fab_run(logits_fn: LogitsFn, x: Array, y: Array, target: Array, x_start: Arr
     (``inf`` where none was found).
   """
   bsz = x.shape[0]
-  body = _fab_body(logits_fn, x, y, target, norm=norm, targeted=targeted, alpha_max=alpha_max,
-                   overshoot=overshoot, beta=beta)
+  body = _fab_body(logits_fn, x, y, target, bounds, norm=norm, targeted=targeted,
+                   alpha_max=alpha_max, overshoot=overshoot, beta=beta)
   init = (x_start.reshape(bsz, -1), x.reshape(bsz, -1), jnp.full((bsz,), jnp.inf, x.dtype))
   _, adv, res = jax.lax.fori_loop(0, steps, body, init)
   return adv.reshape(x.shape), res
 
 
-def random_start(keys: Array, x: Array, eps, norm: str) -> Array:
-  """FAB's restart point ``clip(x + 0.5 eps u / ||u||, 0, 1)`` (linf: ``u ~ U[-1, 1]``;
-  l2: ``u ~ N(0, I)``; :func:`krylov_adv.attacks.toolkit.sphere_start`), per-example keys."""
-  return toolkit.sphere_start(keys, x, 0.5 * jnp.asarray(eps, x.dtype), norm)
+def random_start(keys: Array, x: Array, eps, norm: str, bounds=(0.0, 1.0)) -> Array:
+  """FAB's restart point ``clip(x + 0.5 eps u / ||u||, lo, hi)`` (linf: ``u ~ U[-1, 1]``;
+  l2, l1: ``u ~ N(0, I)``; :func:`krylov_adv.attacks.toolkit.sphere_start`), per-example keys."""
+  return toolkit.sphere_start(keys, x, 0.5 * jnp.asarray(eps, x.dtype), norm, bounds)
 
 
 @functools.partial(jax.jit, static_argnames=("norm", "restarts"))
-def _fab_start(x: Array, keys: Array, order: Array, run: Array, eps, *, norm: str,
+def _fab_start(x: Array, keys: Array, order: Array, run: Array, eps, bounds, *, norm: str,
                restarts: int) -> tuple[Array, tuple[Array, Array, Array]]:
   """Run ``run``'s target ``(B,)`` and the loop state ``(x1, adv, dist)`` before iteration 0."""
   bsz = x.shape[0]
   eps = jnp.asarray(eps, x.dtype)
   target = jax.lax.dynamic_index_in_dim(order, run // restarts, axis=1, keepdims=False)
   start = jnp.where(run % restarts == 0, x,
-                    random_start(toolkit.fold_keys(keys, run), x, eps, norm))
+                    random_start(toolkit.fold_keys(keys, run), x, eps, norm, bounds))
   return target, (start.reshape(bsz, -1), x.reshape(bsz, -1), jnp.full((bsz,), jnp.inf, x.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("norm", "targeted", "alpha_max",
                                              "overshoot", "beta"))
 def _fab_step(logits_fn: LogitsFn, c: tuple[Array, Array, Array], x: Array, y: Array,
-              target: Array, *, norm: str, targeted: bool, alpha_max: float, overshoot: float,
+              target: Array, bounds, *, norm: str, targeted: bool, alpha_max: float, overshoot: float,
               beta: float) -> tuple[Array, Array, Array]:
   """One iteration of :func:`fab_run`, jitted on its own."""
-  return _fab_body(logits_fn, x, y, target, norm=norm, targeted=targeted, alpha_max=alpha_max,
-                   overshoot=overshoot, beta=beta)(0, c)
+  return _fab_body(logits_fn, x, y, target, bounds, norm=norm, targeted=targeted,
+                   alpha_max=alpha_max, overshoot=overshoot, beta=beta)(0, c)
 
 
 def _fold_run(fooled: Array, x_out: Array, adv: Array, dist: Array, eps) -> tuple[Array, Array]:
@@ -240,12 +276,12 @@ def _keep_run(fooled: Array, x_out: Array, c: tuple[Array, Array, Array], x: Arr
 
 
 @functools.partial(jax.jit, static_argnames="norm")
-def _finish(x_out: Array, x: Array, eps, *, norm: str) -> Array:
+def _finish(x_out: Array, x: Array, eps, bounds, *, norm: str) -> Array:
   # A no-op for the recorded points (their distance is <= eps); absorbs float rounding.
-  return projections.project(x_out, x, jnp.asarray(eps, x.dtype), norm)
+  return projections.project(x_out, x, jnp.asarray(eps, x.dtype), norm, bounds)
 
 
-def _fab_batch_in_graph(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *,
+def _fab_batch_in_graph(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, bounds, *,
                         norm: str, targeted: bool, steps: int, restarts: int,
                         n_target_classes: int, alpha_max: float, overshoot: float,
                         beta: float) -> tuple[Array, Array]:
@@ -262,20 +298,22 @@ def _fab_batch_in_graph(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, ep
     run = s["run"]
     target = jax.lax.dynamic_index_in_dim(order, run // restarts, axis=1, keepdims=False)
     start = jnp.where(run % restarts == 0, x,
-                      random_start(toolkit.fold_keys(keys, run), x, eps, norm))
+                      random_start(toolkit.fold_keys(keys, run), x, eps, norm, bounds))
     adv, dist = fab_run(logits_fn, x, y, target, start, norm=norm, targeted=targeted,
-                        steps=steps, alpha_max=alpha_max, overshoot=overshoot, beta=beta)
+                        steps=steps, alpha_max=alpha_max, overshoot=overshoot, beta=beta,
+                        bounds=bounds)
     fooled, x_out = _fold_run(s["fooled"], s["x_out"], adv, dist, eps)
     return dict(run=run + 1, fooled=fooled, x_out=x_out)
 
   s = jax.lax.while_loop(cond, body, dict(run=jnp.asarray(0, jnp.int32),
                                           fooled=jnp.zeros(y.shape, bool), x_out=x))
-  return projections.project(s["x_out"], x, eps, norm), s["fooled"]
+  return projections.project(s["x_out"], x, eps, norm, bounds), s["fooled"]
 
 
 def fab_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm: str,
               targeted: bool, steps: int, restarts: int, n_target_classes: int,
-              alpha_max: float, overshoot: float, beta: float) -> tuple[Array, Array]:
+              alpha_max: float, overshoot: float, beta: float,
+              bounds=(0.0, 1.0)) -> tuple[Array, Array]:
   """FAB over targets (if ``targeted``) and restarts with per-example keys.
 
   Run ``t * restarts + r`` attacks target :func:`target_order` column ``t`` and starts from
@@ -294,7 +332,7 @@ def fab_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm
   logits_fn = toolkit.as_model(logits_fn)
   if toolkit.is_traced(x, y, keys, eps, *jax.tree_util.tree_leaves(logits_fn)):
     # Inside a caller's jit / vmap the host cannot drive the loop: the in-graph loop runs.
-    return _fab_batch_in_graph(logits_fn, x, y, keys, eps, norm=norm, targeted=targeted,
+    return _fab_batch_in_graph(logits_fn, x, y, keys, eps, bounds, norm=norm, targeted=targeted,
                                steps=steps, restarts=restarts,
                                n_target_classes=n_target_classes, alpha_max=alpha_max,
                                overshoot=overshoot, beta=beta)
@@ -305,34 +343,37 @@ def fab_batch(logits_fn: LogitsFn, x: Array, y: Array, keys: Array, eps, *, norm
   for run in range(n_runs):
     if bool(jnp.all(fooled)):
       break
-    target, c = _fab_start(x, keys, order, jnp.int32(run), eps, norm=norm, restarts=restarts)
+    target, c = _fab_start(x, keys, order, jnp.int32(run), eps, bounds, norm=norm,
+                           restarts=restarts)
     for _ in range(steps):
-      c = _fab_step(logits_fn, c, x, y, target, norm=norm, targeted=targeted,
+      c = _fab_step(logits_fn, c, x, y, target, bounds, norm=norm, targeted=targeted,
                     alpha_max=alpha_max, overshoot=overshoot, beta=beta)
     fooled, x_out = _keep_run(fooled, x_out, c, x, eps)
-  return _finish(x_out, x, eps, norm=norm), fooled
+  return _finish(x_out, x, eps, bounds, norm=norm), fooled
 
 
 def fab_attack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, targeted: bool,
                steps: int = 100, restarts: int = 1, n_target_classes: int = 9,
                alpha_max: float = 0.1, overshoot: float = 1.05, beta: float = 0.9,
-               example_index=None) -> Array:
+               example_index=None, bounds=None) -> Array:
   """FAB (untargeted or targeted) with the attack API; see :func:`fab_batch`.
 
   Args:
     logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, model in inference mode.
     x: ``(B, H, W, C)`` in ``[0, 1]``; y: ``(B,)`` int; key: PRNG key (used by restarts > 0).
     eps: budget ``>= 0`` (a point counts as fooled when its FAB distance is ``<= eps``).
-    norm: ``"linf" | "l2"``. targeted: FAB-T over ``min(n_target_classes, K - 1)`` targets.
+    norm: ``"linf" | "l2" | "l1"``. targeted: FAB-T over ``min(n_target_classes, K - 1)`` targets.
     steps, restarts, alpha_max, overshoot, beta: FAB hyperparameters (paper/reference defaults).
     example_index: ``(B,)`` ints (or ``(B, 2)`` pairs, :func:`toolkit.example_keys`) keying each
       example's randomness (default ``arange(B)``).
+    bounds: the input box ``(lo, hi)`` (default ``(0, 1)``).
 
   Returns:
     ``x_adv`` ``(B, H, W, C)`` within the eps-ball and box.
   """
-  x, y, k, example_index = toolkit.validate_inputs(logits_fn, x, y, eps, norm,
-                                                   example_index=example_index)
+  x, y, k, example_index, bounds = toolkit.validate_inputs(logits_fn, x, y, eps, norm,
+                                                           example_index=example_index,
+                                                           bounds=bounds)
   checks.check_at_least("steps", steps, 1)
   checks.check_at_least("restarts", restarts, 1)
   checks.check_at_least("n_target_classes", n_target_classes, 1)
@@ -348,7 +389,8 @@ def fab_attack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, targeted: bool
   x_adv, _ = fab_batch(logits_fn, x, y, toolkit.example_keys(key, example_index), eps, norm=norm,
                        targeted=bool(targeted), steps=int(steps), restarts=int(restarts),
                        n_target_classes=int(min(n_target_classes, k - 1)),
-                       alpha_max=float(alpha_max), overshoot=float(overshoot), beta=float(beta))
+                       alpha_max=float(alpha_max), overshoot=float(overshoot), beta=float(beta),
+                       bounds=bounds)
   return x_adv
 
 
@@ -356,22 +398,23 @@ def fab_attack(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, targeted: bool
 @toolkit.attack_entry
 def fab_t(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
           restarts: int = 1, n_target_classes: int = 9, alpha_max: float = 0.1,
-          overshoot: float = 1.05, beta: float = 0.9, example_index=None) -> Array:
+          overshoot: float = 1.05, beta: float = 0.9, example_index=None,
+          bounds=None) -> Array:
   """Targeted FAB over the ``min(9, K-1)`` highest non-true classes (AutoAttack's FAB-T);
   see :func:`fab_attack`."""
   return fab_attack(logits_fn, x, y, key, eps=eps, norm=norm, targeted=True, steps=steps,
                     restarts=restarts, n_target_classes=n_target_classes,
                     alpha_max=alpha_max, overshoot=overshoot, beta=beta,
-                    example_index=example_index)
+                    example_index=example_index, bounds=bounds)
 
 
 @register("fab")
 @toolkit.attack_entry
 def fab(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 100,
         restarts: int = 1, alpha_max: float = 0.1, overshoot: float = 1.05, beta: float = 0.9,
-        example_index=None) -> Array:
+        example_index=None, bounds=None) -> Array:
   """Untargeted FAB (closest linearised boundary over all classes, FAB paper Eq. 4); AutoAttack+
   runs it with 5 restarts. See :func:`fab_attack`."""
   return fab_attack(logits_fn, x, y, key, eps=eps, norm=norm, targeted=False, steps=steps,
                     restarts=restarts, alpha_max=alpha_max, overshoot=overshoot, beta=beta,
-                    example_index=example_index)
+                    example_index=example_index, bounds=bounds)

@@ -12,9 +12,11 @@ point, and the paper averages it over Gaussian displacements:
   (``d = u / ||u||_2``, ``u ~ N(0, I)``).
 
 The update is PGD on ``g_t`` (Eq. 4): ``x_{t+1} = Proj(x_t + a g_t / ||g_t||_2)`` for L2, and
-the sign step ``Proj(x_t + a sign(g_t))`` for Linf. Fresh noise is drawn at every iteration.
-The displaced points ``x_t + d`` are not clipped to ``[0, 1]``: they only probe the loss surface
-(the paper does not clip either); the iterates themselves always are.
+the sign step ``Proj(x_t + a sign(g_t))`` for Linf (for L1, not in the paper, the sparse sign
+step of :func:`krylov_adv.projections.l1_sparse_sign`). Fresh noise is drawn at every iteration.
+The displaced points ``x_t + d`` are not clipped to the box ``bounds`` (default ``[0, 1]``): they
+only probe the loss surface (the paper does not clip either); the iterates themselves always
+are.
 """
 
 from __future__ import annotations
@@ -85,29 +87,31 @@ class SecondOrderReport(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("norm", "steps", "samples", "form",
                                              "random_start", "loss", "trace"))
 def _second_order_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, step_size,
-                       sigma, xi, *, norm: str, steps: int, samples: int, form: str,
+                       sigma, xi, bounds, *, norm: str, steps: int, samples: int, form: str,
                        random_start: bool, loss: str, trace: bool):
   eps = jnp.asarray(eps, x.dtype)
   step_size = jnp.asarray(step_size, x.dtype)
   sigma = jnp.asarray(sigma, x.dtype)
   loss_fn = toolkit.make_loss_fn(logits_fn, y, loss)
   start_key, noise_key = jax.random.split(key)
-  x0 = toolkit.ball_start(start_key, x, eps, norm) if random_start else x
+  x0 = toolkit.ball_start(start_key, x, eps, norm, bounds) if random_start else x
 
   def direction(t, xt):
     return smoothed_gradient(loss_fn, xt, jax.random.fold_in(noise_key, t), form=form,
                              samples=samples, sigma=sigma, xi=xi)
 
   record = toolkit.step_record(logits_fn, y, loss) if trace else None
-  out = toolkit.ascend(direction, x, x0, eps, step_size, norm=norm, steps=steps, record=record)
+  out = toolkit.ascend(direction, x, x0, eps, step_size, norm=norm, steps=steps, record=record,
+                       bounds=bounds)
   if trace:
     return toolkit.WithReport(out[0], SecondOrderReport(out[1]))
   return toolkit.WithReport(out, None)
 
 
 def _second_order(logits_fn, x, y, key, *, eps, norm, steps, step_size, samples, sigma, form,
-                  xi, random_start, loss, trace):
-  x, y, _, _ = toolkit.validate_inputs(logits_fn, x, y, eps, norm, loss=loss)
+                  xi, random_start, loss, trace, bounds):
+  x, y, _, _, bounds = toolkit.validate_inputs(logits_fn, x, y, eps, norm, loss=loss,
+                                               bounds=bounds)
   checks.check_at_least("steps", steps, 1)
   checks.check_at_least("samples", samples, 1)
   checks.check_nonnegative("sigma", sigma)
@@ -117,7 +121,7 @@ def _second_order(logits_fn, x, y, key, *, eps, norm, steps, step_size, samples,
   if step_size is None:
     step_size = toolkit.default_step_size(eps, steps)
   checks.check_nonnegative("step_size", step_size)
-  return _second_order_impl(logits_fn, x, y, key, eps, step_size, sigma, xi, norm=norm,
+  return _second_order_impl(logits_fn, x, y, key, eps, step_size, sigma, xi, bounds, norm=norm,
                             steps=int(steps), samples=int(samples), form=form,
                             random_start=bool(random_start), loss=loss, trace=trace)
 
@@ -126,7 +130,7 @@ def _second_order(logits_fn, x, y, key, *, eps, norm, steps, step_size, samples,
 @toolkit.attack_entry
 def second_order(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = 20,
                  step_size=None, samples: int = 8, sigma=0.05, form: str = "expectation",
-                 xi=None, random_start: bool = False, loss: str = "ce") -> Array:
+                 xi=None, random_start: bool = False, loss: str = "ce", bounds=None) -> Array:
   """The S-O attack (S-O paper Eq. 4): PGD on the Gaussian-smoothed gradient.
 
   ``x_{t+1} = Proj(x_t + a * step(g_t))``, ``t = 0..steps-1``, ``x_0 = x``, with ``g_t`` from
@@ -140,19 +144,20 @@ def second_order(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int =
     logits_fn: ``(B, H, W, C)`` in ``[0, 1]`` -> logits ``(B, K)``, inference mode (arrays traced,
       :func:`toolkit.as_model`).
     x: ``(B, H, W, C)`` float images in ``[0, 1]``. y: ``(B,)`` int labels. key: PRNG key.
-    eps: budget ``>= 0``. norm: ``"linf" | "l2"``.
+    eps: budget ``>= 0``. norm: ``"linf" | "l2" | "l1"``.
     steps: iterations ``>= 1``. step_size: ``a`` (default ``2.5 eps / steps``).
     samples: Gaussian draws per iteration ``>= 1`` (expectation form). sigma: their standard
       deviation ``>= 0``. form: ``"expectation" | "power"``. xi: the power form's displacement
       ``> 0`` (default ``sigma * sqrt(n)``). random_start: start at a uniform point of the ball
-      (not in the paper). loss: ``"ce" | "dlr"``.
+      (not in the paper). loss: ``"ce" | "dlr"``. bounds: the input box ``(lo, hi)`` (default
+      ``(0, 1)``).
 
   Returns:
-    ``x_adv`` of ``x``'s shape and dtype, ``||x_adv_i - x_i|| <= eps``, ``0 <= x_adv <= 1``.
+    ``x_adv`` of ``x``'s shape and dtype, ``||x_adv_i - x_i|| <= eps``, ``lo <= x_adv <= hi``.
   """
   return _second_order(logits_fn, x, y, key, eps=eps, norm=norm, steps=steps,
                        step_size=step_size, samples=samples, sigma=sigma, form=form, xi=xi,
-                       random_start=random_start, loss=loss, trace=False).x_adv
+                       random_start=random_start, loss=loss, trace=False, bounds=bounds).x_adv
 
 
 @toolkit.report_entry

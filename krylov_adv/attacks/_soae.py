@@ -327,14 +327,15 @@ def _per_example_dot(a: Array, b: Array) -> Array:
 @functools.partial(jax.jit, static_argnames=(
     "norm", "steps", "m", "tau", "hvp", "eta", "step", "fallback", "random_start",
     "loss", "orthogonalization", "direction"))
-def _soae_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, alpha, *, norm: str,
+def _soae_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, alpha, bounds, *,
+               norm: str,
                steps: int, m: int, tau: float, hvp: str, eta: float, step: str, fallback: bool,
                random_start: bool, loss: str, orthogonalization: str,
                direction: str) -> tuple[Array, SOAEDiagnostics]:
   eps = jnp.asarray(eps, x.dtype)
   step_size = jnp.asarray(alpha, x.dtype) / steps
   loss_fn = toolkit.make_loss_fn(logits_fn, y, loss)
-  x0 = toolkit.ball_start(key, x, eps, norm) if random_start else x
+  x0 = toolkit.ball_start(key, x, eps, norm, bounds) if random_start else x
 
   def outer(xn, _):
     sol = soae_direction(loss_fn, xn, tau=tau, m=m, hvp=hvp, eta=eta,
@@ -349,11 +350,12 @@ def _soae_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, alpha, 
     # A non-finite gradient (overflowing model) moves nothing rather than poisoning x_adv.
     d = jnp.where(toolkit.bcast(toolkit.all_finite(d), d), d, 0.0)
     if step == "normalized":
-      x_next = toolkit.ascent_step(xn, d, x, eps, step_size, norm)
+      x_next = toolkit.ascent_step(xn, d, x, eps, step_size, norm, bounds)
     elif direction == "trust_region":
-      x_next = projections.project(xn + d, x, eps, norm)  # d already has length alpha / N
+      # d already has length alpha / N
+      x_next = projections.project(xn + d, x, eps, norm, bounds)
     else:
-      x_next = projections.project(xn + step_size * d, x, eps, norm)
+      x_next = projections.project(xn + step_size * d, x, eps, norm, bounds)
     res = sol.gmres
     return x_next, (res.num_iters, res.residual_norm, res.initial_residual_norm, res.converged,
                     res.status, bad)
@@ -368,8 +370,9 @@ def _soae_impl(logits_fn: LogitsFn, x: Array, y: Array, key: Array, eps, alpha, 
 
 
 def _soae(logits_fn, x, y, key, *, eps, norm, steps, alpha, m, tau, hvp, eta, step, fallback,
-          random_start, loss, orthogonalization, direction) -> toolkit.WithReport:
-  x, y, _, _ = toolkit.validate_inputs(logits_fn, x, y, eps, norm, loss=loss)
+          random_start, loss, orthogonalization, direction, bounds) -> toolkit.WithReport:
+  x, y, _, _, bounds = toolkit.validate_inputs(logits_fn, x, y, eps, norm, loss=loss,
+                                               bounds=bounds)
   checks.check_at_least("steps", steps, 1)
   checks.check_at_least("m", m, 1)
   checks.check_positive("tau", tau)
@@ -378,10 +381,15 @@ def _soae(logits_fn, x, y, key, *, eps, norm, steps, alpha, m, tau, hvp, eta, st
   checks.check_choice("SOAE step", step, STEPS)
   checks.check_choice("orthogonalization", orthogonalization, ORTHOGONALIZATIONS)
   checks.check_choice("SOAE direction", direction, DIRECTIONS)
+  if direction == "trust_region" and norm == "l1":
+    raise ValueError("SOAE's trust-region direction maximises the quadratic model over an L2 "
+                     "sphere or an Linf box; it has no L1 form: use direction='newton' with "
+                     "norm='l1' (the sparse sign step), or norm='linf' / 'l2'")
   if alpha is None:
     alpha = eps
   checks.check_nonnegative("alpha", alpha)
-  x_adv, diag = _soae_impl(logits_fn, x, y, key, eps, alpha, norm=norm, steps=int(steps),
+  x_adv, diag = _soae_impl(logits_fn, x, y, key, eps, alpha, bounds, norm=norm,
+                           steps=int(steps),
                            m=int(m), tau=float(tau), hvp=hvp, eta=float(eta), step=step,
                            fallback=bool(fallback), random_start=bool(random_start), loss=loss,
                            orthogonalization=orthogonalization, direction=direction)
@@ -394,7 +402,7 @@ def soae(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = DEFAULT
          alpha=None, m: int = DEFAULT_M, tau: float = DEFAULT_TAU, hvp: str = DEFAULT_HVP,
          eta: float = DEFAULT_ETA, step: str = "normalized", fallback: bool = True,
          random_start: bool = False, loss: str = "ce", orthogonalization: str = "auto",
-         direction: str = DEFAULT_DIRECTION) -> Array:
+         direction: str = DEFAULT_DIRECTION, bounds=None) -> Array:
   """Second-order adversarial example by Krylov-Newton steps (SOAE paper, Algorithm 1).
 
   ``x_{n+1} = Proj(x_n + (alpha / N) * step(d_n))``, ``n = 1..N`` (``N = steps``), ``x_1 = x``,
@@ -422,7 +430,9 @@ def soae(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = DEFAULT
       :func:`toolkit.as_model`).
     x: ``(B, H, W, C)`` float images in ``[0, 1]``. y: ``(B,)`` int labels. key: PRNG key
       (used only with ``random_start``, which the paper does not have).
-    eps: budget ``>= 0``. norm: ``"linf" | "l2"``.
+    eps: budget ``>= 0``. norm: ``"linf" | "l2" | "l1"`` (L1, not in the paper: the Newton
+      direction through the sparse sign step of :func:`krylov_adv.projections.l1_sparse_sign`;
+      the trust-region direction refuses L1).
     steps: outer iterations ``N >= 1``. alpha: total distance ``>= 0`` (default ``eps``).
     m: maximal Krylov dimension ``>= 1``. tau: GMRES threshold ``> 0``.
     hvp: ``"exact" | "exact_linearized" | "fd_forward" | "fd_central"``. eta: FD step ``> 0``.
@@ -433,13 +443,15 @@ def soae(logits_fn: LogitsFn, x, y, key, *, eps, norm: str, steps: int = DEFAULT
     direction: ``"newton"`` (default, Algorithm 1's ``H^{-1} g``) or ``"trust_region"`` (the
       maximiser of Eq. 3's quadratic model over the step's ball in GMRES's Krylov space; module
       docstring).
+    bounds: the input box ``(lo, hi)`` (default ``(0, 1)``).
 
   Returns:
-    ``x_adv`` of ``x``'s shape and dtype (``||x_adv_i - x_i|| <= eps``, ``0 <= x_adv <= 1``).
+    ``x_adv`` of ``x``'s shape and dtype (``||x_adv_i - x_i|| <= eps``, ``lo <= x_adv <= hi``).
   """
   return _soae(logits_fn, x, y, key, eps=eps, norm=norm, steps=steps, alpha=alpha, m=m, tau=tau,
                hvp=hvp, eta=eta, step=step, fallback=fallback, random_start=random_start,
-               loss=loss, orthogonalization=orthogonalization, direction=direction).x_adv
+               loss=loss, orthogonalization=orthogonalization, direction=direction,
+               bounds=bounds).x_adv
 
 
 @toolkit.report_entry

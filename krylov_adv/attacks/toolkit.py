@@ -22,6 +22,9 @@ returned in ``x``'s dtype; an empty batch is returned unchanged without calling 
 loop, :func:`ascent_step` keeps the last finite iterate, so a model that overflows only in part
 of the ball costs the example the steps after, not the whole attack.
 
+A randomized model (``attacks.stochastic(fn)``, ``fn(x, key)``) and the Expectation over
+Transformation of the attacks that take one are in :mod:`krylov_adv.attacks._eot`.
+
 Examples never interact: attacks see the model in inference mode, so the gradient of the summed
 loss w.r.t. the batch holds every example's own gradient (the block-diagonal assumption of
 :mod:`krylov_adv.hvp`).
@@ -39,7 +42,7 @@ import numpy as np
 from jax import lax
 
 from krylov_adv import hvp, losses, projections
-from krylov_adv.attacks import checks
+from krylov_adv.attacks import _eot, checks
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -151,21 +154,23 @@ def as_model(logits_fn: Callable[[Array], Array]) -> TracedModel:
 
 
 class AttackInputs(NamedTuple):
-  """Validated attack input: ``x (B, ...)`` float, ``y (B,)`` int, ``num_classes`` ``K`` and
-  ``example_index (B,)`` int32 (``arange(B)`` unless given)."""
+  """Validated attack input: ``x (B, ...)`` float, ``y (B,)`` int, ``num_classes`` ``K``,
+  ``example_index (B,)`` int32 (``arange(B)`` unless given) and the box ``bounds = (lo, hi)``,
+  two arrays in ``x``'s dtype broadcastable to ``x`` (:func:`checks.check_bounds`)."""
   x: Array
   y: Array
   num_classes: int
   example_index: Array
+  bounds: tuple
 
 
 def validate_inputs(logits_fn: LogitsFn, x, y, eps, norm: str, *, loss: str | None = None,
-                    example_index=None) -> AttackInputs:
+                    example_index=None, bounds=None) -> AttackInputs:
   """Checks an attack's input once and returns it as arrays.
 
   Raises ``ValueError`` for an unknown norm or loss, ``eps < 0`` or not finite, a non-float
-  ``x``, mismatched batch sizes, labels outside ``[0, K)``, ``x`` that is non-finite or outside
-  ``[0, 1]`` (value checks only when the arrays are concrete, see
+  ``x``, mismatched batch sizes, labels outside ``[0, K)``, a bad box, ``x`` that is non-finite
+  or outside the box ``bounds`` (value checks only when the arrays are concrete, see
   :mod:`krylov_adv.attacks.checks`), an ``example_index`` of the wrong shape, and a DLR loss
   with ``K < 3``; warns once per parameter set about a model that looks wrong
   (:func:`krylov_adv.attacks.checks.check_model`).
@@ -173,7 +178,9 @@ def validate_inputs(logits_fn: LogitsFn, x, y, eps, norm: str, *, loss: str | No
   Args:
     logits_fn: ``(B, ...) -> (B, K)``; only its abstract output shape is evaluated.
     x: ``(B, H, W, C)`` float images. y: ``(B,)`` int labels. eps: budget. norm: ``"linf" |
-      "l2"``. loss: ``"ce" | "dlr"``, or ``None`` for attacks without a loss choice.
+      "l2" | "l1"``. loss: ``"ce" | "dlr"``, or ``None`` for attacks without a loss choice.
+    bounds: the input box ``(lo, hi)``, scalars or arrays broadcastable to ``x``; ``None`` is
+      ``[0, 1]``.
     example_index: ``(B,)`` ints keying each example's randomness, ``(B, 2)`` ``(batch,
       index)`` pairs (:func:`example_keys`), or ``None``.
   """
@@ -181,7 +188,7 @@ def validate_inputs(logits_fn: LogitsFn, x, y, eps, norm: str, *, loss: str | No
   y = jnp.asarray(y)
   if loss is not None:
     checks.check_choice("loss", loss, LOSSES)
-  k = checks.check_attack_inputs(x, y, eps, norm, logits_fn=logits_fn)
+  k = checks.check_attack_inputs(x, y, eps, norm, logits_fn=logits_fn, bounds=bounds)
   if loss == "dlr" and k < 3:
     raise ValueError(f"the DLR loss needs at least 3 classes, got K={k}")
   if example_index is None:
@@ -190,7 +197,7 @@ def validate_inputs(logits_fn: LogitsFn, x, y, eps, norm: str, *, loss: str | No
   if example_index.shape not in ((x.shape[0],), (x.shape[0], 2)):
     raise ValueError(f"example_index must have shape ({x.shape[0]},) or ({x.shape[0]}, 2), got "
                      f"{example_index.shape}")
-  return AttackInputs(x, y, k, example_index)
+  return AttackInputs(x, y, k, example_index, checks.check_bounds(bounds, x))
 
 
 def make_loss_fn(logits_fn: LogitsFn, y: Array, loss: str = "ce") -> LossFn:
@@ -249,7 +256,9 @@ def attack_entry(attack: Callable[..., Array]) -> Callable[..., Array]:
     returned unchanged, without calling the model (``x.reshape(B, -1)`` cannot run at ``B = 0``);
   * an example whose ``x_adv`` is not finite gets its clean ``x`` (:func:`finite_or`);
   * ``logits_fn`` becomes a :class:`TracedModel` (:func:`as_model`): the attack's jitted core
-    takes it as a traced argument, so its arrays (the parameters) are data, not constants.
+    takes it as a traced argument, so its arrays (the parameters) are data, not constants;
+  * a randomized model (``attacks.stochastic``) is refused, with the reason, by an attack not
+    marked ``_eot.supports_randomized`` (:func:`krylov_adv.attacks._eot.check_supported`).
 
   Everything else (input and hyperparameter checks) stays in the attack, through
   :func:`validate_inputs`.
@@ -258,10 +267,12 @@ def attack_entry(attack: Callable[..., Array]) -> Callable[..., Array]:
   @functools.wraps(attack)
   def entry(logits_fn, x, y, key, **hyperparameters):
     logits_fn = as_model(logits_fn)
+    _eot.check_supported(attack, logits_fn)
     x, dtype = _working_precision(x)
     if _is_empty(x):
       kw = keyword_arguments(attack, hyperparameters)
-      checks.check_attack_inputs(x, jnp.asarray(y), kw["eps"], kw["norm"])
+      checks.check_attack_inputs(x, jnp.asarray(y), kw["eps"], kw["norm"],
+                                 bounds=kw.get("bounds"))
       return x.astype(dtype)
     x_adv = attack(logits_fn, x, y, key, **hyperparameters)
     return finite_or(x_adv, x).astype(dtype)
@@ -277,6 +288,7 @@ def report_entry(attack_with_report: Callable[..., "WithReport"]) -> Callable[..
   @functools.wraps(attack_with_report)
   def entry(logits_fn, x, y, key, **hyperparameters):
     logits_fn = as_model(logits_fn)
+    _eot.check_supported(attack_with_report, logits_fn)
     x, dtype = _working_precision(x)
     if _is_empty(x):
       raise ValueError(f"{attack_with_report.__name__} needs at least one example, got an empty "
@@ -352,11 +364,14 @@ def model_target_order(logits_fn: LogitsFn, x: Array, y: Array) -> Array:
 ball_start = projections.random_start  # uniform in the ball (PGD, FGSM, S-O, SOAE)
 
 
-def sphere_start(keys: Array, x: Array, radius, norm: str) -> Array:
-  """A random point at distance ``radius`` from ``x``, clipped to ``[0, 1]``, per-example keys.
+def sphere_start(keys: Array, x: Array, radius, norm: str,
+                 bounds=projections.DEFAULT_BOUNDS) -> Array:
+  """A random point at distance ``radius`` from ``x``, clipped to the box ``[lo, hi]``,
+  per-example keys.
 
-  ``x + radius * t / ||t||`` with ``t ~ U[-1, 1]^n`` (linf) or ``N(0, I)`` (l2). APGD starts at
-  ``radius = eps`` (Croce and Hein 2020, reference code), FAB's restarts at ``0.5 eps``.
+  ``x + radius * t / ||t||`` with ``t ~ U[-1, 1]^n`` (linf) or ``N(0, I)`` (l2, l1). APGD starts
+  at ``radius = eps`` (Croce and Hein 2020, reference code; APGD's L1 start is its own,
+  ``_apgd.initial_point``), FAB's restarts at ``0.5 eps`` (reference ``fab_base.py``: L1 too).
   ``keys`` is ``(B, ...)``.
   """
   shape = x.shape[1:]
@@ -366,16 +381,18 @@ def sphere_start(keys: Array, x: Array, radius, norm: str) -> Array:
     t = jax.vmap(lambda k: jax.random.normal(k, shape, x.dtype))(keys)
   nrm = projections.per_example_norm(t, norm)
   delta = t * bcast(jnp.asarray(radius, x.dtype) / jnp.maximum(nrm, 1e-12), t)
-  return jnp.clip(x + delta, 0.0, 1.0)
+  return projections.clip_box(x + delta, bounds)
 
 
 # ----------------------------------------------------------------------------------------------
 # The ascent step and loop.
 
 
-def ascent_step(xt: Array, direction: Array, x: Array, eps, step_size, norm: str) -> Array:
+def ascent_step(xt: Array, direction: Array, x: Array, eps, step_size, norm: str,
+                bounds=projections.DEFAULT_BOUNDS) -> Array:
   """``Proj(x_t + a * step(d))``: a steepest-ascent step of length ``a`` (``step_size``, a scalar
-  or ``(B,)``) in the norm's geometry, projected onto the eps-ball around ``x`` and the box.
+  or ``(B,)``) in the norm's geometry, projected onto the eps-ball around ``x`` and the box
+  ``bounds = (lo, hi)``.
 
   An example whose step is not finite (a model returning NaN or inf, so ``d`` is NaN) stays at
   ``x_t``: the iterates are always the last finite one."""
@@ -383,13 +400,15 @@ def ascent_step(xt: Array, direction: Array, x: Array, eps, step_size, norm: str
   if step_size.ndim:
     step_size = bcast(step_size, xt)
   x_next = projections.project(xt + step_size * projections.normalize_step(direction, norm), x,
-                               eps, norm)
+                               eps, norm, bounds)
   return finite_or(x_next, xt)
 
 
 def ascend(direction_fn: Callable[[Array, Array], Array], x: Array, x0: Array, eps, step_size, *,
-           norm: str, steps: int, record: Callable[[Array], Any] | None = None):
-  """``steps`` iterations of :func:`ascent_step` from ``x0``: ``d_t = direction_fn(t, x_t)``.
+           norm: str, steps: int, record: Callable[[Array], Any] | None = None,
+           bounds=projections.DEFAULT_BOUNDS):
+  """``steps`` iterations of :func:`ascent_step` from ``x0``: ``d_t = direction_fn(t, x_t)``,
+  inside the box ``bounds = (lo, hi)``.
 
   Traceable; call it under ``jit``. ``x``, ``x0``: ``(B, ...)``.
 
@@ -399,7 +418,7 @@ def ascend(direction_fn: Callable[[Array, Array], Array], x: Array, x0: Array, e
   """
 
   def step(t, xt):
-    return ascent_step(xt, direction_fn(t, xt), x, eps, step_size, norm)
+    return ascent_step(xt, direction_fn(t, xt), x, eps, step_size, norm, bounds)
 
   if record is None:
     return lax.fori_loop(0, steps, step, x0)

@@ -70,7 +70,27 @@ def available() -> list[str]:
   return _MODELS.names()
 
 
-def get(name: str, *, num_classes: int = 10, activation: str = "relu", **kwargs: Any) -> nn.Module:
+class Standardized(nn.Module):
+  """``inner((x - mean) / std)``: a classifier trained on standardised inputs, called on pixels
+  in ``[0, 1]`` (the RobustBench convention: the normalisation is the model's first layer, so
+  attacks, budgets and tables stay in pixel units and the box stays ``[0, 1]``).
+
+  ``mean``, ``std``: per-channel tuples (or one value each) broadcast against the last axis of
+  ``x`` ``(B, H, W, C)``. The inner model's variables live under ``inner``.
+  """
+  inner: nn.Module
+  mean: tuple
+  std: tuple
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    mean = jax.numpy.asarray(self.mean, x.dtype)
+    std = jax.numpy.asarray(self.std, x.dtype)
+    return self.inner((x - mean) / std, train=train)
+
+
+def get(name: str, *, num_classes: int = 10, activation: str = "relu", normalize_mean=(),
+        normalize_std=(), **kwargs: Any) -> nn.Module:
   """Builds the model registered under ``name``.
 
   Args:
@@ -78,6 +98,8 @@ def get(name: str, *, num_classes: int = 10, activation: str = "relu", **kwargs:
       (``depth``, ``widen`` keyword arguments), ``wrn28_10``, ``wrn34_10``.
     num_classes: ``K``, the number of logits.
     activation: an activation name from ``ACTIVATIONS`` (``"relu"`` default).
+    normalize_mean, normalize_std: per-channel mean and standard deviation (both empty: none);
+      when given the model is :class:`Standardized`, ``inner((x - mean) / std)`` on pixels.
     **kwargs: architecture options (``width`` for ResNet, ``depth``/``widen`` for WideResNet).
 
   Returns:
@@ -87,8 +109,15 @@ def get(name: str, *, num_classes: int = 10, activation: str = "relu", **kwargs:
   if int(num_classes) != num_classes or num_classes < 2:
     raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}")
   act = get_activation(activation) if isinstance(activation, str) else activation
-  return ctor(num_classes=int(num_classes), activation=act, **kwargs)
+  model = ctor(num_classes=int(num_classes), activation=act, **kwargs)
+  mean, std = tuple(normalize_mean or ()), tuple(normalize_std or ())
+  if not mean and not std:
+    return model
+  if not mean or not std or not all(float(v) > 0 for v in std):
+    raise ValueError(f"model.normalize_mean and model.normalize_std must both be given, with "
+                     f"std > 0; got mean={mean}, std={std}")
+  return Standardized(model, tuple(float(v) for v in mean), tuple(float(v) for v in std))
 
 
-__all__ = ["ACTIVATIONS", "MadryCNN", "ResNet", "ResNet18", "TinyCNN", "WideResNet",
-           "available", "get", "get_activation", "register"]
+__all__ = ["ACTIVATIONS", "MadryCNN", "ResNet", "ResNet18", "Standardized", "TinyCNN",
+           "WideResNet", "available", "get", "get_activation", "register"]
