@@ -85,14 +85,14 @@ from krylov_adv.models.cnn import TinyCNN
 # module for the end while the other worker idles. Stale or missing numbers cost balance, never
 # correctness: a module not listed counts as cheap and keeps its place among the cheap ones.
 MODULE_CPU_SECONDS = {
-    "test_multihost.py": (0, 96), "test_experiments_analysis.py": (4, 70),
-    "test_workdir.py": (7, 40), "test_krylov.py": (24, 21), "test_attacks.py": (34, 0),
-    "test_training.py": (1, 33), "test_experiments_soat.py": (4, 26),
-    "test_models_are_data.py": (14, 15), "test_soae.py": (10, 12),
-    "test_experiments_soae_direction.py": (1, 20), "test_autoattack.py": (15, 4),
-    "test_parallel.py": (0, 16), "test_models.py": (4, 11), "test_table.py": (4, 11),
-    "test_regularizers.py": (10, 3), "test_eval_compiles.py": (1, 8), "test_hvp.py": (4, 3),
-    "test_autoattack_parts.py": (6, 0), "test_autoattack_loops.py": (5, 0),
+    "test_multihost.py": (0, 91), "test_experiments_analysis.py": (4, 69),
+    "test_workdir.py": (7, 37), "test_threat_models.py": (8, 35), "test_krylov.py": (20, 16),
+    "test_training.py": (1, 27), "test_experiments_soat.py": (4, 23), "test_attacks.py": (26, 0),
+    "test_models_are_data.py": (12, 12), "test_randomized.py": (3, 20), "test_soae.py": (9, 12),
+    "test_experiments_soae_direction.py": (1, 19), "test_autoattack.py": (13, 3),
+    "test_models.py": (5, 11), "test_parallel.py": (0, 15), "test_table.py": (3, 11),
+    "test_regularizers.py": (9, 3), "test_eval_compiles.py": (1, 7), "test_hvp.py": (3, 3),
+    "test_autoattack_parts.py": (5, 0),
 }
 
 
