@@ -470,3 +470,83 @@ def test_perceptual_small_config_keeps_real_mnist_when_present(tmp_path):
   # Configs without a fallback are returned as they are.
   c2 = _config("krylov_dims", "small")
   assert datasets.choose_data(c2)[0] is c2
+
+
+# ---------------------------------------------------------------------------------------------
+# Smoke tests: every analysis entry point on a micro config (fast tier)
+#
+# The tiny configs above cost 4-13 CPU seconds each (slow tier); these micro versions of them
+# (one epoch on 64 digits, 2 attacked points, one setting per sweep) run each command's `run`
+# end to end in the fast tier, mostly compiling. The numbers are checked by the slow tests.
+
+# Overrides of each tiny config's `experiment` block: one setting per sweep, 2 examples, the
+# smallest batch, m and step counts. Every model is the standard ReLU TinyCNN (perceptual: on its
+# synthetic 12x12 images), trained once in the shared workdir's model cache.
+MICRO = {
+    "ablation_hvp": dict(accuracy_examples=2, etas=(1e-4,), dtypes=("float32",),
+                         activations=("relu",), directions=("random",),
+                         hvp_methods=("fd_forward",), effect_etas=(1e-4,), effect_examples=2,
+                         batch_size=2, soae=dict(m=2), timing_batch=2, timing_repeats=1),
+    "grad_norms": dict(model_methods=("standard",), steps=1, samples=1, num_examples=2,
+                       batch_size=2),
+    "iterations": dict(iterations=(1,), num_examples=2, batch_size=2,
+                       attacks=dict(soae=dict(m=2))),
+    "krylov_dims": dict(taus=(1e-1,), max_dim=4, activations=("relu",), num_examples=2,
+                        rank_examples=1, attack_taus=(1e-1,), attack_examples=2, batch_size=2,
+                        timing_repeats=1),
+    "perceptual": dict(num_examples=2, batch_size=2, num_shown=2),
+    "soae_direction": dict(activations=("relu",), num_examples=2, norms=("linf",),
+                           attack_examples=2, batch_size=2, soae=dict(m=2)),
+}
+
+
+def _micro_config(name):
+  c = _config(name)
+  c.train.epochs = 1
+  c.data.max_train, c.data.max_test = 64, 16
+  if c.data.source == "synthetic":
+    c.data.num_train, c.data.num_test = 64, 16
+  c.experiment.update(MICRO[name])
+  return c
+
+
+@pytest.fixture(scope="module")
+def micro_workdir(tmp_path_factory):
+  """One workdir for the micro runs: the standard ReLU model they share is trained once."""
+  return str(tmp_path_factory.mktemp("micro"))
+
+
+def _numbers(tree):
+  if isinstance(tree, dict):
+    tree = list(tree.values())
+  if isinstance(tree, (list, tuple)):
+    return [v for t in tree for v in _numbers(t)]
+  return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+# The keys of each micro run's results dict (a subset of what `run` returns) that hold numbers.
+MICRO_KEYS = {
+    "ablation_hvp": ("accuracy", "effect", "cost", "models"),
+    "grad_norms": ("rows", "steps", "models"),
+    "iterations": ("rows", "eps", "num_examples", "models"),
+    "krylov_dims": ("dims", "ranks", "soae", "models"),
+    "perceptual": ("rows", "eps", "clean_accuracy"),
+    "soae_direction": ("directions", "attacks", "hvp_cost", "models"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MICRO))
+def test_entry_point_runs_on_a_micro_config(micro_workdir, name):
+  """`experiments.<name>.run` end to end: results.json, report.md and a figure written, the
+  expected keys there, each with finite numbers."""
+  res = importlib.import_module(f"experiments.{name}").run(_micro_config(name), micro_workdir,
+                                                           progress=False)
+  out = os.path.join(micro_workdir, name)
+  stored = _stored(micro_workdir, name)
+  assert set(stored["results"]) == set(res) >= set(MICRO_KEYS[name])
+  with open(os.path.join(out, "report.md")) as f:
+    assert f.read().startswith("## ")
+  assert any(f.endswith(".png") for f in os.listdir(out))
+  for key in MICRO_KEYS[name]:
+    numbers = _numbers(res[key])
+    assert numbers and all(math.isfinite(v) for v in numbers), (key, numbers)
