@@ -87,7 +87,7 @@ def project_ball(delta: Array, eps, norm: str) -> Array:
   return delta * bcast(scale, delta)
 
 
-def _bisect_nonneg(value, target: Array, top: Array) -> Array:
+def bisect_nonneg(value, target: Array, top: Array) -> Array:
   """The largest float ``p`` in ``[0, top]`` (per example, ``(B,)``) with ``value(p) < target``
   for a nondecreasing ``value: (B,) -> (B,)``, up to adjacent floats: bisection on the IEEE bit
   pattern of nonnegative floats (monotone as integers), one pass per bit. Returns ``lo`` such
@@ -117,7 +117,7 @@ def _l1_box_delta(y: Array, cap_pos: Array, cap_neg: Array, eps) -> Array:
   the cap on ``y_i``'s side, with ``lam = 0`` when that is already inside the L1 ball and
   otherwise the root of ``G(lam) = sum_i clip(|y_i| - lam, 0, u_i) = eps`` (``G`` nonincreasing,
   piecewise linear, breakpoints ``|y_i|`` and ``|y_i| - u_i``). The root's segment is bracketed
-  to adjacent floats by :func:`_bisect_nonneg`; on it the set ``A`` of coordinates strictly
+  to adjacent floats by :func:`bisect_nonneg`; on it the set ``A`` of coordinates strictly
   between their bounds is fixed and the root is exact: ``lam = (sum_{sat} u_i + sum_A |y_i| -
   eps) / |A|``. Same solution as the reference AutoAttack's sort-based ``L1_projection``.
   """
@@ -132,7 +132,7 @@ def _l1_box_delta(y: Array, cap_pos: Array, cap_neg: Array, eps) -> Array:
   inside = g(jnp.zeros((bsz,), y.dtype)) <= eps
   # G(lam) > eps  <=>  -G(lam) < -eps; -G is nondecreasing on [0, max|y|].
   top = jnp.max(a, axis=1)
-  lam_lo = _bisect_nonneg(lambda lam: -g(lam), -eps, jnp.maximum(top, 0.0))
+  lam_lo = bisect_nonneg(lambda lam: -g(lam), -eps, jnp.maximum(top, 0.0))
   # On (lam_lo, next float) no breakpoint lies strictly inside: classify at lam_lo.
   # Saturated on the whole segment iff its breakpoint |y_i| - u_i lies at or above the next
   # float, i.e. strictly above lam_lo; active iff |y_i| lies strictly above lam_lo.

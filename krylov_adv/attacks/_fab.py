@@ -98,23 +98,12 @@ def hyperplane_box_projection(t: Array, w: Array, b: Array, norm: str,
     """``F(p)`` ``(B,)`` at ``p`` ``(B, 1)``."""
     return jnp.sum(aw * jnp.minimum(p if norm == "linf" else p * aw, cap), axis=1)
 
-  itype = {4: jnp.int32, 8: jnp.int64}[jnp.dtype(t.dtype).itemsize]
-  as_bits = lambda p: jax.lax.bitcast_convert_type(p, itype)
-  as_float = lambda i: jax.lax.bitcast_convert_type(i, t.dtype)
   top = jnp.maximum(jnp.max(breaks, axis=1), 0.0)
   feasible = value(top[:, None]) >= c  # F(max beta) is the largest <w, d> over the box
-
-  def bisect(_, lohi):
-    lo, hi = lohi
-    mid = lo + (hi - lo) // 2  # no overflow: both are nonnegative bit patterns
-    up = value(as_float(mid)[:, None]) >= c
-    return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
-
-  # Invariant F(lo) < c <= F(hi) (for c > 0; F(0) = 0). Each pass halves hi - lo, which starts
-  # below 2^(bits - 1), so bits - 1 passes leave adjacent or equal floats.
-  nbits = 8 * jnp.dtype(t.dtype).itemsize
-  lo, _ = jax.lax.fori_loop(0, nbits - 1, bisect, (jnp.zeros_like(as_bits(top)), as_bits(top)))
-  in_s = breaks <= as_float(lo)[:, None]
+  # F(lo) < c <= F(next float above lo) (for c > 0; F(0) = 0): the bisection on float bit
+  # patterns that the L1-ball projection also uses.
+  lo = projections.bisect_nonneg(lambda p: value(p[:, None]), c, top)
+  in_s = breaks <= lo[:, None]
   sat_s = jnp.sum(jnp.where(in_s, saturated, 0.0), axis=1)
   slope_rest = jnp.sum(jnp.where(in_s, 0.0, slope), axis=1)
   param = jnp.maximum((c - sat_s) / jnp.maximum(slope_rest, 1e-30), 0.0)[:, None]

@@ -214,31 +214,27 @@ def _candidate_l2(k: Array, s: Array, eta_s: Array, x_cur: Array, x: Array, eps,
   m2 = (_window(_corner(u[:, 2], s, h), s, h)[:, :, None] &
         _window(_corner(u[:, 3], s, w), s, w)[:, None, :])[..., None]
   delta = x_cur - x
-  if norm == "l1":
-    l1 = lambda a: jnp.sum(jnp.abs(a), axis=(1, 2), keepdims=True)  # per (example, channel)
-    norm_win1 = l1(jnp.where(m1, delta, 0.0))
-    norm_img = bcast(projections.per_example_norm(delta, "l1"), x)
-    norm_wins = l1(jnp.where(m1 | m2, delta, 0.0))
-    lr = jnp.clip(jnp.arange(h)[None, :] - vh[:, None], 0, smax - 1)[:, :, None]
-    lc = jnp.clip(jnp.arange(w)[None, :] - vw[:, None], 0, smax - 1)[:, None, :]
-    patch = jnp.where(flip[:, None, None], eta_s[lc, lr], eta_s[lr, lc])[..., None]
-    new = jnp.where(m1, patch * sign[:, None, None, :] + delta / (1e-12 + norm_win1), 0.0)
-    mass = (jnp.maximum(eps - norm_img, 0.0) / n_ch + norm_wins) * n_ch
-    new = new / (1e-12 + l1(new)) * mass
-    delta = jnp.where(m1, new, jnp.where(m2, 0.0, delta))
-    return projections.project_l1_box(x + delta, x, _l1_candidate_radius(eps), bounds)
-  sq = lambda a: jnp.sqrt(jnp.sum(a * a, axis=(1, 2), keepdims=True))  # per (example, channel)
-  norm_win1 = sq(jnp.where(m1, delta, 0.0))
-  norm_img = bcast(projections.per_example_norm(delta, "l2"), x)
-  norm_wins = bcast(projections.per_example_norm(jnp.where(m1 | m2, delta, 0.0), "l2"), x)
+  if norm == "l1":  # per (example, channel) window norms; the image's norm per example
+    window_norm = lambda a: jnp.sum(jnp.abs(a), axis=(1, 2), keepdims=True)
+    norm_wins = window_norm(jnp.where(m1 | m2, delta, 0.0))
+  else:
+    window_norm = lambda a: jnp.sqrt(jnp.sum(a * a, axis=(1, 2), keepdims=True))
+    norm_wins = bcast(projections.per_example_norm(jnp.where(m1 | m2, delta, 0.0), "l2"), x)
+  norm_win1 = window_norm(jnp.where(m1, delta, 0.0))
+  norm_img = bcast(projections.per_example_norm(delta, norm), x)
   # eta^(s) placed with its corner at (vh, vw), transposed for half the examples.
   lr = jnp.clip(jnp.arange(h)[None, :] - vh[:, None], 0, smax - 1)[:, :, None]
   lc = jnp.clip(jnp.arange(w)[None, :] - vw[:, None], 0, smax - 1)[:, None, :]
   patch = jnp.where(flip[:, None, None], eta_s[lc, lr], eta_s[lr, lc])[..., None]
   new = jnp.where(m1, patch * sign[:, None, None, :] + delta / (1e-12 + norm_win1), 0.0)
-  budget = jnp.sqrt(jnp.maximum(eps ** 2 - norm_img ** 2, 0.0) / n_ch + norm_wins ** 2)
-  new = new / (1e-12 + sq(new)) * budget
+  if norm == "l1":
+    budget = (jnp.maximum(eps - norm_img, 0.0) / n_ch + norm_wins) * n_ch
+  else:
+    budget = jnp.sqrt(jnp.maximum(eps ** 2 - norm_img ** 2, 0.0) / n_ch + norm_wins ** 2)
+  new = new / (1e-12 + window_norm(new)) * budget
   delta = jnp.where(m1, new, jnp.where(m2, 0.0, delta))
+  if norm == "l1":
+    return projections.project_l1_box(x + delta, x, _l1_candidate_radius(eps), bounds)
   return projections.clip_box(x + projections.normalize_step(delta, "l2") * eps, bounds)
 
 

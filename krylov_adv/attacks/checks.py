@@ -241,7 +241,7 @@ def check_attack_inputs(x, y, eps, norm: str, logits_fn=None, bounds=None) -> in
     box = check_bounds(bounds, x)
     if bounds is None or all(np.ndim(b) == 0 for b in bounds):
       b_lo, b_hi = (float(np.asarray(b)) for b in box)
-      slack = lambda b: 8 * float(np.finfo(np.dtype(x.dtype)).eps) * max(1.0, abs(b))
+      slack = lambda b: float(_box_slack(b, x.dtype))
       if lo < b_lo - slack(b_lo) or hi > b_hi + slack(b_hi):
         raise ValueError(f"x must lie in the box [{b_lo:g}, {b_hi:g}] (bounds), got range "
                          f"[{lo}, {hi}]")
