@@ -7,10 +7,11 @@ norms, the paper's numbers beside ours.
   python -m experiments.table --config configs/table_cifar10.py:wrn28_10 --workdir DIR
 
 Trains every row of ``table.methods`` (STD, PGD, TRADES, SOAR (ours and ``soar_authors``),
-STN = ``second_order``, SCORPIO (the authors' step rule; ``scorpio_ours``), SOAT, and issue 14's SOAT
-variants: ``soat_paper`` with the paper's forward-difference HVP, ``soat_tr`` with the
-trust-region direction, ``pgd_eqcost`` PGD-AT at SOAT's training cost) into ``workdir/<row>`` with ``experiments.pipeline.train`` (orbax checkpoints, resumable,
-the run fingerprint of ``experiments.workdir``), then attacks each with the papers' columns
+STN = ``second_order``, SCORPIO (the authors' step rule; ``scorpio_ours``), SOAT, and issue
+14's SOAT variants: ``soat_paper`` with the paper's forward-difference HVP, ``soat_tr`` with the
+trust-region direction, ``pgd_eqcost`` PGD-AT at SOAT's training cost) into ``workdir/<row>``
+with ``experiments.pipeline.train`` (orbax checkpoints, resumable, the run fingerprint of
+``experiments.workdir``), then attacks each with the papers' columns
 (``eval.table``: clean, FGSM, PGD-20, AutoAttack, ASOD = S-O, SOAE; Linf and L2) and, with
 ``table.equal_cost``, PGD run at SOAE's measured cost. Every attack's result is saved in
 ``workdir/<row>/table_eval.json`` as soon as it is done, so an interrupted run resumes
@@ -28,9 +29,11 @@ Writes (after every row, so a partial run shows what it has):
                   "hvp_cost", "rows": {row: {label, method, train, collapsed, load_average,
                   flags_file, results: {entry: {label, attack, norm, eps, accuracy, ci95,
                   num_examples, seconds, cost, cost_counts, diagnostics, setting,
-                  flags_digest}}}}, "paired", "paper"}``; ``ci95`` is the 95% Wilson interval
-                  ``[lo, hi]`` (``krylov_adv.stats``), ``worst_case_<norm>`` entries count a
-                  point robust only under every attack of the norm (:func:`worst_case_entries`),
+                  flags_digest, load_average}}}}, "paired", "paper"}``; a row's
+                  ``load_average`` is :func:`row_load_average` of its results; ``ci95`` is
+                  the 95% Wilson interval ``[lo, hi]`` (``krylov_adv.stats``),
+                  ``worst_case_<norm>`` entries count a point robust only under every attack
+                  of the norm (:func:`worst_case_entries`),
                   ``collapsed`` is ``krylov_adv.stats.collapse_check`` of the row's clean
                   predictions, ``paired`` the exact McNemar tests of :func:`paired_tests`.
   ``<row>/robust_flags.npz``  one ``(n,)`` bool per results entry (point ``i`` still correct),
@@ -289,7 +292,10 @@ def evaluate_row(exp, state, cfg, row_dir: str, *, epochs: int, hvp_cost: float,
                   cost=costs.attack_cost(c, r.extras, hvp_cost),
                   cost_counts=costs.attack_cost_counts(c, r.extras),
                   diagnostics=evaluation.summarize_reports(r.extras), setting=setting,
-                  flags_digest=outputs.flags_digest(flags[entry]))
+                  flags_digest=outputs.flags_digest(flags[entry]),
+                  # Beside the wall time it qualifies, so a resumed row keeps the load its
+                  # attacks ran under instead of the load at resume time.
+                  load_average=list(os.getloadavg()))
     if progress:
       cost = "" if record["cost"] is None else f", {record['cost']:.1f} grad-eq."
       print(f"[{label}] {r.label} {r.norm} eps={r.eps:g}: {100 * r.accuracy:.2f}% "
@@ -359,6 +365,17 @@ def hvp_cost_of(config, workdir: str, dataset, progress: bool = True) -> dict:
   return m
 
 
+def row_load_average(results: dict[str, dict]) -> list[float]:
+  """The load average (1 / 5 / 15 min) that qualifies a row's wall times: the elementwise
+  maximum of the loads recorded at the end of each of its attacks (stored in
+  ``table_eval.json`` with the attack, so a resumed row keeps the load its attacks ran under),
+  or the current ``os.getloadavg()`` when no result records one (results of older runs)."""
+  loads = [r["load_average"] for r in results.values() if r.get("load_average")]
+  if not loads:
+    return list(os.getloadavg())
+  return [float(v) for v in np.max(np.asarray(loads, float), axis=0)]
+
+
 # ---------------------------------------------------------------------------------------------
 # The command
 
@@ -420,7 +437,7 @@ def _run_table(config, workdir: str, progress: bool) -> dict:
         flags_file=os.path.join(row, outputs.FLAGS_FILE),
         this_run_seconds=time.perf_counter() - start,
         eval_this_run_seconds=time.perf_counter() - eval_start,
-        load_average=list(os.getloadavg()))
+        load_average=row_load_average(results))
     if meta_state is None:
       meta_state = meta
     payload["metadata"] = dict(meta_state, training={
@@ -692,7 +709,7 @@ def cost_table(payload: dict) -> str:
   """Per row: SOAE's cost per norm counted by construction (gradients + HVPs, from its
   diagnostics, and the gradient-equivalents they make at the table's one HVP cost, with the
   Krylov dimension mean/max), then the wall times, labelled as such (they depend on the
-  machine's load: the row's load average is the last column)."""
+  machine's load: the row's :func:`row_load_average` is the last column)."""
   rows = payload["rows"]
   c = float(payload["hvp_cost"]["hvp_cost"])
   norms = [n for n in ("linf", "l2") if any(res["norm"] == n for r in rows.values()
@@ -786,8 +803,8 @@ def table_markdown(payload: dict, title: str) -> str:
       "2.5 eps / steps from a random start. Wall times (labelled 'wall s') are on this machine, "
       "compilation included, and grow with its load"
       + (f": load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) on "
-         f"{machine.get('cpus')} CPUs when this file was written, each row's at its end in the "
-         "last column" if load else "") + ".\n\n"
+         f"{machine.get('cpus')} CPUs when this file was written, each row's highest at the "
+         "end of its attacks in the last column" if load else "") + ".\n\n"
       + cost_table(payload))
   return "\n".join(p for p in parts if p)
 

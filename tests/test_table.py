@@ -91,11 +91,18 @@ def test_rerun_neither_retrains_nor_reattacks(run, monkeypatch):
     raise AssertionError("a finished attack was run again")
 
   monkeypatch.setattr(evaluation, "evaluate_attacks", refuse)
+  # A resumed row's wall times keep the load they ran under, not the load at resume time.
+  monkeypatch.setattr(table_lib.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
   again = table_lib.run_table(config, workdir, progress=False)
   for row in payload["rows"]:
     assert open(os.path.join(workdir, row, "metrics.jsonl")).read() == metrics[row]
     for entry, res in payload["rows"][row]["results"].items():
       assert again["rows"][row]["results"][entry]["accuracy"] == res["accuracy"]
+    stored = [r["load_average"] for r in payload["rows"][row]["results"].values()
+              if "load_average" in r]
+    assert stored and again["rows"][row]["load_average"] == list(np.max(stored, axis=0))
+    assert again["rows"][row]["load_average"][0] < 99.0
+  assert again["metadata"]["machine"]["load_average"] == [99.0, 99.0, 99.0]
 
 
 @pytest.mark.slow
