@@ -1,8 +1,9 @@
-"""The Table I matrix (experiments.table) on Fashion-MNIST, offline, at a size a 2-core CPU
-finishes in under an hour: TinyCNN, reduced training and evaluation.
+"""The Table I matrix (experiments.table) on Fashion-MNIST, offline, on a 2-core CPU: TinyCNN,
+reduced training and evaluation (under an hour), or ``:full`` (1,000 points, about 2 hours).
 
   apt-get install dataset-fashion-mnist  # 60k + 10k images, /usr/share/datasets/fashion-mnist
   python -m experiments.table --config configs/table_fashion_mnist.py --workdir /tmp/table_fm
+  python -m experiments.table --config configs/table_fashion_mnist.py:full --workdir /tmp/table_full
 
 Reduced settings (the paper's are 300 epochs of ResNet-18 / WideResNet on the full data, PGD-7
 training, Linf 8/255): the first 5,000 training images, 3 epochs of SGD (lr 0.05 cosine,
@@ -21,20 +22,15 @@ training recipe on the full 60,000 training images for ``FULL_EPOCHS`` epochs, a
 first 1,000 test points with the papers' full table: AutoAttack standard (APGD-CE, APGD-T,
 FAB-T, Square; all four components) in both norms, S-O with the papers' 8 noise samples, SOAE
 N = 4 / m = 15. At 1,000 points a 95% Wilson interval is about +-3 points (49% -> 45.9-52.1)
-and McNemar's test pairs each comparison point by point. Not yet run. What it needs, from the
-100-point run above (29.5 minutes, 2-core CPU shared with two other jobs; extrapolated, not
-measured): training grows 12x per epoch (5,000 -> 60,000 images: about 50 minutes per epoch
-for the twelve rows together, PGD-AT 2.7 minutes, SOAT 5.4, PGD-AT at SOAT's cost 7.5), and
-the attacks 10x (about 100 s per row at 100 points with the reduced AutoAttack, so about 17
-minutes per row at 1,000, before FAB-T and Square, which run on the points still robust). Twelve
-rows at 2 epochs are then about 1.7 h of training and 3.5 h or more of attacks on a shared
-2-core CPU: over the 3-hour budget. To fit it: an accelerator (the attacks are batched, 1,000
-points in one or two batches), or on the CPU the rows the claims need (``--config.table.methods=
-standard,pgd,soat,soat_tr,pgd_eqcost``, about 5/12 of the time) first and the other rows in
-later sessions (the table resumes row by row and attack by attack; each part's time is in
-``<row>/metrics.jsonl`` and ``<row>/table_eval.json``). Measure ``:full`` with
-``--config.table.methods=standard --config.train.epochs=1`` first (one row, one epoch) to
-replace these extrapolations.
+and McNemar's test pairs each comparison point by point. Measured (2-core CPU, nothing else
+running, load average about 2 from the run itself; per row in ``table.md``'s cost table and
+``<row>/metrics.jsonl``, ``<row>/table_eval.json``): 2 h 9 min for the whole command, in
+two invocations (the five claim rows, ``--config.table.methods=standard,pgd,soat,soat_tr,
+pgd_eqcost``, 51 min; then all twelve rows, resuming those five, 78 min). Per part: training
+35 min (17 min per epoch for the twelve rows together: STD 6 s per epoch, PGD-AT 49, SOAT 95,
+STN 169, PGD-AT at SOAT's cost 146), attacks 94 min (4 to 10 minutes per row, AutoAttack 82%
+of it). Inside the 3-hour budget, 4 epochs would fit (about 163 minutes); ``FULL_EPOCHS`` = 2
+is the run measured and published in docs/results/table_fashion_mnist_full.
 """
 
 from __future__ import annotations
