@@ -7,8 +7,9 @@ downloaded.
 Scale after the colon: ``tiny`` (default; tests: 256 training images, 2 epochs, one-step
 attacks, 32 test points, AutoAttack = APGD-CE with 2 steps, the HVP's cost fixed at 1.4
 gradients, not measured; about 100 s per row on a loaded 2-core CPU, almost all compiling,
-17 minutes for ten rows, before the authors' SOAR and SCORPIO rows made twelve) or ``small`` (about 28 minutes: all 1400 training images, 15 epochs, the papers' full
-table on the 397 test points, the HVP's cost measured). Linf 0.1 / L2 1.0.
+17 minutes for ten rows, before the authors' SOAR and SCORPIO rows made twelve) or ``small``
+(5.3 minutes for twelve rows on an idle 2-core CPU: all 1400 training images, 15 epochs, the
+papers' full table on the 397 test points, the HVP's cost measured). Linf 0.1 / L2 1.0.
 """
 
 from __future__ import annotations
